@@ -1,0 +1,7 @@
+//! Types every Outpost binary agrees on. No I/O, no async runtime, no Kubernetes types.
+
+pub mod digest;
+pub mod reference;
+
+pub use digest::{Algorithm, Digest, DigestError};
+pub use reference::{NameError, Reference, RepositoryName, Tag};

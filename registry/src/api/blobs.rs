@@ -1,0 +1,128 @@
+//! `/v2/<name>/blobs/<digest>`: GET (with `Range`), HEAD, DELETE.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use outpost_core::{Digest, RepositoryName};
+
+use super::{ApiError, Code, Shared};
+use crate::storage::RangeRequest;
+
+pub fn parse_digest(d: &str) -> Result<Digest, ApiError> {
+    d.parse().map_err(|e: outpost_core::DigestError| {
+        ApiError::bad_request(Code::DigestInvalid, format!("invalid digest: {e}"))
+    })
+}
+
+fn blob_unknown(d: &Digest) -> ApiError {
+    ApiError::not_found(Code::BlobUnknown, "blob unknown to registry")
+        .detail(serde_json::json!({ "digest": d.to_string() }))
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(name, v);
+    }
+}
+
+pub async fn get(
+    app: &Shared,
+    repo: &RepositoryName,
+    digest: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    if !app.store.repo_blob_linked(repo, &digest).await? {
+        return Err(blob_unknown(&digest));
+    }
+    let etag = format!("\"{digest}\"");
+    if head {
+        let size = app
+            .store
+            .blob_size(&digest)
+            .await?
+            .ok_or_else(|| blob_unknown(&digest))?;
+        let mut resp = Response::new(Body::empty());
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_LENGTH, size.into());
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        set(h, "docker-content-digest", digest.to_string());
+        set(h, "etag", etag);
+        return Ok(resp);
+    }
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        set(resp.headers_mut(), "etag", etag);
+        return Ok(resp);
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(RangeRequest::parse);
+    let (reader, served) = match app.store.blob_open(&digest, range).await {
+        Ok(r) => r,
+        Err(crate::storage::StorageError::BlobUnknown(_)) => return Err(blob_unknown(&digest)),
+        Err(crate::storage::StorageError::RangeNotSatisfiable { size }) => {
+            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            set(
+                resp.headers_mut(),
+                "content-range",
+                format!("bytes */{size}"),
+            );
+            return Ok(resp);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let counter = app.metrics.blob_bytes_served.clone();
+    let body = reader.body.inspect_ok(move |b| {
+        counter.inc_by(b.len() as u64);
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set(h, "docker-content-digest", digest.to_string());
+    set(h, "etag", etag);
+    match served {
+        Some(r) => {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_LENGTH, r.count().into());
+            set(
+                h,
+                "content-range",
+                format!("bytes {}-{}/{}", r.first, r.last, reader.size),
+            );
+        }
+        None => {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, reader.size.into());
+        }
+    }
+    Ok(resp)
+}
+
+pub async fn delete(
+    app: &Shared,
+    repo: &RepositoryName,
+    digest: &str,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    if !app.store.repo_blob_unlink(repo, &digest).await? {
+        return Err(blob_unknown(&digest));
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}

@@ -1,0 +1,54 @@
+//! Liveness, readiness and the Prometheus endpoint.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use super::{RouteLabel, Shared};
+
+async fn healthz() -> Response {
+    let mut r = "ok\n".into_response();
+    r.extensions_mut().insert(RouteLabel("health"));
+    r
+}
+
+/// Ready when storage answers: a store that cannot list its blobs cannot serve pulls.
+async fn readyz(State(app): State<Shared>) -> Response {
+    let ok = app.store.blob_size(&empty_digest()).await.is_ok();
+    let mut r = if ok {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable\n").into_response()
+    };
+    r.extensions_mut().insert(RouteLabel("health"));
+    r
+}
+
+fn empty_digest() -> outpost_core::Digest {
+    crate::storage::hash::digest_of(outpost_core::Algorithm::Sha256, b"")
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    let mut r = (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response();
+    r.extensions_mut().insert(RouteLabel("metrics"));
+    r
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+pub fn metrics_router() -> Router<Shared> {
+    Router::new().route("/metrics", get(metrics))
+}

@@ -1,0 +1,180 @@
+//! `/v2/<name>/manifests/<reference>`: GET, HEAD, PUT, DELETE.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use outpost_core::{Reference, RepositoryName};
+
+use super::{ApiError, Code, Shared, body_stream, content_length};
+use crate::service::{self, manifest};
+use crate::storage::StoredManifest;
+
+fn parse_reference(r: &str) -> Result<Reference, ApiError> {
+    r.parse().map_err(|e: outpost_core::NameError| match e {
+        outpost_core::NameError::Digest(d) => {
+            ApiError::bad_request(Code::DigestInvalid, format!("invalid digest: {d}"))
+        }
+        other => ApiError::bad_request(Code::ManifestInvalid, other.to_string()),
+    })
+}
+
+/// Media types the client accepts, without parameters; empty when it names none.
+fn accepted(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn acceptable(accept: &[String], media_type: &str) -> bool {
+    accept.is_empty()
+        || accept
+            .iter()
+            .any(|a| a == media_type || a == "*/*" || a == "application/*")
+}
+
+pub async fn get(
+    app: &Shared,
+    repo: &RepositoryName,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let reference = parse_reference(reference)?;
+    let m: StoredManifest = match &reference {
+        Reference::Tag(t) => app.store.manifest_by_tag(repo, t).await?,
+        Reference::Digest(d) => app.store.manifest_by_digest(repo, d).await?,
+    };
+    let accept = accepted(headers);
+    if !acceptable(&accept, &m.media_type) {
+        return Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!(
+                "manifest is {}, which the request's Accept header does not list",
+                m.media_type
+            ),
+        ));
+    }
+    let etag = format!("\"{}\"", m.digest);
+    let mut resp = if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else if head {
+        let mut r = Response::new(Body::empty());
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, m.content.len().into());
+        r
+    } else {
+        Response::new(Body::from(m.content.clone()))
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = m.media_type.parse() {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = m.digest.to_string().parse() {
+        h.insert("docker-content-digest", v);
+    }
+    if let Ok(v) = etag.parse() {
+        h.insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+/// Reads a manifest body, refusing more than the spec's 4 MiB.
+async fn read_limited(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::SizeInvalid,
+            format!(
+                "manifest is larger than {} bytes",
+                manifest::MAX_MANIFEST_BYTES
+            ),
+        )
+    };
+    if content_length(headers).is_some_and(|l| l > manifest::MAX_MANIFEST_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body_stream(body);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(
+                Code::ManifestInvalid,
+                format!("manifest body could not be read to its end: {e}"),
+            )
+        })?;
+        if buf.len() + chunk.len() > manifest::MAX_MANIFEST_BYTES {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if let Some(declared) = content_length(headers)
+        && declared != buf.len() as u64
+    {
+        return Err(ApiError::bad_request(
+            Code::SizeInvalid,
+            "manifest body length does not match Content-Length",
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+pub async fn put(
+    app: &Shared,
+    repo: &RepositoryName,
+    reference: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let reference = parse_reference(reference)?;
+    let content = read_limited(headers, body).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let pushed =
+        service::push_manifest(app.store.as_ref(), repo, &reference, content_type, content).await?;
+    let mut resp = StatusCode::CREATED.into_response();
+    let h = resp.headers_mut();
+    let location = format!("/v2/{repo}/manifests/{}", pushed.digest);
+    for (k, v) in [
+        ("location", location),
+        ("docker-content-digest", pushed.digest.to_string()),
+    ] {
+        if let Ok(v) = v.parse() {
+            h.insert(k, v);
+        }
+    }
+    if let Some(subject) = pushed.subject
+        && let Ok(v) = subject.to_string().parse()
+    {
+        h.insert("oci-subject", v);
+    }
+    Ok(resp)
+}
+
+pub async fn delete(
+    app: &Shared,
+    repo: &RepositoryName,
+    reference: &str,
+) -> Result<Response, ApiError> {
+    match parse_reference(reference)? {
+        Reference::Digest(d) => app.store.manifest_delete(repo, &d).await?,
+        Reference::Tag(t) => app.store.tag_delete(repo, &t).await?,
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}

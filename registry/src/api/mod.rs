@@ -1,0 +1,281 @@
+//! The OCI Distribution v1.1 HTTP API. One module per area; this one parses request paths
+//! (repository names have any depth, so axum's path patterns cannot split them) and
+//! dispatches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use futures_util::TryStreamExt;
+use outpost_core::RepositoryName;
+
+use crate::metrics::Metrics;
+use crate::storage::{ByteStream, Store};
+
+pub mod blobs;
+pub mod error;
+pub mod health;
+pub mod listing;
+pub mod manifests;
+pub mod referrers;
+pub mod uploads;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{ApiError, Code};
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// The route a request matched, recorded for metrics.
+#[derive(Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+/// A parsed `/v2/...` path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Base,
+    Catalog,
+    Manifest(RepositoryName, String),
+    Blob(RepositoryName, String),
+    UploadStart(RepositoryName),
+    Upload(RepositoryName, String),
+    Tags(RepositoryName),
+    Referrers(RepositoryName, String),
+}
+
+impl Route {
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Catalog => "catalog",
+            Route::Manifest(..) => "manifests",
+            Route::Blob(..) => "blobs",
+            Route::UploadStart(..) | Route::Upload(..) => "uploads",
+            Route::Tags(..) => "tags",
+            Route::Referrers(..) => "referrers",
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Splits the path after `/v2/` into a route. Names are matched on the raw path, so any
+/// percent-encoding in a name (`%2e%2e`) fails the name grammar instead of being decoded.
+pub fn parse_path(rest: &str) -> Result<Route, ApiError> {
+    if rest.is_empty() {
+        return Ok(Route::Base);
+    }
+    if rest == "_catalog" {
+        return Ok(Route::Catalog);
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let name = |upto: usize| -> Result<RepositoryName, ApiError> {
+        let raw = segs[..upto].join("/");
+        raw.parse().map_err(|e: outpost_core::NameError| {
+            ApiError::bad_request(Code::NameInvalid, "invalid repository name")
+                .detail(serde_json::json!({ "name": raw, "reason": e.to_string() }))
+        })
+    };
+    let last = || {
+        percent_decode(segs[n - 1]).ok_or_else(|| {
+            ApiError::bad_request(Code::NameInvalid, "invalid percent-encoding in path")
+        })
+    };
+    let route = if n >= 3 && segs[n - 2] == "tags" && segs[n - 1] == "list" {
+        Route::Tags(name(n - 2)?)
+    } else if n >= 3 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
+        if segs[n - 1].is_empty() {
+            Route::UploadStart(name(n - 3)?)
+        } else {
+            Route::Upload(name(n - 3)?, last()?)
+        }
+    } else if n >= 3 && segs[n - 2] == "blobs" && segs[n - 1] == "uploads" {
+        Route::UploadStart(name(n - 2)?)
+    } else if n >= 3 && segs[n - 2] == "manifests" {
+        Route::Manifest(name(n - 2)?, last()?)
+    } else if n >= 3 && segs[n - 2] == "blobs" {
+        Route::Blob(name(n - 2)?, last()?)
+    } else if n >= 3 && segs[n - 2] == "referrers" {
+        Route::Referrers(name(n - 2)?, last()?)
+    } else {
+        return Err(ApiError::not_found(Code::Unsupported, "no such endpoint"));
+    };
+    Ok(route)
+}
+
+/// The query string as a map; a malformed one counts as empty.
+pub fn query(uri: &Uri) -> HashMap<String, String> {
+    Query::<HashMap<String, String>>::try_from_uri(uri)
+        .map(|q| q.0)
+        .unwrap_or_default()
+}
+
+/// A request body as a byte stream.
+pub fn body_stream(body: Body) -> ByteStream {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+/// `Content-Length` if present and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Code::Unsupported,
+        "method not supported on this endpoint",
+    )
+}
+
+async fn dispatch(
+    State(app): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let rest = uri.path().strip_prefix("/v2/").unwrap_or("");
+    let route = match parse_path(rest) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let label = RouteLabel(route.label());
+    let result = match (route, &method) {
+        (Route::Base, &Method::GET | &Method::HEAD) => Ok(base()),
+        (Route::Catalog, &Method::GET) => listing::catalog(&app, &uri).await,
+        (Route::Tags(repo), &Method::GET) => listing::tags(&app, &repo, &uri).await,
+        (Route::Manifest(repo, r), &Method::GET | &Method::HEAD) => {
+            manifests::get(&app, &repo, &r, &headers, method == Method::HEAD).await
+        }
+        (Route::Manifest(repo, r), &Method::PUT) => {
+            manifests::put(&app, &repo, &r, &headers, body).await
+        }
+        (Route::Manifest(repo, r), &Method::DELETE) => manifests::delete(&app, &repo, &r).await,
+        (Route::Blob(repo, d), &Method::GET | &Method::HEAD) => {
+            blobs::get(&app, &repo, &d, &headers, method == Method::HEAD).await
+        }
+        (Route::Blob(repo, d), &Method::DELETE) => blobs::delete(&app, &repo, &d).await,
+        (Route::UploadStart(repo), &Method::POST) => {
+            uploads::start(&app, &repo, &uri, &headers, body).await
+        }
+        (Route::Upload(repo, id), &Method::GET) => uploads::status(&app, &repo, &id).await,
+        (Route::Upload(repo, id), &Method::PATCH) => {
+            uploads::patch(&app, &repo, &id, &headers, body).await
+        }
+        (Route::Upload(repo, id), &Method::PUT) => {
+            uploads::finish(&app, &repo, &id, &uri, &headers, body).await
+        }
+        (Route::Upload(repo, id), &Method::DELETE) => uploads::cancel(&app, &repo, &id).await,
+        (Route::Referrers(repo, d), &Method::GET) => referrers::list(&app, &repo, &d, &uri).await,
+        _ => Err(method_not_allowed()),
+    };
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    resp.extensions_mut().insert(label);
+    resp
+}
+
+fn base() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+}
+
+/// Records metrics, stamps the API version header and logs each request at debug level.
+async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path_for_log =
+        tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
+    let mut resp = next.run(req).await;
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("other", |r| r.0);
+    let status = resp.status();
+    if route != "health" && route != "metrics" {
+        resp.headers_mut().insert(
+            "docker-distribution-api-version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+    }
+    let elapsed = start.elapsed();
+    app.metrics
+        .observe_request(method.as_str(), route, status.as_u16(), elapsed);
+    if let Some(path) = path_for_log {
+        tracing::debug!(%method, path, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
+    }
+    resp
+}
+
+/// The registry API router. `/metrics` is added when it is served on the same listener.
+pub fn router(app: Shared, with_metrics: bool) -> Router {
+    let mut r = Router::new()
+        .route(
+            "/v2",
+            any(|| async { axum::response::Redirect::permanent("/v2/") }),
+        )
+        .route("/v2/", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .merge(health::router());
+    if with_metrics {
+        r = r.merge(health::metrics_router());
+    }
+    r.fallback(|| async {
+        let mut resp = ApiError::not_found(Code::Unsupported, "no such endpoint").into_response();
+        resp.extensions_mut().insert(RouteLabel("other"));
+        resp
+    })
+    .layer(middleware::from_fn_with_state(app.clone(), observe))
+    .with_state(app)
+}
+
+/// Routes for a listener that serves only `/metrics` (and health), such as `--metrics-listen`.
+pub fn metrics_only_router(app: Shared) -> Router {
+    Router::new()
+        .merge(health::router())
+        .merge(health::metrics_router())
+        .with_state(app)
+}
+
+/// The admin listener's routes. The admin API itself (status, sync, staging) grows here.
+pub fn admin_router(app: Shared, with_metrics: bool) -> Router {
+    let mut r = Router::new().merge(health::router());
+    if with_metrics {
+        r = r.merge(health::metrics_router());
+    }
+    r.with_state(app)
+}

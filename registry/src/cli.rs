@@ -1,0 +1,230 @@
+//! Command line: `serve`, `gc`, `fsck`. Every flag also reads `OUTPOST_<FLAG>`.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::parse_duration;
+use crate::server::{self, ServeError, ServeOptions};
+use crate::service::{fsck, gc};
+use crate::storage::fs::FsStore;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost-registry",
+    version,
+    about = "Outpost connected registry: an OCI Distribution registry for the edge",
+    long_about = "Outpost connected registry: a complete OCI Distribution v1.1 registry on \
+                  crash-safe local storage.\n\nStart it with `outpost-registry serve`; by default \
+                  it stores content under ./outpost-data and listens on 127.0.0.1:5000 over plain \
+                  HTTP, which is allowed because loopback is not reachable from the network."
+)]
+pub struct Cli {
+    /// Log verbosity.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_LOG_LEVEL",
+        value_enum,
+        default_value = "info"
+    )]
+    pub log_level: LogLevel,
+    /// Log line format: human-readable text or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the registry API, the admin API and metrics.
+    Serve(ServeArgs),
+    /// Remove blobs that no manifest references. Safe while the registry is serving.
+    Gc(GcArgs),
+    /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
+    Fsck(FsckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the registry API (OCI Distribution v1.1).
+    #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// Address of the admin API (status, health). Keep it off the network.
+    #[arg(long, env = "OUTPOST_ADMIN_LISTEN", default_value = "127.0.0.1:5050")]
+    pub admin_listen: SocketAddr,
+    /// Where /metrics is served; by default on the registry API's listener.
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Storage directory (content-addressed blobs, repositories, upload sessions).
+    #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
+    pub storage: PathBuf,
+    /// PEM certificate chain for HTTPS; re-read when the file changes.
+    #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS; re-read when the file changes.
+    #[arg(long, env = "OUTPOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP even on a non-loopback address (without it, that is refused).
+    #[arg(long, env = "OUTPOST_HTTP")]
+    pub http: bool,
+    /// Upload sessions idle for longer than this are removed (s, m, h or d suffix).
+    #[arg(long, env = "OUTPOST_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration)]
+    pub upload_expiry: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Storage directory to collect.
+    #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
+    pub storage: PathBuf,
+    /// Blobs written more recently than this are kept, so pushes in progress are safe.
+    #[arg(long, env = "OUTPOST_GC_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Report what would be removed without removing it.
+    #[arg(long, env = "OUTPOST_GC_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FsckArgs {
+    /// Storage directory to check.
+    #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
+    pub storage: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("cannot open storage {path}: {source}")]
+    Storage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gc(#[from] gc::GcError),
+    #[error(transparent)]
+    Fsck(#[from] crate::storage::StorageError),
+}
+
+/// Sets up logging to stderr at the chosen level and format.
+pub fn init_logging(level: LogLevel, format: LogFormat) {
+    let level = match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    };
+    // Our crates log at the chosen level; dependencies stay quieter unless tracing.
+    let filter = if level == "trace" {
+        "trace".to_owned()
+    } else {
+        format!("warn,outpost_registry={level},outpost_core={level}")
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
+    if !path.is_dir() {
+        return Err(CliError::Storage {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        });
+    }
+    FsStore::open(path).map_err(|source| CliError::Storage {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Serve(a) => {
+            server::run(ServeOptions {
+                listen: a.listen,
+                admin_listen: a.admin_listen,
+                metrics_listen: a.metrics_listen,
+                storage: a.storage,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
+                http: a.http,
+                upload_expiry: a.upload_expiry,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc(a) => {
+            let store = open_store(&a.storage)?;
+            let r = gc::run(&store, a.grace, a.dry_run).await?;
+            let verb = if a.dry_run { "would remove" } else { "removed" };
+            println!(
+                "gc: {verb} {} blobs ({} bytes), kept {}, removed {} stale repository links",
+                r.blobs_removed, r.bytes_removed, r.blobs_kept, r.links_removed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fsck(a) => {
+            let store = open_store(&a.storage)?;
+            let tty = std::io::stderr().is_terminal();
+            let r = fsck::run(&store, |i, n| {
+                if tty {
+                    eprint!("\rfsck: checking blob {i}/{n}");
+                    let _ = std::io::stderr().flush();
+                }
+            })
+            .await?;
+            if tty {
+                eprintln!();
+            }
+            for p in &r.problems {
+                println!("{p}");
+            }
+            println!(
+                "fsck: {} blobs ({} bytes) and {} manifests checked, {} problems",
+                r.blobs_checked,
+                r.bytes_checked,
+                r.manifests_checked,
+                r.problems.len()
+            );
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,17 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use outpost_registry::cli::{self, Cli};
+
+fn main() -> anyhow::Result<ExitCode> {
+    // One crypto provider for every TLS use in the process.
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    let args = Cli::parse();
+    cli::init_logging(args.log_level, args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(cli::run(args))?)
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics (prefix `outpost_`), encoded in the OpenMetrics text format.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    http_requests: Family<RequestLabels, Counter>,
+    http_duration: Family<RouteLabels, Histogram>,
+    pub blob_bytes_served: Counter,
+    pub storage_bytes: Gauge<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outpost");
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method, route and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs to ~100 s.
+            Histogram::new(exponential_buckets(0.0001, 4.0, 11))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to produce response headers, by method and route",
+            http_duration.clone(),
+        );
+        let blob_bytes_served = Counter::default();
+        registry.register(
+            "blob_bytes_served",
+            "Blob bytes sent to clients",
+            blob_bytes_served.clone(),
+        );
+        let storage_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "storage_bytes",
+            "Bytes of blob content in the store",
+            storage_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            blob_bytes_served,
+            storage_bytes,
+        }
+    }
+
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        self.http_requests
+            .get_or_create(&RequestLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

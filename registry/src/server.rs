@@ -1,0 +1,253 @@
+//! `outpost-registry serve`: the listeners, background upkeep and graceful shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use tokio::task::JoinSet;
+
+use crate::api::{self, AppState};
+use crate::metrics::Metrics;
+use crate::storage::Store;
+use crate::storage::fs::FsStore;
+use crate::tls;
+
+/// In-flight requests get this long to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(30);
+/// How often the storage size gauge is recomputed from disk.
+const STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub storage: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub http: bool,
+    pub upload_expiry: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+impl ServeOptions {
+    /// Refuses combinations that would serve something other than what the operator meant.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ServeError::Config(
+                    "--tls-cert and --tls-key must be given together".into(),
+                ));
+            }
+            (Some(_), Some(_)) if self.http => {
+                return Err(ServeError::Config(
+                    "--http contradicts --tls-cert/--tls-key: choose one".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.tls_cert.is_none() && !self.http {
+            let addrs = [
+                Some(self.listen),
+                Some(self.admin_listen),
+                self.metrics_listen,
+            ];
+            if let Some(a) = addrs.into_iter().flatten().find(|a| !a.ip().is_loopback()) {
+                return Err(ServeError::Config(format!(
+                    "refusing to serve plain HTTP on non-loopback address {a}: give --tls-cert and \
+                     --tls-key for HTTPS, or --http to accept plain HTTP on the network"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    let l =
+        std::net::TcpListener::bind(addr).map_err(io_err(format!("cannot listen on {addr}")))?;
+    l.set_nonblocking(true)
+        .map_err(io_err(format!("cannot listen on {addr}")))?;
+    Ok(l)
+}
+
+fn spawn_server(
+    set: &mut JoinSet<io::Result<()>>,
+    listener: std::net::TcpListener,
+    tls: Option<RustlsConfig>,
+    router: Router,
+    handle: Handle<SocketAddr>,
+) -> Result<(), ServeError> {
+    let svc = router.into_make_service();
+    match tls {
+        Some(cfg) => {
+            let server = axum_server::from_tcp_rustls(listener, cfg)
+                .map_err(io_err("cannot start HTTPS listener"))?
+                .handle(handle);
+            set.spawn(async move { server.serve(svc).await });
+        }
+        None => {
+            let server = axum_server::from_tcp(listener)
+                .map_err(io_err("cannot start HTTP listener"))?
+                .handle(handle);
+            set.spawn(async move { server.serve(svc).await });
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Keeps `outpost_storage_bytes` current and expires idle upload sessions.
+fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Duration) {
+    let s = store.clone();
+    tokio::spawn(async move {
+        loop {
+            match s.blob_list().await {
+                Ok(blobs) => {
+                    metrics
+                        .storage_bytes
+                        .set(blobs.iter().map(|b| b.size).sum());
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot measure storage"),
+            }
+            tokio::time::sleep(STORAGE_SCAN_INTERVAL).await;
+        }
+    });
+    let every = (upload_expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.upload_expire(upload_expiry).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "expired idle upload sessions"),
+                Err(e) => tracing::warn!(error = %e, "cannot expire upload sessions"),
+            }
+        }
+    });
+}
+
+/// Serves until SIGTERM or SIGINT, then drains in-flight requests for up to 30 s.
+pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    opts.validate()?;
+    let store = FsStore::open(&opts.storage).map_err(io_err(format!(
+        "cannot open storage {}",
+        opts.storage.display()
+    )))?;
+    let _serve_lock = store
+        .lock_for_serving()
+        .map_err(io_err("cannot lock storage"))?;
+    store
+        .clean_tmp()
+        .map_err(io_err("cannot clean storage tmp/"))?;
+
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Some(tls::load_and_watch(c.clone(), k.clone()).await?),
+        _ => None,
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(store);
+    let app = Arc::new(AppState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+
+    let metrics_addr = opts.metrics_listen.filter(|m| *m != opts.listen);
+    let metrics_on_admin = metrics_addr == Some(opts.admin_listen);
+    let main_listener = bind(opts.listen)?;
+    let admin_listener = bind(opts.admin_listen)?;
+    let metrics_listener = match metrics_addr {
+        Some(a) if !metrics_on_admin => Some(bind(a)?),
+        _ => None,
+    };
+
+    spawn_upkeep(store, metrics, opts.upload_expiry);
+
+    let mut servers = JoinSet::new();
+    let mut handles = Vec::new();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut add = |listener: std::net::TcpListener, router: Router, what: &str| {
+        let handle = Handle::new();
+        handles.push(handle.clone());
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!(address = %a, scheme, "{what} listening");
+        }
+        spawn_server(&mut servers, listener, tls.clone(), router, handle)
+    };
+    add(
+        main_listener,
+        api::router(app.clone(), metrics_addr.is_none()),
+        "registry API",
+    )?;
+    add(
+        admin_listener,
+        api::admin_router(app.clone(), metrics_on_admin),
+        "admin API",
+    )?;
+    if let Some(l) = metrics_listener {
+        add(l, api::metrics_only_router(app.clone()), "metrics")?;
+    }
+
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down: draining in-flight requests");
+            for h in &handles {
+                h.graceful_shutdown(Some(DRAIN));
+            }
+        }
+        Some(res) = servers.join_next() => {
+            // A listener ending on its own is a failure: stop the others and report it.
+            for h in &handles {
+                h.shutdown();
+            }
+            return match res {
+                Ok(Ok(())) => Err(ServeError::Config("a listener stopped unexpectedly".into())),
+                Ok(Err(e)) => Err(ServeError::Io { what: "listener failed".into(), source: e }),
+                Err(e) => Err(ServeError::Io { what: "listener task failed".into(), source: io::Error::other(e) }),
+            };
+        }
+    }
+    while let Some(res) = servers.join_next().await {
+        if let Ok(Err(e)) = res {
+            tracing::warn!(error = %e, "listener ended with an error during shutdown");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! Garbage collection: removes blobs no manifest references. Safe on a running store: it holds
+//! the maintenance lock (manifest pushes wait) and spares blobs younger than a grace period, so
+//! an upload whose manifest has not been pushed yet survives.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outpost_core::Digest;
+
+use super::manifest;
+use crate::storage::{StorageError, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("manifest {digest} in {repo} cannot be parsed ({reason}); refusing to sweep")]
+    Unreadable {
+        repo: String,
+        digest: Digest,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub blobs_kept: usize,
+    pub blobs_removed: usize,
+    pub bytes_removed: u64,
+    pub links_removed: usize,
+}
+
+/// Runs a mark-and-sweep. With `dry_run` nothing is removed; the report says what would be.
+pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<GcReport, GcError> {
+    let _lock = store.maintenance_lock().await?;
+    let mut live: HashSet<Digest> = HashSet::new();
+    let repos = store.repositories().await?;
+    for repo in &repos {
+        for digest in store.manifest_list(repo).await? {
+            live.insert(digest.clone());
+            let m = match store.manifest_by_digest(repo, &digest).await {
+                Ok(m) => m,
+                // A revision whose content is gone references nothing we could keep.
+                Err(StorageError::ManifestUnknown) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let parsed = manifest::parse(&m.content, Some(&m.media_type)).map_err(|e| {
+                GcError::Unreadable {
+                    repo: repo.to_string(),
+                    digest: digest.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            live.extend(parsed.all_blobs);
+        }
+    }
+    let mut report = GcReport::default();
+    for blob in store.blob_list().await? {
+        if live.contains(&blob.digest) || blob.age < grace {
+            report.blobs_kept += 1;
+            continue;
+        }
+        let removed = if dry_run {
+            true
+        } else {
+            store.blob_remove(&blob.digest, grace).await?
+        };
+        if removed {
+            tracing::info!(digest = %blob.digest, size = blob.size, dry_run, "removing unreferenced blob");
+            report.blobs_removed += 1;
+            report.bytes_removed += blob.size;
+        } else {
+            report.blobs_kept += 1;
+        }
+    }
+    if !dry_run {
+        for repo in &repos {
+            for digest in store.repo_blob_links(repo).await? {
+                if store.blob_size(&digest).await?.is_none()
+                    && store.repo_blob_unlink(repo, &digest).await?
+                {
+                    report.links_removed += 1;
+                }
+            }
+        }
+    }
+    Ok(report)
+}

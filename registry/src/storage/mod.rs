@@ -1,0 +1,304 @@
+//! The storage boundary: content-addressed blobs shared by every repository, and per-repository
+//! links (blobs, manifest revisions, tags, referrers) and upload sessions.
+//!
+//! Storage knows nothing of HTTP, authentication or the parent registry. Every backend must pass
+//! the suite in [`conformance`]; [`fs::FsStore`] is the local-disk backend.
+
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use outpost_core::{Digest, RepositoryName, Tag};
+use serde::{Deserialize, Serialize};
+
+pub mod fs;
+pub mod hash;
+
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod tests;
+
+/// A stream of body bytes, as read from a client or from storage.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("blob {0} is unknown")]
+    BlobUnknown(Digest),
+    #[error("manifest is unknown")]
+    ManifestUnknown,
+    #[error("repository is unknown")]
+    RepositoryUnknown,
+    #[error("upload session is unknown")]
+    UploadUnknown,
+    #[error("content does not match digest {expected}")]
+    DigestMismatch { expected: Digest },
+    #[error("content length {actual} does not match the declared {declared}")]
+    SizeMismatch { declared: u64, actual: u64 },
+    #[error("chunk starts at {requested} but the upload has {offset} bytes")]
+    RangeMismatch { requested: u64, offset: u64 },
+    #[error("requested range is not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("manifest references unknown blob {0}")]
+    ReferencedBlobUnknown(Digest),
+    #[error("manifest references unknown manifest {0}")]
+    ReferencedManifestUnknown(Digest),
+    #[error("client body: {0}")]
+    Body(io::Error),
+    #[error("storage I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A byte range of a blob, both ends inclusive, already checked against the blob's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl ByteRange {
+    /// Number of bytes in the range (never zero: both ends are inclusive).
+    pub fn count(&self) -> u64 {
+        self.last - self.first + 1
+    }
+}
+
+/// A single byte range as a client asks for it, before the blob's size is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// `bytes=first-` or `bytes=first-last`
+    From { first: u64, last: Option<u64> },
+    /// `bytes=-n`: the last n bytes
+    Suffix(u64),
+}
+
+impl RangeRequest {
+    /// Parses a `Range` header. `None` for a header to ignore (several ranges, another unit,
+    /// bad syntax), as RFC 9110 allows.
+    pub fn parse(header: &str) -> Option<Self> {
+        let spec = header.trim().strip_prefix("bytes=")?.trim();
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let num = |s: &str| -> Option<u64> {
+            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        if a.is_empty() {
+            return Some(RangeRequest::Suffix(num(b)?));
+        }
+        let first = num(a)?;
+        let last = if b.is_empty() { None } else { Some(num(b)?) };
+        if last.is_some_and(|l| l < first) {
+            return None;
+        }
+        Some(RangeRequest::From { first, last })
+    }
+
+    /// The satisfiable part of this request for a blob of `size` bytes.
+    pub fn resolve(self, size: u64) -> Option<ByteRange> {
+        if size == 0 {
+            return None;
+        }
+        match self {
+            RangeRequest::From { first, last } => (first < size).then(|| ByteRange {
+                first,
+                last: last.map_or(size - 1, |l| l.min(size - 1)),
+            }),
+            RangeRequest::Suffix(0) => None,
+            RangeRequest::Suffix(n) => Some(ByteRange {
+                first: size.saturating_sub(n),
+                last: size - 1,
+            }),
+        }
+    }
+}
+
+/// An open blob: its full size and a stream of the requested bytes.
+pub struct BlobReader {
+    pub size: u64,
+    pub body: ByteStream,
+}
+
+/// An OCI content descriptor, as stored for referrers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A manifest to link into a repository, already parsed and validated by the service layer.
+pub struct NewManifest<'a> {
+    pub digest: &'a Digest,
+    pub media_type: &'a str,
+    pub content: Bytes,
+    /// Blobs (config, layers) that must already be linked into the repository.
+    pub blobs: &'a [Digest],
+    /// Manifests (index children) that must already be in the repository.
+    pub manifests: &'a [Digest],
+    pub tag: Option<&'a Tag>,
+    /// The `subject` this manifest refers to, with the descriptor listed by the referrers API.
+    pub subject: Option<(&'a Digest, Descriptor)>,
+}
+
+/// A manifest read back from a repository.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub content: Bytes,
+}
+
+/// What an upload session looks like to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadStatus {
+    /// Bytes received and durably stored so far.
+    pub offset: u64,
+}
+
+/// Identifies a blob held in the store, with its size on disk.
+#[derive(Debug, Clone)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+    /// Seconds since the blob was written or last re-linked.
+    pub age: Duration,
+}
+
+/// A guard that keeps manifest links from changing (held by `gc` while it marks and sweeps).
+pub type MaintenanceGuard = Box<dyn Send + Sync>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- blobs, global and content-addressed ---
+
+    /// Size of a blob if it is stored.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
+    /// Opens a blob, optionally for one byte range (checked against its size).
+    async fn blob_open(
+        &self,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<(BlobReader, Option<ByteRange>), StorageError>;
+    /// Streams `body` into the store; it becomes visible only once it hashes to `digest`.
+    /// Returns the blob's size.
+    async fn blob_put(
+        &self,
+        digest: &Digest,
+        body: ByteStream,
+        declared_len: Option<u64>,
+    ) -> Result<u64, StorageError>;
+    /// Every blob in the store.
+    async fn blob_list(&self) -> Result<Vec<BlobInfo>, StorageError>;
+    /// Removes a blob if it is still older than `min_age`; true if removed.
+    async fn blob_remove(&self, digest: &Digest, min_age: Duration) -> Result<bool, StorageError>;
+    /// Re-hashes a blob; false if its content no longer matches its digest.
+    async fn blob_verify(&self, digest: &Digest) -> Result<bool, StorageError>;
+
+    // --- repository links ---
+
+    /// Makes a stored blob available in `repo`.
+    async fn repo_blob_link(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<(), StorageError>;
+    async fn repo_blob_linked(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError>;
+    /// Removes a blob from `repo` (the content stays until `gc`); false if it was not linked.
+    async fn repo_blob_unlink(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError>;
+    /// Blobs linked into `repo`.
+    async fn repo_blob_links(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError>;
+    /// Every repository holding at least one manifest or blob, sorted.
+    async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError>;
+
+    // --- manifests, tags, referrers ---
+
+    /// Stores and links a manifest after checking every blob and manifest it references is in
+    /// the repository; then points the tag at it and records it as a referrer of its subject.
+    async fn manifest_put(
+        &self,
+        repo: &RepositoryName,
+        m: NewManifest<'_>,
+    ) -> Result<(), StorageError>;
+    async fn manifest_by_tag(
+        &self,
+        repo: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<StoredManifest, StorageError>;
+    async fn manifest_by_digest(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<StoredManifest, StorageError>;
+    /// Unlinks a manifest, every tag pointing at it and its referrer entry.
+    async fn manifest_delete(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<(), StorageError>;
+    /// Digests of every manifest linked into `repo`.
+    async fn manifest_list(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError>;
+    async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError>;
+    /// Tags of `repo`, sorted; `RepositoryUnknown` if the repository does not exist.
+    async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError>;
+    /// Descriptors of the manifests in `repo` whose subject is `subject`.
+    async fn referrers(
+        &self,
+        repo: &RepositoryName,
+        subject: &Digest,
+    ) -> Result<Vec<Descriptor>, StorageError>;
+
+    // --- upload sessions ---
+
+    async fn upload_start(&self, repo: &RepositoryName) -> Result<String, StorageError>;
+    async fn upload_status(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+    ) -> Result<UploadStatus, StorageError>;
+    /// Appends a chunk; `start`, when the client gave one, must equal the current offset.
+    async fn upload_append(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        start: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadStatus, StorageError>;
+    /// Verifies the upload against `digest`, commits it as a blob linked into `repo` and ends
+    /// the session. Returns the blob's size.
+    async fn upload_finish(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        digest: &Digest,
+    ) -> Result<u64, StorageError>;
+    async fn upload_cancel(&self, repo: &RepositoryName, id: &str) -> Result<(), StorageError>;
+    /// Removes sessions idle for longer than `idle`; returns how many.
+    async fn upload_expire(&self, idle: Duration) -> Result<usize, StorageError>;
+
+    // --- maintenance ---
+
+    /// Blocks manifest writes until the guard is dropped.
+    async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError>;
+}
