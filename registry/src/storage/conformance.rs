@@ -1,1 +1,357 @@
+//! The behaviour every [`Store`] backend must show. A new backend adds one test that calls
+//! [`check`] on a fresh, empty instance.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_core::{Algorithm, Digest, RepositoryName, Tag};
+
+use super::hash::digest_of;
+use super::{ByteStream, Descriptor, NewManifest, RangeRequest, StorageError, Store};
+
+fn stream_of(parts: Vec<&'static [u8]>) -> ByteStream {
+    Box::pin(futures_util::stream::iter(
+        parts.into_iter().map(|p| Ok(Bytes::from_static(p))),
+    ))
+}
+
+fn failing_stream(first: &'static [u8]) -> ByteStream {
+    Box::pin(futures_util::stream::iter(vec![
+        Ok(Bytes::from_static(first)),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client went away")),
+    ]))
+}
+
+async fn read_all(store: &dyn Store, d: &Digest, range: Option<RangeRequest>) -> Vec<u8> {
+    let (mut r, _) = store.blob_open(d, range).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(c) = r.body.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+fn repo(s: &str) -> RepositoryName {
+    s.parse().unwrap()
+}
+
+fn tag(s: &str) -> Tag {
+    s.parse().unwrap()
+}
+
+pub async fn check(store: &dyn Store) {
+    blobs(store).await;
+    uploads(store).await;
+    manifests(store).await;
+    maintenance(store).await;
+}
+
+async fn blobs(store: &dyn Store) {
+    let data: &'static [u8] = b"hello, outpost";
+    let d = digest_of(Algorithm::Sha256, data);
+    assert_eq!(store.blob_size(&d).await.unwrap(), None);
+
+    // A wrong digest or length never becomes visible.
+    let wrong = digest_of(Algorithm::Sha256, b"other");
+    assert!(matches!(
+        store.blob_put(&wrong, stream_of(vec![data]), None).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert!(matches!(
+        store.blob_put(&d, stream_of(vec![data]), Some(3)).await,
+        Err(StorageError::SizeMismatch { .. })
+    ));
+    assert!(matches!(
+        store.blob_put(&d, failing_stream(b"hello"), None).await,
+        Err(StorageError::Body(_))
+    ));
+    assert_eq!(store.blob_size(&d).await.unwrap(), None);
+
+    assert_eq!(
+        store
+            .blob_put(&d, stream_of(vec![&data[..5], &data[5..]]), Some(14))
+            .await
+            .unwrap(),
+        14
+    );
+    assert_eq!(store.blob_size(&d).await.unwrap(), Some(14));
+    assert_eq!(read_all(store, &d, None).await, data);
+    assert_eq!(
+        read_all(store, &d, Some(RangeRequest::From { first: 7, last: None })).await,
+        b"outpost"
+    );
+    assert_eq!(
+        read_all(store, &d, Some(RangeRequest::Suffix(4))).await,
+        b"post"
+    );
+    assert!(matches!(
+        store
+            .blob_open(&d, Some(RangeRequest::From { first: 14, last: None }))
+            .await,
+        Err(StorageError::RangeNotSatisfiable { size: 14 })
+    ));
+    // Writing the same content again is harmless.
+    store.blob_put(&d, stream_of(vec![data]), None).await.unwrap();
+
+    // sha512 content is addressed separately.
+    let d512 = digest_of(Algorithm::Sha512, data);
+    store.blob_put(&d512, stream_of(vec![data]), None).await.unwrap();
+    assert_eq!(read_all(store, &d512, None).await, data);
+
+    // The empty blob.
+    let empty = digest_of(Algorithm::Sha256, b"");
+    store.blob_put(&empty, stream_of(vec![]), Some(0)).await.unwrap();
+    assert_eq!(store.blob_size(&empty).await.unwrap(), Some(0));
+    assert!(read_all(store, &empty, None).await.is_empty());
+
+    // Repository links.
+    let r = repo("conf/blobs");
+    assert!(!store.repo_blob_linked(&r, &d).await.unwrap());
+    store.repo_blob_link(&r, &d).await.unwrap();
+    assert!(store.repo_blob_linked(&r, &d).await.unwrap());
+    assert!(!store.repo_blob_linked(&repo("conf/other"), &d).await.unwrap());
+    assert_eq!(store.repo_blob_links(&r).await.unwrap(), vec![d.clone()]);
+    assert!(matches!(
+        store.repo_blob_link(&r, &wrong).await,
+        Err(StorageError::BlobUnknown(_))
+    ));
+    assert!(store.repo_blob_unlink(&r, &d).await.unwrap());
+    assert!(!store.repo_blob_unlink(&r, &d).await.unwrap());
+    assert!(store.blob_verify(&d).await.unwrap());
+}
+
+async fn uploads(store: &dyn Store) {
+    let r = repo("conf/uploads");
+    let id = store.upload_start(&r).await.unwrap();
+    assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 0);
+    // A session belongs to its repository.
+    assert!(matches!(
+        store.upload_status(&repo("conf/elsewhere"), &id).await,
+        Err(StorageError::UploadUnknown)
+    ));
+    assert!(matches!(
+        store.upload_status(&r, "../../etc").await,
+        Err(StorageError::UploadUnknown)
+    ));
+    let st = store
+        .upload_append(&r, &id, Some(0), stream_of(vec![b"chunk-one "]))
+        .await
+        .unwrap();
+    assert_eq!(st.offset, 10);
+    // Out of order.
+    assert!(matches!(
+        store.upload_append(&r, &id, Some(5), stream_of(vec![b"x"])).await,
+        Err(StorageError::RangeMismatch { requested: 5, offset: 10 })
+    ));
+    // A chunk cut short keeps what arrived, so the client can resume from there.
+    assert!(matches!(
+        store.upload_append(&r, &id, None, failing_stream(b"chu")).await,
+        Err(StorageError::Body(_))
+    ));
+    assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 13);
+    store
+        .upload_append(&r, &id, Some(13), stream_of(vec![b"nk-two"]))
+        .await
+        .unwrap();
+    let whole = b"chunk-one chunk-two";
+    let d = digest_of(Algorithm::Sha256, whole);
+    let wrong = digest_of(Algorithm::Sha256, b"nope");
+    assert!(matches!(
+        store.upload_finish(&r, &id, &wrong).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    // Still there after a mismatch; the right digest completes it.
+    assert_eq!(store.upload_finish(&r, &id, &d).await.unwrap(), 19);
+    assert!(store.repo_blob_linked(&r, &d).await.unwrap());
+    assert!(matches!(
+        store.upload_status(&r, &id).await,
+        Err(StorageError::UploadUnknown)
+    ));
+    assert_eq!(read_all(store, &d, None).await, whole);
+
+    // sha512 digests on finish, and cancel.
+    let id = store.upload_start(&r).await.unwrap();
+    store
+        .upload_append(&r, &id, None, stream_of(vec![b"abc"]))
+        .await
+        .unwrap();
+    let d512 = digest_of(Algorithm::Sha512, b"abc");
+    store.upload_finish(&r, &id, &d512).await.unwrap();
+    let id = store.upload_start(&r).await.unwrap();
+    store.upload_cancel(&r, &id).await.unwrap();
+    assert!(matches!(
+        store.upload_cancel(&r, &id).await,
+        Err(StorageError::UploadUnknown)
+    ));
+
+    // Expiry removes idle sessions only.
+    let idle = store.upload_start(&r).await.unwrap();
+    assert_eq!(store.upload_expire(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(store.upload_expire(Duration::ZERO).await.unwrap(), 1);
+    assert!(store.upload_status(&r, &idle).await.is_err());
+}
+
+async fn put_blob(store: &dyn Store, r: &RepositoryName, data: &'static [u8]) -> Digest {
+    let d = digest_of(Algorithm::Sha256, data);
+    store.blob_put(&d, stream_of(vec![data]), None).await.unwrap();
+    store.repo_blob_link(r, &d).await.unwrap();
+    d
+}
+
+async fn manifests(store: &dyn Store) {
+    let r = repo("conf/manifests");
+    let config = put_blob(store, &r, b"{}").await;
+    let layer = put_blob(store, &r, b"layer").await;
+    let content = Bytes::from_static(b"{\"schemaVersion\":2,\"pretend\":\"manifest\"}");
+    let d = digest_of(Algorithm::Sha256, &content);
+    let missing = digest_of(Algorithm::Sha256, b"missing");
+    let t = tag("v1");
+    // A manifest is refused while any blob it needs is missing, and nothing is linked.
+    let with_missing = [config.clone(), missing];
+    assert!(matches!(
+        store
+            .manifest_put(&r, image(&d, &content, &with_missing, Some(&t), None))
+            .await,
+        Err(StorageError::ReferencedBlobUnknown(_))
+    ));
+    assert!(matches!(
+        store.manifest_by_tag(&r, &t).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+    let ok = [config.clone(), layer.clone()];
+    store
+        .manifest_put(&r, image(&d, &content, &ok, Some(&t), None))
+        .await
+        .unwrap();
+    let by_tag = store.manifest_by_tag(&r, &t).await.unwrap();
+    assert_eq!(by_tag.digest, d);
+    assert_eq!(by_tag.content, content);
+    assert_eq!(by_tag.media_type, "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(store.manifest_by_digest(&r, &d).await.unwrap().content, content);
+    assert_eq!(store.tags(&r).await.unwrap(), vec!["v1".to_owned()]);
+    assert_eq!(store.manifest_list(&r).await.unwrap(), vec![d.clone()]);
+    assert!(matches!(
+        store.tags(&repo("conf/nothing")).await,
+        Err(StorageError::RepositoryUnknown)
+    ));
+    assert!(store.repositories().await.unwrap().contains(&r));
+
+    // An index needs its children in the repository.
+    let idx_content = Bytes::from_static(b"{\"schemaVersion\":2,\"pretend\":\"index\"}");
+    let idx = digest_of(Algorithm::Sha256, &idx_content);
+    let children_missing = [missing_child()];
+    let put_index = |children: &[Digest]| {
+        let children = children.to_vec();
+        let idx = idx.clone();
+        let idx_content = idx_content.clone();
+        let r = r.clone();
+        async move {
+            store
+                .manifest_put(
+                    &r,
+                    NewManifest {
+                        digest: &idx,
+                        media_type: "application/vnd.oci.image.index.v1+json",
+                        content: idx_content,
+                        blobs: &[],
+                        manifests: &children,
+                        tag: None,
+                        subject: None,
+                    },
+                )
+                .await
+        }
+    };
+    assert!(matches!(
+        put_index(&children_missing).await,
+        Err(StorageError::ReferencedManifestUnknown(_))
+    ));
+    put_index(std::slice::from_ref(&d)).await.unwrap();
+
+    // Referrers.
+    let sig_content = Bytes::from_static(b"{\"schemaVersion\":2,\"pretend\":\"signature\"}");
+    let sig = digest_of(Algorithm::Sha256, &sig_content);
+    let desc = Descriptor {
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        digest: sig.clone(),
+        size: sig_content.len() as u64,
+        artifact_type: Some("application/vnd.example.sig".into()),
+        annotations: None,
+    };
+    store
+        .manifest_put(
+            &r,
+            image(&sig, &sig_content, &ok, None, Some((&d, desc.clone()))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.referrers(&r, &d).await.unwrap(), vec![desc]);
+    assert!(store.referrers(&r, &idx).await.unwrap().is_empty());
+
+    // Deletes: a tag alone, then a manifest with its tags and referrer entry.
+    let v2 = tag("v2");
+    store
+        .manifest_put(&r, image(&d, &content, &ok, Some(&v2), None))
+        .await
+        .unwrap();
+    store.tag_delete(&r, &tag("v2")).await.unwrap();
+    assert!(matches!(
+        store.tag_delete(&r, &tag("v2")).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+    assert!(store.manifest_by_digest(&r, &d).await.is_ok());
+    store.manifest_delete(&r, &sig).await.unwrap();
+    assert!(store.referrers(&r, &d).await.unwrap().is_empty());
+    store.manifest_delete(&r, &d).await.unwrap();
+    assert!(store.tags(&r).await.unwrap().is_empty());
+    assert!(matches!(
+        store.manifest_by_digest(&r, &d).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+    assert!(matches!(
+        store.manifest_delete(&r, &d).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+}
+
+fn image<'a>(
+    digest: &'a Digest,
+    content: &Bytes,
+    blobs: &'a [Digest],
+    tag: Option<&'a Tag>,
+    subject: Option<(&'a Digest, Descriptor)>,
+) -> NewManifest<'a> {
+    NewManifest {
+        digest,
+        media_type: "application/vnd.oci.image.manifest.v1+json",
+        content: content.clone(),
+        blobs,
+        manifests: &[],
+        tag,
+        subject,
+    }
+}
+
+fn missing_child() -> Digest {
+    digest_of(Algorithm::Sha256, b"no such child")
+}
+
+async fn maintenance(store: &dyn Store) {
+    let listed = store.blob_list().await.unwrap();
+    assert!(!listed.is_empty());
+    let victim = put_blob(store, &repo("conf/gc"), b"unreferenced").await;
+    // Too young for a one-hour grace period, old enough for none.
+    assert!(!store.blob_remove(&victim, Duration::from_secs(3600)).await.unwrap());
+    assert!(store.blob_remove(&victim, Duration::ZERO).await.unwrap());
+    assert_eq!(store.blob_size(&victim).await.unwrap(), None);
+    let guard = store.maintenance_lock().await.unwrap();
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::fs::FsStore::open(dir.path()).unwrap();
+    check(&store).await;
+}
