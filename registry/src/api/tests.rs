@@ -33,7 +33,10 @@ fn paths_split_at_the_last_keyword() {
         parse_path("x/blobs/uploads/abc").unwrap(),
         Route::Upload(name("x"), "abc".into())
     );
-    assert_eq!(parse_path("x/y/tags/list").unwrap(), Route::Tags(name("x/y")));
+    assert_eq!(
+        parse_path("x/y/tags/list").unwrap(),
+        Route::Tags(name("x/y"))
+    );
     assert_eq!(
         parse_path("x/referrers/sha256%3Aab").unwrap(),
         Route::Referrers(name("x"), "sha256:ab".into())
@@ -53,5 +56,8 @@ fn traversal_and_bad_names_are_name_invalid() {
         let e = parse_path(p).unwrap_err();
         assert_eq!(e.code, Code::NameInvalid, "{p}");
     }
-    assert_eq!(parse_path("a/unknown/x").unwrap_err().code, Code::Unsupported);
+    assert_eq!(
+        parse_path("a/unknown/x").unwrap_err().code,
+        Code::Unsupported
+    );
 }

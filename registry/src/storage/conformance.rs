@@ -19,7 +19,10 @@ fn stream_of(parts: Vec<&'static [u8]>) -> ByteStream {
 fn failing_stream(first: &'static [u8]) -> ByteStream {
     Box::pin(futures_util::stream::iter(vec![
         Ok(Bytes::from_static(first)),
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client went away")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
     ]))
 }
 
@@ -78,7 +81,15 @@ async fn blobs(store: &dyn Store) {
     assert_eq!(store.blob_size(&d).await.unwrap(), Some(14));
     assert_eq!(read_all(store, &d, None).await, data);
     assert_eq!(
-        read_all(store, &d, Some(RangeRequest::From { first: 7, last: None })).await,
+        read_all(
+            store,
+            &d,
+            Some(RangeRequest::From {
+                first: 7,
+                last: None
+            })
+        )
+        .await,
         b"outpost"
     );
     assert_eq!(
@@ -87,21 +98,36 @@ async fn blobs(store: &dyn Store) {
     );
     assert!(matches!(
         store
-            .blob_open(&d, Some(RangeRequest::From { first: 14, last: None }))
+            .blob_open(
+                &d,
+                Some(RangeRequest::From {
+                    first: 14,
+                    last: None
+                })
+            )
             .await,
         Err(StorageError::RangeNotSatisfiable { size: 14 })
     ));
     // Writing the same content again is harmless.
-    store.blob_put(&d, stream_of(vec![data]), None).await.unwrap();
+    store
+        .blob_put(&d, stream_of(vec![data]), None)
+        .await
+        .unwrap();
 
     // sha512 content is addressed separately.
     let d512 = digest_of(Algorithm::Sha512, data);
-    store.blob_put(&d512, stream_of(vec![data]), None).await.unwrap();
+    store
+        .blob_put(&d512, stream_of(vec![data]), None)
+        .await
+        .unwrap();
     assert_eq!(read_all(store, &d512, None).await, data);
 
     // The empty blob.
     let empty = digest_of(Algorithm::Sha256, b"");
-    store.blob_put(&empty, stream_of(vec![]), Some(0)).await.unwrap();
+    store
+        .blob_put(&empty, stream_of(vec![]), Some(0))
+        .await
+        .unwrap();
     assert_eq!(store.blob_size(&empty).await.unwrap(), Some(0));
     assert!(read_all(store, &empty, None).await.is_empty());
 
@@ -110,7 +136,12 @@ async fn blobs(store: &dyn Store) {
     assert!(!store.repo_blob_linked(&r, &d).await.unwrap());
     store.repo_blob_link(&r, &d).await.unwrap();
     assert!(store.repo_blob_linked(&r, &d).await.unwrap());
-    assert!(!store.repo_blob_linked(&repo("conf/other"), &d).await.unwrap());
+    assert!(
+        !store
+            .repo_blob_linked(&repo("conf/other"), &d)
+            .await
+            .unwrap()
+    );
     assert_eq!(store.repo_blob_links(&r).await.unwrap(), vec![d.clone()]);
     assert!(matches!(
         store.repo_blob_link(&r, &wrong).await,
@@ -141,12 +172,19 @@ async fn uploads(store: &dyn Store) {
     assert_eq!(st.offset, 10);
     // Out of order.
     assert!(matches!(
-        store.upload_append(&r, &id, Some(5), stream_of(vec![b"x"])).await,
-        Err(StorageError::RangeMismatch { requested: 5, offset: 10 })
+        store
+            .upload_append(&r, &id, Some(5), stream_of(vec![b"x"]))
+            .await,
+        Err(StorageError::RangeMismatch {
+            requested: 5,
+            offset: 10
+        })
     ));
     // A chunk cut short keeps what arrived, so the client can resume from there.
     assert!(matches!(
-        store.upload_append(&r, &id, None, failing_stream(b"chu")).await,
+        store
+            .upload_append(&r, &id, None, failing_stream(b"chu"))
+            .await,
         Err(StorageError::Body(_))
     ));
     assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 13);
@@ -187,14 +225,23 @@ async fn uploads(store: &dyn Store) {
 
     // Expiry removes idle sessions only.
     let idle = store.upload_start(&r).await.unwrap();
-    assert_eq!(store.upload_expire(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .upload_expire(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(store.upload_expire(Duration::ZERO).await.unwrap(), 1);
     assert!(store.upload_status(&r, &idle).await.is_err());
 }
 
 async fn put_blob(store: &dyn Store, r: &RepositoryName, data: &'static [u8]) -> Digest {
     let d = digest_of(Algorithm::Sha256, data);
-    store.blob_put(&d, stream_of(vec![data]), None).await.unwrap();
+    store
+        .blob_put(&d, stream_of(vec![data]), None)
+        .await
+        .unwrap();
     store.repo_blob_link(r, &d).await.unwrap();
     d
 }
@@ -227,8 +274,14 @@ async fn manifests(store: &dyn Store) {
     let by_tag = store.manifest_by_tag(&r, &t).await.unwrap();
     assert_eq!(by_tag.digest, d);
     assert_eq!(by_tag.content, content);
-    assert_eq!(by_tag.media_type, "application/vnd.oci.image.manifest.v1+json");
-    assert_eq!(store.manifest_by_digest(&r, &d).await.unwrap().content, content);
+    assert_eq!(
+        by_tag.media_type,
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        store.manifest_by_digest(&r, &d).await.unwrap().content,
+        content
+    );
     assert_eq!(store.tags(&r).await.unwrap(), vec!["v1".to_owned()]);
     assert_eq!(store.manifest_list(&r).await.unwrap(), vec![d.clone()]);
     assert!(matches!(
@@ -342,7 +395,12 @@ async fn maintenance(store: &dyn Store) {
     assert!(!listed.is_empty());
     let victim = put_blob(store, &repo("conf/gc"), b"unreferenced").await;
     // Too young for a one-hour grace period, old enough for none.
-    assert!(!store.blob_remove(&victim, Duration::from_secs(3600)).await.unwrap());
+    assert!(
+        !store
+            .blob_remove(&victim, Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
     assert!(store.blob_remove(&victim, Duration::ZERO).await.unwrap());
     assert_eq!(store.blob_size(&victim).await.unwrap(), None);
     let guard = store.maintenance_lock().await.unwrap();
