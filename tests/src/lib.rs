@@ -534,3 +534,77 @@ impl Drop for Containerd {
         }
     }
 }
+
+/// Files of a test PKI made with openssl: a CA and a server certificate it signed for
+/// 127.0.0.1 and localhost.
+pub struct TestPki {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    pub fn create(dir: &Path) -> Self {
+        let openssl = require("openssl");
+        let p = |n: &str| dir.join(n);
+        run_ok(
+            Command::new(&openssl)
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ])
+                .args(["-nodes", "-days", "2", "-subj", "/CN=outpost-test-ca"])
+                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+                .arg("-keyout")
+                .arg(p("ca.key"))
+                .arg("-out")
+                .arg(p("ca.crt")),
+        );
+        run_ok(
+            Command::new(&openssl)
+                .args([
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ])
+                .args(["-nodes", "-subj", "/CN=outpost-test"])
+                .arg("-keyout")
+                .arg(p("tls.key"))
+                .arg("-out")
+                .arg(p("tls.csr")),
+        );
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext file");
+        run_ok(
+            Command::new(&openssl)
+                .args(["x509", "-req", "-days", "2"])
+                .arg("-in")
+                .arg(p("tls.csr"))
+                .arg("-CA")
+                .arg(p("ca.crt"))
+                .arg("-CAkey")
+                .arg(p("ca.key"))
+                .arg("-CAcreateserial")
+                .arg("-extfile")
+                .arg(p("ext.cnf"))
+                .arg("-out")
+                .arg(p("tls.crt")),
+        );
+        TestPki {
+            ca_cert: p("ca.crt"),
+            cert: p("tls.crt"),
+            key: p("tls.key"),
+        }
+    }
+}

@@ -82,13 +82,20 @@ fn gc_removes_only_unreferenced_blobs() {
     let orphan_data = pseudo_random(3, 1000);
     let orphan = sha256(&orphan_data);
     http()
-        .post(format!("{}/v2/gc/orphan/blobs/uploads/?digest={orphan}", reg.url()))
+        .post(format!(
+            "{}/v2/gc/orphan/blobs/uploads/?digest={orphan}",
+            reg.url()
+        ))
         .body(orphan_data)
         .send()
         .unwrap();
     // Drop the second image's manifest: its config and layer become unreferenced.
     let r = http()
-        .delete(format!("{}/v2/gc/dropped/manifests/{}", reg.url(), dropped.manifest))
+        .delete(format!(
+            "{}/v2/gc/dropped/manifests/{}",
+            reg.url(),
+            dropped.manifest
+        ))
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
@@ -107,7 +114,10 @@ fn gc_removes_only_unreferenced_blobs() {
         assert!(!blob_file(&reg, d).exists(), "{d} removed");
     }
     assert_eq!(status(&reg, "gc/orphan", &orphan), StatusCode::NOT_FOUND);
-    assert_eq!(status(&reg, "gc/dropped", &dropped.layer), StatusCode::NOT_FOUND);
+    assert_eq!(
+        status(&reg, "gc/dropped", &dropped.layer),
+        StatusCode::NOT_FOUND
+    );
     for d in [&kept.config, &kept.layer, &kept.manifest] {
         assert_eq!(status(&reg, "gc/kept", d), StatusCode::OK, "{d} kept");
     }
@@ -142,7 +152,11 @@ fn gc_while_pushing_keeps_every_pushed_image() {
     let out = cli_ok(&reg, &["fsck"]);
     assert!(out.contains(", 0 problems"), "{out}");
     let r = http()
-        .get(format!("{}/v2/busy/app/manifests/t{}", reg.url(), pushed - 1))
+        .get(format!(
+            "{}/v2/busy/app/manifests/t{}",
+            reg.url(),
+            pushed - 1
+        ))
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -165,9 +179,15 @@ fn fsck_reports_corruption_and_missing_blobs() {
     let out = reg.cli(&["fsck"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("corrupt blob {}", a.layer)), "{text}");
     assert!(
-        text.contains(&format!("fsck/b@{}: references missing blob {}", b.manifest, b.config)),
+        text.contains(&format!("corrupt blob {}", a.layer)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "fsck/b@{}: references missing blob {}",
+            b.manifest, b.config
+        )),
         "{text}"
     );
     assert!(text.contains(", 2 problems"), "{text}");
