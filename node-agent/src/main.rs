@@ -1,1 +1,5 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let _ = outpost_node_agent::Cli::parse();
+}

@@ -16,7 +16,7 @@ struct Pushed {
 
 fn push(reg: &Registry, repo: &str, tag: &str, seed: u64) -> Pushed {
     let c = http();
-    let mut blob = |data: Vec<u8>| {
+    let blob = |data: Vec<u8>| {
         let d = sha256(&data);
         let r = c
             .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", reg.url()))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the test suites need (Debian packages) and runs every check and test.
+# Usage: tests/run.sh            (as root, or with sudo available)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(skopeo docker-registry containerd runc umoci openssl wrk busybox-static)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts these as services on install; the tests run their own instances.
+for svc in docker-registry containerd; do
+  pkill -x "$svc" 2>/dev/null || true
+done
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> build"
+cargo build --workspace --bins --locked
+echo "==> tests"
+cargo test --workspace --locked
