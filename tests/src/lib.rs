@@ -320,13 +320,17 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
-/// Sends one raw HTTP/1.1 request and returns the status and the whole response. For requests
-/// an HTTP library would normalise (`..` in paths) or refuse to send (truncated bodies).
-pub fn raw_request(port: u16, request: &[u8]) -> (u16, String) {
+/// Sends one raw HTTP/1.1 request (which should say `Connection: close`) and returns the
+/// status and the whole response. For requests an HTTP library would normalise (`..` in paths)
+/// or refuse to send (truncated bodies: `end_body` then closes our sending side, so the server
+/// sees the body end early; the status is 0 if it just closes the connection).
+pub fn raw_request(port: u16, request: &[u8], end_body: bool) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     s.write_all(request).expect("send");
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    if end_body {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).into_owned();

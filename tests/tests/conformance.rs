@@ -656,7 +656,7 @@ fn manifest_refusals() {
     );
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(&good[..good.len() / 2]);
-    let (status, text) = raw_request(t.reg.port, &bytes);
+    let (status, text) = raw_request(t.reg.port, &bytes, true);
     assert!(status == 400 || status == 0, "truncated manifest: {text}");
     expect_error(
         t.get("/v2/bad/input/manifests/trunc"),
@@ -683,7 +683,7 @@ fn truncated_blob_upload_is_never_visible() {
     );
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(&data[..50_000]);
-    let (status, _) = raw_request(t.reg.port, &bytes);
+    let (status, _) = raw_request(t.reg.port, &bytes, true);
     assert!(status == 400 || status == 0, "status {status}");
     expect_error(
         t.get(&format!("/v2/trunc/blobs/{d}")),
@@ -1026,6 +1026,7 @@ fn bad_names_and_paths() {
         let (status, text) = raw_request(
             t.reg.port,
             format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            false,
         );
         assert!(
             status == 400 && text.contains("NAME_INVALID"),

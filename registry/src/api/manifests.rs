@@ -94,23 +94,26 @@ pub async fn get(
     Ok(resp)
 }
 
+/// Beyond this much, an oversized body is not drained before the 413: the connection closes.
+const MAX_DRAIN_BYTES: u64 = 32 * 1024 * 1024;
+
 /// Reads a manifest body, refusing more than the spec's 4 MiB.
 async fn read_limited(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Code::SizeInvalid,
-            format!(
-                "manifest is larger than {} bytes",
-                manifest::MAX_MANIFEST_BYTES
-            ),
-        )
-    };
-    if content_length(headers).is_some_and(|l| l > manifest::MAX_MANIFEST_BYTES as u64) {
-        return Err(too_large());
+    let too_large = ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Code::SizeInvalid,
+        format!(
+            "manifest is larger than {} bytes",
+            manifest::MAX_MANIFEST_BYTES
+        ),
+    );
+    let declared = content_length(headers);
+    if declared.is_some_and(|l| l > MAX_DRAIN_BYTES) {
+        return Err(too_large);
     }
     let mut stream = body_stream(body);
     let mut buf = bytes::BytesMut::new();
+    let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::bad_request(
@@ -118,14 +121,20 @@ async fn read_limited(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, A
                 format!("manifest body could not be read to its end: {e}"),
             )
         })?;
-        if buf.len() + chunk.len() > manifest::MAX_MANIFEST_BYTES {
-            return Err(too_large());
+        total += chunk.len() as u64;
+        // Past the limit the rest is read and dropped (up to a cap), so the client, still
+        // sending, gets the 413 rather than a reset connection.
+        if total > MAX_DRAIN_BYTES {
+            return Err(too_large);
         }
-        buf.extend_from_slice(&chunk);
+        if total <= manifest::MAX_MANIFEST_BYTES as u64 {
+            buf.extend_from_slice(&chunk);
+        }
     }
-    if let Some(declared) = content_length(headers)
-        && declared != buf.len() as u64
-    {
+    if total > manifest::MAX_MANIFEST_BYTES as u64 {
+        return Err(too_large);
+    }
+    if declared.is_some_and(|d| d != total) {
         return Err(ApiError::bad_request(
             Code::SizeInvalid,
             "manifest body length does not match Content-Length",
