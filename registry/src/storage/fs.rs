@@ -384,6 +384,16 @@ impl FsStore {
         Ok(st)
     }
 
+    /// [`Self::load_upload`] off the async threads.
+    async fn load_upload_async(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+    ) -> Result<UploadState, StorageError> {
+        let (store, repo, id) = (self.handle(), repo.clone(), id.to_owned());
+        blocking(move || store.load_upload(&repo, &id)).await
+    }
+
     fn save_upload(&self, id: &str, st: &UploadState) -> io::Result<()> {
         let raw = serde_json::to_vec(st).map_err(io::Error::other)?;
         self.write_atomic(&self.upload_dir(id).join("state.json"), &raw)
@@ -914,7 +924,7 @@ impl Store for FsStore {
     ) -> Result<UploadStatus, StorageError> {
         let lock = self.upload_lock(id);
         let mut progress = lock.lock().await;
-        let st = self.load_upload(repo, id)?;
+        let st = self.load_upload_async(repo, id).await?;
         if let Some(s) = start
             && s != st.offset
         {
@@ -924,9 +934,14 @@ impl Store for FsStore {
             });
         }
         let data = self.upload_dir(id).join("data");
-        let std_file = File::options().write(true).open(&data)?;
-        // Bytes past the committed offset are from a chunk that never completed.
-        std_file.set_len(st.offset)?;
+        let committed = st.offset;
+        let std_file = blocking(move || {
+            let f = File::options().write(true).open(&data)?;
+            // Bytes past the committed offset are from a chunk that never completed.
+            f.set_len(committed)?;
+            Ok(f)
+        })
+        .await?;
         let mut file = tokio::fs::File::from_std(std_file);
         file.seek(SeekFrom::Start(st.offset)).await?;
         if progress.offset != st.offset || progress.hasher.is_none() {
@@ -939,13 +954,12 @@ impl Store for FsStore {
         drop(file);
         // Whatever arrived is kept, even from a chunk cut short, so a client can resume from it.
         let offset = st.offset + written;
-        self.save_upload(
-            id,
-            &UploadState {
-                repo: st.repo,
-                offset,
-            },
-        )?;
+        let (store, id2) = (self.handle(), id.to_owned());
+        let state = UploadState {
+            repo: st.repo,
+            offset,
+        };
+        blocking(move || Ok(store.save_upload(&id2, &state)?)).await?;
         progress.offset = offset;
         res?;
         Ok(UploadStatus { offset })
@@ -959,7 +973,7 @@ impl Store for FsStore {
     ) -> Result<u64, StorageError> {
         let lock = self.upload_lock(id);
         let mut progress = lock.lock().await;
-        let st = self.load_upload(repo, id)?;
+        let st = self.load_upload_async(repo, id).await?;
         let data = self.upload_dir(id).join("data");
         let running = match progress.hasher.take() {
             Some(h) if progress.offset == st.offset && h.algorithm() == digest.algorithm() => {
@@ -997,7 +1011,7 @@ impl Store for FsStore {
     async fn upload_cancel(&self, repo: &RepositoryName, id: &str) -> Result<(), StorageError> {
         let lock = self.upload_lock(id);
         let _guard = lock.lock().await;
-        self.load_upload(repo, id)?;
+        self.load_upload_async(repo, id).await?;
         let dir = self.upload_dir(id);
         blocking(move || Ok(fs::remove_dir_all(dir)?)).await?;
         self.forget_upload(id);
@@ -1006,21 +1020,32 @@ impl Store for FsStore {
 
     async fn upload_expire(&self, idle: Duration) -> Result<usize, StorageError> {
         let dir = self.root.join("uploads");
-        let mut removed = 0;
-        for id in list_names(&dir)? {
-            if !valid_upload_id(&id) {
-                continue;
+        let d2 = dir.clone();
+        // (id, idle for) of every session on disk.
+        let sessions = blocking(move || {
+            let mut out = Vec::new();
+            for id in list_names(&d2)? {
+                if !valid_upload_id(&id) {
+                    continue;
+                }
+                let path = d2.join(&id);
+                let idle_for = fs::metadata(path.join("state.json"))
+                    .or_else(|_| fs::metadata(&path))
+                    .map(|m| age_of(&m))
+                    .unwrap_or_default();
+                out.push((id, idle_for));
             }
+            Ok(out)
+        })
+        .await?;
+        let mut removed = 0;
+        for (id, idle_for) in sessions {
             let lock = self.upload_lock(&id);
             // A session in use right now is not idle.
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
             let path = dir.join(&id);
-            let idle_for = fs::metadata(path.join("state.json"))
-                .or_else(|_| fs::metadata(&path))
-                .map(|m| age_of(&m))
-                .unwrap_or_default();
             if idle_for >= idle {
                 let p = path.clone();
                 blocking(move || Ok(fs::remove_dir_all(p)?)).await?;
