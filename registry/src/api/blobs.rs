@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use outpost_core::{Digest, RepositoryName};
 
-use super::{ApiError, Code, Shared};
+use super::{ApiError, Code, Shared, etag_matches, set_header};
 use crate::storage::RangeRequest;
 
 pub fn parse_digest(d: &str) -> Result<Digest, ApiError> {
@@ -20,10 +20,15 @@ fn blob_unknown(d: &Digest) -> ApiError {
         .detail(serde_json::json!({ "digest": d.to_string() }))
 }
 
-fn set(h: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(name, v);
-    }
+/// Headers every successful blob response carries.
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set_header(h, "docker-content-digest", digest.to_string());
+    set_header(h, "etag", format!("\"{digest}\""));
 }
 
 pub async fn get(
@@ -37,7 +42,6 @@ pub async fn get(
     if !app.store.repo_blob_linked(repo, &digest).await? {
         return Err(blob_unknown(&digest));
     }
-    let etag = format!("\"{digest}\"");
     if head {
         let size = app
             .store
@@ -45,24 +49,14 @@ pub async fn get(
             .await?
             .ok_or_else(|| blob_unknown(&digest))?;
         let mut resp = Response::new(Body::empty());
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_LENGTH, size.into());
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        set(h, "docker-content-digest", digest.to_string());
-        set(h, "etag", etag);
+        blob_headers(resp.headers_mut(), &digest);
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, size.into());
         return Ok(resp);
     }
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    if etag_matches(headers, &digest) {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        set(resp.headers_mut(), "etag", etag);
+        set_header(resp.headers_mut(), "etag", format!("\"{digest}\""));
         return Ok(resp);
     }
     let range = headers
@@ -74,7 +68,7 @@ pub async fn get(
         Err(crate::storage::StorageError::BlobUnknown(_)) => return Err(blob_unknown(&digest)),
         Err(crate::storage::StorageError::RangeNotSatisfiable { size }) => {
             let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-            set(
+            set_header(
                 resp.headers_mut(),
                 "content-range",
                 format!("bytes */{size}"),
@@ -88,20 +82,13 @@ pub async fn get(
         counter.inc_by(b.len() as u64);
     });
     let mut resp = Response::new(Body::from_stream(body));
-    let h = resp.headers_mut();
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    set(h, "docker-content-digest", digest.to_string());
-    set(h, "etag", etag);
+    blob_headers(resp.headers_mut(), &digest);
     match served {
         Some(r) => {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
             let h = resp.headers_mut();
             h.insert(header::CONTENT_LENGTH, r.count().into());
-            set(
+            set_header(
                 h,
                 "content-range",
                 format!("bytes {}-{}/{}", r.first, r.last, reader.size),

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use outpost_core::{Reference, RepositoryName};
 
-use super::{ApiError, Code, Shared, body_stream, content_length};
+use super::{ApiError, Code, Shared, body_stream, content_length, etag_matches, set_header};
 use crate::service::{self, manifest};
 use crate::storage::StoredManifest;
 
@@ -66,12 +66,7 @@ pub async fn get(
             ),
         ));
     }
-    let etag = format!("\"{}\"", m.digest);
-    let mut resp = if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    let mut resp = if etag_matches(headers, &m.digest) {
         StatusCode::NOT_MODIFIED.into_response()
     } else if head {
         let mut r = Response::new(Body::empty());
@@ -82,15 +77,9 @@ pub async fn get(
         Response::new(Body::from(m.content.clone()))
     };
     let h = resp.headers_mut();
-    if let Ok(v) = m.media_type.parse() {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    if let Ok(v) = m.digest.to_string().parse() {
-        h.insert("docker-content-digest", v);
-    }
-    if let Ok(v) = etag.parse() {
-        h.insert(header::ETAG, v);
-    }
+    set_header(h, "content-type", m.media_type.clone());
+    set_header(h, "docker-content-digest", m.digest.to_string());
+    set_header(h, "etag", format!("\"{}\"", m.digest));
     Ok(resp)
 }
 
@@ -159,19 +148,14 @@ pub async fn put(
         service::push_manifest(app.store.as_ref(), repo, &reference, content_type, content).await?;
     let mut resp = StatusCode::CREATED.into_response();
     let h = resp.headers_mut();
-    let location = format!("/v2/{repo}/manifests/{}", pushed.digest);
-    for (k, v) in [
-        ("location", location),
-        ("docker-content-digest", pushed.digest.to_string()),
-    ] {
-        if let Ok(v) = v.parse() {
-            h.insert(k, v);
-        }
-    }
-    if let Some(subject) = pushed.subject
-        && let Ok(v) = subject.to_string().parse()
-    {
-        h.insert("oci-subject", v);
+    set_header(
+        h,
+        "location",
+        format!("/v2/{repo}/manifests/{}", pushed.digest),
+    );
+    set_header(h, "docker-content-digest", pushed.digest.to_string());
+    if let Some(subject) = pushed.subject {
+        set_header(h, "oci-subject", subject.to_string());
     }
     Ok(resp)
 }

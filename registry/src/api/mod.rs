@@ -155,6 +155,24 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Sets a header from a computed value; values that are not valid header text are skipped
+/// (they cannot occur for digests, names and media types validated before this point).
+pub fn set_header(h: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(name, v);
+    }
+}
+
+/// Whether `If-None-Match` names the entity tag of `digest`.
+pub fn etag_matches(headers: &HeaderMap, digest: &outpost_core::Digest) -> bool {
+    let etag = format!("\"{digest}\"");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim() == etag))
+}
+
 fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -8,20 +8,14 @@ use outpost_core::{Digest, RepositoryName};
 
 use super::blobs::parse_digest;
 use super::error::upload_range;
-use super::{ApiError, Code, Shared, body_stream, content_length, query};
-
-fn set(h: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(name, v);
-    }
-}
+use super::{ApiError, Code, Shared, body_stream, content_length, query, set_header};
 
 /// 201 for a blob now in `repo`.
 fn created(repo: &RepositoryName, digest: &Digest) -> Response {
     let mut resp = StatusCode::CREATED.into_response();
     let h = resp.headers_mut();
-    set(h, "location", format!("/v2/{repo}/blobs/{digest}"));
-    set(h, "docker-content-digest", digest.to_string());
+    set_header(h, "location", format!("/v2/{repo}/blobs/{digest}"));
+    set_header(h, "docker-content-digest", digest.to_string());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     resp
 }
@@ -30,9 +24,9 @@ fn created(repo: &RepositoryName, digest: &Digest) -> Response {
 fn in_progress(status: StatusCode, repo: &RepositoryName, id: &str, offset: u64) -> Response {
     let mut resp = status.into_response();
     let h = resp.headers_mut();
-    set(h, "location", format!("/v2/{repo}/blobs/uploads/{id}"));
-    set(h, "range", upload_range(offset));
-    set(h, "docker-upload-uuid", id.to_owned());
+    set_header(h, "location", format!("/v2/{repo}/blobs/uploads/{id}"));
+    set_header(h, "range", upload_range(offset));
+    set_header(h, "docker-upload-uuid", id.to_owned());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     resp
 }
