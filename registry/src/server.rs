@@ -177,7 +177,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         .map_err(io_err("cannot clean storage tmp/"))?;
 
     let tls = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(c), Some(k)) => Some(tls::load_and_watch(c.clone(), k.clone()).await?),
+        (Some(c), Some(k)) => Some(tls::load_and_watch(c.clone(), k.clone())?),
         _ => None,
     };
 
