@@ -1,7 +1,9 @@
 //! Types every Outpost binary agrees on. No I/O, no async runtime, no Kubernetes types.
 
 pub mod digest;
+pub mod pattern;
 pub mod reference;
 
 pub use digest::{Algorithm, Digest, DigestError};
+pub use pattern::{PatternError, RepositoryPattern};
 pub use reference::{NameError, Reference, RepositoryName, Tag};
