@@ -46,7 +46,9 @@ fn match_segments(pats: &[&str], names: &[&str]) -> bool {
         None => names.is_empty(),
         Some((&"**", rest)) => (0..=names.len()).any(|skip| match_segments(rest, &names[skip..])),
         Some((p, rest)) => match names.split_first() {
-            Some((n, names_rest)) => glob(p.as_bytes(), n.as_bytes()) && match_segments(rest, names_rest),
+            Some((n, names_rest)) => {
+                glob(p.as_bytes(), n.as_bytes()) && match_segments(rest, names_rest)
+            }
             None => false,
         },
     }
@@ -77,7 +79,9 @@ impl FromStr for RepositoryPattern {
                 return Err(PatternError::DoubleStarInSegment(s.to_owned()));
             }
             let ok = seg.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'*')
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'-' | b'*')
             });
             if !ok {
                 return Err(PatternError::BadCharacter(s.to_owned()));
@@ -131,7 +135,11 @@ mod tests {
         assert!("a//b".parse::<RepositoryPattern>().is_err());
         assert!("a/**b".parse::<RepositoryPattern>().is_err());
         assert!("A/b".parse::<RepositoryPattern>().is_err());
-        assert!("a/../b".parse::<RepositoryPattern>().is_ok_and(|p| !p.matches("a/x/b")));
+        assert!(
+            "a/../b"
+                .parse::<RepositoryPattern>()
+                .is_ok_and(|p| !p.matches("a/x/b"))
+        );
         assert!("team a".parse::<RepositoryPattern>().is_err());
     }
 }

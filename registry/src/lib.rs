@@ -4,6 +4,7 @@
 //! [`service`] → [`storage`].
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod metrics;
