@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::parse_duration;
-use crate::server::{self, ServeError, ServeOptions};
+use crate::server::{self, Mode, ServeError, ServeOptions};
 use crate::service::{fsck, gc};
 use crate::storage::fs::FsStore;
 
@@ -97,6 +97,17 @@ pub struct ServeArgs {
     /// Upload sessions idle for longer than this are removed (s, m, h or d suffix).
     #[arg(long, env = "OUTPOST_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration)]
     pub upload_expiry: Duration,
+    /// Client tokens and scope maps (TOML); re-read when it changes. Without it, anonymous
+    /// access is allowed only on a loopback --listen (or pull-only with --anonymous-pull).
+    #[arg(long, env = "OUTPOST_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Let clients without credentials pull (content/read, metadata/read) every repository.
+    #[arg(long, env = "OUTPOST_ANONYMOUS_PULL")]
+    pub anonymous_pull: bool,
+    /// readonly refuses client pushes and deletes (DENIED); readwrite accepts them. Default:
+    /// readwrite for a standalone registry.
+    #[arg(long, env = "OUTPOST_MODE", value_enum)]
+    pub mode: Option<Mode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -183,6 +194,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 tls_key: a.tls_key,
                 http: a.http,
                 upload_expiry: a.upload_expiry,
+                tokens: a.tokens,
+                anonymous_pull: a.anonymous_pull,
+                mode: a.mode,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

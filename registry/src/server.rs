@@ -12,6 +12,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use tokio::task::JoinSet;
 
 use crate::api::{self, AppState};
+use crate::auth::{Anonymous, Auth, AuthError, AuthOptions};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::fs::FsStore;
@@ -32,6 +33,19 @@ pub struct ServeOptions {
     pub tls_key: Option<PathBuf>,
     pub http: bool,
     pub upload_expiry: Duration,
+    pub tokens: Option<PathBuf>,
+    pub anonymous_pull: bool,
+    /// None: readwrite while standalone (no parent to sync from), as nothing else could
+    /// fill the store.
+    pub mode: Option<Mode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Clients pull only; pushes and deletes are refused with DENIED.
+    Readonly,
+    /// Clients may push and delete.
+    Readwrite,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +54,8 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -97,7 +113,7 @@ fn spawn_server(
     router: Router,
     handle: Handle<SocketAddr>,
 ) -> Result<(), ServeError> {
-    let svc = router.into_make_service();
+    let svc = router.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
         Some(cfg) => {
             let server = axum_server::from_tcp_rustls(listener, cfg)
@@ -181,11 +197,32 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         _ => None,
     };
 
+    let anonymous = match (&opts.tokens, opts.listen.ip().is_loopback()) {
+        (None, true) => Anonymous::Full,
+        _ if opts.anonymous_pull => Anonymous::Pull,
+        _ => Anonymous::None,
+    };
+    if opts.tokens.is_none() && anonymous != Anonymous::Full {
+        tracing::warn!(
+            "no --tokens file: only anonymous pulls are possible on a non-loopback listener"
+        );
+    }
+    let readonly = opts.mode == Some(Mode::Readonly);
+    let auth = Arc::new(Auth::new(AuthOptions {
+        tokens_file: opts.tokens.clone(),
+        anonymous,
+        readonly,
+    })?);
+    auth.spawn_watcher();
+    tracing::info!(?anonymous, readonly, "access policy");
+
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = Arc::new(store);
     let app = Arc::new(AppState {
         store: store.clone(),
         metrics: metrics.clone(),
+        auth,
+        tls: tls.is_some(),
     });
 
     let metrics_addr = opts.metrics_listen.filter(|m| *m != opts.listen);

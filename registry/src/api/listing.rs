@@ -6,6 +6,7 @@ use outpost_core::RepositoryName;
 use serde_json::json;
 
 use super::{ApiError, Code, Shared, query};
+use crate::auth::Principal;
 
 /// One page of a sorted list after `last`, at most `n` long, and whether more follow.
 fn page(items: Vec<String>, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
@@ -75,7 +76,7 @@ pub async fn tags(app: &Shared, repo: &RepositoryName, uri: &Uri) -> Result<Resp
     ))
 }
 
-pub async fn catalog(app: &Shared, uri: &Uri) -> Result<Response, ApiError> {
+pub async fn catalog(app: &Shared, uri: &Uri, principal: &Principal) -> Result<Response, ApiError> {
     let (n, last) = pagination(uri)?;
     let all: Vec<String> = app
         .store
@@ -84,6 +85,8 @@ pub async fn catalog(app: &Shared, uri: &Uri) -> Result<Response, ApiError> {
         .into_iter()
         .map(|r| r.as_str().to_owned())
         .collect();
+    // Only what the caller may read; paging happens over that list, so pages stay full.
+    let all = super::access::visible(principal, all);
     let (repos, more) = page(all, n, last.as_deref());
     let next = match (more, repos.last(), n) {
         (true, Some(l), Some(n)) => Some(format!(

@@ -16,9 +16,11 @@ use axum::routing::any;
 use futures_util::TryStreamExt;
 use outpost_core::RepositoryName;
 
+use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::storage::{ByteStream, Store};
 
+pub mod access;
 pub mod blobs;
 pub mod error;
 pub mod health;
@@ -36,6 +38,9 @@ pub use error::{ApiError, Code};
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    pub auth: Arc<Auth>,
+    /// Whether clients reach us over HTTPS (for the token endpoint's URL).
+    pub tls: bool,
 }
 
 pub type Shared = Arc<AppState>;
@@ -72,6 +77,15 @@ impl Route {
 }
 
 fn percent_decode(s: &str) -> Option<String> {
+    decode(s, false)
+}
+
+/// Percent-decoding of form fields, where `+` stands for a space.
+pub fn percent_decode_form(s: &str) -> Option<String> {
+    decode(s, true)
+}
+
+fn decode(s: &str, plus_is_space: bool) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -80,6 +94,9 @@ fn percent_decode(s: &str) -> Option<String> {
             let hex = s.get(i + 1..i + 3)?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
+        } else if plus_is_space && b[i] == b'+' {
+            out.push(b' ');
+            i += 1;
         } else {
             out.push(b[i]);
             i += 1;
@@ -181,22 +198,26 @@ fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn dispatch(
-    State(app): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn dispatch(State(app): State<Shared>, req: Request) -> Response {
+    let ip = access::client_ip(&req);
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let rest = uri.path().strip_prefix("/v2/").unwrap_or("");
     let route = match parse_path(rest) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let label = RouteLabel(route.label());
+    let principal = match access::check(&app, ip, &route, &method, &headers, &uri).await {
+        Ok(p) => p,
+        Err(mut resp) => {
+            resp.extensions_mut().insert(label);
+            return resp;
+        }
+    };
     let result = match (route, &method) {
         (Route::Base, &Method::GET | &Method::HEAD) => Ok(base()),
-        (Route::Catalog, &Method::GET) => listing::catalog(&app, &uri).await,
+        (Route::Catalog, &Method::GET) => listing::catalog(&app, &uri, &principal).await,
         (Route::Tags(repo), &Method::GET) => listing::tags(&app, &repo, &uri).await,
         (Route::Manifest(repo, r), &Method::GET | &Method::HEAD) => {
             manifests::get(&app, &repo, &r, &headers, method == Method::HEAD).await
@@ -210,7 +231,7 @@ async fn dispatch(
         }
         (Route::Blob(repo, d), &Method::DELETE) => blobs::delete(&app, &repo, &d).await,
         (Route::UploadStart(repo), &Method::POST) => {
-            uploads::start(&app, &repo, &uri, &headers, body).await
+            uploads::start(&app, &repo, &uri, &headers, body, &principal).await
         }
         (Route::Upload(repo, id), &Method::GET) => uploads::status(&app, &repo, &id).await,
         (Route::Upload(repo, id), &Method::PATCH) => {
@@ -268,6 +289,7 @@ pub fn router(app: Shared, with_metrics: bool) -> Router {
         )
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
+        .route(access::TOKEN_PATH, any(access::token_endpoint))
         .merge(health::router());
     if with_metrics {
         r = r.merge(health::metrics_router());

@@ -9,6 +9,7 @@ use outpost_core::{Digest, RepositoryName};
 use super::blobs::parse_digest;
 use super::error::upload_range;
 use super::{ApiError, Code, Shared, body_stream, content_length, query, set_header};
+use crate::auth::{Action, Principal};
 
 /// 201 for a blob now in `repo`.
 fn created(repo: &RepositoryName, digest: &Digest) -> Response {
@@ -37,6 +38,7 @@ pub async fn start(
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
+    principal: &Principal,
 ) -> Result<Response, ApiError> {
     let q = query(uri);
     if let Some(mount) = q.get("mount") {
@@ -45,7 +47,11 @@ pub async fn start(
             let from: RepositoryName = from.parse().map_err(|_| {
                 ApiError::bad_request(Code::NameInvalid, "invalid repository name in from")
             })?;
-            if app.store.repo_blob_linked(&from, &digest).await? {
+            // Mounting reads the source: without that right it is an ordinary upload, and
+            // whether the blob exists there is not revealed.
+            if principal.may(from.as_str(), Action::ContentRead)
+                && app.store.repo_blob_linked(&from, &digest).await?
+            {
                 app.store.repo_blob_link(repo, &digest).await?;
                 return Ok(created(repo, &digest));
             }
