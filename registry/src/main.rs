@@ -3,7 +3,18 @@ use std::process::ExitCode;
 use clap::Parser;
 use outpost_registry::cli::{self, Cli};
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            // The error chain, without a backtrace: these are messages for operators.
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
     // One crypto provider for every TLS use in the process.
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()

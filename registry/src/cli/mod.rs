@@ -1,4 +1,7 @@
-//! Command line: `serve`, `gc`, `fsck`. Every flag also reads `OUTPOST_<FLAG>`.
+//! Command line: `serve`, `gc`, `fsck`, `scope-map`, `token`. Every flag also reads
+//! `OUTPOST_<FLAG>`.
+
+mod tokens;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -69,6 +72,12 @@ pub enum Command {
     Gc(GcArgs),
     /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
     Fsck(FsckArgs),
+    /// Manage scope maps in a tokens file (which actions on which repositories).
+    #[command(subcommand)]
+    ScopeMap(tokens::ScopeMapCommand),
+    /// Manage client tokens in a tokens file (usernames, passwords, status).
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +152,8 @@ pub enum CliError {
     Gc(#[from] gc::GcError),
     #[error(transparent)]
     Fsck(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::tokens::TokensError),
 }
 
 /// Sets up logging to stderr at the chosen level and format.
@@ -209,6 +220,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 "gc: {verb} {} blobs ({} bytes), kept {}, removed {} stale repository links",
                 r.blobs_removed, r.bytes_removed, r.blobs_kept, r.links_removed
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ScopeMap(c) => {
+            tokens::run_scope_map(c)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(c) => {
+            tokens::run_token(c)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck(a) => {
