@@ -38,6 +38,7 @@ pub struct ServeOptions {
     /// None: readwrite while standalone (no parent to sync from), as nothing else could
     /// fill the store.
     pub mode: Option<Mode>,
+    pub max_auth_failures: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -212,6 +213,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         tokens_file: opts.tokens.clone(),
         anonymous,
         readonly,
+        max_failures: opts.max_auth_failures,
     })?);
     auth.spawn_watcher();
     tracing::info!(?anonymous, readonly, "access policy");

@@ -287,7 +287,7 @@ async fn token_response(app: &Shared, req: Request) -> Response {
 pub fn visible(principal: &Principal, repos: Vec<String>) -> Vec<String> {
     repos
         .into_iter()
-        .filter(|r| principal.may(r, Action::MetadataRead))
+        .filter(|r| principal.may_list(r))
         .collect()
 }
 

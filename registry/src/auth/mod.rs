@@ -23,8 +23,7 @@ use tokens::{Token, TokenSet, TokensError, TokensFile};
 
 /// The `service` of our bearer challenge; tokens for any other service are refused.
 pub const SERVICE: &str = "outpost";
-/// Failed authentications allowed per client address and window before it gets 429s.
-const MAX_FAILURES: u32 = 20;
+/// Window over which failed authentications per client address are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How often the tokens file is checked for changes.
 const TOKENS_POLL: Duration = Duration::from_secs(2);
@@ -152,6 +151,12 @@ impl Principal {
         self.permitted(repo).contains(action) && self.granted(repo).contains(action)
     }
 
+    /// Whether `repo` shows in this principal's catalog (granted the catalog, the standing
+    /// permissions decide per repository).
+    pub fn may_list(&self, repo: &str) -> bool {
+        self.permitted(repo).contains(Action::MetadataRead)
+    }
+
     fn has_credentials(&self) -> bool {
         !matches!(self, Principal::Anonymous(_))
     }
@@ -243,6 +248,8 @@ pub struct AuthOptions {
     pub tokens_file: Option<PathBuf>,
     pub anonymous: Anonymous,
     pub readonly: bool,
+    /// Failed authentications per client address per minute before it gets 429s.
+    pub max_failures: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +293,7 @@ impl Auth {
             cache_key: hmac::Key::generate(hmac::HMAC_SHA256, &rng)
                 .map_err(|_| AuthError::Random)?,
             verified: Mutex::new(HashMap::new()),
-            limiter: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW),
+            limiter: FailureLimiter::new(opts.max_failures, FAILURE_WINDOW),
             dummy_hash: tokens::hash_password("outpost-dummy-password")?,
             last_text: Mutex::new(None),
             tokens_file: opts.tokens_file,

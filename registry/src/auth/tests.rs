@@ -28,6 +28,7 @@ password1 = "{h}"
         tokens_file: Some(f.path().to_owned()),
         anonymous,
         readonly,
+        max_failures: 20,
     })
     .unwrap();
     (Arc::new(auth), f, password)
@@ -173,7 +174,7 @@ async fn anonymous_pull_only() {
 async fn failures_are_rate_limited_per_address() {
     let (auth, _f, pw) = auth_with(Anonymous::None, false);
     let bad: IpAddr = "192.0.2.1".parse().unwrap();
-    for _ in 0..MAX_FAILURES {
+    for _ in 0..20 {
         let _ = auth
             .authenticate(bad, Credentials::Bearer("forged".into()))
             .await;

@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// readwrite for a standalone registry.
     #[arg(long, env = "OUTPOST_MODE", value_enum)]
     pub mode: Option<Mode>,
+    /// Failed logins allowed per client address per minute; beyond it the address gets 429
+    /// TOOMANYREQUESTS until the minute is over (other addresses are unaffected).
+    #[arg(long, env = "OUTPOST_MAX_AUTH_FAILURES", default_value_t = 20)]
+    pub max_auth_failures: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -208,6 +212,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 tokens: a.tokens,
                 anonymous_pull: a.anonymous_pull,
                 mode: a.mode,
+                max_auth_failures: a.max_auth_failures,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
