@@ -27,6 +27,8 @@ pub const SERVICE: &str = "outpost";
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How often the tokens file is checked for changes.
 const TOKENS_POLL: Duration = Duration::from_secs(2);
+/// Verified bearer tokens remembered at most.
+const BEARER_CACHE_MAX: usize = 10_000;
 /// Longest Authorization header considered; anything longer is malformed.
 const MAX_AUTHORIZATION_LEN: usize = 8192;
 
@@ -269,6 +271,8 @@ pub struct Auth {
     /// Keys the cache of passwords already verified with argon2.
     cache_key: hmac::Key,
     verified: Mutex<HashMap<String, Vec<hmac::Tag>>>,
+    /// Bearer tokens already verified, by their full text: a hit skips the HMAC and the JSON.
+    bearer_cache: RwLock<HashMap<String, Arc<Claims>>>,
     limiter: FailureLimiter,
     /// Verified against for unknown names, so a miss costs what a hit costs.
     dummy_hash: String,
@@ -293,6 +297,7 @@ impl Auth {
             cache_key: hmac::Key::generate(hmac::HMAC_SHA256, &rng)
                 .map_err(|_| AuthError::Random)?,
             verified: Mutex::new(HashMap::new()),
+            bearer_cache: RwLock::new(HashMap::new()),
             limiter: FailureLimiter::new(opts.max_failures, FAILURE_WINDOW),
             dummy_hash: tokens::hash_password("outpost-dummy-password")?,
             last_text: Mutex::new(None),
@@ -424,12 +429,15 @@ impl Auth {
                 };
                 match token {
                     Some(t) if ok => {
-                        self.verified
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(name)
-                            .or_default()
-                            .push(tag);
+                        let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+                        let tags = map.entry(name).or_default();
+                        // At most the two passwords a token can have.
+                        if !tags.iter().any(|x| x.as_ref() == tag.as_ref()) {
+                            if tags.len() >= 2 {
+                                tags.remove(0);
+                            }
+                            tags.push(tag);
+                        }
                         Ok(Principal::Token(t))
                     }
                     _ => {
@@ -440,7 +448,7 @@ impl Auth {
             }
             Credentials::Bearer(tok) => {
                 self.limiter.check(ip).map_err(Denial::TooMany)?;
-                match self.signer.verify(&tok, SERVICE) {
+                match self.verify_bearer(&tok) {
                     Ok(claims) => {
                         let token = if claims.sub.is_empty() {
                             None
@@ -451,7 +459,7 @@ impl Auth {
                             }
                         };
                         Ok(Principal::Bearer {
-                            claims: Arc::new(claims),
+                            claims,
                             token,
                             anonymous: self.anonymous.actions(),
                         })
@@ -465,6 +473,31 @@ impl Auth {
                 }
             }
         }
+    }
+
+    /// Verifies a bearer token, from the cache when this exact token was seen before.
+    fn verify_bearer(&self, tok: &str) -> Result<Arc<Claims>, BearerError> {
+        let cached = self
+            .bearer_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tok)
+            .cloned();
+        if let Some(c) = cached {
+            return if c.exp > bearer::now_secs() {
+                Ok(c)
+            } else {
+                Err(BearerError::Expired)
+            };
+        }
+        let claims = Arc::new(self.signer.verify(tok, SERVICE)?);
+        let mut cache = self.bearer_cache.write().unwrap_or_else(|p| p.into_inner());
+        // Tokens live five minutes; dropping the lot now and then bounds the memory.
+        if cache.len() >= BEARER_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(tok.to_owned(), claims.clone());
+        Ok(claims)
     }
 
     /// Decides whether `principal` may do everything in `needs`.
