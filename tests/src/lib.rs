@@ -320,6 +320,15 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
+/// A response header as text ("" when absent).
+pub fn header(r: &reqwest::blocking::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// Sends one raw HTTP/1.1 request (which should say `Connection: close`) and returns the
 /// status and the whole response. For requests an HTTP library would normalise (`..` in paths)
 /// or refuse to send (truncated bodies: `end_body` then closes our sending side, so the server

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_e2e::{
-    Containerd, Layout, Registry, TestPki, bin, pseudo_random, require, run_ok, run_timeout, sha256,
+    Containerd, Layout, Registry, TestPki, bin, header, pseudo_random, require, run_ok,
+    run_timeout, sha256,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -173,14 +174,6 @@ impl Env {
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
     }
-}
-
-fn header(r: &Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
 }
 
 fn code(r: Response) -> (StatusCode, String) {
@@ -493,7 +486,7 @@ fn token_edits_apply_without_restart() {
 #[test]
 fn readonly_mode_and_anonymous_pull() {
     let env = setup(&["--mode", "readonly", "--anonymous-pull"]);
-    // Seed content directly on disk is not possible in readonly mode: every push is DENIED.
+    // Every push is DENIED, whatever the credentials.
     let r = env
         .client()
         .post(env.url("/v2/in/app/blobs/uploads/"))

@@ -1,7 +1,7 @@
 //! Walks every endpoint of the OCI Distribution v1.1 API and the spec's error codes against a
 //! running outpost-registry, over real HTTP.
 
-use outpost_e2e::{Registry, http, pseudo_random, raw_request, sha256, sha512};
+use outpost_e2e::{Registry, header, http, pseudo_random, raw_request, sha256, sha512};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
@@ -80,14 +80,6 @@ impl T {
     fn get(&self, path: &str) -> Response {
         self.c.get(self.u(path)).send().unwrap()
     }
-}
-
-fn header(r: &Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
 }
 
 /// Asserts the status and that the body is the spec's error form with `code`.
