@@ -477,6 +477,41 @@ async fn write_stream(
     (written, Ok(()))
 }
 
+/// Read buffers no stream holds right now, kept for the next read: reusing them keeps
+/// every allocator arena from growing its own stock of large buffers under many streams.
+static BUFFER_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Free buffers kept at most (the rest are released).
+const POOL_MAX: usize = 16;
+
+/// A pooled buffer handed to the HTTP layer as `Bytes`; it goes back to the pool when sent.
+struct PooledBuf(Vec<u8>);
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        let mut pool = BUFFER_POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
+        }
+    }
+}
+
+fn pooled_buffer() -> Vec<u8> {
+    let mut buf = BUFFER_POOL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(READ_CHUNK));
+    buf.clear();
+    buf
+}
+
 fn blob_stream(file: File, len: u64) -> ByteStream {
     let s = futures_util::stream::unfold(Some((file, len)), |state| async move {
         let (file, remaining) = state?;
@@ -486,15 +521,16 @@ fn blob_stream(file: File, len: u64) -> ByteStream {
         let want = remaining.min(READ_CHUNK as u64);
         let res = tokio::task::spawn_blocking(move || {
             // read_to_end on a File fills spare capacity directly: no zeroing pass per chunk.
-            let mut buf = Vec::with_capacity(want as usize);
+            let mut buf = pooled_buffer();
             let r = (&file).take(want).read_to_end(&mut buf);
             (file, r.map(|_| buf))
         })
         .await;
         match res {
-            Ok((f, Ok(buf))) if buf.len() as u64 == want => {
-                Some((Ok(Bytes::from(buf)), Some((f, remaining - want))))
-            }
+            Ok((f, Ok(buf))) if buf.len() as u64 == want => Some((
+                Ok(Bytes::from_owner(PooledBuf(buf))),
+                Some((f, remaining - want)),
+            )),
             Ok((_, Ok(_))) => Some((
                 Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
