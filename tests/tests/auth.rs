@@ -830,3 +830,63 @@ fn certificate_rotation_keeps_in_flight_downloads() {
     assert_eq!(got.len(), data.len());
     assert_eq!(sha256(&got), d);
 }
+
+#[test]
+fn tokens_follow_a_kubernetes_secret_volume_swap() {
+    // A secret volume: tokens.toml -> ..data/tokens.toml, ..data -> ..<timestamp>/; an update
+    // writes a new timestamped directory and swaps the ..data symlink atomically.
+    let env = setup(&[]);
+    env.push_image("in/app", "v1", 6);
+    let vol = env._dir.path().join("volume");
+    let v1 = vol.join("..2026_11_22_v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::copy(&env.tokens.path, v1.join("tokens.toml")).unwrap();
+    std::os::unix::fs::symlink("..2026_11_22_v1", vol.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tokens.toml", vol.join("tokens.toml")).unwrap();
+    let args = [
+        "--tls-cert".to_owned(),
+        env.pki.cert.display().to_string(),
+        "--tls-key".to_owned(),
+        env.pki.key.display().to_string(),
+        "--tokens".to_owned(),
+        vol.join("tokens.toml").display().to_string(),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reg = Registry::start_with_args(&argv);
+    let get = |pw: &str| {
+        env.client()
+            .get(format!("https://127.0.0.1:{}/v2/", reg.port))
+            .basic_auth("reader", Some(pw))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get(&env.reader_pw), StatusCode::OK);
+    // New content in a new directory, then the swap.
+    let staged = Tokens {
+        path: env._dir.path().join("staged.toml"),
+    };
+    std::fs::copy(&env.tokens.path, &staged.path).unwrap();
+    let out = staged.cli(&[
+        "token",
+        "update",
+        "--name",
+        "reader",
+        "--generate-password",
+        "1",
+        "-o",
+        "json",
+    ]);
+    let new_pw = serde_json::from_str::<Value>(&out).unwrap()["password1"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v2 = vol.join("..2026_11_22_v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::copy(&staged.path, v2.join("tokens.toml")).unwrap();
+    std::os::unix::fs::symlink("..2026_11_22_v2", vol.join("..data_tmp")).unwrap();
+    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    std::fs::remove_dir_all(&v1).unwrap();
+    poll_until("swapped secret applied", || get(&new_pw) == StatusCode::OK);
+    assert_eq!(get(&env.reader_pw), StatusCode::UNAUTHORIZED);
+}
