@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod sync;
 pub mod tls;
