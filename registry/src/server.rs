@@ -117,19 +117,32 @@ fn spawn_server(
     let svc = router.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
         Some(cfg) => {
-            let server = axum_server::from_tcp_rustls(listener, cfg)
+            let mut server = axum_server::from_tcp_rustls(listener, cfg)
                 .map_err(io_err("cannot start HTTPS listener"))?
                 .handle(handle);
+            limit_slow_clients(server.http_builder());
             set.spawn(async move { server.serve(svc).await });
         }
         None => {
-            let server = axum_server::from_tcp(listener)
+            let mut server = axum_server::from_tcp(listener)
                 .map_err(io_err("cannot start HTTP listener"))?
                 .handle(handle);
+            limit_slow_clients(server.http_builder());
             set.spawn(async move { server.serve(svc).await });
         }
     }
     Ok(())
+}
+
+/// Closes HTTP/1 connections whose request headers take longer than 30 s to arrive, so slow
+/// or stalled clients cannot hold connections open forever. hyper only enforces this with a
+/// timer, which axum-server does not set.
+fn limit_slow_clients(
+    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) {
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
 }
 
 async fn shutdown_signal() {
