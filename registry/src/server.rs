@@ -39,6 +39,7 @@ pub struct ServeOptions {
     /// fill the store.
     pub mode: Option<Mode>,
     pub max_auth_failures: u32,
+    pub token_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -227,6 +228,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         anonymous,
         readonly,
         max_failures: opts.max_auth_failures,
+        token_lifetime: opts.token_lifetime,
     })?);
     auth.spawn_watcher();
     tracing::info!(?anonymous, readonly, "access policy");

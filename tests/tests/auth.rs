@@ -890,3 +890,40 @@ fn tokens_follow_a_kubernetes_secret_volume_swap() {
     poll_until("swapped secret applied", || get(&new_pw) == StatusCode::OK);
     assert_eq!(get(&env.reader_pw), StatusCode::UNAUTHORIZED);
 }
+
+#[test]
+fn expired_bearer_tokens_are_refused() {
+    let env = setup(&["--token-lifetime", "1s"]);
+    env.push_image("in/app", "v1", 7);
+    let t: Value = env
+        .client()
+        .get(env.url("/oauth2/token?service=outpost&scope=repository:in/app:pull"))
+        .basic_auth("reader", Some(&env.reader_pw))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(t["expires_in"], 1);
+    let tok = t["token"].as_str().unwrap().to_owned();
+    let get = || {
+        env.client()
+            .get(env.url("/v2/in/app/manifests/v1"))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap()
+    };
+    // Valid now (unless this machine stalled past the second), refused once it has passed.
+    let first = get().status();
+    assert!(first == StatusCode::OK || first == StatusCode::UNAUTHORIZED);
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = get();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().unwrap();
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+}

@@ -2,7 +2,7 @@
 //! HMAC-SHA256 under a key that lives only in this process (a restart simply sends clients
 //! back to the token endpoint).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
 use base64::Engine;
@@ -11,8 +11,6 @@ use serde::{Deserialize, Serialize};
 
 /// Issuer named in every token.
 pub const ISSUER: &str = "outpost-registry";
-/// How long an issued token is valid.
-pub const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessEntry {

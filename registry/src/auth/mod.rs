@@ -252,6 +252,8 @@ pub struct AuthOptions {
     pub readonly: bool,
     /// Failed authentications per client address per minute before it gets 429s.
     pub max_failures: u32,
+    /// How long an issued bearer token is valid.
+    pub token_lifetime: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +269,7 @@ pub struct Auth {
     set: RwLock<Arc<TokenSet>>,
     anonymous: Anonymous,
     readonly: bool,
+    token_lifetime: Duration,
     signer: Signer,
     /// Keys the cache of passwords already verified with argon2.
     cache_key: hmac::Key,
@@ -293,6 +296,7 @@ impl Auth {
             set: RwLock::new(Arc::new(TokenSet::default())),
             anonymous: opts.anonymous,
             readonly: opts.readonly,
+            token_lifetime: opts.token_lifetime,
             signer: Signer::random().map_err(|_| AuthError::Random)?,
             cache_key: hmac::Key::generate(hmac::HMAC_SHA256, &rng)
                 .map_err(|_| AuthError::Random)?,
@@ -624,7 +628,7 @@ impl Auth {
             }
         }
         let now = bearer::now_secs();
-        let lifetime = bearer::TOKEN_LIFETIME.as_secs();
+        let lifetime = self.token_lifetime.as_secs().max(1);
         let token = self.signer.issue(&Claims {
             iss: bearer::ISSUER.into(),
             aud: SERVICE.into(),

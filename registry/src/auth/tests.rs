@@ -29,6 +29,7 @@ password1 = "{h}"
         anonymous,
         readonly,
         max_failures: 20,
+        token_lifetime: Duration::from_secs(300),
     })
     .unwrap();
     (Arc::new(auth), f, password)

@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// TOOMANYREQUESTS until the minute is over (other addresses are unaffected).
     #[arg(long, env = "OUTPOST_MAX_AUTH_FAILURES", default_value_t = 20)]
     pub max_auth_failures: u32,
+    /// How long bearer tokens from /oauth2/token stay valid (s, m or h suffix).
+    #[arg(long, env = "OUTPOST_TOKEN_LIFETIME", default_value = "5m", value_parser = parse_duration)]
+    pub token_lifetime: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -213,6 +216,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 anonymous_pull: a.anonymous_pull,
                 mode: a.mode,
                 max_auth_failures: a.max_auth_failures,
+                token_lifetime: a.token_lifetime,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
