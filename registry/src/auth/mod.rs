@@ -409,6 +409,11 @@ impl Auth {
         ip: IpAddr,
         creds: Credentials,
     ) -> Result<Principal, Denial> {
+        // Without a tokens file no credentials can be checked: like any registry without
+        // auth, ignore them (a client with stored logins still pulls from a loopback Outpost).
+        if self.tokens_file.is_none() {
+            return Ok(Principal::Anonymous(self.anonymous.actions()));
+        }
         match creds {
             Credentials::None => Ok(Principal::Anonymous(self.anonymous.actions())),
             Credentials::Basic { name, password } => {

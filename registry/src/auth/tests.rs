@@ -205,3 +205,25 @@ fn authorization_headers() {
     assert!(p(&format!("Bearer {}", "a".repeat(9000))).is_err());
     assert!(matches!(Credentials::parse(None), Ok(Credentials::None)));
 }
+
+#[tokio::test]
+async fn without_a_tokens_file_credentials_are_ignored() {
+    let auth = Arc::new(
+        Auth::new(AuthOptions {
+            tokens_file: None,
+            anonymous: Anonymous::Full,
+            readonly: false,
+            max_failures: 20,
+            token_lifetime: Duration::from_secs(300),
+        })
+        .unwrap(),
+    );
+    let p = auth
+        .authenticate(IP, basic("someone", "anything"))
+        .await
+        .unwrap();
+    assert!(
+        auth.authorize(&p, &[need("any/repo", Action::ContentWrite)])
+            .is_ok()
+    );
+}
