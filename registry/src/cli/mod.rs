@@ -85,7 +85,8 @@ pub struct ServeArgs {
     /// Address of the registry API (OCI Distribution v1.1).
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// Address of the admin API (status, health). Keep it off the network.
+    /// Address of the admin listener (health checks now; the status, sync and staging API
+    /// arrive with the sync issues). Keep it off the network.
     #[arg(long, env = "OUTPOST_ADMIN_LISTEN", default_value = "127.0.0.1:5050")]
     pub admin_listen: SocketAddr,
     /// Where /metrics is served; by default on the registry API's listener.
