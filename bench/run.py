@@ -75,7 +75,11 @@ class Server:
         self.name, self.port, self.scheme = name, port, scheme
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd)
-        wait_port(port, self.proc)
+        try:
+            wait_port(port, self.proc)
+        except BaseException:
+            self.stop()  # not yet in Bench.servers, so cleanup() would not see it
+            raise
 
     @property
     def base(self):
@@ -310,6 +314,10 @@ class Bench:
         finally:
             stop.set()
             t.join()
+            for p in procs:  # only left running if one failed or timed out
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         return peak[0] / 1024
 
     # ---- driver ----
