@@ -158,6 +158,21 @@ fn groups(values: &[String]) -> Vec<Vec<String>> {
     out
 }
 
+/// Removes the entry called `name`, or says there is none.
+fn remove_named<T>(
+    list: &mut Vec<T>,
+    name: &str,
+    name_of: impl Fn(&T) -> &str,
+    what: &str,
+) -> Result<(), TokensError> {
+    let before = list.len();
+    list.retain(|x| name_of(x) != name);
+    if list.len() == before {
+        return Err(invalid(format!("no {what} {name:?}")));
+    }
+    Ok(())
+}
+
 fn invalid(msg: impl Into<String>) -> TokensError {
     TokensError::Invalid(msg.into())
 }
@@ -279,12 +294,7 @@ pub fn run_scope_map(cmd: ScopeMapCommand) -> Result<(), TokensError> {
                         users.join(", ")
                     )));
                 }
-                let before = f.scope_maps.len();
-                f.scope_maps.retain(|m| m.name != name);
-                if f.scope_maps.len() == before {
-                    return Err(invalid(format!("no scope map {name:?}")));
-                }
-                Ok(())
+                remove_named(&mut f.scope_maps, &name, |m| &m.name, "scope map")
             })?;
             eprintln!("scope map {name:?} deleted");
         }
@@ -408,12 +418,7 @@ pub fn run_token(cmd: TokenCommand) -> Result<(), TokensError> {
         }
         TokenCommand::Delete { file, name } => {
             edit(&file.tokens, |f| {
-                let before = f.tokens.len();
-                f.tokens.retain(|t| t.name != name);
-                if f.tokens.len() == before {
-                    return Err(invalid(format!("no token {name:?}")));
-                }
-                Ok(())
+                remove_named(&mut f.tokens, &name, |t| &t.name, "token")
             })?;
             eprintln!("token {name:?} deleted");
         }

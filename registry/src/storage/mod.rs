@@ -142,6 +142,7 @@ pub struct Descriptor {
 
 /// A manifest to link into a repository, already parsed and validated by the service layer.
 pub struct NewManifest<'a> {
+    /// The digest of `content`, computed by the caller (storage does not hash it again).
     pub digest: &'a Digest,
     pub media_type: &'a str,
     pub content: Bytes,
