@@ -23,12 +23,22 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
     pub blob_bytes_served: Counter,
     pub storage_bytes: Gauge<u64, AtomicU64>,
+    /// 1 while the last contact with the parent succeeded.
+    pub parent_connected: Gauge,
+    pub sync_runs: Family<ResultLabels, Counter>,
+    pub sync_last_success: Gauge<f64, AtomicU64>,
+    pub sync_bytes_downloaded: Counter,
 }
 
 impl Default for Metrics {
@@ -67,8 +77,36 @@ impl Metrics {
             "Bytes of blob content in the store",
             storage_bytes.clone(),
         );
+        let parent_connected = Gauge::default();
+        registry.register(
+            "parent_connected",
+            "1 while the last contact with the parent registry succeeded, else 0",
+            parent_connected.clone(),
+        );
+        let sync_runs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "sync_runs",
+            "Sync runs finished, by result (success, partial, paused, failed)",
+            sync_runs.clone(),
+        );
+        let sync_last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "sync_last_success_timestamp_seconds",
+            "Unix time of the end of the last sync run that completed without errors",
+            sync_last_success.clone(),
+        );
+        let sync_bytes_downloaded = Counter::default();
+        registry.register(
+            "sync_bytes_downloaded",
+            "Blob bytes downloaded from the parent registry",
+            sync_bytes_downloaded.clone(),
+        );
         Metrics {
             registry,
+            parent_connected,
+            sync_runs,
+            sync_last_success,
+            sync_bytes_downloaded,
             http_requests,
             http_duration,
             blob_bytes_served,

@@ -16,6 +16,8 @@ use crate::auth::{Anonymous, Auth, AuthError, AuthOptions};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::fs::FsStore;
+use crate::sync::schedule::Schedule;
+use crate::sync::{ConnectionSource, SyncError, SyncOptions, Syncer};
 use crate::tls;
 
 /// In-flight requests get this long to finish after SIGTERM.
@@ -40,6 +42,20 @@ pub struct ServeOptions {
     pub mode: Option<Mode>,
     pub max_auth_failures: u32,
     pub token_lifetime: Duration,
+    /// The parent and how to sync from it; `None` for a standalone registry.
+    pub sync: Option<SyncSettings>,
+}
+
+/// Sync settings as given on the command line (the mode is `ServeOptions::mode`).
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub connection: ConnectionSource,
+    pub ca_file: Option<PathBuf>,
+    pub repositories: Vec<outpost_core::RepositoryPattern>,
+    pub schedule: Schedule,
+    pub concurrency: usize,
+    pub chunk_size: u64,
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +74,8 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -222,7 +240,14 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             "no --tokens file: only anonymous pulls are possible on a non-loopback listener"
         );
     }
-    let readonly = opts.mode == Some(Mode::Readonly);
+    // With a parent, readonly unless told otherwise (the spec's default); standalone, nothing
+    // but client pushes could fill the store.
+    let mode = opts.mode.unwrap_or(if opts.sync.is_some() {
+        Mode::Readonly
+    } else {
+        Mode::Readwrite
+    });
+    let readonly = mode == Mode::Readonly;
     let auth = Arc::new(Auth::new(AuthOptions {
         tokens_file: opts.tokens.clone(),
         anonymous,
@@ -234,12 +259,41 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     tracing::info!(?anonymous, readonly, "access policy");
 
     let metrics = Arc::new(Metrics::new());
+    let root = store.root().to_path_buf();
     let store: Arc<dyn Store> = Arc::new(store);
+    let syncer = match &opts.sync {
+        Some(s) => {
+            let syncer = Syncer::new(
+                SyncOptions {
+                    connection: s.connection.clone(),
+                    ca_file: s.ca_file.clone(),
+                    repositories: s.repositories.clone(),
+                    schedule: s.schedule.clone(),
+                    concurrency: s.concurrency,
+                    chunk_size: s.chunk_size,
+                    bandwidth_limit: s.bandwidth_limit,
+                    mode,
+                },
+                store.clone(),
+                metrics.clone(),
+                &root,
+            )?;
+            let st = syncer.status(0);
+            tracing::info!(
+                name = %st.name, parent = %st.login_server, mode = %st.mode,
+                schedule = %st.sync_schedule, window = %st.sync_window, "syncing from parent"
+            );
+            Some(syncer)
+        }
+        None => None,
+    };
     let app = Arc::new(AppState {
         store: store.clone(),
         metrics: metrics.clone(),
         auth,
         tls: tls.is_some(),
+        mode,
+        syncer: syncer.clone(),
     });
 
     let metrics_addr = opts.metrics_listen.filter(|m| *m != opts.listen);
@@ -252,6 +306,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     };
 
     spawn_upkeep(store, metrics, opts.upload_expiry);
+    if let Some(s) = &syncer {
+        s.spawn();
+    }
 
     let mut servers = JoinSet::new();
     let mut handles = Vec::new();

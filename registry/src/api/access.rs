@@ -150,7 +150,7 @@ fn form_pairs(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],

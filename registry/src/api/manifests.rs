@@ -146,6 +146,21 @@ pub async fn put(
         .and_then(|v| v.to_str().ok());
     let pushed =
         service::push_manifest(app.store.as_ref(), repo, &reference, content_type, content).await?;
+    // Readwrite with a parent: stored now, uploaded to the parent by the next sync.
+    if let Some(outbox) = app.syncer.as_ref().and_then(|s| s.outbox()) {
+        let tag = match &reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        if let Err(e) = outbox.push(repo, tag, &pushed.digest) {
+            tracing::error!(repository = %repo, digest = %pushed.digest, error = %e, "cannot queue push for the parent");
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Unknown,
+                "manifest stored but not queued for the parent; push it again",
+            ));
+        }
+    }
     let mut resp = StatusCode::CREATED.into_response();
     let h = resp.headers_mut();
     set_header(

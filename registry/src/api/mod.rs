@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::storage::{ByteStream, Store};
 
 pub mod access;
+pub mod admin;
 pub mod blobs;
 pub mod error;
 pub mod health;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Whether clients reach us over HTTPS (for the token endpoint's URL).
     pub tls: bool,
+    /// Whether clients may push (readwrite) or only pull (readonly).
+    pub mode: crate::server::Mode,
+    /// Sync with the parent; `None` for a standalone registry.
+    pub syncer: Option<Arc<crate::sync::Syncer>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -313,7 +318,7 @@ pub fn metrics_only_router(app: Shared) -> Router {
 
 /// The admin listener's routes. The admin API itself (status, sync, staging) grows here.
 pub fn admin_router(app: Shared, with_metrics: bool) -> Router {
-    let mut r = Router::new().merge(health::router());
+    let mut r = Router::new().merge(health::router()).merge(admin::router());
     if with_metrics {
         r = r.merge(health::metrics_router());
     }

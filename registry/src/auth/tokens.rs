@@ -343,34 +343,8 @@ impl TokensFile {
             source,
         };
         let text = toml::to_string(self).map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tokens.toml".into());
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            // Hashes only, but still nobody else's business.
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            err(e)
-        })
+        // Hashes only, but still nobody else's business.
+        crate::storage::fs::write_file_atomic(path, text.as_bytes(), 0o600).map_err(err)
     }
 
     pub fn scope_map_mut(&mut self, name: &str) -> Option<&mut ScopeMapEntry> {

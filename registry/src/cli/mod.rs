@@ -1,6 +1,7 @@
 //! Command line: `serve`, `gc`, `fsck`, `scope-map`, `token`. Every flag also reads
 //! `OUTPOST_<FLAG>`.
 
+mod admin;
 mod tokens;
 
 use std::io::{IsTerminal, Write};
@@ -12,9 +13,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::parse_duration;
-use crate::server::{self, Mode, ServeError, ServeOptions};
+use crate::server::{self, Mode, ServeError, ServeOptions, SyncSettings};
 use crate::service::{fsck, gc};
 use crate::storage::fs::FsStore;
+use crate::sync::ConnectionSource;
+use crate::sync::schedule::Schedule;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,7 +70,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the registry API, the admin API and metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Remove blobs that no manifest references. Safe while the registry is serving.
     Gc(GcArgs),
     /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
@@ -78,6 +81,10 @@ pub enum Command {
     /// Manage client tokens in a tokens file (usernames, passwords, status).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
+    /// Show the registry's status (mode, connection to the parent, last sync) from the admin API.
+    Status(admin::StatusArgs),
+    /// Start a sync with the parent now, outside the schedule; --wait follows it to the end.
+    Sync(admin::SyncArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,8 +92,8 @@ pub struct ServeArgs {
     /// Address of the registry API (OCI Distribution v1.1).
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// Address of the admin listener (health checks now; the status, sync and staging API
-    /// arrive with the sync issues). Keep it off the network.
+    /// Address of the admin API (GET /outpost/v1/status, POST /outpost/v1/sync, health). It
+    /// has no authentication: keep it off the network.
     #[arg(long, env = "OUTPOST_ADMIN_LISTEN", default_value = "127.0.0.1:5050")]
     pub admin_listen: SocketAddr,
     /// Where /metrics is served; by default on the registry API's listener.
@@ -125,6 +132,49 @@ pub struct ServeArgs {
     /// How long bearer tokens from /oauth2/token stay valid (s, m or h suffix).
     #[arg(long, env = "OUTPOST_TOKEN_LIFETIME", default_value = "5m", value_parser = parse_duration)]
     pub token_lifetime: Duration,
+    /// The parent registry, in Azure's connection string format
+    /// (ConnectedRegistryName=..;SyncTokenName=..;SyncTokenPassword=..;ParentGatewayEndpoint=..;
+    /// ParentEndpointProtocol=https). Prefer the environment variable or
+    /// --connection-string-file: a flag is visible in the process list. Without a connection
+    /// string, Outpost is a standalone registry.
+    #[arg(
+        long,
+        env = "OUTPOST_CONNECTION_STRING",
+        hide_env_values = true,
+        conflicts_with = "connection_string_file"
+    )]
+    pub connection_string: Option<String>,
+    /// File holding the connection string (e.g. a mounted Secret); re-read before every sync,
+    /// so a rotated sync token password applies without a restart.
+    #[arg(long, env = "OUTPOST_CONNECTION_STRING_FILE")]
+    pub connection_string_file: Option<PathBuf>,
+    /// PEM CA bundle trusted for the parent's HTTPS certificate, in addition to the system's
+    /// (private parents, nested Outposts with their own CA).
+    #[arg(long, env = "OUTPOST_PARENT_CA_FILE")]
+    pub parent_ca_file: Option<PathBuf>,
+    /// Repositories kept in sync (repeatable; comma-separated in the environment variable).
+    /// `*` matches within one path segment, `**` across segments. Wildcards need the parent's
+    /// catalog; without any, every repository the sync token can list.
+    #[arg(long = "repository", env = "OUTPOST_REPOSITORY", value_delimiter = ',')]
+    pub repositories: Vec<outpost_core::RepositoryPattern>,
+    /// When a sync may start: 5-field cron in UTC (a leading seconds field is also accepted).
+    #[arg(long, env = "OUTPOST_SYNC_SCHEDULE", default_value = "* * * * *")]
+    pub sync_schedule: String,
+    /// How long after each schedule firing syncing may go on, as an ISO 8601 duration (PT4H);
+    /// transfers pause at its end and resume in the next window. Default: continuous.
+    #[arg(long, env = "OUTPOST_SYNC_WINDOW")]
+    pub sync_window: Option<String>,
+    /// Blob downloads from the parent are stored (fsynced) in chunks of this many MiB; a fault
+    /// or restart resumes from the last stored chunk with an HTTP Range request.
+    #[arg(long, env = "OUTPOST_CHUNK_SIZE_MB", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub chunk_size_mb: u64,
+    /// Blob downloads from the parent run this many at a time.
+    #[arg(long, env = "OUTPOST_SYNC_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub sync_concurrency: u64,
+    /// Cap on download bandwidth from the parent, in bytes per second, shared by all
+    /// transfers (metered links). Default: no cap.
+    #[arg(long, env = "OUTPOST_SYNC_BANDWIDTH_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sync_bandwidth_limit: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +212,12 @@ pub enum CliError {
     Fsck(#[from] crate::storage::StorageError),
     #[error(transparent)]
     Tokens(#[from] crate::auth::tokens::TokensError),
+    #[error(transparent)]
+    Schedule(#[from] crate::sync::schedule::ScheduleError),
+    #[error(transparent)]
+    ConnectionString(#[from] crate::sync::connection::ConnectionStringError),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// Sets up logging to stderr at the chosen level and format.
@@ -201,9 +257,39 @@ fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
     })
 }
 
+/// The parent and sync settings from serve's flags; `None` without a connection string.
+fn sync_settings(a: &ServeArgs) -> Result<Option<SyncSettings>, CliError> {
+    let connection = match (&a.connection_string, &a.connection_string_file) {
+        (Some(text), _) => ConnectionSource::Given(text.trim().parse()?),
+        (None, Some(path)) => {
+            let src = ConnectionSource::File(path.clone());
+            // Fail at start, with the key named, rather than at the first sync.
+            src.load()
+                .map_err(|e| CliError::Serve(ServeError::Sync(e)))?;
+            src
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(SyncSettings {
+        connection,
+        ca_file: a.parent_ca_file.clone(),
+        repositories: a.repositories.clone(),
+        schedule: Schedule::new(&a.sync_schedule, a.sync_window.as_deref())?,
+        concurrency: a.sync_concurrency as usize,
+        chunk_size: a.chunk_size_mb * 1024 * 1024,
+        bandwidth_limit: a.sync_bandwidth_limit,
+    }))
+}
+
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Serve(a) => {
+            let sync = sync_settings(&a)?;
+            if sync.is_none() && (!a.repositories.is_empty() || a.sync_window.is_some()) {
+                tracing::warn!(
+                    "--repository and --sync-window have no effect without a connection string"
+                );
+            }
             server::run(ServeOptions {
                 listen: a.listen,
                 admin_listen: a.admin_listen,
@@ -218,6 +304,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 mode: a.mode,
                 max_auth_failures: a.max_auth_failures,
                 token_lifetime: a.token_lifetime,
+                sync,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -232,6 +319,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(a) => admin::status(a).await,
+        Command::Sync(a) => admin::sync(a).await,
         Command::ScopeMap(c) => {
             tokens::run_scope_map(c)?;
             Ok(ExitCode::SUCCESS)

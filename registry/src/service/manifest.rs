@@ -69,6 +69,8 @@ pub struct ParsedManifest {
     pub blobs: Vec<Digest>,
     /// Every blob digest the manifest names, including non-distributable ones (kept by gc).
     pub all_blobs: Vec<Digest>,
+    /// `blobs` with the sizes their descriptors declare (what a download must fetch).
+    pub blob_sizes: Vec<(Digest, u64)>,
     /// Child manifests of an index.
     pub manifests: Vec<Digest>,
     pub subject: Option<Digest>,
@@ -141,6 +143,7 @@ pub fn parse(content: &[u8], content_type: Option<&str>) -> Result<ParsedManifes
         media_type,
         blobs: Vec::new(),
         all_blobs: Vec::new(),
+        blob_sizes: Vec::new(),
         manifests: Vec::new(),
         subject: None,
         artifact_type: raw.artifact_type.clone(),
@@ -162,12 +165,14 @@ pub fn parse(content: &[u8], content_type: Option<&str>) -> Result<ParsedManifes
                 ));
             }
             let cd = descriptor_digest(config, "config")?;
+            parsed.blob_sizes.push((cd.clone(), config.size as u64));
             parsed.blobs.push(cd.clone());
             parsed.all_blobs.push(cd);
             for (i, l) in layers.iter().enumerate() {
                 let d = descriptor_digest(l, &format!("layer {i}"))?;
                 // Non-distributable layers live elsewhere by design; they are not required here.
                 if l.urls.as_ref().is_none_or(Vec::is_empty) {
+                    parsed.blob_sizes.push((d.clone(), l.size as u64));
                     parsed.blobs.push(d.clone());
                 }
                 parsed.all_blobs.push(d);
@@ -199,6 +204,8 @@ pub fn parse(content: &[u8], content_type: Option<&str>) -> Result<ParsedManifes
     }
     parsed.blobs.sort();
     parsed.blobs.dedup();
+    parsed.blob_sizes.sort();
+    parsed.blob_sizes.dedup_by(|a, b| a.0 == b.0);
     parsed.manifests.sort();
     parsed.manifests.dedup();
     Ok(parsed)

@@ -1,4 +1,482 @@
-//! Synchronisation with the parent registry. So far: the connection string that names the
-//! parent (the transfer, schedule and state arrive with the sync issue).
+//! Synchronisation with the parent registry: the connection string, the parent client, the
+//! schedule and window, resumable transfers, the readwrite outbox and the persisted state.
+//!
+//! [`Syncer`] owns all of it; the scheduler task starts runs at schedule firings (or when asked
+//! through the admin API) and [`engine`] carries a run out.
 
 pub mod connection;
+mod engine;
+pub mod outbox;
+pub mod parent;
+pub mod schedule;
+pub mod state;
+pub mod transfer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use outpost_core::{Digest, RepositoryPattern};
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+use crate::server::Mode;
+use crate::storage::Store;
+use connection::ConnectionString;
+use outbox::Outbox;
+use parent::{Parent, ParentError};
+use schedule::Schedule;
+use state::{ConnectionState, StateFile};
+use transfer::Throttle;
+
+/// Where the connection string comes from; a file is re-read before each run so rotated sync
+/// token passwords take effect without a restart.
+#[derive(Debug, Clone)]
+pub enum ConnectionSource {
+    Given(ConnectionString),
+    File(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot read --connection-string-file {path}: {source}")]
+    ConnectionFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Connection(#[from] connection::ConnectionStringError),
+    #[error(transparent)]
+    Parent(#[from] ParentError),
+    #[error("cannot open sync state in {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl ConnectionSource {
+    pub fn load(&self) -> Result<ConnectionString, SyncError> {
+        match self {
+            ConnectionSource::Given(c) => Ok(c.clone()),
+            ConnectionSource::File(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| SyncError::ConnectionFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                Ok(text.trim().parse()?)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub connection: ConnectionSource,
+    pub ca_file: Option<PathBuf>,
+    /// Empty: every repository the sync token can list.
+    pub repositories: Vec<RepositoryPattern>,
+    pub schedule: Schedule,
+    pub concurrency: usize,
+    pub chunk_size: u64,
+    pub bandwidth_limit: Option<u64>,
+    pub mode: Mode,
+}
+
+/// Progress of the run under way, read by the status endpoint.
+#[derive(Default)]
+struct LiveRun {
+    /// Repository -> (images planned, images done, blobs it is waiting for).
+    repos: Mutex<BTreeMap<String, LiveRepo>>,
+    /// Bytes stored so far of each blob being downloaded.
+    blobs: Mutex<HashMap<Digest, Arc<AtomicU64>>>,
+}
+
+#[derive(Default, Clone)]
+struct LiveRepo {
+    images_total: u64,
+    images_synced: u64,
+    missing: Vec<(Digest, u64)>,
+}
+
+pub struct Syncer {
+    opts: SyncOptions,
+    conn: RwLock<ConnectionString>,
+    parent: RwLock<Arc<Parent>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    state: Arc<StateFile>,
+    outbox: Option<Arc<Outbox>>,
+    throttle: Option<Arc<Throttle>>,
+    trigger: tokio::sync::Notify,
+    running: AtomicBool,
+    live: Mutex<Option<Arc<LiveRun>>>,
+}
+
+/// A row of the status table, and the JSON of `GET /outpost/v1/status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub name: String,
+    pub mode: String,
+    pub connection_state: String,
+    pub parent: String,
+    pub login_server: String,
+    pub last_sync_utc: Option<String>,
+    pub sync_schedule: String,
+    pub sync_window: String,
+    pub storage_bytes: u64,
+    pub repositories: Vec<RepoStatus>,
+    #[serde(default)]
+    pub syncing: bool,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub scope_note: Option<String>,
+    #[serde(default)]
+    pub last_run: Option<state::RunSummary>,
+    #[serde(default)]
+    pub outbox_pending: usize,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RepoStatus {
+    pub name: String,
+    pub tags: usize,
+    pub images_total: u64,
+    pub images_synced: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub last_sync_utc: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl Syncer {
+    pub fn new(
+        opts: SyncOptions,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        storage_root: &std::path::Path,
+    ) -> Result<Arc<Self>, SyncError> {
+        let conn = opts.connection.load()?;
+        for k in &conn.unknown_keys {
+            tracing::warn!(key = %k, "connection string key not understood; ignored");
+        }
+        if conn.protocol == connection::Protocol::Http {
+            tracing::warn!(
+                parent = %conn.login_server(),
+                "ParentEndpointProtocol=http: the sync token and all content cross the network \
+                 unencrypted; use this only in labs or between nested Outposts on a trusted link"
+            );
+        }
+        let parent = Parent::new(&conn, opts.ca_file.as_ref())?;
+        let dir = storage_root.join("sync");
+        let state_err = |source| SyncError::State {
+            path: dir.display().to_string(),
+            source,
+        };
+        let state = Arc::new(StateFile::open(dir.clone()).map_err(state_err)?);
+        let outbox = match opts.mode {
+            Mode::Readwrite => Some(Arc::new(
+                Outbox::open(dir.join("outbox")).map_err(state_err)?,
+            )),
+            Mode::Readonly => None,
+        };
+        if let Some(t) = state.read(|s| s.last_sync_unix) {
+            metrics.sync_last_success.set(t);
+        }
+        Ok(Arc::new(Syncer {
+            throttle: opts.bandwidth_limit.map(|b| Arc::new(Throttle::new(b))),
+            opts,
+            conn: RwLock::new(conn),
+            parent: RwLock::new(Arc::new(parent)),
+            store,
+            metrics,
+            state,
+            outbox,
+            trigger: tokio::sync::Notify::new(),
+            running: AtomicBool::new(false),
+            live: Mutex::new(None),
+        }))
+    }
+
+    /// The readwrite outbox, for the push handlers.
+    pub fn outbox(&self) -> Option<&Arc<Outbox>> {
+        self.outbox.as_ref()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.opts.mode
+    }
+
+    fn parent(&self) -> Arc<Parent> {
+        self.parent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads a connection string file and rebuilds the client when it changed.
+    fn reload_connection(&self) {
+        let ConnectionSource::File(_) = &self.opts.connection else {
+            return;
+        };
+        let fresh = match self.opts.connection.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "connection string unreadable; keeping the previous one");
+                return;
+            }
+        };
+        if *self.conn.read().unwrap_or_else(|p| p.into_inner()) == fresh {
+            return;
+        }
+        match Parent::new(&fresh, self.opts.ca_file.as_ref()) {
+            Ok(p) => {
+                tracing::info!(parent = %fresh.login_server(), token = %fresh.sync_token_name, "connection string changed; parent client rebuilt");
+                *self.parent.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "new connection string unusable; keeping the previous one")
+            }
+        }
+    }
+
+    /// Asks for a run now, outside the schedule (and outside the window). Returns the number
+    /// the run will have, or `None` when one is already under way.
+    pub fn request_run(&self) -> Option<u64> {
+        if self.running.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.trigger.notify_one();
+        Some(
+            self.state
+                .read(|s| s.last_run.as_ref().map_or(1, |r| r.number + 1)),
+        )
+    }
+
+    /// Starts the scheduler: a run at every firing of the schedule (bounded by the window),
+    /// and whenever [`Syncer::request_run`] asks.
+    pub fn spawn(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let now = SystemTime::now();
+            // A restart inside an open window resumes at once; a continuous schedule starts
+            // with a run so a fresh Outpost does not wait for the first firing.
+            let mut due: Option<Option<SystemTime>> = match me.opts.schedule.open_window_at(now) {
+                Some((_, end)) => Some(Some(end)),
+                None if me.opts.schedule.window_text() == "continuous" => Some(None),
+                None => None,
+            };
+            loop {
+                if let Some(deadline) = due.take() {
+                    me.run(deadline).await;
+                }
+                let now = SystemTime::now();
+                let Some(next) = me.opts.schedule.next_after(now) else {
+                    tracing::error!("sync schedule has no next firing; scheduled syncs stop");
+                    me.trigger.notified().await;
+                    due = Some(None);
+                    continue;
+                };
+                let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => due = Some(me.opts.schedule.deadline(next)),
+                    _ = me.trigger.notified() => due = Some(None),
+                }
+            }
+        });
+    }
+
+    /// One run, to completion or until `deadline`.
+    async fn run(self: &Arc<Self>, deadline: Option<SystemTime>) {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.reload_connection();
+        let live = Arc::new(LiveRun::default());
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
+        let started = SystemTime::now();
+        let number = self.state.update(|s| {
+            let n = s.last_run.as_ref().map_or(1, |r| r.number + 1);
+            s.last_run = Some(state::RunSummary {
+                number: n,
+                started_utc: schedule::rfc3339(started),
+                ..Default::default()
+            });
+            n
+        });
+        tracing::info!(run = number, deadline = ?deadline.map(schedule::rfc3339), "sync started");
+        let report = engine::Run::new(self.clone(), self.parent(), deadline, live.clone())
+            .execute()
+            .await;
+        self.finish(number, started, &report, &live);
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.running.store(false, Ordering::SeqCst);
+    }
+
+    fn finish(&self, number: u64, started: SystemTime, r: &engine::Report, live: &LiveRun) {
+        let now = SystemTime::now();
+        let result = r.result();
+        self.metrics
+            .sync_runs
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+        let repos = live.repos.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.state.update(|s| {
+            if let Some(run) = s.last_run.as_mut().filter(|run| run.number == number) {
+                run.finished_utc = Some(schedule::rfc3339(now));
+                run.result = Some(result.to_owned());
+                run.bytes_downloaded = r.bytes_downloaded;
+                run.blobs_downloaded = r.blobs_downloaded;
+                run.manifests_written = r.manifests_written;
+                run.tags_deleted = r.tags_deleted;
+                run.pushed_to_parent = r.pushed_to_parent;
+            }
+            s.last_error = r.first_error();
+            if result == "success" {
+                s.last_sync_utc = Some(schedule::rfc3339(now));
+                let unix = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default();
+                s.last_sync_unix = Some(unix);
+                self.metrics.sync_last_success.set(unix);
+            }
+            for (name, l) in &repos {
+                let entry = s.repositories.entry(name.clone()).or_default();
+                entry.images_total = l.images_total;
+                entry.images_synced = l.images_synced;
+                entry.bytes_total = l.missing.iter().map(|(_, n)| n).sum();
+                entry.bytes_done = r
+                    .repo_bytes_done
+                    .get(name)
+                    .copied()
+                    .unwrap_or_default()
+                    .min(entry.bytes_total);
+                entry.last_error = r.repo_errors.get(name).cloned();
+                if entry.last_error.is_none() && entry.images_synced == entry.images_total {
+                    entry.last_sync_utc = Some(schedule::rfc3339(now));
+                }
+            }
+        });
+        let took = now.duration_since(started).unwrap_or_default();
+        match result {
+            "success" | "paused" => tracing::info!(
+                run = number,
+                result,
+                bytes = r.bytes_downloaded,
+                blobs = r.blobs_downloaded,
+                manifests = r.manifests_written,
+                ?took,
+                "sync finished"
+            ),
+            _ => {
+                tracing::warn!(run = number, result, error = ?r.first_error(), ?took, "sync finished with errors")
+            }
+        }
+    }
+
+    /// Records the outcome of a contact with the parent.
+    fn contact(&self, ok: bool) {
+        self.metrics.parent_connected.set(i64::from(ok));
+        let new = if ok {
+            ConnectionState::Online
+        } else {
+            ConnectionState::Offline
+        };
+        let changed = self.state.read(|s| s.connection_state != new);
+        if changed || ok {
+            self.state.update(|s| {
+                s.connection_state = new;
+                if ok {
+                    s.last_contact_utc = Some(schedule::rfc3339(SystemTime::now()));
+                }
+            });
+        }
+        if changed {
+            tracing::info!(state = new.as_str(), "parent connection state changed");
+        }
+    }
+
+    pub fn status(&self, storage_bytes: u64) -> Status {
+        let s = self.state.snapshot();
+        let conn = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut repos: BTreeMap<String, RepoStatus> = s
+            .repositories
+            .iter()
+            .map(|(name, r)| {
+                (
+                    name.clone(),
+                    RepoStatus {
+                        name: name.clone(),
+                        tags: r.tags.len(),
+                        images_total: r.images_total,
+                        images_synced: r.images_synced,
+                        bytes_total: r.bytes_total,
+                        bytes_done: r.bytes_done,
+                        last_sync_utc: r.last_sync_utc.clone(),
+                        last_error: r.last_error.clone(),
+                    },
+                )
+            })
+            .collect();
+        if let Some(live) = &live {
+            let blobs = live.blobs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for (name, l) in live.repos.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let e = repos.entry(name.clone()).or_insert_with(|| RepoStatus {
+                    name: name.clone(),
+                    tags: 0,
+                    images_total: 0,
+                    images_synced: 0,
+                    bytes_total: 0,
+                    bytes_done: 0,
+                    last_sync_utc: None,
+                    last_error: None,
+                });
+                e.images_total = l.images_total;
+                e.images_synced = l.images_synced;
+                e.bytes_total = l.missing.iter().map(|(_, n)| n).sum();
+                e.bytes_done = l
+                    .missing
+                    .iter()
+                    .map(|(d, n)| {
+                        blobs
+                            .get(d)
+                            .map_or(0, |p| p.load(Ordering::Relaxed).min(*n))
+                    })
+                    .sum();
+            }
+        }
+        Status {
+            name: conn.registry_name.clone(),
+            mode: mode_name(self.opts.mode).into(),
+            connection_state: s.connection_state.as_str().into(),
+            parent: conn.parent_endpoint.clone(),
+            login_server: conn.login_server(),
+            last_sync_utc: s.last_sync_utc.clone(),
+            sync_schedule: self.opts.schedule.cron_text().into(),
+            sync_window: self.opts.schedule.window_text().into(),
+            storage_bytes,
+            repositories: repos.into_values().collect(),
+            syncing: live.is_some(),
+            last_error: s.last_error.clone(),
+            scope_note: s.scope_note.clone(),
+            last_run: s.last_run.clone(),
+            outbox_pending: self.outbox.as_ref().map_or(0, |o| o.len()),
+        }
+    }
+}
+
+pub fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Readonly => "readonly",
+        Mode::Readwrite => "readwrite",
+    }
+}

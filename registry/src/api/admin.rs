@@ -1,0 +1,73 @@
+//! The admin API (`--admin-listen`): status of the registry and its sync, and starting a sync
+//! now. Never exposed by the chart's Service.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::json;
+
+use super::Shared;
+use super::access::json_response;
+use crate::sync::{Status, mode_name};
+
+/// The status a standalone registry (no parent) reports.
+fn standalone_status(app: &Shared) -> Status {
+    Status {
+        name: "outpost".into(),
+        mode: mode_name(app.mode).into(),
+        connection_state: "standalone".into(),
+        parent: "-".into(),
+        login_server: "-".into(),
+        last_sync_utc: None,
+        sync_schedule: "-".into(),
+        sync_window: "-".into(),
+        storage_bytes: app.metrics.storage_bytes.get(),
+        repositories: Vec::new(),
+        syncing: false,
+        last_error: None,
+        scope_note: None,
+        last_run: None,
+        outbox_pending: 0,
+    }
+}
+
+async fn status(State(app): State<Shared>) -> Response {
+    let st = match &app.syncer {
+        Some(s) => s.status(app.metrics.storage_bytes.get()),
+        None => standalone_status(&app),
+    };
+    match serde_json::to_value(&st) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
+async fn sync_now(State(app): State<Shared>) -> Response {
+    let Some(s) = &app.syncer else {
+        return json_response(
+            StatusCode::CONFLICT,
+            &json!({ "error": "standalone registry: no parent to sync from (give --connection-string)" }),
+        );
+    };
+    match s.request_run() {
+        Some(run) => json_response(
+            StatusCode::ACCEPTED,
+            &json!({ "run": run, "started": true }),
+        ),
+        None => json_response(
+            StatusCode::CONFLICT,
+            &json!({ "error": "a sync is already running", "started": false }),
+        ),
+    }
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/outpost/v1/status", get(status))
+        .route("/outpost/v1/sync", post(sync_now))
+}

@@ -1,0 +1,334 @@
+//! Client subcommands of the admin API: `status` and `sync`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use super::CliError;
+use crate::config::parse_duration;
+use crate::sync::Status;
+
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// Base URL of the registry's admin API.
+    #[arg(long, env = "OUTPOST_ADMIN", default_value = "http://127.0.0.1:5050")]
+    pub admin: String,
+    /// PEM CA bundle to trust when the admin API is served over HTTPS.
+    #[arg(long, env = "OUTPOST_ADMIN_CA_FILE")]
+    pub admin_ca_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Output format: a table, or the admin API's JSON.
+    #[arg(
+        short = 'o',
+        long,
+        env = "OUTPOST_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
+    pub output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Follow the run to its end, showing progress; exit 1 unless it succeeded.
+    #[arg(long, env = "OUTPOST_SYNC_WAIT")]
+    pub wait: bool,
+    /// With --wait: give up following after this long (s, m or h suffix).
+    #[arg(long, env = "OUTPOST_SYNC_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+fn client(a: &AdminArgs) -> Result<reqwest::Client, CliError> {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(p) = &a.admin_ca_file {
+        let pem = std::fs::read(p)
+            .map_err(|e| CliError::Admin(format!("cannot read {}: {e}", p.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| CliError::Admin(format!("{}: {e}", p.display())))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| CliError::Admin(format!("cannot build HTTP client: {e}")))
+}
+
+fn url(a: &AdminArgs, path: &str) -> String {
+    format!("{}{path}", a.admin.trim_end_matches('/'))
+}
+
+async fn fetch_status(c: &reqwest::Client, a: &AdminArgs) -> Result<Status, CliError> {
+    let u = url(a, "/outpost/v1/status");
+    let resp = c
+        .get(&u)
+        .send()
+        .await
+        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(CliError::Admin(format!("{u}: HTTP {}", resp.status())));
+    }
+    resp.json()
+        .await
+        .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
+}
+
+fn dash(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
+}
+
+/// Columns padded to their widest cell, separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut out = table(&[
+        [
+            "NAME",
+            "MODE",
+            "CONNECTION STATE",
+            "PARENT",
+            "LOGIN SERVER",
+            "LAST SYNC(UTC)",
+            "SYNC SCHEDULE",
+            "SYNC WINDOW",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![
+            s.name.clone(),
+            s.mode.clone(),
+            s.connection_state.clone(),
+            s.parent.clone(),
+            s.login_server.clone(),
+            dash(&s.last_sync_utc),
+            s.sync_schedule.clone(),
+            s.sync_window.clone(),
+        ],
+    ]);
+    if !s.repositories.is_empty() {
+        let mut rows = vec![
+            [
+                "REPOSITORY",
+                "TAGS",
+                "IMAGES",
+                "DOWNLOADED",
+                "LAST SYNC(UTC)",
+                "ERROR",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for r in &s.repositories {
+            rows.push(vec![
+                r.name.clone(),
+                r.tags.to_string(),
+                format!("{}/{}", r.images_synced, r.images_total),
+                format!("{} / {}", mib(r.bytes_done), mib(r.bytes_total)),
+                dash(&r.last_sync_utc),
+                dash(&r.last_error),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
+    if let Some(n) = &s.scope_note {
+        out.push_str(&format!("\nnote: {n}\n"));
+    }
+    if let Some(e) = &s.last_error {
+        out.push_str(&format!("last error: {e}\n"));
+    }
+    if s.outbox_pending > 0 {
+        out.push_str(&format!(
+            "pushes waiting for the parent: {}\n",
+            s.outbox_pending
+        ));
+    }
+    out
+}
+
+pub async fn status(a: StatusArgs) -> Result<ExitCode, CliError> {
+    let c = client(&a.admin)?;
+    let s = fetch_status(&c, &a.admin).await?;
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&s).map_err(|e| CliError::Admin(e.to_string()))?
+        ),
+        Output::Table => print!("{}", render_status(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_line(s: &Status, run: u64) -> String {
+    let (images, total, done, bytes) = s.repositories.iter().fold((0, 0, 0, 0), |acc, r| {
+        (
+            acc.0 + r.images_synced,
+            acc.1 + r.images_total,
+            acc.2 + r.bytes_done,
+            acc.3 + r.bytes_total,
+        )
+    });
+    format!(
+        "sync run {run}: {images}/{total} images, {} of {} downloaded",
+        mib(done),
+        mib(bytes)
+    )
+}
+
+pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
+    let c = client(&a.admin)?;
+    let u = url(&a.admin, "/outpost/v1/sync");
+    let resp = c
+        .post(&u)
+        .send()
+        .await
+        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !code.is_success() {
+        let why = body["error"].as_str().unwrap_or("refused").to_owned();
+        return Err(CliError::Admin(format!("sync not started: {why}")));
+    }
+    let run = body["run"].as_u64().unwrap_or(0);
+    println!("sync run {run} started");
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let began = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = fetch_status(&c, &a.admin).await?;
+        let finished = s
+            .last_run
+            .as_ref()
+            .filter(|r| r.number >= run && r.result.is_some() && !s.syncing);
+        if let Some(r) = finished {
+            if tty {
+                eprintln!();
+            }
+            let result = r.result.clone().unwrap_or_default();
+            println!(
+                "sync run {} {result}: {} blobs ({}) downloaded, {} manifests written, {} tags deleted, {} pushes uploaded",
+                r.number,
+                r.blobs_downloaded,
+                mib(r.bytes_downloaded),
+                r.manifests_written,
+                r.tags_deleted,
+                r.pushed_to_parent
+            );
+            if let Some(e) = &s.last_error {
+                println!("error: {e}");
+            }
+            return Ok(if result == "success" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        let line = progress_line(&s, run);
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+            let _ = std::io::stderr().flush();
+        } else if last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{line}");
+            last_print = Instant::now();
+        }
+        if began.elapsed() > a.timeout {
+            return Err(CliError::Admin(format!(
+                "sync run {run} still going after {:?}; follow it with `outpost-registry status`",
+                a.timeout
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_has_the_contract_columns() {
+        let s = Status {
+            name: "edge-1".into(),
+            mode: "readonly".into(),
+            connection_state: "online".into(),
+            parent: "myacr.westeurope.data.azurecr.io".into(),
+            login_server: "myacr.azurecr.io".into(),
+            last_sync_utc: Some("2026-11-22T10:00:00Z".into()),
+            sync_schedule: "* * * * *".into(),
+            sync_window: "PT4H".into(),
+            storage_bytes: 0,
+            repositories: vec![],
+            syncing: false,
+            last_error: None,
+            scope_note: None,
+            last_run: None,
+            outbox_pending: 0,
+        };
+        let t = render_status(&s);
+        let mut lines = t.lines();
+        let head = lines.next().unwrap();
+        let cols: Vec<&str> = head
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "NAME",
+                "MODE",
+                "CONNECTION STATE",
+                "PARENT",
+                "LOGIN SERVER",
+                "LAST SYNC(UTC)",
+                "SYNC SCHEDULE",
+                "SYNC WINDOW"
+            ]
+        );
+        let row = lines.next().unwrap();
+        assert!(row.starts_with("edge-1"));
+        assert!(row.contains("myacr.azurecr.io") && row.contains("2026-11-22T10:00:00Z"));
+    }
+}
