@@ -10,6 +10,8 @@
 //! uploads/<id>/data, uploads/<id>/state.json            upload sessions
 //! tmp/                                                  files being written; never read
 //! maintenance.lock                                      shared by manifest writes, exclusive for gc
+//! sync/                                                 sync state and the readwrite outbox (not
+//!                                                       the store's: written by `crate::sync`)
 //! ```
 //! Every file that becomes visible is first written whole under `tmp/` (or `uploads/`),
 //! fsynced, then renamed into place and its directory fsynced, so a crash at any instant leaves
