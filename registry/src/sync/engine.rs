@@ -572,13 +572,20 @@ impl Run {
                     tracing::info!(repository = %p.repo, tag = %p.tag, from = %old, to = %p.digest, "tag moved to follow the parent");
                 }
             }
-            self.syncer.state.update(|s| {
-                s.repositories
-                    .entry(key.0.clone())
-                    .or_default()
-                    .tags
-                    .insert(key.1.clone(), p.digest.to_string());
+            let digest = p.digest.to_string();
+            let known = self.syncer.state.read(|s| {
+                s.repositories.get(&key.0).and_then(|r| r.tags.get(&key.1)) == Some(&digest)
             });
+            // Saving the state fsyncs; an unchanged tag (the common case) does not need it.
+            if !known {
+                self.syncer.state.update(|s| {
+                    s.repositories
+                        .entry(key.0.clone())
+                        .or_default()
+                        .tags
+                        .insert(key.1.clone(), digest);
+                });
+            }
             if let Some(l) = self
                 .live
                 .repos
