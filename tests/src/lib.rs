@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end suites: run Outpost's binaries and real peers (skopeo, umoci,
 //! containerd) on loopback and temp dirs, and stop every one of them when a test ends.
 
+pub mod parent;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

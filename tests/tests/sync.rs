@@ -1,0 +1,974 @@
+//! Sync from a real parent: Debian's docker-registry (Basic auth over TLS, or plain behind a
+//! fault-injecting proxy), and Outpost itself as the parent of another Outpost.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+use outpost_e2e::*;
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+const MIB: u64 = 1024 * 1024;
+
+fn conn(name: &str, user: &str, pass: &str, host: &str, proto: &str) -> String {
+    format!(
+        "ConnectedRegistryName={name};SyncTokenName={user};SyncTokenPassword={pass};ParentGatewayEndpoint={host};ParentEndpointProtocol={proto}"
+    )
+}
+
+fn client_with_ca(ca: Option<&Path>) -> Client {
+    let mut b = Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120));
+    if let Some(ca) = ca {
+        let cert = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+        b = b.tls_certs_only([cert]);
+    }
+    b.build().unwrap()
+}
+
+/// Where a registry is and how to talk to it.
+struct Endpoint {
+    base: String,
+    client: Client,
+    basic: Option<(String, String)>,
+}
+
+impl Endpoint {
+    fn plain(host: &str) -> Self {
+        Endpoint {
+            base: format!("http://{host}"),
+            client: client_with_ca(None),
+            basic: None,
+        }
+    }
+
+    fn get(&self, path: &str) -> reqwest::blocking::Response {
+        let mut r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("accept", ACCEPT);
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        r.send().unwrap()
+    }
+
+    /// A manifest's exact bytes, or None on 404.
+    fn manifest(&self, repo: &str, reference: &str) -> Option<Vec<u8>> {
+        let r = self.get(&format!("/v2/{repo}/manifests/{reference}"));
+        match r.status().as_u16() {
+            200 => Some(r.bytes().unwrap().to_vec()),
+            404 => None,
+            s => panic!("manifest {repo}:{reference}: HTTP {s}"),
+        }
+    }
+
+    fn tags(&self, repo: &str) -> Vec<String> {
+        let r = self.get(&format!("/v2/{repo}/tags/list"));
+        if r.status() == 404 {
+            return Vec::new();
+        }
+        let v: Value = r.json().unwrap();
+        let mut t: Vec<String> = v["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        t.sort();
+        t
+    }
+
+    fn catalog(&self) -> Vec<String> {
+        let v: Value = self.get("/v2/_catalog").json().unwrap();
+        v["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn blob(&self, repo: &str, digest: &str) -> Vec<u8> {
+        let r = self.get(&format!("/v2/{repo}/blobs/{digest}"));
+        assert_eq!(r.status(), 200, "blob {repo}@{digest}");
+        r.bytes().unwrap().to_vec()
+    }
+
+    /// Pushes a blob monolithically.
+    fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256(data);
+        let mut r = self
+            .client
+            .post(format!(
+                "{}/v2/{repo}/blobs/uploads/?digest={digest}",
+                self.base
+            ))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec());
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        let resp = r.send().unwrap();
+        if resp.status() == 202 {
+            // docker-registry 2.8 wants POST then PUT.
+            let loc = header(&resp, "location");
+            let url = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{}{loc}", self.base)
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let mut r = self
+                .client
+                .put(format!("{url}{sep}digest={digest}"))
+                .header("content-type", "application/octet-stream")
+                .body(data.to_vec());
+            if let Some((u, p)) = &self.basic {
+                r = r.basic_auth(u, Some(p));
+            }
+            let resp = r.send().unwrap();
+            assert_eq!(resp.status(), 201, "blob PUT: {}", resp.text().unwrap());
+        } else {
+            assert_eq!(resp.status(), 201, "blob POST");
+        }
+        digest
+    }
+
+    fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> u16 {
+        let mut r = self
+            .client
+            .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
+            .header("content-type", media_type)
+            .body(body.to_vec());
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        r.send().unwrap().status().as_u16()
+    }
+
+    fn delete_manifest(&self, repo: &str, digest: &str) {
+        let r = self
+            .client
+            .delete(format!("{}/v2/{repo}/manifests/{digest}", self.base))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202, "delete {repo}@{digest}");
+    }
+}
+
+fn admin_status(reg: &Registry) -> Value {
+    http()
+        .get(format!(
+            "http://127.0.0.1:{}/outpost/v1/status",
+            reg.admin_port
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// Polls until `f` holds, at most `timeout`; panics with `what` and the registry's log.
+fn wait_for(
+    reg: &Registry,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = admin_status(reg);
+        if f(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
+                reg.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for a run numbered `min_run` or later to finish, and returns its result.
+fn wait_run(reg: &Registry, min_run: u64, timeout: Duration) -> Value {
+    wait_for(reg, &format!("sync run {min_run} finished"), timeout, |s| {
+        !s["syncing"].as_bool().unwrap_or(true)
+            && s["lastRun"]["number"].as_u64().unwrap_or(0) >= min_run
+            && s["lastRun"]["result"].is_string()
+    })
+}
+
+fn last_run(s: &Value) -> u64 {
+    s["lastRun"]["number"].as_u64().unwrap_or(0)
+}
+
+/// `outpost-registry <cmd> --admin <this registry's admin API>`.
+fn admin_cli(reg: &Registry, args: &[&str]) -> std::process::Output {
+    run_timeout(
+        Command::new(bin("outpost-registry"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://127.0.0.1:{}", reg.admin_port)),
+        Duration::from_secs(120),
+    )
+}
+
+/// Asks for a run now and waits until it ends successfully.
+fn sync_now(reg: &Registry) {
+    let out = admin_cli(reg, &["sync", "--wait", "--timeout", "90s"]);
+    assert!(
+        out.status.success(),
+        "sync --wait failed: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        reg.log_text()
+    );
+}
+
+/// Derives image `new` from `base` in a layout by adding one layer with `files`; `base`'s
+/// layers stay shared.
+fn derive_image(layout: &Layout, base: &str, new: &str, files: &[(&str, Vec<u8>)]) {
+    let umoci = require("umoci");
+    let img = |t: &str| format!("{}:{t}", layout.path.display());
+    let work = layout.path.with_file_name(format!("bundle-{new}"));
+    run_ok(
+        Command::new(&umoci)
+            .args(["unpack", "--rootless", "--image", &img(base)])
+            .arg(&work),
+    );
+    for (p, content) in files {
+        let target = work.join("rootfs").join(p);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, content).unwrap();
+    }
+    run_ok(
+        Command::new(&umoci)
+            .args(["repack", "--image", &img(new)])
+            .arg(&work),
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn manifest_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+/// Copies `tag` of the layout into `repo:dest_tag` at a plain-HTTP registry.
+fn load(layout: &Layout, tag: &str, host: &str, repo_tag: &str, extra: &[&str]) {
+    let src = format!("oci:{}:{tag}", layout.path.display());
+    let dst = format!("docker://{host}/{repo_tag}");
+    let mut args = vec!["copy", "--all", "--dest-tls-verify=false"];
+    args.extend_from_slice(extra);
+    args.push(&src);
+    args.push(&dst);
+    skopeo(&args);
+}
+
+/// A cosign-style signature: an OCI artifact whose subject is `subject`, tagged the way cosign
+/// tags signatures (`sha256-<hex>.sig`), since docker-registry has no referrers API.
+fn push_signature(ep: &Endpoint, repo: &str, subject: &[u8]) -> (String, Vec<u8>) {
+    let config = ep.push_blob(repo, b"{}");
+    let payload = format!(
+        r#"{{"critical":{{"image":{{"docker-manifest-digest":"{}"}}}}}}"#,
+        sha256(subject)
+    );
+    let layer = ep.push_blob(repo, payload.as_bytes());
+    let m = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": layer, "size": payload.len()}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": sha256(subject), "size": subject.len()},
+    });
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let tag = format!("{}.sig", sha256(subject).replace(':', "-"));
+    assert_eq!(ep.push_manifest(repo, &tag, OCI_MANIFEST, &bytes), 201);
+    (sha256(&bytes), bytes)
+}
+
+/// Every tag and manifest (children of indexes too) of `repo` is byte-identical at `b`.
+fn assert_repo_identical(a: &Endpoint, b: &Endpoint, repo: &str) {
+    let tags = a.tags(repo);
+    assert!(!tags.is_empty(), "{repo} has tags at the parent");
+    assert_eq!(b.tags(repo), tags, "tags of {repo}");
+    for t in &tags {
+        let ma = a.manifest(repo, t).unwrap();
+        let mb = b
+            .manifest(repo, t)
+            .unwrap_or_else(|| panic!("{repo}:{t} missing"));
+        assert_eq!(sha256(&ma), sha256(&mb), "{repo}:{t} differs");
+        assert_eq!(ma, mb);
+        if let Some(children) = manifest_json(&ma)["manifests"].as_array() {
+            for c in children {
+                let d = c["digest"].as_str().unwrap();
+                assert_eq!(b.manifest(repo, d), a.manifest(repo, d), "{repo}@{d}");
+            }
+        }
+    }
+}
+
+struct Content {
+    _dir: tempfile::TempDir,
+    layout: Layout,
+    /// Digest of the image manifest tagged app:v1 in the layout.
+    app_v1: String,
+}
+
+/// A layout with a base image, two images on top of it (sharing its layer), an arm64 image
+/// and a multi-arch index of amd64 + arm64.
+fn content(seed: u64) -> Content {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image(
+        "base",
+        "amd64",
+        &[("base.bin", pseudo_random(seed, 512 * 1024))],
+    );
+    derive_image(
+        &layout,
+        "base",
+        "v1",
+        &[("app.bin", pseudo_random(seed + 1, 64 * 1024))],
+    );
+    derive_image(
+        &layout,
+        "base",
+        "v2",
+        &[("app.bin", pseudo_random(seed + 2, 64 * 1024))],
+    );
+    derive_image(
+        &layout,
+        "base",
+        "v3",
+        &[("app.bin", pseudo_random(seed + 4, 64 * 1024))],
+    );
+    layout.add_image(
+        "arm",
+        "arm64",
+        &[("arm.bin", pseudo_random(seed + 3, 100 * 1024))],
+    );
+    layout.add_index("multi", &[("base", "amd64"), ("arm", "arm64")]);
+    let app_v1 = layout.descriptor("v1")["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    Content {
+        _dir: dir,
+        layout,
+        app_v1,
+    }
+}
+
+#[test]
+fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let parent = DockerRegistry::builder()
+        .basic_auth("syncer", "s3cret-pass")
+        .tls(&pki.cert, &pki.key)
+        .start();
+    let creds = parent.skopeo_dest_args(&pki.ca_cert);
+    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
+    let c = content(run_seed());
+    let host = parent.host();
+    let up = |tag: &str, repo_tag: &str| {
+        let src = format!("oci:{}:{tag}", c.layout.path.display());
+        let dst = format!("docker://{host}/{repo_tag}");
+        let mut args = vec!["copy", "--all"];
+        args.extend_from_slice(&creds);
+        args.push(&src);
+        args.push(&dst);
+        skopeo(&args);
+    };
+    up("v1", "team/app:v1");
+    up("v2", "team/app:v2");
+    up("multi", "team/multi:latest");
+    up("base", "lonely:1.0");
+    up("v1", "other/secret:v1");
+    let parent_ep = Endpoint {
+        base: format!("https://{host}"),
+        client: client_with_ca(Some(&pki.ca_cert)),
+        basic: Some(("syncer".into(), "s3cret-pass".into())),
+    };
+    let subject = parent_ep.manifest("team/app", "v1").unwrap();
+    assert_eq!(sha256(&subject), c.app_v1);
+    let (sig_digest, sig_bytes) = push_signature(&parent_ep, "team/app", &subject);
+
+    let conn = conn("edge-1", "syncer", "s3cret-pass", &host, "https");
+    let outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn,
+        "--parent-ca-file",
+        pki.ca_cert.to_str().unwrap(),
+        "--repository",
+        "team/**",
+        "--repository",
+        "lonely",
+        "--chunk-size-mb",
+        "1",
+    ]);
+    let s = wait_run(&outpost, 1, Duration::from_secs(60));
+    assert_eq!(
+        s["lastRun"]["result"],
+        "success",
+        "{s:#}\n{}",
+        outpost.log_text()
+    );
+    assert_eq!(s["connectionState"], "online");
+    assert_eq!(s["name"], "edge-1");
+    assert_eq!(s["mode"], "readonly");
+    assert!(s["lastSyncUtc"].as_str().unwrap().ends_with('Z'));
+
+    let local = Endpoint::plain(&outpost.host());
+    for repo in ["team/app", "team/multi", "lonely"] {
+        assert_repo_identical(&parent_ep, &local, repo);
+    }
+    let mut cat = local.catalog();
+    cat.sort();
+    assert_eq!(
+        cat,
+        ["lonely", "team/app", "team/multi"],
+        "nothing out of scope"
+    );
+    assert!(local.manifest("other/secret", "v1").is_none());
+
+    // The signature arrived byte-identical, and Outpost's referrers API lists it.
+    assert_eq!(local.manifest("team/app", &sig_digest).unwrap(), sig_bytes);
+    let refs: Value = local
+        .get(&format!("/v2/team/app/referrers/{}", c.app_v1))
+        .json()
+        .unwrap();
+    let listed: Vec<&str> = refs["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [sig_digest.as_str()]);
+
+    // skopeo sees the same digests.
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/team/multi:latest", outpost.host()),
+    ]);
+    assert_eq!(
+        sha256(raw.as_bytes()),
+        sha256(&parent_ep.manifest("team/multi", "latest").unwrap())
+    );
+
+    // Shared blobs were fetched once: bytes downloaded equal the unique blob bytes.
+    let metrics = http()
+        .get(format!("{}/metrics", outpost.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("outpost_parent_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains("outpost_sync_runs_total{result=\"success\"}"),
+        "{metrics}"
+    );
+    let downloaded: u64 = metric(&metrics, "outpost_sync_bytes_downloaded_total");
+    let unique = unique_blob_bytes(
+        &parent_ep,
+        &[
+            ("team/app", "v1"),
+            ("team/app", "v2"),
+            ("team/multi", "latest"),
+            ("lonely", "1.0"),
+            ("team/app", &format!("{}.sig", c.app_v1.replace(':', "-"))),
+        ],
+    );
+    assert_eq!(downloaded, unique, "each blob downloaded exactly once");
+
+    // The status table and JSON through the CLI.
+    let out = admin_cli(&outpost, &["status"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = text.lines().next().unwrap();
+    for col in [
+        "NAME",
+        "MODE",
+        "CONNECTION STATE",
+        "PARENT",
+        "LOGIN SERVER",
+        "LAST SYNC(UTC)",
+        "SYNC SCHEDULE",
+        "SYNC WINDOW",
+    ] {
+        assert!(head.contains(col), "{head}");
+    }
+    assert!(text.lines().nth(1).unwrap().starts_with("edge-1"), "{text}");
+    let out = admin_cli(&outpost, &["status", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["loginServer"], host);
+    // Pushes are refused in readonly mode.
+    assert_eq!(
+        local.push_manifest("team/app", "x", OCI_MANIFEST, &subject),
+        403
+    );
+    // The password never shows in the log.
+    assert!(!outpost.log_text().contains("s3cret-pass"));
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in metrics")) as u64
+}
+
+/// Sum of the sizes of the distinct blobs under the given manifests (indexes followed).
+fn unique_blob_bytes(ep: &Endpoint, refs: &[(&str, &str)]) -> u64 {
+    let mut seen = std::collections::BTreeMap::new();
+    fn walk(
+        ep: &Endpoint,
+        repo: &str,
+        reference: &str,
+        seen: &mut std::collections::BTreeMap<String, u64>,
+    ) {
+        let m = manifest_json(&ep.manifest(repo, reference).unwrap());
+        if let Some(children) = m["manifests"].as_array() {
+            for c in children {
+                walk(ep, repo, c["digest"].as_str().unwrap(), seen);
+            }
+            return;
+        }
+        let mut descs = vec![m["config"].clone()];
+        descs.extend(m["layers"].as_array().unwrap().iter().cloned());
+        for d in descs {
+            seen.insert(
+                d["digest"].as_str().unwrap().to_owned(),
+                d["size"].as_u64().unwrap(),
+            );
+        }
+    }
+    for (repo, r) in refs {
+        walk(ep, repo, r, &mut seen);
+    }
+    seen.values().sum()
+}
+
+#[test]
+fn nested_outposts_and_readwrite_up_the_chain() {
+    let parent = DockerRegistry::builder().start();
+    let c = content(run_seed() + 10);
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
+    load(&c.layout, "multi", &parent.host(), "team/multi:latest", &[]);
+
+    // A syncs from docker-registry; its tokens file lets B's sync token read and write.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let t = tokens.to_str().unwrap();
+    let outpost_cli = |args: &[&str]| run_ok(Command::new(bin("outpost-registry")).args(args));
+    outpost_cli(&[
+        "scope-map",
+        "create",
+        "--tokens",
+        t,
+        "--name",
+        "child",
+        "--repository",
+        "**",
+        "content/read",
+        "metadata/read",
+        "content/write",
+    ]);
+    let out = outpost_cli(&[
+        "token",
+        "create",
+        "--tokens",
+        t,
+        "--name",
+        "edge-b",
+        "--scope-map",
+        "child",
+    ]);
+    let password = out
+        .split_whitespace()
+        .find(|w| {
+            w.len() >= 20
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        .expect("password printed")
+        .to_owned();
+    let a = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge-a", "none", "none", &parent.host(), "http"),
+        "--mode",
+        "readwrite",
+        "--tokens",
+        t,
+    ]);
+    wait_run(&a, 1, Duration::from_secs(60));
+    let b = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge-b", "edge-b", &password, &a.host(), "http"),
+        "--mode",
+        "readwrite",
+    ]);
+    let s = wait_run(&b, 1, Duration::from_secs(60));
+    assert_eq!(s["lastRun"]["result"], "success", "{s:#}\n{}", b.log_text());
+    let top = Endpoint::plain(&parent.host());
+    let leaf = Endpoint::plain(&b.host());
+    for repo in ["team/app", "team/multi"] {
+        assert_repo_identical(&top, &leaf, repo);
+    }
+
+    // A push to B goes up to A at B's next sync, and on to docker-registry at A's.
+    load(&c.layout, "v2", &b.host(), "team/app:from-leaf", &[]);
+    assert!(top.manifest("team/app", "from-leaf").is_none());
+    sync_now(&b);
+    let a_ep = Endpoint {
+        basic: Some(("edge-b".into(), password.clone())),
+        ..Endpoint::plain(&a.host())
+    };
+    let at_a = a_ep.manifest("team/app", "from-leaf");
+    assert!(at_a.is_some(), "pushed up to A\n{}", b.log_text());
+    sync_now(&a);
+    assert_eq!(
+        top.manifest("team/app", "from-leaf"),
+        at_a,
+        "pushed up to docker-registry\n{}",
+        a.log_text()
+    );
+    assert!(!b.log_text().contains(&password));
+}
+
+#[test]
+fn offline_parent_keeps_serving_and_comes_back() {
+    let mut parent = DockerRegistry::builder().start();
+    let c = content(run_seed() + 20);
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
+    load(&c.layout, "multi", &parent.host(), "team/app:multi", &[]);
+    load(&c.layout, "v2", &parent.host(), "team/app:gone-soon", &[]);
+    let outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &parent.host(), "http"),
+        "--sync-schedule",
+        "*/2 * * * * *",
+    ]);
+    wait_run(&outpost, 1, Duration::from_secs(60));
+    let local = Endpoint::plain(&outpost.host());
+    assert_eq!(local.tags("team/app"), ["gone-soon", "multi", "v1"]);
+
+    parent.stop();
+    wait_for(&outpost, "offline", Duration::from_secs(30), |s| {
+        s["connectionState"] == "offline"
+    });
+    let metrics = http()
+        .get(format!("{}/metrics", outpost.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("outpost_parent_connected 0"));
+    assert!(metrics.contains("outpost_sync_runs_total{result=\"failed\"}"));
+    // Everything synced still pulls, multi-arch included.
+    let out = tempfile::tempdir().unwrap();
+    for tag in ["v1", "multi", "gone-soon"] {
+        skopeo(&[
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{}/team/app:{tag}", outpost.host()),
+            &format!("oci:{}:{tag}", out.path().join("pulled").display()),
+        ]);
+    }
+
+    parent.start_again();
+    let top = Endpoint::plain(&parent.host());
+    load(&c.layout, "v3", &parent.host(), "team/app:v3", &[]);
+    let gone = sha256(&top.manifest("team/app", "gone-soon").unwrap());
+    top.delete_manifest("team/app", &gone);
+    wait_for(
+        &outpost,
+        "online with the new tag",
+        Duration::from_secs(30),
+        |s| s["connectionState"] == "online" && local.tags("team/app") == ["multi", "v1", "v3"],
+    );
+    assert_repo_identical(&top, &local, "team/app");
+}
+
+/// A big single-layer image in a fresh layout; returns (layout dir, layer digest, layer size).
+fn big_image(seed: u64, size: usize) -> (tempfile::TempDir, Layout, String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image("big", "amd64", &[("big.bin", pseudo_random(seed, size))]);
+    let m: Value =
+        serde_json::from_slice(&layout.blob(layout.descriptor("big")["digest"].as_str().unwrap()))
+            .unwrap();
+    let biggest = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    (
+        dir,
+        layout,
+        biggest["digest"].as_str().unwrap().to_owned(),
+        biggest["size"].as_u64().unwrap(),
+    )
+}
+
+/// Range starts of the requests for `digest`'s blob through the proxy, in order (0 = none).
+fn range_starts(proxy: &FaultProxy, digest: &str) -> Vec<u64> {
+    proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains(&format!("/blobs/{digest}")))
+        .map(|r| {
+            r.range
+                .as_deref()
+                .and_then(|h| h.strip_prefix("bytes="))
+                .and_then(|h| h.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+#[test]
+fn cut_connection_resumes_from_what_was_stored() {
+    let parent = DockerRegistry::builder().start();
+    let (_d, layout, layer, size) = big_image(run_seed() + 30, 12 * MIB as usize);
+    load(&layout, "big", &parent.host(), "big/image:1", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    proxy.cut_after(&format!("/blobs/{layer}"), 5 * MIB + 12345);
+    let outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &proxy.host(), "http"),
+        "--chunk-size-mb",
+        "2",
+        "--sync-schedule",
+        "0 0 1 1 *",
+    ]);
+    let s = wait_run(&outpost, 1, Duration::from_secs(60));
+    assert_eq!(
+        s["lastRun"]["result"],
+        "success",
+        "{s:#}\n{}",
+        outpost.log_text()
+    );
+    let starts = range_starts(&proxy, &layer);
+    assert_eq!(starts.len(), 2, "{:?}", proxy.requests());
+    assert_eq!(starts[0], 0);
+    // Everything that arrived was kept: at least the last complete chunk (4 MiB), here all of it.
+    assert!(
+        starts[1] >= 4 * MIB && starts[1] <= 5 * MIB + 12345,
+        "{starts:?}"
+    );
+    assert!(proxy.body_bytes_for(&format!("/blobs/{layer}")) <= size + 2 * MIB);
+    let got = Endpoint::plain(&outpost.host()).blob("big/image", &layer);
+    assert_eq!(sha256(&got), layer);
+}
+
+#[test]
+fn kill9_mid_layer_resumes_from_last_complete_chunk() {
+    let parent = DockerRegistry::builder().start();
+    let (_d, layout, layer, size) = big_image(run_seed() + 40, 16 * MIB as usize);
+    load(&layout, "big", &parent.host(), "big/image:1", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    let mut outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &proxy.host(), "http"),
+        "--chunk-size-mb",
+        "1",
+        "--sync-bandwidth-limit",
+        "3000000",
+        "--sync-schedule",
+        "0 0 1 1 *",
+    ]);
+    let path = format!("/blobs/{layer}");
+    // Killed once Outpost itself has taken in 5 MiB (the proxy is ahead by socket buffers).
+    let s = wait_for(&outpost, "5 MiB downloaded", Duration::from_secs(30), |s| {
+        s["repositories"][0]["bytesDone"].as_u64().unwrap_or(0) >= 5 * MIB
+    });
+    let taken_in = s["repositories"][0]["bytesDone"].as_u64().unwrap();
+    outpost.kill9();
+    let before = proxy.body_bytes_for(&path);
+    outpost.restart();
+    let s = wait_run(&outpost, 1, Duration::from_secs(60));
+    assert_eq!(
+        s["lastRun"]["result"],
+        "success",
+        "{s:#}\n{}",
+        outpost.log_text()
+    );
+    let starts = range_starts(&proxy, &layer);
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    // Resumed exactly at a chunk boundary, no later than what had arrived.
+    assert!(
+        starts[1] > 0 && starts[1].is_multiple_of(MIB) && starts[1] <= before,
+        "{starts:?} {before}"
+    );
+    // At most the chunk in flight was lost: Outpost had taken in at least `taken_in` bytes,
+    // and resumed no more than one chunk before it. (The proxy's own count also holds what
+    // sat unread in socket buffers at the kill, so it is not the measure of what was fetched.)
+    assert!(
+        starts[1] + MIB >= taken_in,
+        "{starts:?} taken in {taken_in}"
+    );
+    let resumed: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains(&path))
+        .collect();
+    assert_eq!(resumed[1].status, 206);
+    assert_eq!(resumed[1].body_bytes, size - starts[1], "the rest, once");
+    let got = Endpoint::plain(&outpost.host()).blob("big/image", &layer);
+    assert_eq!(sha256(&got), layer);
+}
+
+#[test]
+fn window_closing_pauses_and_next_window_resumes() {
+    let parent = DockerRegistry::builder().start();
+    let (_d, layout, layer, size) = big_image(run_seed() + 50, 10 * MIB as usize);
+    load(&layout, "big", &parent.host(), "big/image:1", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    let outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &proxy.host(), "http"),
+        "--chunk-size-mb",
+        "1",
+        "--sync-bandwidth-limit",
+        "2000000",
+        "--sync-schedule",
+        "*/8 * * * * *",
+        "--sync-window",
+        "PT3S",
+    ]);
+    let paused = wait_for(&outpost, "a paused run", Duration::from_secs(40), |s| {
+        s["lastRun"]["result"] == "paused"
+    });
+    assert!(paused["syncWindow"] == "PT3S");
+    let s = wait_for(&outpost, "a successful run", Duration::from_secs(60), |s| {
+        s["lastRun"]["result"] == "success"
+    });
+    assert!(last_run(&s) >= 2);
+    // Each window resumed where the last one stopped. (Bytes the parent had already pushed
+    // into socket buffers when a window closed are fetched again, so no bound on bytes here.)
+    let starts = range_starts(&proxy, &layer);
+    assert!(
+        starts.len() >= 2 && starts[1..].iter().all(|&o| o > 0),
+        "{starts:?}"
+    );
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "{starts:?}");
+    assert!(*starts.last().unwrap() < size);
+    let got = Endpoint::plain(&outpost.host()).blob("big/image", &layer);
+    assert_eq!(sha256(&got), layer);
+}
+
+#[test]
+fn readwrite_push_reaches_parent_after_restart_and_conflicts_go_to_parent() {
+    let parent = DockerRegistry::builder().start();
+    let c = content(run_seed() + 60);
+    load(&c.layout, "v1", &parent.host(), "team/app:shared", &[]);
+    // No run starts by itself: a one-second window once a year.
+    let mut outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &parent.host(), "http"),
+        "--mode",
+        "readwrite",
+        "--sync-schedule",
+        "0 0 1 1 *",
+        "--sync-window",
+        "PT1S",
+    ]);
+    sync_now(&outpost);
+    let top = Endpoint::plain(&parent.host());
+    let local = Endpoint::plain(&outpost.host());
+    assert_eq!(local.tags("team/app"), ["shared"]);
+
+    load(&c.layout, "v2", &outpost.host(), "team/app:local-only", &[]);
+    assert_eq!(admin_status(&outpost)["outboxPending"], 1);
+    outpost.restart();
+    assert!(
+        top.manifest("team/app", "local-only").is_none(),
+        "not uploaded before a sync"
+    );
+    sync_now(&outpost);
+    assert_eq!(
+        top.manifest("team/app", "local-only"),
+        local.manifest("team/app", "local-only"),
+        "uploaded after the restart\n{}",
+        outpost.log_text()
+    );
+    assert_eq!(admin_status(&outpost)["outboxPending"], 0);
+
+    // The tag moves at both ends: the parent wins, and says so in the log.
+    load(&c.layout, "base", &parent.host(), "team/app:shared", &[]);
+    load(&c.layout, "v2", &outpost.host(), "team/app:shared", &[]);
+    sync_now(&outpost);
+    let theirs = top.manifest("team/app", "shared").unwrap();
+    assert_eq!(
+        sha256(&theirs),
+        c.layout.descriptor("base")["digest"].as_str().unwrap()
+    );
+    assert_eq!(local.manifest("team/app", "shared").unwrap(), theirs);
+    assert!(
+        outpost.log_text().contains("the parent wins"),
+        "{}",
+        outpost.log_text()
+    );
+}
+
+#[test]
+fn bad_connection_strings_name_the_key_and_hide_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("data");
+    for (cs, key) in [
+        (
+            "ConnectedRegistryName=a;SyncTokenName=b;SyncTokenPassword=hunter2-secret;ParentEndpointProtocol=https",
+            "ParentGatewayEndpoint",
+        ),
+        (
+            "ConnectedRegistryName=a;SyncTokenName=b;SyncTokenPassword=hunter2-secret;ParentGatewayEndpoint=x.io;ParentEndpointProtocol=ftp",
+            "ParentEndpointProtocol",
+        ),
+    ] {
+        let out = run_timeout(
+            Command::new(bin("outpost-registry"))
+                .args(["serve", "--storage"])
+                .arg(&storage)
+                .env("OUTPOST_CONNECTION_STRING", cs),
+            Duration::from_secs(30),
+        );
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{err}");
+        assert!(!err.contains("hunter2-secret"), "{err}");
+    }
+    let out = run_timeout(
+        Command::new(bin("outpost-registry"))
+            .args(["serve", "--storage"])
+            .arg(&storage)
+            .args([
+                "--connection-string",
+                &conn("a", "b", "c", "127.0.0.1:1", "http"),
+                "--sync-window",
+                "4 hours",
+            ]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sync-window"));
+}
