@@ -192,6 +192,7 @@ pub struct ProxiedRequest {
 struct ProxyState {
     requests: Vec<ProxiedRequest>,
     cut: Option<(String, u64)>,
+    refuse: Option<(String, u16)>,
 }
 
 /// A plain-HTTP/1.1 proxy in front of `upstream` on a free loopback port. Threads end when it
@@ -258,6 +259,12 @@ impl FaultProxy {
     /// `body_bytes` bytes of body (one-shot).
     pub fn cut_after(&self, path_contains: &str, body_bytes: u64) {
         self.state.lock().expect("state").cut = Some((path_contains.into(), body_bytes));
+    }
+
+    /// Requests whose path contains `path_contains` get `status` from the proxy itself (as a
+    /// parent that refuses, say, its catalog to a scope-map token).
+    pub fn refuse(&self, path_contains: &str, status: u16) {
+        self.state.lock().expect("state").refuse = Some((path_contains.into(), status));
     }
 
     pub fn set_offline(&self, offline: bool) {
@@ -396,6 +403,30 @@ fn serve_connection(
         let mut parts = line.split_whitespace();
         let method = parts.next().unwrap_or("").to_owned();
         let path = parts.next().unwrap_or("").to_owned();
+        let refused = {
+            let st = state.lock().expect("state");
+            st.refuse
+                .as_ref()
+                .filter(|(p, _)| path.contains(p.as_str()))
+                .map(|(_, s)| *s)
+        };
+        if let Some(status) = refused {
+            let body =
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"refused by the test proxy"}]}"#;
+            state.lock().expect("state").requests.push(ProxiedRequest {
+                method,
+                path,
+                range: header(&headers, "range").map(str::to_owned),
+                status,
+                body_bytes: 0,
+            });
+            write!(
+                client_w,
+                "HTTP/1.1 {status} Refused\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+            continue;
+        }
         up_w.write_all(&raw)?;
         let req_len: u64 = header(&headers, "content-length")
             .and_then(|v| v.parse().ok())

@@ -972,3 +972,33 @@ fn bad_connection_strings_name_the_key_and_hide_the_password() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sync-window"));
 }
+
+#[test]
+fn refused_catalog_still_syncs_exact_names_and_says_why() {
+    let parent = DockerRegistry::builder().start();
+    let c = content(run_seed() + 70);
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
+    load(&c.layout, "base", &parent.host(), "lonely:1.0", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    proxy.refuse("/v2/_catalog", 401);
+    let outpost = Registry::start_with_args(&[
+        "--connection-string",
+        &conn("edge", "u", "p", &proxy.host(), "http"),
+        "--repository",
+        "team/*",
+        "--repository",
+        "lonely",
+    ]);
+    let s = wait_run(&outpost, 1, Duration::from_secs(60));
+    assert_eq!(s["lastRun"]["result"], "success", "{s:#}");
+    let note = s["scopeNote"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("team/*") && note.contains("catalog"),
+        "{note}"
+    );
+    let local = Endpoint::plain(&outpost.host());
+    assert_eq!(local.catalog(), ["lonely"]);
+    assert_repo_identical(&Endpoint::plain(&parent.host()), &local, "lonely");
+    let out = admin_cli(&outpost, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("note: team/*"));
+}
