@@ -1002,3 +1002,56 @@ fn refused_catalog_still_syncs_exact_names_and_says_why() {
     let out = admin_cli(&outpost, &["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("note: team/*"));
 }
+
+#[test]
+fn rotated_sync_token_in_the_connection_file_applies_without_restart() {
+    let parent = DockerRegistry::builder()
+        .basic_auth("syncer", "new-pass")
+        .start();
+    let c = content(run_seed() + 80);
+    let creds = parent.skopeo_dest_args(Path::new("/nonexistent"));
+    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &creds);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("connection-string");
+    std::fs::write(
+        &file,
+        conn("edge", "syncer", "old-pass", &parent.host(), "http"),
+    )
+    .unwrap();
+    let outpost = Registry::start_with_args(&[
+        "--connection-string-file",
+        file.to_str().unwrap(),
+        "--repository",
+        "team/app",
+        "--sync-schedule",
+        "0 0 1 1 *",
+    ]);
+    let s = wait_run(&outpost, 1, Duration::from_secs(60));
+    assert_eq!(s["lastRun"]["result"], "failed", "{s:#}");
+    assert_eq!(s["connectionState"], "offline");
+    assert!(
+        s["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("refused the sync token"),
+        "{s:#}"
+    );
+    std::fs::write(
+        &file,
+        conn("edge", "syncer", "new-pass", &parent.host(), "http"),
+    )
+    .unwrap();
+    sync_now(&outpost);
+    assert_repo_identical(
+        &Endpoint {
+            basic: Some(("syncer".into(), "new-pass".into())),
+            ..Endpoint::plain(&parent.host())
+        },
+        &Endpoint::plain(&outpost.host()),
+        "team/app",
+    );
+    let log = outpost.log_text();
+    assert!(log.contains("parent client rebuilt"), "{log}");
+    assert!(!log.contains("old-pass") && !log.contains("new-pass"));
+}
