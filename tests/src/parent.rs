@@ -154,9 +154,9 @@ impl DockerRegistry {
     }
 
     /// skopeo flags to push into it: credentials and, with TLS, a cert dir holding `ca`.
-    pub fn skopeo_dest_args(&self, ca: &Path) -> Vec<String> {
+    pub fn skopeo_dest_args(&self, ca: Option<&Path>) -> Vec<String> {
         let mut args = Vec::new();
-        if self.tls {
+        if let (true, Some(ca)) = (self.tls, ca) {
             let certs = self._dir.path().join("certs.d");
             std::fs::create_dir_all(&certs).expect("certs dir");
             std::fs::copy(ca, certs.join("ca.crt")).expect("ca");

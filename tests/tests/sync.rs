@@ -378,7 +378,7 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
         .basic_auth("syncer", "s3cret-pass")
         .tls(&pki.cert, &pki.key)
         .start();
-    let creds = parent.skopeo_dest_args(&pki.ca_cert);
+    let creds = parent.skopeo_dest_args(Some(&pki.ca_cert));
     let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
     let c = content(run_seed());
     let host = parent.host();
@@ -1009,7 +1009,7 @@ fn rotated_sync_token_in_the_connection_file_applies_without_restart() {
         .basic_auth("syncer", "new-pass")
         .start();
     let c = content(run_seed() + 80);
-    let creds = parent.skopeo_dest_args(Path::new("/nonexistent"));
+    let creds = parent.skopeo_dest_args(None);
     let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
     load(&c.layout, "v1", &parent.host(), "team/app:v1", &creds);
     let dir = tempfile::tempdir().unwrap();
