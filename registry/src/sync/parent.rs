@@ -157,6 +157,48 @@ impl std::fmt::Debug for Parent {
     }
 }
 
+/// The first non-empty of an environment variable's upper- and lowercase spellings.
+fn env_var(name: &str) -> Option<String> {
+    [name.to_owned(), name.to_ascii_lowercase()]
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// Proxies for the parent from `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` (sites often reach
+/// the cloud only through one). Loopback never goes through the proxy.
+struct ProxyEnv {
+    https: Option<String>,
+    http: Option<String>,
+    no_proxy: String,
+}
+
+impl ProxyEnv {
+    fn read() -> Self {
+        let mut no_proxy = String::from("127.0.0.1,localhost,::1");
+        if let Some(more) = env_var("NO_PROXY") {
+            no_proxy.push(',');
+            no_proxy.push_str(&more);
+        }
+        ProxyEnv {
+            https: env_var("HTTPS_PROXY"),
+            http: env_var("HTTP_PROXY"),
+            no_proxy,
+        }
+    }
+
+    fn apply(&self, mut b: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, ParentError> {
+        let bad = |e: reqwest::Error| ParentError::Protocol(format!("proxy setting: {e}"));
+        let none = || reqwest::NoProxy::from_string(&self.no_proxy);
+        if let Some(p) = &self.https {
+            b = b.proxy(reqwest::Proxy::https(p).map_err(bad)?.no_proxy(none()));
+        }
+        if let Some(p) = &self.http {
+            b = b.proxy(reqwest::Proxy::http(p).map_err(bad)?.no_proxy(none()));
+        }
+        Ok(b)
+    }
+}
+
 fn user_agent() -> &'static str {
     concat!("outpost-registry/", env!("CARGO_PKG_VERSION"))
 }
@@ -171,7 +213,11 @@ impl Parent {
             })?),
             None => None,
         };
+        let proxies = ProxyEnv::read();
         let config = ClientConfig {
+            https_proxy: proxies.https.clone(),
+            http_proxy: proxies.http.clone(),
+            no_proxy: Some(proxies.no_proxy.clone()),
             protocol: match conn.protocol {
                 Protocol::Https => ClientProtocol::Https,
                 Protocol::Http => ClientProtocol::Http,
@@ -206,7 +252,8 @@ impl Parent {
                 http = http.add_root_certificate(cert);
             }
         }
-        let http = http
+        let http = proxies
+            .apply(http)?
             .build()
             .map_err(|e| ParentError::Protocol(format!("cannot build the parent client: {e}")))?;
         Ok(Parent {
