@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(skopeo docker-registry containerd runc umoci openssl wrk busybox-static)
+packages=(skopeo docker-registry containerd runc umoci openssl wrk busybox-static python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
