@@ -1,9 +1,11 @@
 //! Types every Outpost binary agrees on. No I/O, no async runtime, no Kubernetes types.
 
+pub mod config;
 pub mod digest;
 pub mod pattern;
 pub mod reference;
 
+pub use config::{ConfigError, Host, HostError, MirrorConfig, MirrorRule};
 pub use digest::{Algorithm, Digest, DigestError};
 pub use pattern::{PatternError, RepositoryPattern};
 pub use reference::{NameError, Reference, RepositoryName, Tag};
