@@ -2,10 +2,12 @@
 
 pub mod config;
 pub mod digest;
+pub mod image;
 pub mod pattern;
 pub mod reference;
 
 pub use config::{ConfigError, Host, HostError, MirrorConfig, MirrorRule};
 pub use digest::{Algorithm, Digest, DigestError};
+pub use image::{ImageError, ImageReference};
 pub use pattern::{PatternError, RepositoryPattern};
 pub use reference::{NameError, Reference, RepositoryName, Tag};
