@@ -170,6 +170,17 @@ async fn uploads(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(st.offset, 10);
+    // What a session holds can be read while it is open.
+    let mut tail = Vec::new();
+    let mut body = store.upload_read(&r, &id, 6).await.unwrap();
+    while let Some(b) = body.next().await {
+        tail.extend_from_slice(&b.unwrap());
+    }
+    assert_eq!(tail, b"one ");
+    assert!(matches!(
+        store.upload_read(&repo("conf/elsewhere"), &id, 0).await,
+        Err(StorageError::UploadUnknown)
+    ));
     // Out of order.
     assert!(matches!(
         store

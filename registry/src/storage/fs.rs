@@ -984,6 +984,29 @@ impl Store for FsStore {
         .await
     }
 
+    async fn upload_read(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        offset: u64,
+    ) -> Result<ByteStream, StorageError> {
+        let store = self.handle();
+        let (repo, id) = (repo.clone(), id.to_owned());
+        blocking(move || {
+            store.load_upload(&repo, &id)?;
+            let mut file = not_found_to(
+                File::open(store.upload_dir(&id).join("data")),
+                StorageError::UploadUnknown,
+            )?;
+            let len = file.metadata()?.len();
+            if offset > 0 {
+                file.seek(SeekFrom::Start(offset.min(len)))?;
+            }
+            Ok(blob_stream(file, len.saturating_sub(offset)))
+        })
+        .await
+    }
+
     async fn upload_append(
         &self,
         repo: &RepositoryName,

@@ -295,6 +295,16 @@ pub trait Store: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<u64, StorageError>;
     async fn upload_cancel(&self, repo: &RepositoryName, id: &str) -> Result<(), StorageError>;
+    /// Streams what an open session holds from `offset` to its current end, including bytes
+    /// of a chunk still being appended (a pull-through reader following a download in
+    /// progress). Bytes past the durable offset may be rewritten with the same content when a
+    /// download resumes, so this suits sessions filled with content-addressed data only.
+    async fn upload_read(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        offset: u64,
+    ) -> Result<ByteStream, StorageError>;
     /// Removes sessions idle for longer than `idle`; returns how many.
     async fn upload_expire(&self, idle: Duration) -> Result<usize, StorageError>;
 

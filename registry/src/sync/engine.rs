@@ -3,25 +3,22 @@
 //! missing blob once, then write manifests children first and tags last, and follow tags the
 //! parent deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_core::{Digest, Reference, RepositoryName, Tag};
 
-use super::parent::{Parent, ParentError};
-use super::transfer::{self, Outcome, TransferContext};
+use super::flight::{End, FlightOptions};
+use super::image::{self, MAX_DEPTH, PlanError, Planner, Tree, link};
+use super::transfer;
+use super::parent::{self, Parent, ParentError};
 use super::{LiveRepo, LiveRun, Syncer};
-use crate::service::{self, manifest};
+use crate::service::manifest;
 use crate::storage::StorageError;
 
-/// How deep referrers of referrers are followed (a signature of an SBOM of an image).
-const REFERRER_DEPTH: usize = 2;
-/// Index nesting beyond this is refused (an index of indexes of ... is a loop or an attack).
-const MAX_DEPTH: usize = 8;
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -70,35 +67,11 @@ impl Report {
     }
 }
 
-/// A manifest fetched from the parent, waiting for its blobs.
-struct Fetched {
-    digest: Digest,
-    content: Bytes,
-}
-
-/// What one tag needs: manifests in the order they can be written, and their blobs.
-#[derive(Default)]
-struct Tree {
-    manifests: Vec<Fetched>,
-    blobs: Vec<(Digest, u64)>,
-    seen: HashSet<Digest>,
-}
-
 struct TagPlan {
     repo: RepositoryName,
     tag: Tag,
     digest: Digest,
     tree: Tree,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum PlanError {
-    #[error(transparent)]
-    Parent(#[from] ParentError),
-    #[error("storage: {0}")]
-    Storage(#[from] StorageError),
-    #[error("manifest {digest} from the parent is invalid: {reason}")]
-    Invalid { digest: Digest, reason: String },
 }
 
 pub struct Run {
@@ -297,102 +270,19 @@ impl Run {
 
     async fn plan_tag(&self, repo: &RepositoryName, tag: &Tag) -> Result<TagPlan, PlanError> {
         let digest = self.parent.tag_digest(repo, tag.as_str()).await?;
-        let mut tree = Tree::default();
-        self.collect(repo, &digest, &mut tree, 0).await?;
-        self.collect_referrers(repo, &digest, &mut tree, 0).await;
+        let planner = Planner {
+            store: &*self.syncer.store,
+            parent: &self.parent,
+            attempts: parent::ATTEMPTS,
+            on_fetch: None,
+        };
+        let tree = planner.plan(repo, &digest, None).await?;
         Ok(TagPlan {
             repo: repo.clone(),
             tag: tag.clone(),
             digest,
             tree,
         })
-    }
-
-    /// Fetches `digest` and everything under it that is not stored yet.
-    async fn collect(
-        &self,
-        repo: &RepositoryName,
-        digest: &Digest,
-        tree: &mut Tree,
-        depth: usize,
-    ) -> Result<(), PlanError> {
-        if tree.seen.contains(digest) {
-            return Ok(());
-        }
-        tree.seen.insert(digest.clone());
-        match self.syncer.store.manifest_by_digest(repo, digest).await {
-            // Stored manifests had all they reference when they were written.
-            Ok(_) => return Ok(()),
-            Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if depth > MAX_DEPTH {
-            return Err(PlanError::Invalid {
-                digest: digest.clone(),
-                reason: "indexes nested too deep".into(),
-            });
-        }
-        let content = self
-            .parent
-            .manifest(repo, &Reference::Digest(digest.clone()))
-            .await?;
-        let actual = crate::storage::hash::digest_of(digest.algorithm(), &content);
-        if &actual != digest {
-            return Err(PlanError::Invalid {
-                digest: digest.clone(),
-                reason: "content does not match its digest".into(),
-            });
-        }
-        let parsed = manifest::parse(&content, None).map_err(|e| PlanError::Invalid {
-            digest: digest.clone(),
-            reason: e.to_string(),
-        })?;
-        for child in &parsed.manifests {
-            Box::pin(self.collect(repo, child, tree, depth + 1)).await?;
-        }
-        tree.blobs.extend(parsed.blob_sizes.iter().cloned());
-        tree.manifests.push(Fetched {
-            digest: digest.clone(),
-            content,
-        });
-        Ok(())
-    }
-
-    /// Adds the referrers of `subject` (signatures, SBOMs, attestations) to `tree`. A parent
-    /// without referrers, or a referrer that cannot be fetched, does not fail the image.
-    async fn collect_referrers(
-        &self,
-        repo: &RepositoryName,
-        subject: &Digest,
-        tree: &mut Tree,
-        depth: usize,
-    ) {
-        let list = match self.parent.referrers(repo, subject).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(repository = %repo, %subject, error = %e, "no referrers from the parent");
-                return;
-            }
-        };
-        for r in list {
-            let mut sub = Tree {
-                seen: tree.seen.clone(),
-                ..Default::default()
-            };
-            match self.collect(repo, &r, &mut sub, 0).await {
-                Ok(()) => {
-                    tree.seen.extend(sub.seen);
-                    tree.blobs.extend(sub.blobs);
-                    tree.manifests.extend(sub.manifests);
-                    if depth < REFERRER_DEPTH {
-                        Box::pin(self.collect_referrers(repo, &r, tree, depth + 1)).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(repository = %repo, referrer = %r, error = %e, "referrer skipped");
-                }
-            }
-        }
     }
 
     /// Downloads every missing blob once, however many images and repositories share it.
@@ -448,44 +338,51 @@ impl Run {
             bytes = total,
             "downloading missing blobs"
         );
-        let ctx = Arc::new(TransferContext {
-            store: store.clone(),
-            state: self.syncer.state.clone(),
-            metrics: self.syncer.metrics.clone(),
-            chunk_size: self.syncer.opts.chunk_size.max(64 * 1024),
-            throttle: self.syncer.throttle.clone(),
-            deadline: self.deadline,
-            downloaded: Arc::new(AtomicU64::new(0)),
-        });
-        let progress: HashMap<Digest, Arc<AtomicU64>> = self
-            .live
-            .blobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let parent = self.parent.clone();
+        let flights = self.syncer.flights.clone();
+        let deadline = self.deadline;
+        let live = self.live.clone();
         let results: Vec<_> = futures_util::stream::iter(fetch)
             .map(|(digest, size, repos)| {
-                let ctx = ctx.clone();
                 let parent = parent.clone();
-                let prog = progress.get(&digest).cloned().unwrap_or_default();
+                let flights = flights.clone();
+                let live = live.clone();
                 async move {
                     // Any repository that needs it has it at the parent; take the first.
-                    let res = match repos.iter().next() {
-                        Some(r) => transfer::fetch_blob(ctx, &parent, r, &digest, size, prog).await,
-                        None => Err(StorageError::RepositoryUnknown.into()),
+                    let Some(first) = repos.iter().next() else {
+                        return (digest, size, repos, End::Done, 0);
                     };
-                    (digest, size, repos, res)
+                    let (flight, started) = flights.fetch(
+                        parent,
+                        first,
+                        &digest,
+                        FlightOptions {
+                            size: Some(size),
+                            deadline,
+                            attempts: transfer::ATTEMPTS,
+                        },
+                    );
+                    live.blobs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(digest.clone(), flight.progress.clone());
+                    let end = flight.wait().await;
+                    let downloaded = if started {
+                        flight.downloaded.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    };
+                    (digest, size, repos, end, downloaded)
                 }
             })
             .buffer_unordered(self.syncer.opts.concurrency.max(1))
             .collect()
             .await;
-        self.report.bytes_downloaded += ctx.downloaded.load(Ordering::Relaxed);
         let mut contact = None;
-        for (digest, size, repos, res) in results {
-            match res {
-                Ok((_, Outcome::Done)) => {
+        for (digest, size, repos, end, downloaded) in results {
+            self.report.bytes_downloaded += downloaded;
+            match end {
+                End::Done => {
                     self.report.blobs_downloaded += 1;
                     for r in &repos {
                         *self
@@ -498,14 +395,16 @@ impl Run {
                         }
                     }
                 }
-                Ok((_, Outcome::Paused)) => self.report.paused = true,
-                Err(transfer::TransferError::Parent(e)) if e.is_contact_failure() => {
-                    contact = Some(e);
-                }
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "blob download failed");
+                End::Paused => self.report.paused = true,
+                End::Failed {
+                    message,
+                    contact: true,
+                } => contact = Some(ParentError::Unreachable(message)),
+                End::Failed { message, .. } => {
+                    tracing::warn!(%digest, error = %message, "blob download failed");
                     for r in &repos {
-                        self.report.repo_error(r, format!("blob {digest}: {e}"));
+                        self.report
+                            .repo_error(r, format!("blob {digest}: {message}"));
                     }
                 }
             }
@@ -521,37 +420,16 @@ impl Run {
     async fn commit(&mut self, plans: &[TagPlan], pending: &HashSet<(String, String)>) {
         let store = self.syncer.store.clone();
         for p in plans {
-            let mut complete = true;
-            for (d, _) in &p.tree.blobs {
-                if !matches!(store.blob_size(d).await, Ok(Some(_))) {
-                    complete = false;
-                    break;
-                }
-            }
-            if !complete {
+            if !image::blobs_stored(&*store, &p.tree).await.unwrap_or(false) {
                 continue;
             }
-            let mut failed = false;
-            for m in &p.tree.manifests {
-                if let Err(e) = service::push_manifest(
-                    &*store,
-                    &p.repo,
-                    &Reference::Digest(m.digest.clone()),
-                    None,
-                    m.content.clone(),
-                )
-                .await
-                {
-                    tracing::warn!(repository = %p.repo, digest = %m.digest, error = %e, "cannot store manifest");
-                    self.report
-                        .repo_error(&p.repo, format!("{}: {e}", m.digest));
-                    failed = true;
-                    break;
+            match image::write_manifests(&*store, &p.repo, &p.tree).await {
+                Ok(n) => self.report.manifests_written += n,
+                Err((digest, e)) => {
+                    tracing::warn!(repository = %p.repo, %digest, error = %e, "cannot store manifest");
+                    self.report.repo_error(&p.repo, format!("{digest}: {e}"));
+                    continue;
                 }
-                self.report.manifests_written += 1;
-            }
-            if failed {
-                continue;
             }
             let key = (p.repo.as_str().to_owned(), p.tag.as_str().to_owned());
             let local = store
@@ -564,7 +442,7 @@ impl Run {
                     tracing::info!(repository = %p.repo, tag = %p.tag, "tag has a local push waiting for the parent; left as is");
                     continue;
                 }
-                if let Err(e) = self.point_tag(p).await {
+                if let Err(e) = image::point_tag(&*store, &p.repo, &p.tag, &p.digest).await {
                     self.report.repo_error(&p.repo, format!("{}: {e}", p.tag));
                     continue;
                 }
@@ -596,20 +474,6 @@ impl Run {
                 l.images_synced += 1;
             }
         }
-    }
-
-    async fn point_tag(&self, p: &TagPlan) -> Result<(), service::PushError> {
-        let store = &*self.syncer.store;
-        let content = store.manifest_by_digest(&p.repo, &p.digest).await?.content;
-        service::push_manifest(
-            store,
-            &p.repo,
-            &Reference::Tag(p.tag.clone()),
-            None,
-            content,
-        )
-        .await?;
-        Ok(())
     }
 
     /// Removes local tags the parent no longer has (repositories whose tags were listed).
@@ -811,16 +675,4 @@ impl From<StorageError> for UpError {
     fn from(e: StorageError) -> Self {
         UpError::Local(e.to_string())
     }
-}
-
-/// Links a stored blob into `repo` unless it is already there (a link is an fsynced write).
-async fn link(
-    store: &dyn crate::storage::Store,
-    repo: &RepositoryName,
-    digest: &Digest,
-) -> Result<(), StorageError> {
-    if !store.repo_blob_linked(repo, digest).await? {
-        store.repo_blob_link(repo, digest).await?;
-    }
-    Ok(())
 }

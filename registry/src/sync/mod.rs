@@ -6,6 +6,8 @@
 
 pub mod connection;
 mod engine;
+pub mod flight;
+pub mod image;
 pub mod outbox;
 pub mod parent;
 pub mod schedule;
@@ -110,7 +112,7 @@ pub struct Syncer {
     metrics: Arc<Metrics>,
     state: Arc<StateFile>,
     outbox: Option<Arc<Outbox>>,
-    throttle: Option<Arc<Throttle>>,
+    flights: Arc<flight::Flights>,
     trigger: tokio::sync::Notify,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
@@ -189,8 +191,16 @@ impl Syncer {
         if let Some(t) = state.read(|s| s.last_sync_unix) {
             metrics.sync_last_success.set(t);
         }
+        let throttle = opts.bandwidth_limit.map(|b| Arc::new(Throttle::new(b)));
+        let flights = Arc::new(flight::Flights::new(
+            store.clone(),
+            state.clone(),
+            metrics.clone(),
+            opts.chunk_size,
+            throttle,
+        ));
         Ok(Arc::new(Syncer {
-            throttle: opts.bandwidth_limit.map(|b| Arc::new(Throttle::new(b))),
+            flights,
             opts,
             conn: RwLock::new(conn),
             parent: RwLock::new(Arc::new(parent)),

@@ -23,7 +23,7 @@ use crate::storage::ByteStream;
 /// The largest catalog or tags page asked for at once.
 const PAGE: usize = 1000;
 /// Requests to the parent that fail transiently are tried this many times in all.
-const ATTEMPTS: u32 = 4;
+pub const ATTEMPTS: u32 = 4;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -131,6 +131,8 @@ fn from_reqwest(e: reqwest::Error) -> ParentError {
 /// A blob body from the parent and the offset it starts at (0 when the parent ignored a Range).
 pub struct BlobBody {
     pub starts_at: u64,
+    /// The blob's whole size, when the parent said (Content-Length).
+    pub total: Option<u64>,
     pub body: ByteStream,
 }
 
@@ -291,7 +293,20 @@ impl Parent {
     }
 
     /// Runs `op` until it succeeds, fails for good, or `ATTEMPTS` are spent.
-    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, ParentError>
+    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, ParentError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ParentError>>,
+    {
+        self.retry_n(what, ATTEMPTS, op).await
+    }
+
+    async fn retry_n<T, F, Fut>(
+        &self,
+        what: &str,
+        attempts: u32,
+        mut op: F,
+    ) -> Result<T, ParentError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ParentError>>,
@@ -300,7 +315,7 @@ impl Parent {
         loop {
             attempt += 1;
             match op().await {
-                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                Err(e) if e.is_transient() && attempt < attempts => {
                     let wait = backoff(attempt);
                     tracing::debug!(%what, attempt, error = %e, ?wait, "parent request failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -475,12 +490,23 @@ impl Parent {
         repo: &RepositoryName,
         reference: &outpost_core::Reference,
     ) -> Result<Bytes, ParentError> {
+        self.manifest_with(repo, reference, ATTEMPTS).await
+    }
+
+    /// [`Parent::manifest`] with a bound on attempts: a client waiting on a pull-through
+    /// cannot sit through the backoff a scheduled sync can afford.
+    pub async fn manifest_with(
+        &self,
+        repo: &RepositoryName,
+        reference: &outpost_core::Reference,
+        attempts: u32,
+    ) -> Result<Bytes, ParentError> {
         let image = match reference {
             outpost_core::Reference::Digest(d) => self.digest_ref(repo, d),
             outpost_core::Reference::Tag(t) => self.tag_ref(repo, t.as_str()),
         };
         let (body, _) = self
-            .retry("manifest", || async {
+            .retry_n("manifest", attempts, || async {
                 Ok(self
                     .client
                     .pull_manifest_raw(&image, &self.auth, &MANIFEST_TYPES)
@@ -532,6 +558,7 @@ impl Parent {
             let s = self.client.pull_blob_stream(&image, layer).await?;
             return Ok(BlobBody {
                 starts_at: 0,
+                total: s.content_length,
                 body: Box::pin(s.stream),
             });
         }
@@ -542,10 +569,12 @@ impl Parent {
         {
             oci_client::client::BlobResponse::Partial(s) => Ok(BlobBody {
                 starts_at: offset,
+                total: s.content_length.map(|n| n + offset),
                 body: Box::pin(s.stream),
             }),
             oci_client::client::BlobResponse::Full(s) => Ok(BlobBody {
                 starts_at: 0,
+                total: s.content_length,
                 body: Box::pin(s.stream),
             }),
         }

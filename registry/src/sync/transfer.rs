@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::storage::{ByteStream, StorageError, Store};
 
 /// Attempts at one blob within one run (each resumes where the last one stopped).
-const ATTEMPTS: u32 = 5;
+pub const ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -70,6 +70,14 @@ impl Throttle {
     }
 }
 
+/// Told of a transfer's progress as it happens (pull-through readers follow the download).
+pub trait Observer: Send + Sync {
+    /// The blob's size became known.
+    fn size(&self, size: u64);
+    /// More bytes were taken from the parent (not necessarily written yet).
+    fn progress(&self, bytes: u64);
+}
+
 /// What every transfer of a run shares.
 pub struct TransferContext {
     pub store: Arc<dyn Store>,
@@ -81,6 +89,31 @@ pub struct TransferContext {
     pub deadline: Option<SystemTime>,
     /// Bytes downloaded in this run.
     pub downloaded: Arc<AtomicU64>,
+    /// Attempts at one blob (each resumes where the last one stopped).
+    pub attempts: u32,
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+impl TransferContext {
+    /// A context for transfers outside a run, with nothing of the run's own.
+    pub fn new(
+        store: Arc<dyn Store>,
+        state: Arc<StateFile>,
+        metrics: Arc<Metrics>,
+        chunk_size: u64,
+    ) -> Self {
+        TransferContext {
+            store,
+            state,
+            metrics,
+            chunk_size: chunk_size.max(64 * 1024),
+            throttle: None,
+            deadline: None,
+            downloaded: Arc::new(AtomicU64::new(0)),
+            attempts: ATTEMPTS,
+            observer: None,
+        }
+    }
 }
 
 impl TransferContext {
@@ -157,7 +190,10 @@ fn chunk_stream(
                 let n = piece.len() as u64;
                 ctx.metrics.sync_bytes_downloaded.inc_by(n);
                 ctx.downloaded.fetch_add(n, Ordering::Relaxed);
-                progress.fetch_add(n, Ordering::Relaxed);
+                let now = progress.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(o) = &ctx.observer {
+                    o.progress(now);
+                }
                 Some((Ok(piece), (src, remaining - n)))
             }
         },
@@ -199,21 +235,25 @@ fn forget_partial(ctx: &TransferContext, digest: &Digest) {
     ctx.state.update(|s| s.partials.remove(&key));
 }
 
-/// Downloads `digest` (of `size` bytes) from `repo` at the parent into the store, resuming a
-/// partial download if there is one. `progress` counts the bytes of this blob now stored.
+/// Downloads `digest` (of `size` bytes, when known) from `repo` at the parent into the store,
+/// resuming a partial download if there is one. `progress` counts the bytes of this blob now
+/// stored.
 pub async fn fetch_blob(
     ctx: Arc<TransferContext>,
     parent: &Parent,
     repo: &RepositoryName,
     digest: &Digest,
-    size: u64,
+    mut size: Option<u64>,
     progress: Arc<AtomicU64>,
 ) -> Result<(RepositoryName, Outcome), TransferError> {
     let (session_repo, mut id, mut offset) = session(&ctx, repo, digest).await?;
     progress.store(offset, Ordering::Relaxed);
+    if let (Some(n), Some(o)) = (size, &ctx.observer) {
+        o.size(n);
+    }
     let mut attempt = 0;
     loop {
-        if offset >= size {
+        if size.is_some_and(|n| offset >= n) {
             break;
         }
         if ctx.window_closed() {
@@ -222,6 +262,14 @@ pub async fn fetch_blob(
         attempt += 1;
         let fault = match parent.blob(repo, digest, offset).await {
             Ok(b) => {
+                if size.is_none()
+                    && let Some(n) = b.total
+                {
+                    size = Some(n);
+                    if let Some(o) = &ctx.observer {
+                        o.size(n);
+                    }
+                }
                 if b.starts_at != offset {
                     // The parent ignored the Range: start the session over from zero.
                     tracing::info!(%digest, offset, "parent does not serve ranges; downloading whole");
@@ -259,6 +307,9 @@ pub async fn fetch_blob(
                         Err(e) => return Err(e.into()),
                     }
                     progress.store(offset, Ordering::Relaxed);
+                    if let Some(o) = &ctx.observer {
+                        o.progress(offset);
+                    }
                     match stop {
                         Some(Stop::Window) => return Ok((session_repo, Outcome::Paused)),
                         Some(Stop::Fault(f)) => {
@@ -267,14 +318,20 @@ pub async fn fetch_blob(
                         }
                         None => {}
                     }
-                    if ended || offset >= size {
+                    if ended || size.is_some_and(|n| offset >= n) {
                         break;
                     }
                 }
-                if fault.is_none() && offset < size {
-                    fault = Some(ParentError::Unreachable(format!(
-                        "blob {digest} ended at {offset} of {size} bytes"
-                    )));
+                match size {
+                    Some(n) if fault.is_none() && offset < n => {
+                        fault = Some(ParentError::Unreachable(format!(
+                            "blob {digest} ended at {offset} of {n} bytes"
+                        )));
+                    }
+                    // Without a size, the end of the body is the end of the blob; the digest
+                    // check on finish catches a short one.
+                    None if fault.is_none() => size = Some(offset),
+                    _ => {}
                 }
                 fault
             }
@@ -282,7 +339,7 @@ pub async fn fetch_blob(
         };
         match fault {
             None => break,
-            Some(e) if e.is_transient() && attempt < ATTEMPTS => {
+            Some(e) if e.is_transient() && attempt < ctx.attempts => {
                 tracing::info!(%digest, offset, attempt, error = %e, "blob download interrupted; resuming");
                 tokio::time::sleep(backoff(attempt)).await;
             }
