@@ -28,6 +28,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PullLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     http_requests: Family<RequestLabels, Counter>,
@@ -39,6 +49,10 @@ pub struct Metrics {
     pub sync_runs: Family<ResultLabels, Counter>,
     pub sync_last_success: Gauge<f64, AtomicU64>,
     pub sync_bytes_downloaded: Counter,
+    pub pull_through: Family<PullLabels, Counter>,
+    pub staging_images: Family<StateLabels, Gauge>,
+    pub evictions: Counter,
+    pub evicted_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -101,7 +115,36 @@ impl Metrics {
             "Blob bytes downloaded from the parent registry",
             sync_bytes_downloaded.clone(),
         );
+        let pull_through = Family::<PullLabels, Counter>::default();
+        registry.register(
+            "pull_through",
+            "Manifest and blob requests for in-scope repositories: hit (stored), miss (fetched \
+             from the parent while served) or error (not stored and the parent could not serve it)",
+            pull_through.clone(),
+        );
+        let staging_images = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "staging_images",
+            "Images of staging requests, by state (pending, downloading, staged, failed)",
+            staging_images.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "evictions",
+            "Images evicted to keep the store under --max-storage",
+            evictions.clone(),
+        );
+        let evicted_bytes = Counter::default();
+        registry.register(
+            "evicted_bytes",
+            "Blob bytes removed by eviction",
+            evicted_bytes.clone(),
+        );
         Metrics {
+            pull_through,
+            staging_images,
+            evictions,
+            evicted_bytes,
             registry,
             parent_connected,
             sync_runs,

@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub token_lifetime: Duration,
     /// The parent and how to sync from it; `None` for a standalone registry.
     pub sync: Option<SyncSettings>,
+    /// Evict least recently pulled, unpinned images above this many bytes.
+    pub max_storage: Option<u64>,
 }
 
 /// Sync settings as given on the command line (the mode is `ServeOptions::mode`).
@@ -56,6 +58,8 @@ pub struct SyncSettings {
     pub concurrency: usize,
     pub chunk_size: u64,
     pub bandwidth_limit: Option<u64>,
+    pub pull_through: bool,
+    pub respect_window: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -287,12 +291,32 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let retention = match (opts.max_storage, &syncer) {
+        (Some(max), Some(s)) => Some(crate::service::retention::Retention::new(
+            s.clone(),
+            max,
+            &root,
+        )),
+        (Some(_), None) => {
+            return Err(ServeError::Config(
+                "--max-storage needs a parent (--connection-string): eviction on a standalone \
+                 registry would delete images nothing can bring back"
+                    .into(),
+            ));
+        }
+        (None, _) => None,
+    };
     let app = Arc::new(AppState {
+        retention: retention.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         auth,
         tls: tls.is_some(),
         mode,
+        pull_through: syncer
+            .as_ref()
+            .filter(|_| opts.sync.as_ref().is_some_and(|s| s.pull_through))
+            .map(|s| crate::service::pull_through::PullThrough::new(s.clone())),
         syncer: syncer.clone(),
     });
 
@@ -308,6 +332,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     spawn_upkeep(store, metrics, opts.upload_expiry);
     if let Some(s) = &syncer {
         s.spawn();
+    }
+    if let Some(r) = &retention {
+        r.spawn();
     }
 
     let mut servers = JoinSet::new();

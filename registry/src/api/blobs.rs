@@ -39,8 +39,31 @@ pub async fn get(
     head: bool,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
+    let pt = app.pull_through.as_ref().filter(|p| p.in_scope(repo));
     if !app.store.repo_blob_linked(repo, &digest).await? {
-        return Err(blob_unknown(&digest));
+        let Some(p) = pt else {
+            return Err(blob_unknown(&digest));
+        };
+        let (size, body) = p
+            .blob(repo, &digest)
+            .await
+            .map_err(|e| super::manifests::pull_error(e, Code::BlobUnknown))?;
+        // Range requests on a blob not stored yet get the whole blob (RFC 9110 allows it).
+        let mut resp = if head {
+            Response::new(Body::empty())
+        } else {
+            let counter = app.metrics.blob_bytes_served.clone();
+            Response::new(Body::from_stream(body.inspect_ok(move |b| {
+                counter.inc_by(b.len() as u64);
+            })))
+        };
+        blob_headers(resp.headers_mut(), &digest);
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, size.into());
+        return Ok(resp);
+    }
+    if let Some(p) = pt {
+        p.hit();
     }
     if head {
         let size = app

@@ -26,6 +26,8 @@ pub enum Code {
     Unsupported,
     TooManyRequests,
     PaginationNumberInvalid,
+    /// The registry cannot serve this now (distribution's code for 503).
+    Unavailable,
     Unknown,
 }
 
@@ -47,6 +49,7 @@ impl Code {
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            Code::Unavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }

@@ -7,8 +7,33 @@ use futures_util::StreamExt;
 use outpost_core::{Reference, RepositoryName};
 
 use super::{ApiError, Code, Shared, body_stream, content_length, etag_matches, set_header};
+use crate::service::pull_through::PullError;
 use crate::service::{self, manifest};
-use crate::storage::StoredManifest;
+use crate::storage::{StorageError, StoredManifest};
+
+/// How a pull-through failure reaches the client. An unreachable parent is a 503 UNAVAILABLE
+/// (as distribution names it), so the client sees why rather than a bare "unknown".
+pub fn pull_error(e: PullError, unknown: Code) -> ApiError {
+    match e {
+        PullError::OutOfScope => ApiError::not_found(
+            unknown,
+            "not stored here; the repository is outside this registry's sync scope",
+        ),
+        PullError::NotFound(_) | PullError::Refused(_) | PullError::Invalid(_) => {
+            ApiError::not_found(unknown, e.to_string())
+        }
+        PullError::Offline(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            e.to_string(),
+        ),
+        PullError::Storage(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Code::Unknown,
+            e.to_string(),
+        ),
+    }
+}
 
 fn parse_reference(r: &str) -> Result<Reference, ApiError> {
     r.parse().map_err(|e: outpost_core::NameError| match e {
@@ -52,9 +77,36 @@ pub async fn get(
     head: bool,
 ) -> Result<Response, ApiError> {
     let reference = parse_reference(reference)?;
-    let m: StoredManifest = match &reference {
-        Reference::Tag(t) => app.store.manifest_by_tag(repo, t).await?,
-        Reference::Digest(d) => app.store.manifest_by_digest(repo, d).await?,
+    let stored = match &reference {
+        Reference::Tag(t) => app.store.manifest_by_tag(repo, t).await,
+        Reference::Digest(d) => app.store.manifest_by_digest(repo, d).await,
+    };
+    let pt = app.pull_through.as_ref().filter(|p| p.in_scope(repo));
+    let m: StoredManifest = match (stored, pt) {
+        (Ok(m), pt) => {
+            if let Some(p) = pt {
+                p.hit();
+            }
+            if let Some(r) = &app.retention {
+                r.touch(repo, &m.digest);
+            }
+            m
+        }
+        (Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown), Some(p)) => {
+            let pulled = p
+                .manifest(repo, &reference)
+                .await
+                .map_err(|e| pull_error(e, Code::ManifestUnknown))?;
+            if let Some(r) = &app.retention {
+                r.touch(repo, &pulled.digest);
+            }
+            StoredManifest {
+                digest: pulled.digest,
+                media_type: pulled.media_type,
+                content: pulled.content,
+            }
+        }
+        (Err(e), _) => return Err(e.into()),
     };
     let accept = accepted(headers);
     if !acceptable(&accept, &m.media_type) {

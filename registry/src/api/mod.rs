@@ -46,6 +46,10 @@ pub struct AppState {
     pub mode: crate::server::Mode,
     /// Sync with the parent; `None` for a standalone registry.
     pub syncer: Option<Arc<crate::sync::Syncer>>,
+    /// Pull-through on demand; `None` when standalone or with `--pull-through false`.
+    pub pull_through: Option<Arc<crate::service::pull_through::PullThrough>>,
+    /// Pull times and eviction under `--max-storage`.
+    pub retention: Option<Arc<crate::service::retention::Retention>>,
 }
 
 pub type Shared = Arc<AppState>;

@@ -175,6 +175,50 @@ pub struct ServeArgs {
     /// transfers (metered links). Default: no cap.
     #[arg(long, env = "OUTPOST_SYNC_BANDWIDTH_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub sync_bandwidth_limit: Option<u64>,
+    /// A client pull of an in-scope image that is not stored yet is fetched from the parent
+    /// while it streams to the client, and stored whole (every platform) for later pulls.
+    /// `--pull-through false` turns it off: only synced and staged images are served.
+    #[arg(long, env = "OUTPOST_PULL_THROUGH", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub pull_through: bool,
+    /// Staging requests download only inside the sync window (default: at once, outside the
+    /// schedule, since staging is for getting images on site before they are needed).
+    #[arg(long, env = "OUTPOST_RESPECT_WINDOW")]
+    pub respect_window: bool,
+    /// Keep the store under this size (bytes, or with a suffix: 500Gi, 20G, 512Mi): when it
+    /// grows past, the least recently pulled images that no staging request pinned are
+    /// evicted, while serving. Default: no limit.
+    #[arg(long, env = "OUTPOST_MAX_STORAGE", value_parser = parse_size)]
+    pub max_storage: Option<u64>,
+}
+
+/// Parses a size: plain bytes, or a number with K/M/G/T (powers of 1000) or Ki/Mi/Gi/Ti
+/// (powers of 1024), as Kubernetes quantities write them.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or e.g. 500Gi, 20G)"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1000,
+        "M" => 1000u64.pow(2),
+        "G" => 1000u64.pow(3),
+        "T" => 1000u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (K, M, G, T, Ki, Mi, Gi, Ti)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -278,6 +322,8 @@ fn sync_settings(a: &ServeArgs) -> Result<Option<SyncSettings>, CliError> {
         concurrency: a.sync_concurrency as usize,
         chunk_size: a.chunk_size_mb * 1024 * 1024,
         bandwidth_limit: a.sync_bandwidth_limit,
+        pull_through: a.pull_through,
+        respect_window: a.respect_window,
     }))
 }
 
@@ -305,6 +351,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 max_auth_failures: a.max_auth_failures,
                 token_lifetime: a.token_lifetime,
                 sync,
+                max_storage: a.max_storage,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

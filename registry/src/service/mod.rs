@@ -3,6 +3,8 @@
 pub mod fsck;
 pub mod gc;
 pub mod manifest;
+pub mod pull_through;
+pub mod retention;
 
 use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName};

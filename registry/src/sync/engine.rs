@@ -13,12 +13,11 @@ use outpost_core::{Digest, Reference, RepositoryName, Tag};
 
 use super::flight::{End, FlightOptions};
 use super::image::{self, MAX_DEPTH, PlanError, Planner, Tree, link};
-use super::transfer;
 use super::parent::{self, Parent, ParentError};
+use super::transfer;
 use super::{LiveRepo, LiveRun, Syncer};
 use crate::service::manifest;
 use crate::storage::StorageError;
-
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -399,6 +398,7 @@ impl Run {
                 End::Failed {
                     message,
                     contact: true,
+                    ..
                 } => contact = Some(ParentError::Unreachable(message)),
                 End::Failed { message, .. } => {
                     tracing::warn!(%digest, error = %message, "blob download failed");

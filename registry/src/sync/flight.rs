@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use outpost_core::{Digest, RepositoryName};
 use tokio::sync::watch;
 
-use super::parent::Parent;
+use super::parent::{Parent, ParentError};
 use super::state::StateFile;
 use super::transfer::{self, Observer, Outcome, Throttle, TransferContext, TransferError};
 use crate::metrics::Metrics;
@@ -30,6 +30,8 @@ pub enum End {
         message: String,
         /// The parent could not be reached or refused the token (not a per-blob problem).
         contact: bool,
+        /// The parent does not have it.
+        not_found: bool,
     },
 }
 
@@ -67,6 +69,7 @@ impl Flight {
                 return End::Failed {
                     message: "download abandoned".into(),
                     contact: false,
+                    not_found: false,
                 };
             }
         }
@@ -163,19 +166,27 @@ impl Flights {
         let f = flight.clone();
         let repo = repo.clone();
         tokio::spawn(async move {
-            let res =
-                transfer::fetch_blob(ctx, &parent, &repo, &f.digest, opts.size, f.progress.clone())
-                    .await;
+            let res = transfer::fetch_blob(
+                ctx,
+                &parent,
+                &repo,
+                &f.digest,
+                opts.size,
+                f.progress.clone(),
+            )
+            .await;
             let end = match res {
                 Ok((_, Outcome::Done)) => End::Done,
                 Ok((_, Outcome::Paused)) => End::Paused,
                 Err(TransferError::Parent(e)) => End::Failed {
                     contact: e.is_contact_failure(),
+                    not_found: matches!(e, ParentError::NotFound(_)),
                     message: e.to_string(),
                 },
                 Err(e) => End::Failed {
                     message: e.to_string(),
                     contact: false,
+                    not_found: false,
                 },
             };
             {

@@ -223,7 +223,53 @@ impl Syncer {
         self.opts.mode
     }
 
-    fn parent(&self) -> Arc<Parent> {
+    /// Whether `repo` is within `--repository` (all repositories when none was given).
+    pub fn in_scope(&self, repo: &str) -> bool {
+        self.opts.repositories.is_empty() || self.opts.repositories.iter().any(|p| p.matches(repo))
+    }
+
+    pub fn options(&self) -> &SyncOptions {
+        &self.opts
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn flights(&self) -> &Arc<flight::Flights> {
+        &self.flights
+    }
+
+    pub fn state(&self) -> &Arc<StateFile> {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records a contact outside a run (pull-through, staging) when it changes the state;
+    /// runs record every contact.
+    pub fn note_contact(&self, ok: bool) {
+        let now = if ok {
+            ConnectionState::Online
+        } else {
+            ConnectionState::Offline
+        };
+        if self.state.read(|s| s.connection_state != now) {
+            self.contact(ok);
+        }
+    }
+
+    /// The login server and the gateway endpoint, as images may name the parent.
+    pub fn parent_hosts(&self) -> Vec<String> {
+        let conn = self.conn.read().unwrap_or_else(|p| p.into_inner());
+        let mut v = vec![conn.login_server(), conn.parent_endpoint.clone()];
+        v.dedup();
+        v
+    }
+
+    pub fn parent(&self) -> Arc<Parent> {
         self.parent
             .read()
             .unwrap_or_else(|p| p.into_inner())

@@ -114,6 +114,15 @@ impl Outbox {
             .collect()
     }
 
+    /// (repository, digest) of every queued push: never evicted before the parent has it.
+    pub fn pending_digests(&self) -> HashSet<(String, String)> {
+        self.entries()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, e)| (e.repo, e.digest))
+            .collect()
+    }
+
     pub fn done(&self, path: &Path) -> io::Result<()> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),

@@ -103,6 +103,28 @@ pub struct SyncState {
     /// Digest -> upload session with the part downloaded so far.
     #[serde(default)]
     pub partials: BTreeMap<String, Partial>,
+    /// Repository -> tag -> digest of images evicted by `--max-storage`: a sync leaves them
+    /// out until the parent moves the tag (or a client pulls it again).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evicted: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl SyncState {
+    pub fn forget_eviction(&mut self, repo: &str, tag: &str) {
+        if let Some(r) = self.evicted.get_mut(repo) {
+            r.remove(tag);
+            if r.is_empty() {
+                self.evicted.remove(repo);
+            }
+        }
+    }
+
+    pub fn is_evicted(&self, repo: &str, tag: &str, digest: &str) -> bool {
+        self.evicted
+            .get(repo)
+            .and_then(|r| r.get(tag))
+            .is_some_and(|d| d == digest)
+    }
 }
 
 /// The state and the file it lives in. Every change goes through [`StateFile::update`].

@@ -1,0 +1,336 @@
+//! Retention under `--max-storage`: when the store grows past the limit, the least recently
+//! pulled images are evicted until it is back under 90 % of it. Never evicted: images a
+//! staging request pinned, local pushes still waiting for the parent, and any blob a remaining
+//! manifest references. Eviction only runs with a parent, which can serve an evicted image
+//! again (pull-through); a standalone registry would lose data.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use outpost_core::{Digest, RepositoryName};
+
+use super::manifest;
+use crate::storage::{StorageError, Store};
+use crate::sync::Syncer;
+
+/// How often the store's size is checked against the limit.
+const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Eviction stops once the store is under this share of the limit, so it does not run again
+/// at the next write.
+const LOW_WATER_PERCENT: u64 = 90;
+
+/// Images that must stay: (repository, manifest digest).
+pub trait PinSource: Send + Sync {
+    fn pinned(&self) -> HashSet<(String, Digest)>;
+}
+
+pub struct Retention {
+    syncer: Arc<Syncer>,
+    max_bytes: u64,
+    pins: OnceLock<Arc<dyn PinSource>>,
+    /// (repository, manifest digest) -> unix seconds of the last pull.
+    access: Mutex<HashMap<(String, String), u64>>,
+    dirty: AtomicBool,
+    path: PathBuf,
+    /// One eviction at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EvictionReport {
+    pub images: usize,
+    pub manifests: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl Retention {
+    pub fn new(syncer: Arc<Syncer>, max_bytes: u64, storage_root: &std::path::Path) -> Arc<Self> {
+        let path = storage_root.join("sync").join("access.json");
+        let access: HashMap<(String, String), u64> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HashMap<String, u64>>(&b).ok())
+            .map(|m| {
+                m.into_iter()
+                    .filter_map(|(k, v)| {
+                        let (r, d) = k.split_once('@')?;
+                        Some(((r.to_owned(), d.to_owned()), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Arc::new(Retention {
+            syncer,
+            max_bytes,
+            pins: OnceLock::new(),
+            access: Mutex::new(access),
+            dirty: AtomicBool::new(false),
+            path,
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn set_pins(&self, pins: Arc<dyn PinSource>) {
+        let _ = self.pins.set(pins);
+    }
+
+    /// Records a pull of a manifest.
+    pub fn touch(&self, repo: &RepositoryName, digest: &Digest) {
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((repo.as_str().to_owned(), digest.to_string()), unix_now());
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn save_access(&self) {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let map: HashMap<String, u64> = self
+            .access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((r, d), t)| (format!("{r}@{d}"), *t))
+            .collect();
+        let res = serde_json::to_vec(&map)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::storage::fs::write_file_atomic(&self.path, &b, 0o600));
+        if let Err(e) = res {
+            tracing::warn!(error = %e, path = %self.path.display(), "cannot save pull times");
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks the store against the limit every few seconds, while serving.
+    pub fn spawn(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.enforce().await {
+                    tracing::warn!(error = %e, "eviction failed");
+                }
+                me.save_access();
+            }
+        });
+    }
+
+    /// Evicts until the store is back under the low-water mark, if it is over the limit.
+    pub async fn enforce(&self) -> Result<EvictionReport, StorageError> {
+        let _one = self.running.lock().await;
+        let store = self.syncer.store().clone();
+        let size: u64 = store.blob_list().await?.iter().map(|b| b.size).sum();
+        self.syncer.metrics().storage_bytes.set(size);
+        if size <= self.max_bytes {
+            return Ok(EvictionReport::default());
+        }
+        let target = self.max_bytes / 100 * LOW_WATER_PERCENT;
+        let excess = size - target;
+        let report = self.evict(&*store, excess).await?;
+        tracing::info!(
+            limit = self.max_bytes,
+            before = size,
+            images = report.images,
+            blobs = report.blobs,
+            bytes = report.bytes,
+            "evicted least recently pulled images to stay under --max-storage"
+        );
+        if size - report.bytes > self.max_bytes {
+            tracing::warn!(
+                limit = self.max_bytes,
+                size = size - report.bytes,
+                "store is still over --max-storage: what remains is pinned, waiting for the \
+                 parent, or in use"
+            );
+        }
+        Ok(report)
+    }
+
+    async fn evict(&self, store: &dyn Store, excess: u64) -> Result<EvictionReport, StorageError> {
+        let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
+        let waiting: HashSet<(String, String)> = self
+            .syncer
+            .outbox()
+            .map(|o| o.pending_digests())
+            .unwrap_or_default();
+        let access = self
+            .access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+
+        // Every image: a manifest that is neither an index child nor a referrer, with the
+        // manifests under it and the blobs they name.
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let sizes: HashMap<Digest, u64> = store
+            .blob_list()
+            .await?
+            .into_iter()
+            .map(|b| (b.digest, b.size))
+            .collect();
+        for repo in store.repositories().await? {
+            let mut parsed: HashMap<Digest, manifest::ParsedManifest> = HashMap::new();
+            for d in store.manifest_list(&repo).await? {
+                let Ok(m) = store.manifest_by_digest(&repo, &d).await else {
+                    continue;
+                };
+                if let Ok(p) = manifest::parse(&m.content, Some(&m.media_type)) {
+                    parsed.insert(d, p);
+                }
+            }
+            let children: HashSet<&Digest> =
+                parsed.values().flat_map(|p| p.manifests.iter()).collect();
+            for (d, p) in &parsed {
+                if children.contains(d) || p.subject.is_some() {
+                    continue;
+                }
+                let key = (repo.as_str().to_owned(), d.to_string());
+                if pinned.contains(&(repo.as_str().to_owned(), d.clone())) || waiting.contains(&key)
+                {
+                    continue;
+                }
+                let mut members = vec![d.clone()];
+                let mut i = 0;
+                while i < members.len() {
+                    let cur = members[i].clone();
+                    if let Some(p) = parsed.get(&cur) {
+                        members.extend(p.manifests.iter().cloned());
+                    }
+                    // Referrers (signatures, SBOMs) go with their subject.
+                    members.extend(
+                        parsed
+                            .iter()
+                            .filter(|(_, q)| q.subject.as_ref() == Some(&cur))
+                            .map(|(k, _)| k.clone()),
+                    );
+                    i += 1;
+                    if members.len() > 10_000 {
+                        break;
+                    }
+                }
+                let blobs: HashSet<Digest> = members
+                    .iter()
+                    .filter_map(|m| parsed.get(m))
+                    .flat_map(|p| p.all_blobs.iter().cloned())
+                    .collect();
+                let bytes = blobs
+                    .iter()
+                    .map(|b| sizes.get(b).copied().unwrap_or(0))
+                    .sum();
+                candidates.push(Candidate {
+                    repo: repo.clone(),
+                    last_pull: access.get(&key).copied().unwrap_or(0),
+                    digest: d.clone(),
+                    members,
+                    blobs,
+                    bytes,
+                });
+            }
+        }
+        candidates.sort_by(|a, b| {
+            a.last_pull
+                .cmp(&b.last_pull)
+                .then_with(|| a.repo.cmp(&b.repo))
+                .then_with(|| a.digest.to_string().cmp(&b.digest.to_string()))
+        });
+
+        let mut report = EvictionReport::default();
+        let mut planned = 0u64;
+        let mut doomed_blobs: HashSet<Digest> = HashSet::new();
+        let _lock = store.maintenance_lock().await?;
+        for c in candidates {
+            if planned >= excess {
+                break;
+            }
+            planned += c.bytes;
+            let tags = store.tags(&c.repo).await.unwrap_or_default();
+            let mut evicted_tags = Vec::new();
+            for t in tags {
+                let Ok(tag) = t.parse() else { continue };
+                if let Ok(m) = store.manifest_by_tag(&c.repo, &tag).await
+                    && m.digest == c.digest
+                {
+                    evicted_tags.push(t);
+                }
+            }
+            for m in &c.members {
+                match store.manifest_delete(&c.repo, m).await {
+                    Ok(()) | Err(StorageError::ManifestUnknown) => report.manifests += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            tracing::info!(repository = %c.repo, digest = %c.digest, tags = ?evicted_tags, bytes = c.bytes, "evicting image");
+            let digest = c.digest.to_string();
+            self.syncer.state().update(|s| {
+                for t in &evicted_tags {
+                    s.evicted
+                        .entry(c.repo.as_str().to_owned())
+                        .or_default()
+                        .insert(t.clone(), digest.clone());
+                }
+            });
+            self.access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(c.repo.as_str().to_owned(), digest));
+            self.dirty.store(true, Ordering::Relaxed);
+            report.images += 1;
+            doomed_blobs.extend(c.blobs);
+        }
+        if doomed_blobs.is_empty() {
+            return Ok(report);
+        }
+        // Mark: whatever a remaining manifest names stays.
+        let mut live: HashSet<Digest> = HashSet::new();
+        for repo in store.repositories().await? {
+            for d in store.manifest_list(&repo).await? {
+                if let Ok(m) = store.manifest_by_digest(&repo, &d).await
+                    && let Ok(p) = manifest::parse(&m.content, Some(&m.media_type))
+                {
+                    live.extend(p.all_blobs);
+                }
+            }
+        }
+        for b in doomed_blobs.difference(&live) {
+            let size = sizes.get(b).copied().unwrap_or(0);
+            if store.blob_remove(b, Duration::ZERO).await? {
+                report.blobs += 1;
+                report.bytes += size;
+            }
+        }
+        for repo in store.repositories().await? {
+            for d in store.repo_blob_links(&repo).await? {
+                if store.blob_size(&d).await?.is_none() {
+                    store.repo_blob_unlink(&repo, &d).await?;
+                }
+            }
+        }
+        let m = self.syncer.metrics();
+        m.evictions.inc_by(report.images as u64);
+        m.evicted_bytes.inc_by(report.bytes);
+        Ok(report)
+    }
+}
+
+struct Candidate {
+    repo: RepositoryName,
+    digest: Digest,
+    last_pull: u64,
+    members: Vec<Digest>,
+    blobs: HashSet<Digest>,
+    bytes: u64,
+}
