@@ -1,5 +1,29 @@
-use clap::Parser;
+use std::process::ExitCode;
 
-fn main() {
-    let _ = outpost_webhook::Cli::parse();
+use clap::Parser;
+use outpost_webhook::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain without a backtrace: these are messages for operators.
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    // One crypto provider for every TLS use in the process (server, registry checks, kube).
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    let args = Cli::parse();
+    cli::init_logging(args.log_level, args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(cli::run(args))?;
+    Ok(())
 }

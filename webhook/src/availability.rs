@@ -1,0 +1,371 @@
+//! Can Outpost serve this image? A `HEAD` on the manifest at the Outpost registry, with the
+//! pull secret's credentials, a short timeout, and a brief cache shared by concurrent
+//! admissions: one request in flight per image, however many pods ask at once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use outpost_core::{Host, ImageReference};
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+
+/// The manifest media types a runtime accepts; a registry may 404 a HEAD without them.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Above this many cached entries, expired ones are swept on insert.
+const SWEEP_ABOVE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AvailabilityError {
+    #[error("cannot read the registry CA file {path}: {reason}")]
+    Ca { path: String, reason: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// `Ok` if Outpost can serve the image, else why not (for the pod annotation).
+pub type Outcome = Result<(), String>;
+
+type Key = (String, String);
+
+struct Entry {
+    started: Instant,
+    outcome: Shared<BoxFuture<'static, Outcome>>,
+}
+
+pub struct Settings {
+    /// Per-request timeout of the HEAD (and token request).
+    pub timeout: Duration,
+    /// How long an answer is reused.
+    pub cache_ttl: Duration,
+    /// PEM CA bundle for Outpost's certificate, added to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// A `.dockerconfigjson` file (the mounted pull secret) with Outpost's credentials.
+    pub auth_file: Option<PathBuf>,
+    /// Use `http://` (loopback labs and tests only).
+    pub plain_http: bool,
+}
+
+pub struct Checker {
+    client: reqwest::Client,
+    settings: Settings,
+    cache: Mutex<HashMap<Key, Entry>>,
+}
+
+impl Checker {
+    pub fn new(settings: Settings) -> Result<Arc<Self>, AvailabilityError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("outpost-webhook/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &settings.ca_file {
+            let err = |reason: String| AvailabilityError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(err("no certificate in the file".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| AvailabilityError::Client(e.to_string()))?;
+        Ok(Arc::new(Checker {
+            client,
+            settings,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Whether `image` (already on the Outpost host) can be served. Concurrent calls for the
+    /// same image share one request; answers are reused for the cache TTL.
+    pub async fn check(self: &Arc<Self>, image: &ImageReference) -> Outcome {
+        let key = (
+            image.repository().as_str().to_owned(),
+            image.manifest_reference(),
+        );
+        let fut = {
+            let mut cache = match self.cache.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let now = Instant::now();
+            match cache.get(&key) {
+                Some(e) if now.duration_since(e.started) < self.settings.cache_ttl => {
+                    e.outcome.clone()
+                }
+                _ => {
+                    if cache.len() > SWEEP_ABOVE {
+                        let ttl = self.settings.cache_ttl;
+                        cache.retain(|_, e| now.duration_since(e.started) < ttl);
+                    }
+                    let me = Arc::clone(self);
+                    let host = image.host().clone();
+                    let (repo, reference) = key.clone();
+                    // Spawned, so the check completes and is cached even if the admission
+                    // that started it runs out of budget and stops waiting.
+                    let task = tokio::spawn(async move { me.head(&host, &repo, &reference).await });
+                    let outcome = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(format!("availability check failed: {e}")))
+                    }
+                    .boxed()
+                    .shared();
+                    cache.insert(
+                        key,
+                        Entry {
+                            started: now,
+                            outcome: outcome.clone(),
+                        },
+                    );
+                    outcome
+                }
+            }
+        };
+        fut.await
+    }
+
+    fn url(&self, host: &Host, path: &str) -> String {
+        let scheme = if self.settings.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{host}{path}")
+    }
+
+    async fn head(&self, host: &Host, repo: &str, reference: &str) -> Outcome {
+        let url = self.url(host, &format!("/v2/{repo}/manifests/{reference}"));
+        let basic = self.basic_auth(host);
+        let send = |auth: Option<String>| {
+            let mut req = self.client.head(&url).header(ACCEPT, MANIFEST_ACCEPT);
+            if let Some(a) = auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            req.send()
+        };
+        let describe = |e: reqwest::Error| {
+            if e.is_timeout() {
+                format!(
+                    "Outpost did not answer within {} ms",
+                    self.settings.timeout.as_millis()
+                )
+            } else {
+                format!("Outpost unreachable: {}", error_chain(&e))
+            }
+        };
+        let mut resp = send(basic.clone()).await.map_err(describe)?;
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let Some(challenge) = resp
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(BearerChallenge::parse)
+        {
+            let token = self.token(&challenge, repo, basic).await?;
+            resp = send(Some(format!("Bearer {token}")))
+                .await
+                .map_err(describe)?;
+        }
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(format!(
+                "{repo}:{reference} is not on Outpost {host} (manifest unknown)"
+            )),
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(format!(
+                "Outpost {host} refused access to {repo} (HTTP {})",
+                s.as_u16()
+            )),
+            s => Err(format!("Outpost {host} answered HTTP {}", s.as_u16())),
+        }
+    }
+
+    /// Token for a bearer challenge (registries that do not take Basic on /v2).
+    async fn token(
+        &self,
+        challenge: &BearerChallenge,
+        repo: &str,
+        basic: Option<String>,
+    ) -> Result<String, String> {
+        let scope = challenge
+            .scope
+            .clone()
+            .unwrap_or_else(|| format!("repository:{repo}:pull"));
+        let mut url = reqwest::Url::parse(&challenge.realm).map_err(|e| {
+            format!(
+                "Outpost token realm {:?} is not a URL: {e}",
+                challenge.realm
+            )
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("scope", &scope);
+            if let Some(s) = &challenge.service {
+                q.append_pair("service", s);
+            }
+        }
+        let mut req = self.client.get(url);
+        if let Some(b) = basic {
+            req = req.header(AUTHORIZATION, b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("Outpost token request failed: {}", error_chain(&e)))?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "Outpost token endpoint answered HTTP {}",
+                resp.status().as_u16()
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenBody {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let body: TokenBody = resp
+            .json()
+            .await
+            .map_err(|e| format!("Outpost token response unreadable: {e}"))?;
+        body.token
+            .or(body.access_token)
+            .ok_or_else(|| "Outpost token response holds no token".to_owned())
+    }
+
+    /// `Basic …` from the dockerconfigjson file's entry for the Outpost host. Read on every
+    /// check (only cache misses), so a rotated secret applies at once.
+    fn basic_auth(&self, host: &Host) -> Option<String> {
+        let path = self.settings.auth_file.as_ref()?;
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the registry auth file");
+                return None;
+            }
+        };
+        let creds = credentials_for(&text, host.as_str());
+        if creds.is_none() {
+            tracing::debug!(file = %path.display(), %host, "no credentials for the Outpost host in the auth file");
+        }
+        creds
+    }
+}
+
+/// The `Authorization` value for `host` in a `.dockerconfigjson` (or legacy `.dockercfg`)
+/// document: its `auth` field, or `username`/`password`.
+pub fn credentials_for(doc: &[u8], host: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(doc).ok()?;
+    let auths = v.get("auths").unwrap_or(&v).as_object()?;
+    let entry = auths.iter().find_map(|(k, e)| {
+        let k = k
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let k = k.split('/').next().unwrap_or(k);
+        (k == host).then_some(e)
+    })?;
+    if let Some(auth) = entry.get("auth").and_then(|a| a.as_str())
+        && !auth.is_empty()
+    {
+        return Some(format!("Basic {auth}"));
+    }
+    let user = entry.get("username")?.as_str()?;
+    let pass = entry.get("password")?.as_str()?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    Some(format!("Basic {b64}"))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+    scope: Option<String>,
+}
+
+impl BearerChallenge {
+    /// `Bearer realm="…",service="…",scope="…"`.
+    fn parse(header: &str) -> Option<Self> {
+        let rest = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))?;
+        let mut realm = None;
+        let mut service = None;
+        let mut scope = None;
+        let mut s = rest.trim();
+        while !s.is_empty() {
+            let (name, after) = s.split_once('=')?;
+            let after = after.strip_prefix('"')?;
+            let (value, tail) = after.split_once('"')?;
+            match name.trim() {
+                "realm" => realm = Some(value.to_owned()),
+                "service" => service = Some(value.to_owned()),
+                "scope" => scope = Some(value.to_owned()),
+                _ => {}
+            }
+            s = tail.trim_start_matches([',', ' ']);
+        }
+        Some(BearerChallenge {
+            realm: realm?,
+            service,
+            scope,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dockerconfigjson() {
+        let doc = br#"{"auths":{"10.0.0.1:5000":{"auth":"dTpw"},"https://other.io/v1/":{"username":"a","password":"b"}}}"#;
+        assert_eq!(
+            credentials_for(doc, "10.0.0.1:5000").as_deref(),
+            Some("Basic dTpw")
+        );
+        assert_eq!(
+            credentials_for(doc, "other.io").as_deref(),
+            Some("Basic YTpi")
+        );
+        assert_eq!(credentials_for(doc, "nowhere.io"), None);
+        assert_eq!(credentials_for(b"not json", "x"), None);
+    }
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let c = BearerChallenge::parse(
+            r#"Bearer realm="https://r.io/oauth2/token",service="r.io",scope="repository:a:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.realm, "https://r.io/oauth2/token");
+        assert_eq!(c.service.as_deref(), Some("r.io"));
+        assert_eq!(c.scope.as_deref(), Some("repository:a:pull"));
+        assert!(BearerChallenge::parse("Basic realm=\"x\"").is_none());
+        assert!(BearerChallenge::parse("Bearer service=\"x\"").is_none());
+    }
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics (prefix `outpost_webhook_`), in the OpenMetrics text format.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::admission::Outcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    admissions: Family<ResultLabels, Counter>,
+    duration: Histogram,
+    availability_checks: Family<ResultLabels, Counter>,
+    pub secret_sync_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outpost_webhook");
+        let admissions = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "admissions",
+            "Admission reviews answered, by result (rewritten, unchanged, skipped, error)",
+            admissions.clone(),
+        );
+        // 100 µs to ~6.5 s.
+        let duration = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer an admission review",
+            duration.clone(),
+        );
+        let availability_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "availability_checks",
+            "Images checked on Outpost before a rewrite, by result (available, unavailable)",
+            availability_checks.clone(),
+        );
+        let secret_sync_errors = Counter::default();
+        registry.register(
+            "secret_sync_errors",
+            "Failed pull-secret copy reconciliations",
+            secret_sync_errors.clone(),
+        );
+        Metrics {
+            registry,
+            admissions,
+            duration,
+            availability_checks,
+            secret_sync_errors,
+        }
+    }
+
+    pub fn admission(&self, outcome: Outcome, took: Duration) {
+        self.admissions
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn availability(&self, available: bool) {
+        let result = if available {
+            "available"
+        } else {
+            "unavailable"
+        };
+        self.availability_checks
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,303 @@
+//! The pod mutation itself, on the pod's raw JSON (so fields this build does not know survive):
+//! which images move to Outpost, and the JSON Patch that moves them, records the originals,
+//! adds the pull secret and the node affinity. Pure: no I/O, no clock.
+
+use std::collections::BTreeMap;
+
+use outpost_core::{ImageError, ImageReference, MirrorConfig};
+use serde_json::{Map, Value, json};
+
+/// Container name → image before the rewrite.
+pub const ORIGINAL_IMAGES: &str = "outpost.io/original-images";
+/// Container name → why its image was left on the upstream (availability check).
+pub const UNAVAILABLE_IMAGES: &str = "outpost.io/unavailable-images";
+/// `"false"` on a pod opts it out.
+pub const INJECT: &str = "outpost.io/inject";
+/// The node label the node agent sets once the node trusts Outpost.
+pub const TRUSTED_LABEL: &str = "outpost.io/trusted";
+
+/// The three container lists of a pod spec, as their JSON fields are named.
+pub const CONTAINER_FIELDS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
+
+/// What happens to one image reference under a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Move it to this reference on the Outpost registry.
+    Rewrite(ImageReference),
+    /// Leave it: why.
+    Keep(KeepReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepReason {
+    /// Not a valid reference (upper-case host, bad tag, ...): the runtime would refuse or
+    /// misread it, so it is not ours to touch.
+    Invalid(ImageError),
+    /// Already on the Outpost registry.
+    OnOutpost,
+    /// No rule covers its host and repository.
+    NoRule,
+}
+
+/// The rewrite rule for one image reference: normalise, find the first rule that covers it,
+/// and keep path, tag and digest on the Outpost host.
+pub fn decide(image: &str, config: &MirrorConfig) -> Decision {
+    let parsed: ImageReference = match image.parse() {
+        Ok(r) => r,
+        Err(e) => return Decision::Keep(KeepReason::Invalid(e)),
+    };
+    if parsed.host().canonical() == config.registry.canonical() {
+        return Decision::Keep(KeepReason::OnOutpost);
+    }
+    match config.rule_for(parsed.host(), parsed.repository().as_str()) {
+        Some(_) => Decision::Rewrite(parsed.with_host(&config.registry)),
+        None => Decision::Keep(KeepReason::NoRule),
+    }
+}
+
+/// One container of the pod whose image a rule covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// `containers`, `initContainers` or `ephemeralContainers`.
+    pub field: &'static str,
+    pub index: usize,
+    pub name: String,
+    pub original: String,
+    pub target: ImageReference,
+}
+
+/// Which container lists an admission may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Pod CREATE: every container list, plus pull secret, affinity and annotations.
+    WholePod,
+    /// The `ephemeralcontainers` subresource: the API server accepts changes to ephemeral
+    /// containers only, so only their images move.
+    EphemeralOnly,
+}
+
+/// The containers whose images a rule covers, in spec order.
+pub fn candidates(pod: &Value, config: &MirrorConfig, scope: Scope) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let Some(spec) = pod.get("spec") else {
+        return out;
+    };
+    for field in CONTAINER_FIELDS {
+        if scope == Scope::EphemeralOnly && field != "ephemeralContainers" {
+            continue;
+        }
+        let Some(list) = spec.get(field).and_then(Value::as_array) else {
+            continue;
+        };
+        for (index, c) in list.iter().enumerate() {
+            let (Some(name), Some(image)) = (
+                c.get("name").and_then(Value::as_str),
+                c.get("image").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if let Decision::Rewrite(target) = decide(image, config) {
+                out.push(Candidate {
+                    field,
+                    index,
+                    name: name.to_owned(),
+                    original: image.to_owned(),
+                    target,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// True if the pod opted out with `outpost.io/inject: "false"`.
+pub fn opted_out(pod: &Value) -> bool {
+    pod.pointer("/metadata/annotations")
+        .and_then(|a| a.get(INJECT))
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+/// True if the pod already lists `secret` in `imagePullSecrets`.
+pub fn has_pull_secret(pod: &Value, secret: &str) -> bool {
+    pod.pointer("/spec/imagePullSecrets")
+        .and_then(Value::as_array)
+        .is_some_and(|l| {
+            l.iter()
+                .any(|s| s.get("name").and_then(Value::as_str) == Some(secret))
+        })
+}
+
+/// JSON Pointer escaping of one reference token (RFC 6901).
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn trusted_requirement() -> Value {
+    json!({"key": TRUSTED_LABEL, "operator": "In", "values": ["true"]})
+}
+
+/// Builds the JSON Patch operations for a pod: `rewrites` are the candidates to move,
+/// `unavailable` the containers left alone by the availability check (name → reason).
+/// Returns no operations when there is nothing to change, so a re-invocation on an already
+/// mutated pod yields an empty patch.
+pub fn patch_ops(
+    pod: &Value,
+    config: &MirrorConfig,
+    scope: Scope,
+    rewrites: &[Candidate],
+    unavailable: &BTreeMap<String, String>,
+) -> Vec<Value> {
+    let mut ops = Vec::new();
+    for c in rewrites {
+        ops.push(json!({
+            "op": "replace",
+            "path": format!("/spec/{}/{}/image", c.field, c.index),
+            "value": c.target.to_string(),
+        }));
+    }
+    // Only ephemeral containers may change through that subresource.
+    if scope == Scope::EphemeralOnly {
+        return ops;
+    }
+    annotation_ops(pod, rewrites, unavailable, &mut ops);
+    if rewrites.is_empty() {
+        return ops;
+    }
+    if let Some(secret) = &config.pull_secret
+        && !has_pull_secret(pod, secret)
+    {
+        match pod.pointer("/spec/imagePullSecrets") {
+            Some(Value::Array(_)) => ops.push(json!({
+                "op": "add", "path": "/spec/imagePullSecrets/-", "value": {"name": secret},
+            })),
+            _ => ops.push(json!({
+                "op": "add", "path": "/spec/imagePullSecrets", "value": [{"name": secret}],
+            })),
+        }
+    }
+    if !config.skip_node_selector {
+        affinity_ops(pod, &mut ops);
+    }
+    ops
+}
+
+/// Reads a JSON-map annotation; an absent or unreadable one is empty.
+fn annotation_map(pod: &Value, key: &str) -> Map<String, Value> {
+    pod.pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+        .and_then(Value::as_str)
+        .and_then(|s| serde_json::from_str::<Map<String, Value>>(s).ok())
+        .unwrap_or_default()
+}
+
+fn annotation_ops(
+    pod: &Value,
+    rewrites: &[Candidate],
+    unavailable: &BTreeMap<String, String>,
+    ops: &mut Vec<Value>,
+) {
+    let annotations = pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object);
+    let mut set: Vec<(&str, Option<String>)> = Vec::new();
+    if !rewrites.is_empty() {
+        // Merge: a re-invocation that moves a container added since keeps the earlier ones.
+        let mut originals = annotation_map(pod, ORIGINAL_IMAGES);
+        for c in rewrites {
+            originals.insert(c.name.clone(), Value::String(c.original.clone()));
+        }
+        set.push((ORIGINAL_IMAGES, Some(Value::Object(originals).to_string())));
+    }
+    let existing = annotation_map(pod, UNAVAILABLE_IMAGES);
+    let mut reasons = existing.clone();
+    for c in rewrites {
+        reasons.remove(&c.name);
+    }
+    for (name, why) in unavailable {
+        reasons.insert(name.clone(), Value::String(why.clone()));
+    }
+    if reasons != existing {
+        if reasons.is_empty() {
+            set.push((UNAVAILABLE_IMAGES, None));
+        } else {
+            set.push((UNAVAILABLE_IMAGES, Some(Value::Object(reasons).to_string())));
+        }
+    }
+    if set.is_empty() {
+        return;
+    }
+    match annotations {
+        None => {
+            let map: Map<String, Value> = set
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Value::String(v))))
+                .collect();
+            if !map.is_empty() {
+                ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
+            }
+        }
+        Some(existing) => {
+            for (k, v) in set {
+                let path = format!("/metadata/annotations/{}", escape(k));
+                match v {
+                    Some(v) => ops.push(json!({"op": "add", "path": path, "value": v})),
+                    None if existing.contains_key(k) => {
+                        ops.push(json!({"op": "remove", "path": path}))
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Adds `outpost.io/trusted In [true]` as a required node affinity. Node selector terms are
+/// ORed, so the requirement goes into every existing term (ANDed with what it already asks);
+/// a term that already mentions the label is left as it is.
+fn affinity_ops(pod: &Value, ops: &mut Vec<Value>) {
+    let term = json!({"matchExpressions": [trusted_requirement()]});
+    let required = json!({"nodeSelectorTerms": [term]});
+    let present = |p: &str| pod.pointer(p).is_some_and(|v| !v.is_null());
+    if !present("/spec/affinity") {
+        ops.push(json!({"op": "add", "path": "/spec/affinity",
+            "value": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}}));
+        return;
+    }
+    if !present("/spec/affinity/nodeAffinity") {
+        ops.push(json!({"op": "add", "path": "/spec/affinity/nodeAffinity",
+            "value": {"requiredDuringSchedulingIgnoredDuringExecution": required}}));
+        return;
+    }
+    let req_path = "/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution";
+    if !present(req_path) {
+        ops.push(json!({"op": "add", "path": req_path, "value": required}));
+        return;
+    }
+    let terms = pod
+        .pointer(&format!("{req_path}/nodeSelectorTerms"))
+        .and_then(Value::as_array);
+    let Some(terms) = terms.filter(|t| !t.is_empty()) else {
+        ops.push(
+            json!({"op": "add", "path": format!("{req_path}/nodeSelectorTerms"), "value": [term]}),
+        );
+        return;
+    };
+    for (i, t) in terms.iter().enumerate() {
+        let exprs = t.get("matchExpressions").and_then(Value::as_array);
+        let mentions = exprs.is_some_and(|e| {
+            e.iter()
+                .any(|x| x.get("key").and_then(Value::as_str) == Some(TRUSTED_LABEL))
+        });
+        if mentions {
+            continue;
+        }
+        let base = format!("{req_path}/nodeSelectorTerms/{i}/matchExpressions");
+        match exprs {
+            Some(_) => ops.push(
+                json!({"op": "add", "path": format!("{base}/-"), "value": trusted_requirement()}),
+            ),
+            None => ops.push(json!({"op": "add", "path": base, "value": [trusted_requirement()]})),
+        }
+    }
+}
