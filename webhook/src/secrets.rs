@@ -133,6 +133,12 @@ pub async fn reconcile(
                     tracing::info!(namespace = %ns, secret = name, "pull secret copy updated");
                     report.updated.push(ns.clone());
                 }
+                None if api.get_opt(name).await?.is_some() => {
+                    // Checked before writing, so a foreign secret costs a read per pass, not
+                    // a refused write.
+                    tracing::debug!(namespace = %ns, secret = name, "a secret of that name exists and is not a copy of ours; left alone");
+                    report.foreign.push(ns.clone());
+                }
                 None => {
                     let fresh = copy_of(source, name, ns, &from);
                     match api.create(&PostParams::default(), &fresh).await {
