@@ -46,7 +46,7 @@ pub struct Settings {
     pub timeout: Duration,
     /// How long an answer is reused.
     pub cache_ttl: Duration,
-    /// PEM CA bundle for Outpost's certificate, added to the system roots.
+    /// PEM CA bundle for Outpost's certificate, trusted instead of the system roots.
     pub ca_file: Option<PathBuf>,
     /// A `.dockerconfigjson` file (the mounted pull secret) with Outpost's credentials.
     pub auth_file: Option<PathBuf>,
@@ -78,9 +78,8 @@ impl Checker {
             if certs.is_empty() {
                 return Err(err("no certificate in the file".into()));
             }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
+            // Only this CA: Outpost's certificate comes from the cluster's own issuer.
+            builder = builder.tls_certs_only(certs);
         }
         let client = builder
             .build()

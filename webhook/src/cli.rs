@@ -99,8 +99,8 @@ pub struct ServeArgs {
     /// How long an availability answer is reused for the same image (ms, s, m suffix).
     #[arg(long, env = "OUTPOST_AVAILABILITY_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub availability_cache_ttl: Duration,
-    /// PEM CA bundle for the Outpost registry's certificate (availability checks), added to
-    /// the system roots.
+    /// PEM CA bundle for the Outpost registry's certificate (availability checks), trusted
+    /// instead of the system roots. Without it, the system roots verify Outpost.
     #[arg(long, env = "OUTPOST_REGISTRY_CA_FILE")]
     pub registry_ca_file: Option<PathBuf>,
     /// Credentials for availability checks: a `.dockerconfigjson` file (mount the pull
