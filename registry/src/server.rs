@@ -306,7 +306,24 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
         (None, _) => None,
     };
+    let staging = match &syncer {
+        Some(s) => {
+            let st = crate::service::staging::Staging::open(
+                s.clone(),
+                &root,
+                opts.sync.as_ref().is_some_and(|x| x.respect_window),
+            )
+            .map_err(|e| ServeError::Config(format!("cannot open staging requests: {e}")))?;
+            s.set_pins(st.clone());
+            if let Some(r) = &retention {
+                r.set_pins(st.clone());
+            }
+            Some(st)
+        }
+        None => None,
+    };
     let app = Arc::new(AppState {
+        staging: staging.clone(),
         retention: retention.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
@@ -335,6 +352,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     }
     if let Some(r) = &retention {
         r.spawn();
+    }
+    if let Some(st) = &staging {
+        st.resume();
     }
 
     let mut servers = JoinSet::new();

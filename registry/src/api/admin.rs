@@ -2,7 +2,7 @@
 //! now. Never exposed by the chart's Service.
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::Shared;
 use super::access::json_response;
+use crate::service::staging::StagingError;
 use crate::sync::{Status, mode_name};
 
 /// The status a standalone registry (no parent) reports.
@@ -66,8 +67,93 @@ async fn sync_now(State(app): State<Shared>) -> Response {
     }
 }
 
+fn no_staging() -> Response {
+    json_response(
+        StatusCode::CONFLICT,
+        &json!({ "error": "standalone registry: no parent to stage from (give --connection-string)" }),
+    )
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageBody {
+    images: Vec<String>,
+}
+
+async fn stage(State(app): State<Shared>, body: axum::body::Bytes) -> Response {
+    let Some(st) = &app.staging else {
+        return no_staging();
+    };
+    let req: StageBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": format!("expected {{\"images\": [\"repo:tag\", ...]}}: {e}") }),
+            );
+        }
+    };
+    match st.submit(req.images) {
+        Ok(id) => json_response(StatusCode::ACCEPTED, &json!({ "id": id })),
+        Err(StagingError::Invalid(m)) => {
+            json_response(StatusCode::BAD_REQUEST, &json!({ "error": m }))
+        }
+        Err(e) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
+async fn staging_list(State(app): State<Shared>) -> Response {
+    let Some(st) = &app.staging else {
+        return no_staging();
+    };
+    json_response(StatusCode::OK, &json!({ "requests": st.list() }))
+}
+
+async fn staging_get(State(app): State<Shared>, Path(id): Path<String>) -> Response {
+    let Some(st) = &app.staging else {
+        return no_staging();
+    };
+    match st.get(&id).map(serde_json::to_value) {
+        Some(Ok(v)) => json_response(StatusCode::OK, &v),
+        Some(Err(e)) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": e.to_string() }),
+        ),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("no staging request {id}") }),
+        ),
+    }
+}
+
+/// Forgets a finished request, unpinning its images.
+async fn staging_delete(State(app): State<Shared>, Path(id): Path<String>) -> Response {
+    let Some(st) = &app.staging else {
+        return no_staging();
+    };
+    match st.remove(&id) {
+        Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": id })),
+        Ok(false) => json_response(
+            StatusCode::CONFLICT,
+            &json!({ "error": format!("no finished staging request {id}") }),
+        ),
+        Err(e) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
 pub fn router() -> Router<Shared> {
     Router::new()
         .route("/outpost/v1/status", get(status))
         .route("/outpost/v1/sync", post(sync_now))
+        .route("/outpost/v1/staging", post(stage).get(staging_list))
+        .route(
+            "/outpost/v1/staging/{id}",
+            get(staging_get).delete(staging_delete),
+        )
 }

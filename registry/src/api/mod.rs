@@ -50,6 +50,8 @@ pub struct AppState {
     pub pull_through: Option<Arc<crate::service::pull_through::PullThrough>>,
     /// Pull times and eviction under `--max-storage`.
     pub retention: Option<Arc<crate::service::retention::Retention>>,
+    /// Staging requests; `None` when standalone.
+    pub staging: Option<Arc<crate::service::staging::Staging>>,
 }
 
 pub type Shared = Arc<AppState>;

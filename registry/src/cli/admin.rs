@@ -1,4 +1,4 @@
-//! Client subcommands of the admin API: `status` and `sync`.
+//! Client subcommands of the admin API: `status`, `sync` and `stage`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::CliError;
 use crate::config::parse_duration;
+use crate::service::staging::{ImageState, StagingRequest};
 use crate::sync::Status;
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +45,27 @@ pub struct SyncArgs {
     /// With --wait: give up following after this long (s, m or h suffix).
     #[arg(long, env = "OUTPOST_SYNC_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StageArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Images to stage, named as in the parent (`demo-image:latest`, `team/app@sha256:...`) or
+    /// fully qualified with the parent's login server.
+    pub images: Vec<String>,
+    /// File with more images, one per line (`#` starts a comment; `-` reads standard input).
+    #[arg(short = 'f', long = "file", env = "OUTPOST_STAGE_FILE")]
+    pub file: Option<PathBuf>,
+    /// Follow the request to its end with a progress bar per image; exit 1 if any failed.
+    #[arg(long, env = "OUTPOST_STAGE_WAIT")]
+    pub wait: bool,
+    /// With --wait: give up following after this long (s, m or h suffix).
+    #[arg(long, env = "OUTPOST_STAGE_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Follow an existing request instead of starting one.
+    #[arg(long, env = "OUTPOST_STAGE_ID", conflicts_with_all = ["images", "file"])]
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -283,9 +305,214 @@ pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
     }
 }
 
+fn read_image_list(path: &std::path::Path) -> Result<Vec<String>, CliError> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    }
+    .map_err(|e| CliError::Admin(format!("cannot read {}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// A 24-cell bar, e.g. `[##########..............]  42%`.
+fn bar(done: u64, total: u64) -> String {
+    let pct = (done.min(total) * 100)
+        .checked_div(total)
+        .map_or(100, |p| p as usize);
+    let filled = pct * 24 / 100;
+    format!(
+        "[{}{}] {pct:>3}%",
+        "#".repeat(filled),
+        ".".repeat(24 - filled)
+    )
+}
+
+/// One line per image: name, state, progress, and the error when there is one.
+pub fn render_staging(r: &StagingRequest, bars: bool) -> Vec<String> {
+    let width = r.images.iter().map(|i| i.image.len()).max().unwrap_or(0);
+    r.images
+        .iter()
+        .map(|i| {
+            let mut line = format!("{:<width$}  {:<11}", i.image, i.state.as_str());
+            if bars {
+                line.push_str(&format!(" {}", bar(i.bytes_done, i.bytes_total)));
+            }
+            line.push_str(&format!(" {} / {}", mib(i.bytes_done), mib(i.bytes_total)));
+            if let Some(e) = &i.error {
+                line.push_str(&format!("  {e}"));
+            }
+            line
+        })
+        .collect()
+}
+
+async fn fetch_staging(
+    c: &reqwest::Client,
+    a: &AdminArgs,
+    id: &str,
+) -> Result<StagingRequest, CliError> {
+    let u = url(a, &format!("/outpost/v1/staging/{id}"));
+    let resp = c
+        .get(&u)
+        .send()
+        .await
+        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(CliError::Admin(format!("{u}: HTTP {}", resp.status())));
+    }
+    resp.json()
+        .await
+        .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
+}
+
+pub async fn stage(a: StageArgs) -> Result<ExitCode, CliError> {
+    let c = client(&a.admin)?;
+    let id = match &a.id {
+        Some(id) => id.clone(),
+        None => {
+            let mut images = a.images.clone();
+            if let Some(f) = &a.file {
+                images.extend(read_image_list(f)?);
+            }
+            if images.is_empty() {
+                return Err(CliError::Admin(
+                    "name at least one image (arguments or -f FILE)".into(),
+                ));
+            }
+            let u = url(&a.admin, "/outpost/v1/staging");
+            let resp = c
+                .post(&u)
+                .header("content-type", "application/json")
+                .body(serde_json::json!({ "images": images }).to_string())
+                .send()
+                .await
+                .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
+            let code = resp.status();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            if !code.is_success() {
+                let why = body["error"].as_str().unwrap_or("refused").to_owned();
+                return Err(CliError::Admin(format!("staging refused: {why}")));
+            }
+            let id = body["id"].as_str().unwrap_or_default().to_owned();
+            println!("staging request {id} accepted ({} images)", images.len());
+            id
+        }
+    };
+    if !a.wait {
+        println!("follow it with: outpost-registry stage --id {id} --wait");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let began = Instant::now();
+    let mut drawn = 0usize;
+    let mut last_plain: Vec<String> = Vec::new();
+    loop {
+        let r = fetch_staging(&c, &a.admin, &id).await?;
+        let finished = r.finished_utc.is_some();
+        if tty {
+            let lines = render_staging(&r, true);
+            let mut err = std::io::stderr();
+            // Redraw in place: up over the previous frame, clearing each line.
+            if drawn > 0 {
+                let _ = write!(err, "\x1b[{drawn}A");
+            }
+            for l in &lines {
+                let _ = writeln!(err, "\r\x1b[2K{l}");
+            }
+            let _ = err.flush();
+            drawn = lines.len();
+        } else {
+            // Plain lines when something other than byte counts changed.
+            let states: Vec<String> = r
+                .images
+                .iter()
+                .map(|i| format!("{}{:?}", i.state.as_str(), i.error))
+                .collect();
+            if states != last_plain {
+                for l in render_staging(&r, false) {
+                    eprintln!("{l}");
+                }
+                last_plain = states;
+            }
+        }
+        if finished {
+            let staged = r
+                .images
+                .iter()
+                .filter(|i| i.state == ImageState::Staged)
+                .count();
+            let failed = r.images.len() - staged;
+            println!("staging {id} {}: {staged} staged, {failed} failed", r.state);
+            for i in r.images.iter().filter(|i| i.state == ImageState::Failed) {
+                println!(
+                    "failed: {}: {}",
+                    i.image,
+                    i.error.as_deref().unwrap_or("unknown error")
+                );
+            }
+            return Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        if began.elapsed() > a.timeout {
+            return Err(CliError::Admin(format!(
+                "staging {id} still going after {:?}; follow it with `outpost-registry stage --id {id} --wait`",
+                a.timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::staging::ImageStatus;
+
+    #[test]
+    fn staging_lines_show_state_progress_and_error() {
+        let img = |image: &str, state, done, total, error: Option<&str>| ImageStatus {
+            image: image.into(),
+            repository: None,
+            reference: None,
+            digest: None,
+            state,
+            bytes_done: done,
+            bytes_total: total,
+            error: error.map(String::from),
+        };
+        let r = StagingRequest {
+            id: "stg-1".into(),
+            created_utc: "2026-11-22T10:00:00Z".into(),
+            finished_utc: None,
+            state: "running".into(),
+            images: vec![
+                img("app:v1", ImageState::Downloading, 512 << 10, 1 << 20, None),
+                img("app:nope", ImageState::Failed, 0, 0, Some("not found")),
+            ],
+        };
+        let lines = render_staging(&r, true);
+        assert!(
+            lines[0].contains("downloading") && lines[0].contains(" 50%"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains("0.5 MiB / 1.0 MiB"), "{}", lines[0]);
+        assert!(
+            lines[1].contains("failed") && lines[1].ends_with("not found"),
+            "{}",
+            lines[1]
+        );
+        assert!(!render_staging(&r, false)[0].contains('#'));
+    }
 
     #[test]
     fn status_table_has_the_contract_columns() {

@@ -85,6 +85,9 @@ pub enum Command {
     Status(admin::StatusArgs),
     /// Start a sync with the parent now, outside the schedule; --wait follows it to the end.
     Sync(admin::SyncArgs),
+    /// Download images now, ahead of a maintenance window, and pin them; --wait shows a
+    /// progress bar per image and exits 1 if any image failed.
+    Stage(admin::StageArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -368,6 +371,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Status(a) => admin::status(a).await,
         Command::Sync(a) => admin::sync(a).await,
+        Command::Stage(a) => admin::stage(a).await,
         Command::ScopeMap(c) => {
             tokens::run_scope_map(c)?;
             Ok(ExitCode::SUCCESS)

@@ -5,6 +5,7 @@ pub mod gc;
 pub mod manifest;
 pub mod pull_through;
 pub mod retention;
+pub mod staging;
 
 use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName};

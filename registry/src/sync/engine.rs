@@ -191,6 +191,7 @@ impl Run {
             match res {
                 Ok(p) => ok_plans.push(p),
                 Err(PlanError::Parent(e)) if self.contact_failed(&e) => return self.report,
+                Err(PlanError::Skipped) => {}
                 Err(e) => {
                     tracing::warn!(repository = %repo, %tag, error = %e, "cannot plan tag");
                     self.report.repo_error(&repo, format!("{tag}: {e}"));
@@ -205,7 +206,9 @@ impl Run {
             self.report.errors.push(e.to_string());
         }
         self.commit(&ok_plans, &pending).await;
-        self.follow_deletions(&listed, &pending).await;
+        let mut keep = pending.clone();
+        keep.extend(self.syncer.pinned_tags());
+        self.follow_deletions(&listed, &keep).await;
         self.report
     }
 
@@ -269,6 +272,15 @@ impl Run {
 
     async fn plan_tag(&self, repo: &RepositoryName, tag: &Tag) -> Result<TagPlan, PlanError> {
         let digest = self.parent.tag_digest(repo, tag.as_str()).await?;
+        let d = digest.to_string();
+        if self
+            .syncer
+            .state
+            .read(|s| s.is_evicted(repo.as_str(), tag.as_str(), &d))
+        {
+            // Evicted under --max-storage and unchanged at the parent: a pull brings it back.
+            return Err(PlanError::Skipped);
+        }
         let planner = Planner {
             store: &*self.syncer.store,
             parent: &self.parent,

@@ -50,6 +50,9 @@ pub enum PlanError {
     Storage(#[from] StorageError),
     #[error("manifest {digest} from the parent is invalid: {reason}")]
     Invalid { digest: Digest, reason: String },
+    /// Left out on purpose (an evicted image the parent did not change).
+    #[error("skipped")]
+    Skipped,
 }
 
 /// Called with every manifest fetched from the parent while planning.

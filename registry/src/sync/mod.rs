@@ -113,6 +113,8 @@ pub struct Syncer {
     state: Arc<StateFile>,
     outbox: Option<Arc<Outbox>>,
     flights: Arc<flight::Flights>,
+    /// Staged images: their tags stay when the parent deletes them.
+    pins: std::sync::OnceLock<Arc<crate::service::staging::Staging>>,
     trigger: tokio::sync::Notify,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
@@ -201,6 +203,7 @@ impl Syncer {
         ));
         Ok(Arc::new(Syncer {
             flights,
+            pins: std::sync::OnceLock::new(),
             opts,
             conn: RwLock::new(conn),
             parent: RwLock::new(Arc::new(parent)),
@@ -221,6 +224,15 @@ impl Syncer {
 
     pub fn mode(&self) -> Mode {
         self.opts.mode
+    }
+
+    pub fn set_pins(&self, staging: Arc<crate::service::staging::Staging>) {
+        let _ = self.pins.set(staging);
+    }
+
+    /// (repository, tag) of staged images.
+    pub fn pinned_tags(&self) -> std::collections::HashSet<(String, String)> {
+        self.pins.get().map(|p| p.pinned_tags()).unwrap_or_default()
     }
 
     /// Whether `repo` is within `--repository` (all repositories when none was given).

@@ -484,6 +484,28 @@ impl Parent {
             .map_err(|e| ParentError::Protocol(format!("parent digest {d:?}: {e}")))
     }
 
+    /// The digest a tag or digest reference resolves to at the parent (a HEAD).
+    pub async fn resolve(
+        &self,
+        repo: &RepositoryName,
+        reference: &outpost_core::Reference,
+    ) -> Result<Digest, ParentError> {
+        let image = match reference {
+            outpost_core::Reference::Digest(d) => self.digest_ref(repo, d),
+            outpost_core::Reference::Tag(t) => self.tag_ref(repo, t.as_str()),
+        };
+        let d = self
+            .retry("manifest digest", || async {
+                Ok(self
+                    .client
+                    .fetch_manifest_digest(&image, &self.auth)
+                    .await?)
+            })
+            .await?;
+        d.parse()
+            .map_err(|e| ParentError::Protocol(format!("parent digest {d:?}: {e}")))
+    }
+
     /// A manifest's bytes, by digest (checked against it) or by tag.
     pub async fn manifest(
         &self,

@@ -1,0 +1,729 @@
+//! Staging: download a named set of images now, ahead of a maintenance window, and report how
+//! far each got. Every request is validated whole before anything downloads (unknown
+//! repositories or tags, images outside the scope or of another registry fail with the reason),
+//! is kept on disk with its progress, resumes after a restart, and pins what it staged so
+//! neither eviction nor a tag deleted at the parent removes it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use outpost_core::{Digest, Reference, RepositoryName, Tag};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::StateLabels;
+use crate::sync::Syncer;
+use crate::sync::flight::{End, FlightOptions};
+use crate::sync::image::{self, PlanError, Planner};
+use crate::sync::parent::{self, ParentError};
+use crate::sync::schedule::rfc3339;
+use crate::sync::transfer;
+
+/// Most images one request may name.
+pub const MAX_IMAGES: usize = 1000;
+/// Longest image reference accepted.
+const MAX_IMAGE_LEN: usize = 512;
+/// How often progress is written to the request's file while downloading.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    Pending,
+    Downloading,
+    Staged,
+    Failed,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Pending => "pending",
+            ImageState::Downloading => "downloading",
+            ImageState::Staged => "staged",
+            ImageState::Failed => "failed",
+        }
+    }
+
+    fn terminal(self) -> bool {
+        matches!(self, ImageState::Staged | ImageState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// As the request named it.
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// What the reference resolved to at the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    pub state: ImageState,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StagingRequest {
+    pub id: String,
+    pub created_utc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_utc: Option<String>,
+    /// `running` until every image is staged or failed, then `succeeded` or `failed`.
+    pub state: String,
+    pub images: Vec<ImageStatus>,
+}
+
+impl StagingRequest {
+    fn done(&self) -> bool {
+        self.images.iter().all(|i| i.state.terminal())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot save the staging request: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Staging {
+    syncer: Arc<Syncer>,
+    dir: PathBuf,
+    requests: Mutex<BTreeMap<String, StagingRequest>>,
+    respect_window: bool,
+}
+
+/// An image name split into repository and reference, its registry checked against the parent.
+fn parse_image(name: &str, parent_hosts: &[String]) -> Result<(RepositoryName, Reference), String> {
+    let name = name.trim();
+    // The first component is a registry when it has a '.' or ':' or is localhost (Docker's rule).
+    let (host, rest) = match name.split_once('/') {
+        Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => (Some(h), r),
+        _ => (None, name),
+    };
+    if let Some(h) = host
+        && !parent_hosts.iter().any(|p| p.eq_ignore_ascii_case(h))
+    {
+        return Err(format!(
+            "registry {h} is not this Outpost's parent ({}); name images as in the parent, \
+             e.g. hello-world:latest",
+            parent_hosts.first().map_or("-", String::as_str)
+        ));
+    }
+    let (path, digest) = match rest.split_once('@') {
+        Some((p, d)) => (p, Some(d)),
+        None => (rest, None),
+    };
+    // A ':' after the last '/' starts the tag.
+    let (repo, tag) = match path.rfind(':') {
+        Some(i) if !path[i..].contains('/') => (&path[..i], Some(&path[i + 1..])),
+        _ => (path, None),
+    };
+    let repo: RepositoryName = repo.parse().map_err(|e| format!("{e}"))?;
+    let reference = match (digest, tag) {
+        (Some(d), _) => Reference::Digest(d.parse::<Digest>().map_err(|e| e.to_string())?),
+        (None, Some(t)) => Reference::Tag(t.parse::<Tag>().map_err(|e| e.to_string())?),
+        (None, None) => Reference::Tag("latest".parse::<Tag>().map_err(|e| e.to_string())?),
+    };
+    Ok((repo, reference))
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).unwrap_or_default();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("stg-{hex}")
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() <= 64 && id.starts_with("stg-") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Staging {
+    /// Loads the requests kept under `<storage>/sync/staging/`.
+    pub fn open(
+        syncer: Arc<Syncer>,
+        storage_root: &std::path::Path,
+        respect_window: bool,
+    ) -> std::io::Result<Arc<Self>> {
+        let dir = storage_root.join("sync").join("staging");
+        std::fs::create_dir_all(&dir)?;
+        let mut requests = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<StagingRequest>(&b).map_err(|e| e.to_string())
+                }) {
+                Ok(r) if valid_id(&r.id) => {
+                    requests.insert(r.id.clone(), r);
+                }
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "staging request with a bad id; ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable staging request; ignored")
+                }
+            }
+        }
+        let s = Arc::new(Staging {
+            syncer,
+            dir,
+            requests: Mutex::new(requests),
+            respect_window,
+        });
+        s.publish_metrics();
+        Ok(s)
+    }
+
+    /// Continues every request a restart interrupted.
+    pub fn resume(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| !r.done())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            tracing::info!(id = %id, "resuming staging request");
+            self.spawn(id);
+        }
+    }
+
+    /// Accepts a request; it runs in the background.
+    pub fn submit(self: &Arc<Self>, images: Vec<String>) -> Result<String, StagingError> {
+        if images.is_empty() {
+            return Err(StagingError::Invalid("\"images\" is empty".into()));
+        }
+        if images.len() > MAX_IMAGES {
+            return Err(StagingError::Invalid(format!(
+                "at most {MAX_IMAGES} images per request"
+            )));
+        }
+        if let Some(bad) = images
+            .iter()
+            .find(|i| i.trim().is_empty() || i.len() > MAX_IMAGE_LEN)
+        {
+            return Err(StagingError::Invalid(format!(
+                "image name {bad:?} is empty or longer than {MAX_IMAGE_LEN} characters"
+            )));
+        }
+        let id = new_id();
+        let req = StagingRequest {
+            id: id.clone(),
+            created_utc: rfc3339(SystemTime::now()),
+            finished_utc: None,
+            state: "running".into(),
+            images: images
+                .into_iter()
+                .map(|image| ImageStatus {
+                    image: image.trim().to_owned(),
+                    repository: None,
+                    reference: None,
+                    digest: None,
+                    state: ImageState::Pending,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    error: None,
+                })
+                .collect(),
+        };
+        self.write(&req)?;
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), req);
+        self.publish_metrics();
+        tracing::info!(id = %id, "staging request accepted");
+        self.spawn(id.clone());
+        Ok(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<StagingRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<StagingRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets a finished request, which unpins its images. False if unknown or still running.
+    pub fn remove(&self, id: &str) -> Result<bool, StagingError> {
+        let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        match reqs.get(id) {
+            Some(r) if r.done() => {}
+            _ => return Ok(false),
+        }
+        if valid_id(id) {
+            match std::fs::remove_file(self.dir.join(format!("{id}.json"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        reqs.remove(id);
+        drop(reqs);
+        self.publish_metrics();
+        Ok(true)
+    }
+
+    /// Tags staged images hold: sync does not delete these when the parent does.
+    pub fn pinned_tags(&self) -> HashSet<(String, String)> {
+        self.staged()
+            .filter_map(|i| {
+                let r = i.reference?;
+                let repo = i.repository?;
+                (!r.contains(':')).then_some((repo, r))
+            })
+            .collect()
+    }
+
+    fn staged(&self) -> impl Iterator<Item = ImageStatus> {
+        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        reqs.values()
+            .flat_map(|r| r.images.iter())
+            .filter(|i| i.state == ImageState::Staged)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    fn write(&self, req: &StagingRequest) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(req).map_err(std::io::Error::other)?;
+        crate::storage::fs::write_file_atomic(
+            &self.dir.join(format!("{}.json", req.id)),
+            &data,
+            0o600,
+        )
+    }
+
+    fn publish_metrics(&self) {
+        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for s in [
+            ImageState::Pending,
+            ImageState::Downloading,
+            ImageState::Staged,
+            ImageState::Failed,
+        ] {
+            counts.insert(s.as_str(), 0);
+        }
+        for r in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            for i in &r.images {
+                *counts.entry(i.state.as_str()).or_default() += 1;
+            }
+        }
+        let g = &self.syncer.metrics().staging_images;
+        for (state, n) in counts {
+            g.get_or_create(&StateLabels { state }).set(n);
+        }
+    }
+
+    /// Changes image `idx` of request `id`; saves when `save` (progress is saved less often).
+    fn update(&self, id: &str, idx: usize, save: bool, f: impl FnOnce(&mut ImageStatus)) {
+        let snapshot = {
+            let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(r) = reqs.get_mut(id) else { return };
+            let Some(i) = r.images.get_mut(idx) else {
+                return;
+            };
+            let before = i.state;
+            f(i);
+            let changed = before != i.state;
+            if r.done() && r.finished_utc.is_none() {
+                r.finished_utc = Some(rfc3339(SystemTime::now()));
+                r.state = if r.images.iter().all(|i| i.state == ImageState::Staged) {
+                    "succeeded".into()
+                } else {
+                    "failed".into()
+                };
+            }
+            (save || changed).then(|| r.clone())
+        };
+        if let Some(r) = snapshot {
+            if let Err(e) = self.write(&r) {
+                tracing::warn!(id = %id, error = %e, "cannot save staging progress");
+            }
+            self.publish_metrics();
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.run(&id).await });
+    }
+
+    async fn run(self: &Arc<Self>, id: &str) {
+        let Some(req) = self.get(id) else { return };
+        // 1. Validate every image before downloading any.
+        let mut retry = RETRY_FIRST;
+        loop {
+            let Some(req) = self.get(id) else { return };
+            let mut waiting = None;
+            for (idx, img) in req.images.iter().enumerate() {
+                if img.state.terminal() || img.digest.is_some() {
+                    continue;
+                }
+                match self.validate(&img.image).await {
+                    Ok((repo, reference, digest)) => self.update(id, idx, true, |i| {
+                        i.repository = Some(repo.to_string());
+                        i.reference = Some(reference.to_string());
+                        i.digest = Some(digest.to_string());
+                        i.error = None;
+                    }),
+                    Err(Check::Fail(why)) => {
+                        tracing::warn!(id = %id, image = %img.image, reason = %why, "staging image refused");
+                        self.update(id, idx, true, |i| {
+                            i.state = ImageState::Failed;
+                            i.error = Some(why);
+                        })
+                    }
+                    Err(Check::Wait(why)) => {
+                        self.update(id, idx, true, |i| {
+                            i.error = Some(format!("waiting for the parent: {why}"))
+                        });
+                        waiting = Some(why);
+                    }
+                }
+            }
+            match waiting {
+                None => break,
+                Some(why) => {
+                    tracing::info!(id = %id, error = %why, ?retry, "parent unreachable; staging validation retries");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_CAP);
+                }
+            }
+        }
+        drop(req);
+        // 2. Download, image by image.
+        let count = self.get(id).map_or(0, |r| r.images.len());
+        for idx in 0..count {
+            let mut retry = RETRY_FIRST;
+            loop {
+                let Some(img) = self.get(id).and_then(|r| r.images.get(idx).cloned()) else {
+                    return;
+                };
+                if img.state.terminal() {
+                    break;
+                }
+                let deadline = match self.window().await {
+                    Some(d) => d,
+                    None => return,
+                };
+                match self.download(id, idx, &img, deadline).await {
+                    Ok(()) => {
+                        tracing::info!(id = %id, image = %img.image, "image staged");
+                        self.update(id, idx, true, |i| {
+                            i.state = ImageState::Staged;
+                            i.bytes_done = i.bytes_total;
+                            i.error = None;
+                        });
+                        break;
+                    }
+                    Err(Step::Paused) => {
+                        self.update(id, idx, true, |i| {
+                            i.state = ImageState::Pending;
+                            i.error = Some("sync window closed; continues in the next one".into());
+                        });
+                    }
+                    Err(Step::Wait(why)) => {
+                        tracing::info!(id = %id, image = %img.image, error = %why, ?retry, "staging download interrupted; retrying");
+                        self.update(id, idx, true, |i| {
+                            i.error = Some(format!("waiting for the parent: {why}"));
+                        });
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(RETRY_CAP);
+                    }
+                    Err(Step::Fail(why)) => {
+                        tracing::warn!(id = %id, image = %img.image, error = %why, "staging image failed");
+                        self.update(id, idx, true, |i| {
+                            i.state = ImageState::Failed;
+                            i.error = Some(why);
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(r) = self.get(id) {
+            let staged = r
+                .images
+                .iter()
+                .filter(|i| i.state == ImageState::Staged)
+                .count();
+            tracing::info!(id = %id, staged, failed = r.images.len() - staged, state = %r.state, "staging request finished");
+        }
+    }
+
+    /// With `--respect-window`, waits for an open sync window and returns its end; otherwise
+    /// returns at once with no deadline.
+    async fn window(&self) -> Option<Option<SystemTime>> {
+        if !self.respect_window {
+            return Some(None);
+        }
+        let schedule = &self.syncer.options().schedule;
+        loop {
+            let now = SystemTime::now();
+            if schedule.window_text() == "continuous" {
+                return Some(None);
+            }
+            if let Some((_, end)) = schedule.open_window_at(now) {
+                return Some(Some(end));
+            }
+            let next = schedule.next_after(now)?;
+            let wait = next.duration_since(now).unwrap_or_default();
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+        }
+    }
+
+    async fn validate(&self, name: &str) -> Result<(RepositoryName, Reference, Digest), Check> {
+        let (repo, reference) =
+            parse_image(name, &self.syncer.parent_hosts()).map_err(Check::Fail)?;
+        if !self.syncer.in_scope(repo.as_str()) {
+            return Err(Check::Fail(format!(
+                "repository {repo} is outside this registry's sync scope (--repository)"
+            )));
+        }
+        let parent = self.syncer.parent();
+        match parent.resolve(&repo, &reference).await {
+            Ok(d) => {
+                self.syncer.note_contact(true);
+                Ok((repo, reference, d))
+            }
+            Err(ParentError::NotFound(m)) => Err(Check::Fail(format!(
+                "{repo}:{reference} not found at the parent: {m}"
+            ))),
+            Err(ParentError::Denied(m)) => Err(Check::Fail(format!(
+                "the sync token may not read {repo}: {m}"
+            ))),
+            Err(e) if e.is_contact_failure() => {
+                self.syncer.note_contact(false);
+                Err(Check::Wait(e.to_string()))
+            }
+            Err(e) => Err(Check::Fail(e.to_string())),
+        }
+    }
+
+    async fn download(
+        &self,
+        id: &str,
+        idx: usize,
+        img: &ImageStatus,
+        deadline: Option<SystemTime>,
+    ) -> Result<(), Step> {
+        let fail = |m: String| Step::Fail(m);
+        let repo: RepositoryName = img
+            .repository
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| fail(format!("{e}")))?;
+        let digest: Digest = img
+            .digest
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| fail(format!("{e}")))?;
+        let store = self.syncer.store().clone();
+        let parent = self.syncer.parent();
+        let planner = Planner {
+            store: &*store,
+            parent: &parent,
+            attempts: parent::ATTEMPTS,
+            on_fetch: None,
+        };
+        let tree = planner
+            .plan(&repo, &digest, None)
+            .await
+            .map_err(|e| match e {
+                PlanError::Parent(p) if p.is_contact_failure() => Step::Wait(p.to_string()),
+                other => Step::Fail(other.to_string()),
+            })?;
+        let blobs = tree.unique_blobs();
+        let total: u64 = blobs.iter().map(|(_, n)| n).sum();
+        let mut present = 0u64;
+        let mut missing = Vec::new();
+        for (d, n) in blobs {
+            match store.blob_size(&d).await {
+                Ok(Some(_)) => present += n,
+                Ok(None) => missing.push((d, n)),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        self.update(id, idx, true, |i| {
+            i.state = ImageState::Downloading;
+            i.bytes_total = total;
+            i.bytes_done = present;
+            i.error = None;
+        });
+        let flights = self.syncer.flights().clone();
+        let concurrency = self.syncer.options().concurrency.max(1);
+        let started: Vec<_> = missing.iter().map(|(d, n)| (d.clone(), *n)).collect();
+        let progress = {
+            let flights = flights.clone();
+            let started = started.clone();
+            move || -> u64 {
+                started
+                    .iter()
+                    .map(|(d, n)| flights.progress_of(d).unwrap_or(0).min(*n))
+                    .sum()
+            }
+        };
+        let work = futures_util::stream::iter(missing)
+            .map(|(d, n)| {
+                let flights = flights.clone();
+                let parent = parent.clone();
+                let repo = repo.clone();
+                async move {
+                    let (f, _) = flights.fetch(
+                        parent,
+                        &repo,
+                        &d,
+                        FlightOptions {
+                            size: Some(n),
+                            deadline,
+                            attempts: transfer::ATTEMPTS,
+                        },
+                    );
+                    (d, n, f.wait().await)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>();
+        tokio::pin!(work);
+        let mut done_bytes = 0u64;
+        let ends = loop {
+            tokio::select! {
+                ends = &mut work => break ends,
+                _ = tokio::time::sleep(SAVE_EVERY) => {
+                    let now = present + progress();
+                    self.update(id, idx, true, |i| i.bytes_done = now.min(total));
+                }
+            }
+        };
+        let mut paused = false;
+        for (d, n, end) in ends {
+            match end {
+                End::Done => done_bytes += n,
+                End::Paused => paused = true,
+                End::Failed {
+                    contact: true,
+                    message,
+                    ..
+                } => return Err(Step::Wait(message)),
+                End::Failed { message, .. } => return Err(fail(format!("blob {d}: {message}"))),
+            }
+        }
+        self.update(id, idx, true, |i| {
+            i.bytes_done = (present + done_bytes).min(total)
+        });
+        if paused {
+            return Err(Step::Paused);
+        }
+        image::write_manifests(&*store, &repo, &tree)
+            .await
+            .map_err(|(d, e)| fail(format!("manifest {d}: {e}")))?;
+        if let Some(Ok(tag)) = img.reference.as_deref().map(str::parse::<Tag>) {
+            image::point_tag(&*store, &repo, &tag, &digest)
+                .await
+                .map_err(|e| fail(format!("tag {tag}: {e}")))?;
+            let (r, t, d) = (repo.to_string(), tag.to_string(), digest.to_string());
+            self.syncer.state().update(|s| {
+                s.repositories
+                    .entry(r.clone())
+                    .or_default()
+                    .tags
+                    .insert(t.clone(), d);
+                s.forget_eviction(&r, &t);
+            });
+        }
+        Ok(())
+    }
+}
+
+impl crate::service::retention::PinSource for Staging {
+    fn pinned(&self) -> HashSet<(String, Digest)> {
+        self.staged()
+            .filter_map(|i| Some((i.repository?, i.digest?.parse().ok()?)))
+            .collect()
+    }
+}
+
+enum Check {
+    Fail(String),
+    Wait(String),
+}
+
+enum Step {
+    Fail(String),
+    Wait(String),
+    Paused,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names() {
+        let hosts = vec!["myacr.azurecr.io".to_owned(), "gw.example:8443".to_owned()];
+        let ok = |n: &str| parse_image(n, &hosts).map(|(r, f)| format!("{r} {f}"));
+        assert_eq!(ok("demo-image:latest").unwrap(), "demo-image latest");
+        assert_eq!(ok("demo-image").unwrap(), "demo-image latest");
+        assert_eq!(ok("team/app:v1.2").unwrap(), "team/app v1.2");
+        assert_eq!(ok("myacr.azurecr.io/team/app:v1").unwrap(), "team/app v1");
+        assert_eq!(ok("gw.example:8443/app:v1").unwrap(), "app v1");
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(ok(&format!("app@{d}")).unwrap(), format!("app {d}"));
+        assert_eq!(ok(&format!("app:v1@{d}")).unwrap(), format!("app {d}"));
+        assert!(
+            ok("docker.io/library/nginx:1")
+                .unwrap_err()
+                .contains("not this Outpost's parent")
+        );
+        assert!(ok("Bad/Name:1").is_err());
+        assert!(ok("app:bad tag").is_err());
+        assert!(ok("app@sha256:zz").is_err());
+    }
+
+    #[test]
+    fn ids() {
+        let id = new_id();
+        assert!(valid_id(&id), "{id}");
+        assert!(!valid_id("../../etc/passwd"));
+        assert!(!valid_id("stg-zz"));
+    }
+}
