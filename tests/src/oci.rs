@@ -1,0 +1,275 @@
+//! Talking to registries in the suites: a small OCI client, the admin API of a running
+//! Outpost, and loading images into a registry with skopeo.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::Value;
+
+use crate::*;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MIB: u64 = 1024 * 1024;
+
+pub fn conn(name: &str, user: &str, pass: &str, host: &str, proto: &str) -> String {
+    format!(
+        "ConnectedRegistryName={name};SyncTokenName={user};SyncTokenPassword={pass};ParentGatewayEndpoint={host};ParentEndpointProtocol={proto}"
+    )
+}
+
+pub fn client_with_ca(ca: Option<&Path>) -> Client {
+    let mut b = Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120));
+    if let Some(ca) = ca {
+        let cert = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+        b = b.tls_certs_only([cert]);
+    }
+    b.build().unwrap()
+}
+
+/// Where a registry is and how to talk to it.
+pub struct Endpoint {
+    pub base: String,
+    pub client: Client,
+    pub basic: Option<(String, String)>,
+}
+
+impl Endpoint {
+    pub fn plain(host: &str) -> Self {
+        Endpoint {
+            base: format!("http://{host}"),
+            client: client_with_ca(None),
+            basic: None,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        let mut r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("accept", ACCEPT);
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        r.send().unwrap()
+    }
+
+    /// A manifest's exact bytes, or None on 404.
+    pub fn manifest(&self, repo: &str, reference: &str) -> Option<Vec<u8>> {
+        let r = self.get(&format!("/v2/{repo}/manifests/{reference}"));
+        match r.status().as_u16() {
+            200 => Some(r.bytes().unwrap().to_vec()),
+            404 => None,
+            s => panic!("manifest {repo}:{reference}: HTTP {s}"),
+        }
+    }
+
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        let r = self.get(&format!("/v2/{repo}/tags/list"));
+        if r.status() == 404 {
+            return Vec::new();
+        }
+        let v: Value = r.json().unwrap();
+        let mut t: Vec<String> = v["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        t.sort();
+        t
+    }
+
+    pub fn catalog(&self) -> Vec<String> {
+        let v: Value = self.get("/v2/_catalog").json().unwrap();
+        v["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    pub fn blob(&self, repo: &str, digest: &str) -> Vec<u8> {
+        let r = self.get(&format!("/v2/{repo}/blobs/{digest}"));
+        assert_eq!(r.status(), 200, "blob {repo}@{digest}");
+        r.bytes().unwrap().to_vec()
+    }
+
+    /// Pushes a blob monolithically.
+    pub fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256(data);
+        let mut r = self
+            .client
+            .post(format!(
+                "{}/v2/{repo}/blobs/uploads/?digest={digest}",
+                self.base
+            ))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec());
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        let resp = r.send().unwrap();
+        if resp.status() == 202 {
+            // docker-registry 2.8 wants POST then PUT.
+            let loc = header(&resp, "location");
+            let url = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{}{loc}", self.base)
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let mut r = self
+                .client
+                .put(format!("{url}{sep}digest={digest}"))
+                .header("content-type", "application/octet-stream")
+                .body(data.to_vec());
+            if let Some((u, p)) = &self.basic {
+                r = r.basic_auth(u, Some(p));
+            }
+            let resp = r.send().unwrap();
+            assert_eq!(resp.status(), 201, "blob PUT: {}", resp.text().unwrap());
+        } else {
+            assert_eq!(resp.status(), 201, "blob POST");
+        }
+        digest
+    }
+
+    pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> u16 {
+        let mut r = self
+            .client
+            .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
+            .header("content-type", media_type)
+            .body(body.to_vec());
+        if let Some((u, p)) = &self.basic {
+            r = r.basic_auth(u, Some(p));
+        }
+        r.send().unwrap().status().as_u16()
+    }
+
+    pub fn delete_manifest(&self, repo: &str, digest: &str) {
+        let r = self
+            .client
+            .delete(format!("{}/v2/{repo}/manifests/{digest}", self.base))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202, "delete {repo}@{digest}");
+    }
+}
+
+pub fn admin_status(reg: &Registry) -> Value {
+    http()
+        .get(format!(
+            "http://127.0.0.1:{}/outpost/v1/status",
+            reg.admin_port
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// Polls until `f` holds, at most `timeout`; panics with `what` and the registry's log.
+pub fn wait_for(
+    reg: &Registry,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = admin_status(reg);
+        if f(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
+                reg.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for a run numbered `min_run` or later to finish, and returns its result.
+pub fn wait_run(reg: &Registry, min_run: u64, timeout: Duration) -> Value {
+    wait_for(reg, &format!("sync run {min_run} finished"), timeout, |s| {
+        !s["syncing"].as_bool().unwrap_or(true)
+            && s["lastRun"]["number"].as_u64().unwrap_or(0) >= min_run
+            && s["lastRun"]["result"].is_string()
+    })
+}
+
+pub fn last_run(s: &Value) -> u64 {
+    s["lastRun"]["number"].as_u64().unwrap_or(0)
+}
+
+/// `outpost-registry <cmd> --admin <this registry's admin API>`.
+pub fn admin_cli(reg: &Registry, args: &[&str]) -> std::process::Output {
+    run_timeout(
+        Command::new(bin("outpost-registry"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://127.0.0.1:{}", reg.admin_port)),
+        Duration::from_secs(120),
+    )
+}
+
+/// Asks for a run now and waits until it ends successfully.
+pub fn sync_now(reg: &Registry) {
+    let out = admin_cli(reg, &["sync", "--wait", "--timeout", "90s"]);
+    assert!(
+        out.status.success(),
+        "sync --wait failed: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        reg.log_text()
+    );
+}
+
+/// Derives image `new` from `base` in a layout by adding one layer with `files`; `base`'s
+/// layers stay shared.
+pub fn derive_image(layout: &Layout, base: &str, new: &str, files: &[(&str, Vec<u8>)]) {
+    let umoci = require("umoci");
+    let img = |t: &str| format!("{}:{t}", layout.path.display());
+    let work = layout.path.with_file_name(format!("bundle-{new}"));
+    run_ok(
+        Command::new(&umoci)
+            .args(["unpack", "--rootless", "--image", &img(base)])
+            .arg(&work),
+    );
+    for (p, content) in files {
+        let target = work.join("rootfs").join(p);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, content).unwrap();
+    }
+    run_ok(
+        Command::new(&umoci)
+            .args(["repack", "--image", &img(new)])
+            .arg(&work),
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+pub fn manifest_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+/// Copies `tag` of the layout into `repo:dest_tag` at a plain-HTTP registry.
+pub fn load(layout: &Layout, tag: &str, host: &str, repo_tag: &str, extra: &[&str]) {
+    let src = format!("oci:{}:{tag}", layout.path.display());
+    let dst = format!("docker://{host}/{repo_tag}");
+    let mut args = vec!["copy", "--all", "--dest-tls-verify=false"];
+    args.extend_from_slice(extra);
+    args.push(&src);
+    args.push(&dst);
+    skopeo(&args);
+}
