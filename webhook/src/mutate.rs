@@ -301,3 +301,143 @@ fn affinity_ops(pod: &Value, ops: &mut Vec<Value>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> MirrorConfig {
+        format!("registry = \"r.local\"\npull_secret = \"p\"\n{extra}\n[[rule]]\nupstream = \"docker.io\"\n")
+            .parse()
+            .unwrap()
+    }
+
+    fn apply(pod: &Value, ops: Vec<Value>) -> Value {
+        let mut out = pod.clone();
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+        json_patch::patch(&mut out, &patch).unwrap();
+        out
+    }
+
+    fn run(pod: &Value, c: &MirrorConfig) -> Value {
+        let cands = candidates(pod, c, Scope::WholePod);
+        apply(
+            pod,
+            patch_ops(pod, c, Scope::WholePod, &cands, &BTreeMap::new()),
+        )
+    }
+
+    #[test]
+    fn bare_pod_gets_everything_once() {
+        let c = config("");
+        let pod =
+            json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "nginx"}]}});
+        let out = run(&pod, &c);
+        assert_eq!(
+            out["spec"]["containers"][0]["image"],
+            "r.local/library/nginx"
+        );
+        assert_eq!(
+            out["metadata"]["annotations"][ORIGINAL_IMAGES],
+            "{\"a\":\"nginx\"}"
+        );
+        assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "p"}]));
+        assert_eq!(
+            out["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
+            TRUSTED_LABEL
+        );
+        assert_eq!(run(&out, &c), out);
+    }
+
+    #[test]
+    fn affinity_shapes() {
+        let c = config("");
+        let req = "/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution";
+        // nodeAffinity with only preferences.
+        let pod = json!({"metadata": {"annotations": {}}, "spec": {
+            "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+            "containers": [{"name": "a", "image": "nginx"}]}});
+        let out = run(&pod, &c);
+        assert!(out.pointer(req).is_some());
+        assert!(
+            out.pointer(
+                "/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution"
+            )
+            .is_some()
+        );
+        // A term with matchFields only gets matchExpressions; a term that already names the
+        // label is left alone; an empty term list gets one term.
+        let pod = json!({"metadata": {}, "spec": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]},
+                {"matchExpressions": [{"key": TRUSTED_LABEL, "operator": "Exists"}]}
+            ]}}},
+            "containers": [{"name": "a", "image": "nginx"}]}});
+        let out = run(&pod, &c);
+        let terms = out.pointer(&format!("{req}/nodeSelectorTerms")).unwrap();
+        assert_eq!(terms[0]["matchFields"][0]["key"], "metadata.name");
+        assert_eq!(terms[0]["matchExpressions"][0]["key"], TRUSTED_LABEL);
+        assert_eq!(terms[1]["matchExpressions"].as_array().unwrap().len(), 1);
+        let pod = json!({"metadata": {}, "spec": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
+            "containers": [{"name": "a", "image": "nginx"}]}});
+        let out = run(&pod, &c);
+        assert_eq!(
+            out.pointer(&format!("{req}/nodeSelectorTerms"))
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn reinvocation_with_a_new_container_merges() {
+        let c = config("");
+        let pod =
+            json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "nginx"}]}});
+        let mut out = run(&pod, &c);
+        // Another webhook adds a sidecar, then we are invoked again.
+        out["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "side", "image": "envoyproxy/envoy:v1"}));
+        let again = run(&out, &c);
+        let originals: Value = serde_json::from_str(
+            again["metadata"]["annotations"][ORIGINAL_IMAGES]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            originals,
+            json!({"a": "nginx", "side": "envoyproxy/envoy:v1"})
+        );
+        assert_eq!(again["spec"]["imagePullSecrets"], json!([{"name": "p"}]));
+        let terms = again.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms").unwrap();
+        assert_eq!(terms[0]["matchExpressions"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn nothing_covered_means_no_patch() {
+        let c: MirrorConfig = "registry = \"r.local\"\n[[rule]]\nupstream = \"ghcr.io\""
+            .parse()
+            .unwrap();
+        let pod =
+            json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "nginx"}]}});
+        let cands = candidates(&pod, &c, Scope::WholePod);
+        assert!(cands.is_empty());
+        assert!(patch_ops(&pod, &c, Scope::WholePod, &cands, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn opt_out_annotation() {
+        let pod = |v: &str| json!({"metadata": {"annotations": {INJECT: v}}});
+        assert!(opted_out(&pod("false")));
+        assert!(opted_out(&pod("False")));
+        assert!(!opted_out(&pod("true")));
+        assert!(!opted_out(&json!({"metadata": {}})));
+    }
+}
