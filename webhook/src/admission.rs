@@ -105,37 +105,58 @@ fn encode_with_base64_patch(
 /// Why the review could not be processed (logged and sent as a warning).
 struct Failure(String);
 
+/// How a guarded review ended.
+enum Guarded {
+    Done(Answer),
+    Failed(String),
+    Panicked(String),
+    TimedOut,
+}
+
+/// Runs a review within the budget, catching panics: the only way out is a `Guarded`.
+async fn guard<F>(budget: Duration, review: F) -> Guarded
+where
+    F: std::future::Future<Output = Result<Answer, Failure>>,
+{
+    match tokio::time::timeout(budget, AssertUnwindSafe(review).catch_unwind()).await {
+        Ok(Ok(Ok(answer))) => Guarded::Done(answer),
+        Ok(Ok(Err(Failure(why)))) => Guarded::Failed(why),
+        Ok(Err(panic)) => Guarded::Panicked(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+        Err(_) => Guarded::TimedOut,
+    }
+}
+
 impl Admission {
     /// Answers one review body. Never fails and never panics outward; never takes longer
     /// than the budget.
     pub async fn answer(&self, body: &[u8]) -> Answer {
         let start = Instant::now();
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
-        let work = AssertUnwindSafe(self.review(parsed.as_ref(), start)).catch_unwind();
-        let result = tokio::time::timeout(self.budget, work).await;
+        let guarded = guard(self.budget, self.review(parsed.as_ref(), start)).await;
         let (uid, api) = identity(parsed.as_ref());
-        let answer = match result {
-            Ok(Ok(Ok(answer))) => answer,
-            Ok(Ok(Err(Failure(why)))) => {
+        let answer = match guarded {
+            Guarded::Done(answer) => answer,
+            Guarded::Failed(why) => {
                 tracing::warn!(%uid, reason = %why, "admission passed unchanged");
                 Answer {
                     body: fail_open(&api, &uid, &why),
                     outcome: Outcome::Error,
                 }
             }
-            Ok(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+            Guarded::Panicked(what) => {
                 tracing::error!(%uid, panic = %what, "admission handler panicked; pod passed unchanged");
                 Answer {
                     body: fail_open(&api, &uid, "internal error; pod admitted unchanged"),
                     outcome: Outcome::Error,
                 }
             }
-            Err(_) => {
+            Guarded::TimedOut => {
                 tracing::warn!(%uid, budget_ms = self.budget.as_millis() as u64, "admission over budget; pod passed unchanged");
                 Answer {
                     body: fail_open(&api, &uid, "timed out; pod admitted unchanged"),
@@ -296,5 +317,38 @@ impl Admission {
             }
         }
         keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn panics_and_overruns_are_caught() {
+        let budget = Duration::from_millis(20);
+        let panicking = async {
+            if budget > Duration::ZERO {
+                panic!("boom");
+            }
+            Err(Failure(String::new()))
+        };
+        assert!(matches!(guard(budget, panicking).await, Guarded::Panicked(w) if w == "boom"));
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Err(Failure(String::new()))
+        };
+        assert!(matches!(guard(budget, slow).await, Guarded::TimedOut));
+        let failing = async { Err(Failure("why".into())) };
+        assert!(matches!(guard(budget, failing).await, Guarded::Failed(w) if w == "why"));
+    }
+
+    #[test]
+    fn fail_open_answers_allow_without_patch() {
+        let v: Value = serde_json::from_slice(&fail_open(API_VERSION, "u1", "bad")).unwrap();
+        assert_eq!(v["response"]["allowed"], true);
+        assert_eq!(v["response"]["uid"], "u1");
+        assert!(v["response"].get("patch").is_none());
+        assert_eq!(v["response"]["warnings"][0], "outpost-webhook: bad");
     }
 }
