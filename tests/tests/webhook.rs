@@ -481,3 +481,49 @@ fn sigterm_exits_cleanly_and_config_reloads() {
     assert!(status.success(), "{status}\n{}", w.log_text());
     w.child = None;
 }
+
+#[test]
+fn rotated_certificate_is_served_without_restart() {
+    let w = Webhook::start(CONFIG, &["--reload-interval", "1s"]);
+    let dir2 = tempfile::tempdir().unwrap();
+    let pki2 = TestPki::create(dir2.path());
+    let ca2 = reqwest::Certificate::from_pem(&std::fs::read(&pki2.ca_cert).unwrap()).unwrap();
+    let client2 = Client::builder()
+        .no_proxy()
+        .tls_certs_only([ca2])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    assert!(client2.get(w.url("/healthz")).send().is_err());
+    // As cert-manager would: new files in place of the old ones.
+    std::fs::copy(&pki2.key, &w.pki.key).unwrap();
+    std::fs::copy(&pki2.cert, &w.pki.cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // A new connection each time, so the new handshake is seen.
+        let c = Client::builder()
+            .no_proxy()
+            .tls_certs_only([reqwest::Certificate::from_pem(
+                &std::fs::read(&pki2.ca_cert).unwrap(),
+            )
+            .unwrap()])
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        if c.get(w.url("/healthz"))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "certificate not reloaded:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Admissions keep working over the new certificate.
+    let resp = w.mutate(&client2, &fixture("pod-basic-create.json"));
+    assert!(patch_of(&resp).is_some());
+}
