@@ -295,6 +295,13 @@ impl Registry {
         self.spawn();
     }
 
+    /// Starts the server again on the same storage and ports, with other extra arguments.
+    pub fn restart_with_args(&mut self, extra: &[&str]) {
+        self.kill9();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+
     /// Runs `outpost-registry <args> --storage <this storage>` to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
         run_timeout(

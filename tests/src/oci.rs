@@ -273,3 +273,23 @@ pub fn load(layout: &Layout, tag: &str, host: &str, repo_tag: &str, extra: &[&st
     args.push(&dst);
     skopeo(&args);
 }
+
+/// The value of an unlabelled (or fully spelled) sample in a Prometheus text page.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in metrics")) as u64
+}
+
+/// The registry's metrics page.
+pub fn metrics_text(reg: &Registry) -> String {
+    http()
+        .get(format!("{}/metrics", reg.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}

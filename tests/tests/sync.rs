@@ -259,15 +259,6 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
     assert!(!outpost.log_text().contains("s3cret-pass"));
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|r| r.trim().parse::<f64>().ok())
-        })
-        .unwrap_or_else(|| panic!("no {name} in metrics")) as u64
-}
-
 /// Sum of the sizes of the distinct blobs under the given manifests (indexes followed).
 fn unique_blob_bytes(ep: &Endpoint, refs: &[(&str, &str)]) -> u64 {
     let mut seen = std::collections::BTreeMap::new();

@@ -42,6 +42,12 @@ pub async fn get(
     let pt = app.pull_through.as_ref().filter(|p| p.in_scope(repo));
     if !app.store.repo_blob_linked(repo, &digest).await? {
         let Some(p) = pt else {
+            if app.pull_through.is_some() {
+                return Err(super::manifests::pull_error(
+                    crate::service::pull_through::PullError::OutOfScope,
+                    Code::BlobUnknown,
+                ));
+            }
             return Err(blob_unknown(&digest));
         };
         let (size, body) = p

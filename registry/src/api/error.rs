@@ -26,8 +26,6 @@ pub enum Code {
     Unsupported,
     TooManyRequests,
     PaginationNumberInvalid,
-    /// The registry cannot serve this now (distribution's code for 503).
-    Unavailable,
     Unknown,
 }
 
@@ -49,7 +47,6 @@ impl Code {
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
-            Code::Unavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }

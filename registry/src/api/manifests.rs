@@ -11,22 +11,19 @@ use crate::service::pull_through::PullError;
 use crate::service::{self, manifest};
 use crate::storage::{StorageError, StoredManifest};
 
-/// How a pull-through failure reaches the client. An unreachable parent is a 503 UNAVAILABLE
-/// (as distribution names it), so the client sees why rather than a bare "unknown".
+/// How a pull-through failure reaches the client: a 404 with the reason in the message. A
+/// 404 rather than a 5xx because clients print the message of 4xx errors only, and because
+/// containerd falls back from a mirror answering 404 to the upstream registry itself.
 pub fn pull_error(e: PullError, unknown: Code) -> ApiError {
     match e {
         PullError::OutOfScope => ApiError::not_found(
             unknown,
             "not stored here; the repository is outside this registry's sync scope",
         ),
-        PullError::NotFound(_) | PullError::Refused(_) | PullError::Invalid(_) => {
-            ApiError::not_found(unknown, e.to_string())
-        }
-        PullError::Offline(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Code::Unavailable,
-            e.to_string(),
-        ),
+        PullError::NotFound(_)
+        | PullError::Refused(_)
+        | PullError::Invalid(_)
+        | PullError::Offline(_) => ApiError::not_found(unknown, e.to_string()),
         PullError::Storage(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             Code::Unknown,
@@ -105,6 +102,11 @@ pub async fn get(
                 media_type: pulled.media_type,
                 content: pulled.content,
             }
+        }
+        (Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown), None)
+            if app.pull_through.is_some() =>
+        {
+            return Err(pull_error(PullError::OutOfScope, Code::ManifestUnknown));
         }
         (Err(e), _) => return Err(e.into()),
     };

@@ -411,3 +411,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1"), Ok(1));
+        assert_eq!(parse_size("500Gi"), Ok(500 << 30));
+        assert_eq!(parse_size("20G"), Ok(20_000_000_000));
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("3k"), Ok(3000));
+        for bad in ["", "0", "Gi", "1.5Gi", "10GB", "-1", "99999999999Ti"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! Pull-through, staging and retention against a real parent (Debian's docker-registry, often
+//! behind a proxy that counts what crosses the link), with skopeo and containerd as clients.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_e2e::oci::*;
+use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+use outpost_e2e::*;
+use serde_json::{Value, json};
+
+/// A schedule that never fires during a test, with a window, so nothing syncs on its own.
+const NO_SYNC: [&str; 4] = ["--sync-schedule", "0 0 1 1 *", "--sync-window", "PT1M"];
+
+struct Images {
+    _dir: tempfile::TempDir,
+    layout: Layout,
+}
+
+/// An amd64 image `app`, an arm64 image `arm`, an index `multi` of both, and `other`.
+fn images(seed: u64) -> Images {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image(
+        "app",
+        "amd64",
+        &[("app.bin", pseudo_random(seed, 300 * 1024))],
+    );
+    layout.add_image(
+        "arm",
+        "arm64",
+        &[("arm.bin", pseudo_random(seed + 1, 200 * 1024))],
+    );
+    layout.add_index("multi", &[("app", "amd64"), ("arm", "arm64")]);
+    layout.add_image(
+        "other",
+        "amd64",
+        &[("other.bin", pseudo_random(seed + 2, 100 * 1024))],
+    );
+    Images { _dir: dir, layout }
+}
+
+fn outpost_for(parent_host: &str, extra: &[&str]) -> Registry {
+    let c = conn("edge", "u", "p", parent_host, "http");
+    let mut args = vec!["--connection-string", c.as_str()];
+    args.extend_from_slice(&NO_SYNC);
+    args.extend_from_slice(extra);
+    Registry::start_with_args(&args)
+}
+
+fn gets_for(proxy: &FaultProxy, path_part: &str) -> usize {
+    proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains(path_part))
+        .count()
+}
+
+/// Waits until `repo:tag` is stored (listed in the tags, which only happens once whole).
+fn wait_stored(reg: &Registry, repo: &str, tag: &str) {
+    let ep = Endpoint::plain(&reg.host());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ep.tags(repo).iter().any(|t| t == tag) {
+        assert!(
+            Instant::now() < deadline,
+            "{repo}:{tag} not stored in time\n{}",
+            reg.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn skopeo_out(args: &[&str]) -> std::process::Output {
+    run_timeout(
+        Command::new(require("skopeo")).args(args),
+        Duration::from_secs(120),
+    )
+}
+
+#[test]
+fn never_synced_images_pull_through_for_skopeo_and_containerd_and_stay_when_the_parent_goes() {
+    let imgs = images(run_seed() + 100);
+    let mut parent = DockerRegistry::builder().start();
+    for (tag, dest) in [
+        ("app", "demo/app:v1"),
+        ("multi", "demo/multi:v1"),
+        ("other", "demo/other:v1"),
+        ("other", "outside/x:v1"),
+    ] {
+        load(&imgs.layout, tag, &parent.host(), dest, &[]);
+    }
+    let proxy = FaultProxy::start(&parent.host());
+    let outpost = outpost_for(&proxy.host(), &["--repository", "demo/**"]);
+    let ep = Endpoint::plain(&outpost.host());
+    let up = Endpoint::plain(&parent.host());
+    assert!(ep.tags("demo/app").is_empty(), "nothing synced yet");
+
+    // skopeo: the first pull comes through, byte-identical.
+    let dir = tempfile::tempdir().unwrap();
+    let dst = format!("oci:{}:app", dir.path().join("out").display());
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/demo/app:v1", outpost.host()),
+        &dst,
+    ]);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/demo/app:v1", outpost.host()),
+    ]);
+    assert_eq!(
+        raw.as_bytes(),
+        up.manifest("demo/app", "v1").unwrap().as_slice()
+    );
+
+    // containerd pulls the multi-arch index (its platform) through Outpost.
+    let ctrd = Containerd::start();
+    ctrd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        &format!("{}/demo/multi:v1", outpost.host()),
+    ]);
+
+    // Both are stored whole (every platform of the index) shortly after.
+    wait_stored(&outpost, "demo/app", "v1");
+    wait_stored(&outpost, "demo/multi", "v1");
+    let index = up.manifest("demo/multi", "v1").unwrap();
+    for child in manifest_json(&index)["manifests"].as_array().unwrap() {
+        let d = child["digest"].as_str().unwrap();
+        assert_eq!(ep.manifest("demo/multi", d), up.manifest("demo/multi", d));
+    }
+
+    // Out of scope: never fetched.
+    let r = ep.get("/v2/outside/x/manifests/v1");
+    assert_eq!(r.status(), 404);
+    assert!(r.text().unwrap().contains("outside"), "says why");
+    assert_eq!(
+        gets_for(&proxy, "/outside/"),
+        0,
+        "no request for out-of-scope"
+    );
+    assert_eq!(
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("/outside/"))
+            .count(),
+        0
+    );
+
+    // The parent goes away: cached pulls still work...
+    parent.stop();
+    let dir2 = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{}/demo/multi:v1", outpost.host()),
+        &format!("oci:{}:m", dir2.path().join("out").display()),
+    ]);
+    // ... and uncached ones fail within 2 s, saying why.
+    for attempt in 0..2 {
+        let t = Instant::now();
+        let r = ep.get("/v2/demo/other/manifests/v1");
+        let took = t.elapsed();
+        assert_eq!(r.status(), 404, "attempt {attempt}");
+        let body: Value = r.json().unwrap();
+        assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN", "{body}");
+        let msg = body["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.contains("unreachable"), "{msg}");
+        assert!(took < Duration::from_secs(2), "attempt {attempt}: {took:?}");
+    }
+    let t = Instant::now();
+    let out = skopeo_out(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/demo/other:v1", outpost.host()),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parent registry is unreachable"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    let m = metrics_text(&outpost);
+    assert!(
+        metric(&m, "outpost_pull_through_total{result=\"miss\"}") >= 2,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "outpost_pull_through_total{result=\"hit\"}") >= 1,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "outpost_pull_through_total{result=\"error\"}") >= 2,
+        "{m}"
+    );
+    assert!(m.contains("outpost_parent_connected 0"), "{m}");
+}
+
+/// A registry image whose one layer is `size` bytes of random data (pushed directly: no tar
+/// needed to fetch a blob).
+fn push_raw_image(ep: &Endpoint, repo: &str, tag: &str, layer: &[u8]) -> String {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cfg = ep.push_blob(repo, config);
+    let digest = ep.push_blob(repo, layer);
+    let m = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": layer.len()}],
+    });
+    let bytes = serde_json::to_vec(&m).unwrap();
+    assert_eq!(ep.push_manifest(repo, tag, OCI_MANIFEST, &bytes), 201);
+    digest
+}
+
+#[test]
+fn sixteen_clients_share_one_upstream_get_of_a_256_mib_layer() {
+    const SIZE: usize = 256 * 1024 * 1024;
+    const CLIENTS: usize = 16;
+    let parent = DockerRegistry::builder().start();
+    let layer = pseudo_random(run_seed() + 200, SIZE);
+    let digest = push_raw_image(&Endpoint::plain(&parent.host()), "big/layer", "v1", &layer);
+    drop(layer);
+    let proxy = FaultProxy::start(&parent.host());
+    let outpost = outpost_for(&proxy.host(), &[]);
+    let url = format!("{}/v2/big/layer/blobs/{digest}", outpost.url());
+    let start = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                // Staggered a little: late readers join the download in progress.
+                std::thread::sleep(Duration::from_millis(20 * i as u64));
+                let mut resp = http().get(&url).send().unwrap();
+                assert_eq!(resp.status(), 200, "client {i}");
+                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                let mut buf = vec![0u8; 1 << 20];
+                let mut n = 0u64;
+                loop {
+                    let k = std::io::Read::read(&mut resp, &mut buf).unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    ctx.update(&buf[..k]);
+                    n += k as u64;
+                }
+                let hex: String = ctx
+                    .finish()
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                (n, format!("sha256:{hex}"))
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (n, d) = h.join().unwrap();
+        assert_eq!(n, SIZE as u64, "client {i} got every byte");
+        assert_eq!(d, digest, "client {i} got identical bytes");
+    }
+    let blob_gets = gets_for(&proxy, &format!("/blobs/{digest}"));
+    assert_eq!(blob_gets, 1, "one upstream GET: {:?}", proxy.requests());
+    assert_eq!(
+        proxy.body_bytes_for(&format!("/blobs/{digest}")),
+        SIZE as u64,
+        "one copy crossed the link"
+    );
+    // And it is stored: a later pull is a hit, with no new upstream request.
+    let r = http().head(&url).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gets_for(&proxy, &format!("/blobs/{digest}")), 1);
+}
+
+fn staging_get(reg: &Registry, id: &str) -> Value {
+    http()
+        .get(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging/{id}",
+            reg.admin_port
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+#[test]
+fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction() {
+    let imgs = images(run_seed() + 300);
+    let mut parent = DockerRegistry::builder().start();
+    load(
+        &imgs.layout,
+        "multi",
+        &parent.host(),
+        "demo/multi:v1",
+        &["--all"],
+    );
+    load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
+    load(&imgs.layout, "other", &parent.host(), "demo/other:v1", &[]);
+    let mut outpost = outpost_for(&parent.host(), &[]);
+
+    // Validation before download: the bad tag fails with a reason. One image comes from a file.
+    let list = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(list.path(), "# release 42\ndemo/app:nope\n\n").unwrap();
+    let out = admin_cli(
+        &outpost,
+        &[
+            "stage",
+            "demo/multi:v1",
+            &format!("{}/demo/app:v1", parent.host()),
+            "-f",
+            list.path().to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed image fails the command");
+    assert!(
+        stdout.contains("2 staged, 1 failed"),
+        "{stdout}\n{stderr}\n{}",
+        outpost.log_text()
+    );
+    assert!(stdout.contains("failed: demo/app:nope"), "{stdout}");
+    assert!(
+        stderr.contains("demo/multi:v1") && stderr.contains("staged"),
+        "progress lines: {stderr}"
+    );
+    let id = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("stg-"))
+        .unwrap()
+        .to_owned();
+    let r = staging_get(&outpost, &id);
+    let states: Vec<&str> = r["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["staged", "staged", "failed"], "{r:#}");
+    let bad = &r["images"][2];
+    assert!(
+        bad["error"].as_str().unwrap().contains("not found"),
+        "{bad}"
+    );
+    assert_eq!(bad["bytesDone"], 0, "nothing downloaded for it");
+    let multi = &r["images"][0];
+    assert!(
+        multi["bytesTotal"].as_u64().unwrap() > 400 * 1024,
+        "{multi}"
+    );
+    assert_eq!(multi["bytesDone"], multi["bytesTotal"]);
+    let m = metrics_text(&outpost);
+    assert_eq!(
+        metric(&m, "outpost_staging_images{state=\"staged\"}"),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "outpost_staging_images{state=\"failed\"}"),
+        1,
+        "{m}"
+    );
+
+    // Something unpinned: pulled through, then stored.
+    let ep = Endpoint::plain(&outpost.host());
+    assert!(ep.manifest("demo/other", "v1").is_some());
+    wait_stored(&outpost, "demo/other", "v1");
+
+    // gc keeps staged content: pull it all back with the parent gone.
+    parent.stop();
+    let gc = outpost.cli(&["gc", "--grace", "0s"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let host = outpost.host();
+    let pull_all = |what: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        skopeo(&[
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{host}/{what}"),
+            &format!("oci:{}:x", dir.path().join("o").display()),
+        ]);
+    };
+    pull_all("demo/multi:v1");
+    pull_all("demo/app:v1");
+
+    // A store limit far below what is there: everything unpinned goes, staged images stay.
+    let c = conn("edge", "u", "p", &parent.host(), "http");
+    let mut args = vec!["--connection-string", c.as_str(), "--max-storage", "1"];
+    args.extend_from_slice(&NO_SYNC);
+    outpost.restart_with_args(&args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics_text(&outpost);
+        if metric(&m, "outpost_evictions_total") >= 1 {
+            assert!(metric(&m, "outpost_evicted_bytes_total") > 0, "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no eviction\n{}",
+            outpost.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ep.tags("demo/other").is_empty(), "unpinned image evicted");
+    pull_all("demo/multi:v1");
+    pull_all("demo/app:v1");
+    let fsck = outpost.cli(&["fsck"]);
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[test]
+fn staging_interrupted_by_a_crash_resumes_after_restart() {
+    const MIB: u64 = 1024 * 1024;
+    let parent = DockerRegistry::builder().start();
+    let layer = pseudo_random(run_seed() + 400, 24 * MIB as usize);
+    let digest = push_raw_image(&Endpoint::plain(&parent.host()), "big/staged", "v1", &layer);
+    drop(layer);
+    let proxy = FaultProxy::start(&parent.host());
+    let c = conn("edge", "u", "p", &proxy.host(), "http");
+    let mut args = vec![
+        "--connection-string",
+        c.as_str(),
+        "--chunk-size-mb",
+        "2",
+        "--sync-bandwidth-limit",
+        "6000000",
+    ];
+    args.extend_from_slice(&NO_SYNC);
+    let mut outpost = Registry::start_with_args(&args);
+    let resp: Value = http()
+        .post(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging",
+            outpost.admin_port
+        ))
+        .body(r#"{"images": ["big/staged:v1"]}"#)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = resp["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = staging_get(&outpost, &id);
+        if r["images"][0]["bytesDone"].as_u64().unwrap_or(0) > 6 * MIB {
+            assert_eq!(r["images"][0]["state"], "downloading");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:#}\n{}", outpost.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    outpost.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = staging_get(&outpost, &id);
+        if r["images"][0]["state"] == "staged" {
+            assert_eq!(r["state"], "succeeded");
+            break;
+        }
+        assert_ne!(r["images"][0]["state"], "failed", "{r:#}");
+        assert!(Instant::now() < deadline, "{r:#}\n{}", outpost.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(outpost.log_text().contains("resuming staging request"));
+    // The second process resumed with a Range request rather than starting over.
+    let path = format!("/blobs/{digest}");
+    let gets = gets_for(&proxy, &path);
+    assert!(gets >= 2, "{:?}", proxy.requests());
+    let fetched = proxy.body_bytes_for(&path);
+    assert!(
+        fetched < 24 * MIB + 2 * 2 * MIB + 4 * MIB,
+        "fetched {fetched} bytes for a 24 MiB layer"
+    );
+    let ep = Endpoint::plain(&outpost.host());
+    assert_eq!(ep.tags("big/staged"), ["v1"]);
+}
