@@ -57,13 +57,13 @@ def rss_kib(pid):
     return 0
 
 
-def wait_port(port, proc, timeout=30):
+def wait_port(port, proc, timeout=30, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early ({proc.returncode}): {proc.args}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -71,19 +71,19 @@ def wait_port(port, proc, timeout=30):
 
 
 class Server:
-    def __init__(self, name, cmd, port, scheme="http", cwd=None):
-        self.name, self.port, self.scheme = name, port, scheme
+    def __init__(self, name, cmd, port, scheme="http", cwd=None, host="127.0.0.1"):
+        self.name, self.port, self.scheme, self.host = name, port, scheme, host
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd)
         try:
-            wait_port(port, self.proc)
+            wait_port(port, self.proc, host=host)
         except BaseException:
             self.stop()  # not yet in Bench.servers, so cleanup() would not see it
             raise
 
     @property
     def base(self):
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self):
         if self.proc.poll() is None:
