@@ -28,6 +28,8 @@ use crate::sync::transfer;
 const OFFLINE_HOLD: Duration = Duration::from_secs(10);
 /// Manifest requests to the parent on behalf of a waiting client: no long backoff.
 const CLIENT_ATTEMPTS: u32 = 1;
+/// Blob downloads a waiting client starts: one resume, then the client is told.
+const CLIENT_BLOB_ATTEMPTS: u32 = 2;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PullError {
@@ -69,6 +71,8 @@ pub struct PulledManifest {
 }
 
 type ManifestCell = Arc<OnceCell<Result<PulledManifest, PullError>>>;
+/// (repository, reference or digest).
+type Key = (String, String);
 
 pub struct PullThrough {
     syncer: Arc<Syncer>,
@@ -76,7 +80,8 @@ pub struct PullThrough {
     fetching: Mutex<HashMap<(String, String), ManifestCell>>,
     /// Manifests fetched for images still being completed, by (repository, reference), so a
     /// client's next requests (the platform manifest of an index) need not go to the parent.
-    recent: Mutex<HashMap<(String, String), PulledManifest>>,
+    /// Each entry names the image (repository, digest) whose completion it belongs to.
+    recent: Mutex<HashMap<Key, (PulledManifest, Key)>>,
     /// Images being completed, by (repository, digest).
     completing: Mutex<std::collections::HashSet<(String, String)>>,
     /// When the parent last failed to answer, and why.
@@ -152,7 +157,7 @@ impl PullThrough {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .cloned()
+            .map(|(m, _)| m.clone())
         {
             self.count("hit");
             return Ok(m);
@@ -219,15 +224,13 @@ impl PullThrough {
             content: content.clone(),
         };
         {
+            let owner = (repo.as_str().to_owned(), digest.to_string());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             recent.insert(
                 (repo.as_str().to_owned(), reference.to_string()),
-                pulled.clone(),
+                (pulled.clone(), owner.clone()),
             );
-            recent.insert(
-                (repo.as_str().to_owned(), digest.to_string()),
-                pulled.clone(),
-            );
+            recent.insert(owner.clone(), (pulled.clone(), owner));
         }
         let tag = match reference {
             Reference::Tag(t) => Some(t.clone()),
@@ -270,11 +273,10 @@ impl PullThrough {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
             // Stored now (or failed: the next request asks the parent again).
-            let r = repo.as_str().to_owned();
             me.recent
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retain(|(k, _), _| k != &r);
+                .retain(|_, (_, owner)| owner != &key);
         });
     }
 
@@ -287,18 +289,20 @@ impl PullThrough {
     ) -> Result<(), String> {
         let store = self.syncer.store().clone();
         let parent = self.syncer.parent();
+        let owner = (repo.as_str().to_owned(), digest.to_string());
         let on_fetch = |d: &Digest, c: &Bytes| {
             if let Ok(p) = manifest::parse(c, None) {
+                let m = PulledManifest {
+                    digest: d.clone(),
+                    media_type: p.media_type,
+                    content: c.clone(),
+                };
                 self.recent
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(
                         (repo.as_str().to_owned(), d.to_string()),
-                        PulledManifest {
-                            digest: d.clone(),
-                            media_type: p.media_type,
-                            content: c.clone(),
-                        },
+                        (m, owner.clone()),
                     );
             }
         };
@@ -415,7 +419,7 @@ impl PullThrough {
                         FlightOptions {
                             size: None,
                             deadline: None,
-                            attempts: transfer::ATTEMPTS,
+                            attempts: CLIENT_BLOB_ATTEMPTS,
                         },
                     )
                     .0
