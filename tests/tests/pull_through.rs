@@ -304,6 +304,8 @@ fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction()
     );
     load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
     load(&imgs.layout, "other", &parent.host(), "demo/other:v1", &[]);
+    // The same image as the staged demo/app:v1, in another repository: every blob shared.
+    load(&imgs.layout, "app", &parent.host(), "demo/twin:v1", &[]);
     let mut outpost = outpost_for(&parent.host(), &[]);
 
     // Validation before download: the bad tag fails with a reason. One image comes from a file.
@@ -372,10 +374,12 @@ fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction()
         "{m}"
     );
 
-    // Something unpinned: pulled through, then stored.
+    // Two unpinned images: pulled through, then stored.
     let ep = Endpoint::plain(&outpost.host());
-    assert!(ep.manifest("demo/other", "v1").is_some());
-    wait_stored(&outpost, "demo/other", "v1");
+    for repo in ["demo/other", "demo/twin"] {
+        assert!(ep.manifest(repo, "v1").is_some());
+        wait_stored(&outpost, repo, "v1");
+    }
 
     // gc keeps staged content: pull it all back with the parent gone.
     parent.stop();
@@ -419,6 +423,16 @@ fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction()
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(ep.tags("demo/other").is_empty(), "unpinned image evicted");
+    // The twin is evicted too, but not the blobs it shares with the staged image.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ep.tags("demo/twin").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "twin not evicted\n{}",
+            outpost.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     pull_all("demo/multi:v1");
     pull_all("demo/app:v1");
     let fsck = outpost.cli(&["fsck"]);
