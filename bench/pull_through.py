@@ -243,8 +243,9 @@ class PullThroughBench:
              max(x["upstream_gets"] for x in outpost), "== 1",
              all(x["upstream_gets"] == 1 for x in outpost)),
         ]
-        print(f"\nmedian wall: direct {md:.2f} s ({', '.join(f'{x:.2f}' for x in direct)}); "
-              f"through Outpost {mo:.2f} s ({', '.join(f'{x['wall_s']:.2f}' for x in outpost)})")
+        d_all = ", ".join(f"{x:.2f}" for x in direct)
+        o_all = ", ".join(f"{x['wall_s']:.2f}" for x in outpost)
+        print(f"\nmedian wall: direct {md:.2f} s ({d_all}); through Outpost {mo:.2f} s ({o_all})")
         print("ratios against targets")
         for name, value, target, ok in rows:
             print(f"  {name:<58} {value:8.4f}  target {target:<6}  {'PASS' if ok else 'FAIL'}")
