@@ -105,6 +105,26 @@ def wait_port(port, proc, timeout=20):
     raise SystemExit("outpost-registry did not listen in time")
 
 
+def server_side(url, ca):
+    """Mean and bucket-bound p99 of the webhook's own admission_duration histogram (warm-up
+    requests included): the time inside the server, without the client and the network."""
+    ctx = ssl.create_default_context(cafile=ca)
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as r:
+        text = r.read().decode()
+    buckets, total, count = [], 0.0, 0
+    for line in text.splitlines():
+        if line.startswith("outpost_webhook_admission_duration_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), int(float(line.split()[-1]))))
+        elif line.startswith("outpost_webhook_admission_duration_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("outpost_webhook_admission_duration_seconds_count"):
+            count = int(float(line.split()[-1]))
+    p99_le = next((le for le, n in buckets if count and n >= 0.99 * count), float("nan"))
+    return {"server_mean_ms": round(total / count * 1000, 3) if count else None,
+            "server_p99_below_ms": p99_le * 1000}
+
+
 def status_kib(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -142,6 +162,7 @@ def run_case(name, d, args, config, extra, rel):
              "--seconds", str(args.seconds), "--connections", str(args.connections)],
             check=True, capture_output=True, text=True, timeout=args.seconds * 4 + 120)
         result = json.loads(out.stdout)
+        result.update(server_side(f"https://127.0.0.1:{port}/metrics", f"{d}/ca.crt"))
         result["rss_peak_mib"] = round(status_kib(proc.pid, "VmHWM") / 1024, 1)
         result["rss_now_mib"] = round(status_kib(proc.pid, "VmRSS") / 1024, 1)
         return result

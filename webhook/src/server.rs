@@ -11,7 +11,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use http_body_util::{BodyExt, Limited};
 
 use crate::admission::{self, Admission, Outcome};
@@ -95,8 +96,11 @@ pub async fn serve(addr: SocketAddr, tls: RustlsConfig, state: AppState) -> std:
         tracing::info!("shutting down: draining admissions");
         h.graceful_shutdown(Some(DRAIN));
     });
-    let mut server = axum_server::bind_rustls(addr, tls).handle(handle);
-    // Admission requests are small and latency-bound: no Nagle delay.
+    // Admission reviews are small and latency-bound: no Nagle delay waiting on an ACK.
+    let acceptor = RustlsAcceptor::new(tls)
+        .handshake_timeout(Duration::from_secs(10))
+        .acceptor(NoDelayAcceptor::new());
+    let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
     server.http_builder().http1().keep_alive(true);
     let app = router(state);
     tracing::info!(%addr, "serving admission reviews over HTTPS");
