@@ -93,8 +93,13 @@ fn url(a: &AdminArgs, path: &str) -> String {
     format!("{}{path}", a.admin.trim_end_matches('/'))
 }
 
-async fn fetch_status(c: &reqwest::Client, a: &AdminArgs) -> Result<Status, CliError> {
-    let u = url(a, "/outpost/v1/status");
+/// GETs `path` of the admin API as JSON.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    c: &reqwest::Client,
+    a: &AdminArgs,
+    path: &str,
+) -> Result<T, CliError> {
+    let u = url(a, path);
     let resp = c
         .get(&u)
         .send()
@@ -106,6 +111,10 @@ async fn fetch_status(c: &reqwest::Client, a: &AdminArgs) -> Result<Status, CliE
     resp.json()
         .await
         .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
+}
+
+async fn fetch_status(c: &reqwest::Client, a: &AdminArgs) -> Result<Status, CliError> {
+    get_json(c, a, "/outpost/v1/status").await
 }
 
 fn dash(s: &Option<String>) -> String {
@@ -352,25 +361,6 @@ pub fn render_staging(r: &StagingRequest, bars: bool) -> Vec<String> {
         .collect()
 }
 
-async fn fetch_staging(
-    c: &reqwest::Client,
-    a: &AdminArgs,
-    id: &str,
-) -> Result<StagingRequest, CliError> {
-    let u = url(a, &format!("/outpost/v1/staging/{id}"));
-    let resp = c
-        .get(&u)
-        .send()
-        .await
-        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
-    if !resp.status().is_success() {
-        return Err(CliError::Admin(format!("{u}: HTTP {}", resp.status())));
-    }
-    resp.json()
-        .await
-        .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
-}
-
 pub async fn stage(a: StageArgs) -> Result<ExitCode, CliError> {
     let c = client(&a.admin)?;
     let id = match &a.id {
@@ -413,7 +403,8 @@ pub async fn stage(a: StageArgs) -> Result<ExitCode, CliError> {
     let mut drawn = 0usize;
     let mut last_plain: Vec<String> = Vec::new();
     loop {
-        let r = fetch_staging(&c, &a.admin, &id).await?;
+        let r: StagingRequest =
+            get_json(&c, &a.admin, &format!("/outpost/v1/staging/{id}")).await?;
         let finished = r.finished_utc.is_some();
         if tty {
             let lines = render_staging(&r, true);

@@ -271,7 +271,7 @@ impl Run {
     }
 
     async fn plan_tag(&self, repo: &RepositoryName, tag: &Tag) -> Result<TagPlan, PlanError> {
-        let digest = self.parent.tag_digest(repo, tag.as_str()).await?;
+        let digest = self.parent.tag_digest(repo, tag).await?;
         let d = digest.to_string();
         if self
             .syncer
@@ -599,7 +599,7 @@ impl Run {
         digest: &Digest,
     ) -> Result<PushUp, UpError> {
         if let Some(t) = tag {
-            match self.parent.tag_digest(repo, t.as_str()).await {
+            match self.parent.tag_digest(repo, t).await {
                 Ok(theirs) if &theirs == digest => return Ok(PushUp::Pushed),
                 Ok(theirs) => {
                     let last_seen = self.syncer.state.read(|s| {

@@ -292,6 +292,13 @@ impl Parent {
         )
     }
 
+    fn any_ref(&self, repo: &RepositoryName, reference: &outpost_core::Reference) -> Reference {
+        match reference {
+            outpost_core::Reference::Digest(d) => self.digest_ref(repo, d),
+            outpost_core::Reference::Tag(t) => self.tag_ref(repo, t.as_str()),
+        }
+    }
+
     /// Runs `op` until it succeeds, fails for good, or `ATTEMPTS` are spent.
     async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, ParentError>
     where
@@ -469,19 +476,10 @@ impl Parent {
     pub async fn tag_digest(
         &self,
         repo: &RepositoryName,
-        tag: &str,
+        tag: &outpost_core::Tag,
     ) -> Result<Digest, ParentError> {
-        let image = self.tag_ref(repo, tag);
-        let d = self
-            .retry("manifest digest", || async {
-                Ok(self
-                    .client
-                    .fetch_manifest_digest(&image, &self.auth)
-                    .await?)
-            })
-            .await?;
-        d.parse()
-            .map_err(|e| ParentError::Protocol(format!("parent digest {d:?}: {e}")))
+        self.resolve(repo, &outpost_core::Reference::Tag(tag.clone()))
+            .await
     }
 
     /// The digest a tag or digest reference resolves to at the parent (a HEAD).
@@ -490,10 +488,7 @@ impl Parent {
         repo: &RepositoryName,
         reference: &outpost_core::Reference,
     ) -> Result<Digest, ParentError> {
-        let image = match reference {
-            outpost_core::Reference::Digest(d) => self.digest_ref(repo, d),
-            outpost_core::Reference::Tag(t) => self.tag_ref(repo, t.as_str()),
-        };
+        let image = self.any_ref(repo, reference);
         let d = self
             .retry("manifest digest", || async {
                 Ok(self
@@ -523,10 +518,7 @@ impl Parent {
         reference: &outpost_core::Reference,
         attempts: u32,
     ) -> Result<Bytes, ParentError> {
-        let image = match reference {
-            outpost_core::Reference::Digest(d) => self.digest_ref(repo, d),
-            outpost_core::Reference::Tag(t) => self.tag_ref(repo, t.as_str()),
-        };
+        let image = self.any_ref(repo, reference);
         let (body, _) = self
             .retry_n("manifest", attempts, || async {
                 Ok(self

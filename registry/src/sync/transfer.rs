@@ -246,6 +246,17 @@ pub async fn fetch_blob(
     mut size: Option<u64>,
     progress: Arc<AtomicU64>,
 ) -> Result<(RepositoryName, Outcome), TransferError> {
+    // Stored in the meantime (a download that just ended): link it, fetch nothing.
+    if let Some(n) = ctx.store.blob_size(digest).await? {
+        if !ctx.store.repo_blob_linked(repo, digest).await? {
+            ctx.store.repo_blob_link(repo, digest).await?;
+        }
+        progress.store(n, Ordering::Relaxed);
+        if let Some(o) = &ctx.observer {
+            o.size(n);
+        }
+        return Ok((repo.clone(), Outcome::Done));
+    }
     let (session_repo, mut id, mut offset) = session(&ctx, repo, digest).await?;
     progress.store(offset, Ordering::Relaxed);
     if let (Some(n), Some(o)) = (size, &ctx.observer) {
