@@ -184,6 +184,14 @@ pub async fn reconcile(
     Ok(report)
 }
 
+/// A watch event as a bare trigger; errors are logged (the watcher retries with backoff).
+fn only_ok<T>(ev: Result<T, watcher::Error>) -> std::future::Ready<Option<()>> {
+    if let Err(e) = &ev {
+        tracing::warn!(error = %e, "watch failed; retrying");
+    }
+    std::future::ready(ev.ok().map(|_| ()))
+}
+
 /// Runs reconciliations for as long as the process lives: on namespace changes, on changes
 /// to secrets in the source namespace or to owned copies, and every `resync`.
 pub async fn run(
@@ -198,21 +206,21 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|_| ())
+    .filter_map(only_ok)
     .boxed();
     let sources = watcher(
         Api::<Secret>::namespaced(client.clone(), &source_namespace),
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|_| ())
+    .filter_map(only_ok)
     .boxed();
     let copies = watcher(
         Api::<Secret>::all(client.clone()),
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
     )
     .default_backoff()
-    .map(|_| ())
+    .filter_map(only_ok)
     .boxed();
     let mut events =
         futures_util::stream::select(namespaces, futures_util::stream::select(sources, copies));

@@ -1,24 +1,64 @@
 //! The pull-secret copy controller against a Kubernetes API substitute: kube's own `Client`
 //! over an in-process service that answers the real API paths and object shapes (lists,
-//! label selectors, Status errors, resourceVersion conflicts) from an in-memory store.
+//! label selectors, Status errors, resourceVersion conflicts, and watches as streams of
+//! newline-delimited events) from an in-memory store.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use outpost_webhook::secrets::{COPIED_FROM, MANAGED_BY, MANAGED_BY_LABEL, reconcile};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use outpost_webhook::config::ConfigSource;
+use outpost_webhook::metrics::Metrics;
+use outpost_webhook::secrets::{self, COPIED_FROM, MANAGED_BY, MANAGED_BY_LABEL, reconcile};
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
-#[derive(Default)]
+/// One watch event: the resource kind, the event type and the object.
+#[derive(Clone, Debug)]
+struct Event {
+    kind: &'static str,
+    ty: &'static str,
+    object: Value,
+}
+
 struct Store {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     secrets: BTreeMap<(String, String), Value>,
     version: u64,
     /// Every request, as "METHOD path?query", for assertions on what was written.
     log: Vec<String>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            namespaces: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            version: 0,
+            log: Vec::new(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl Store {
+    fn emit(&mut self, kind: &'static str, ty: &'static str, mut object: Value) {
+        self.version += 1;
+        object["metadata"]["resourceVersion"] = self.version.to_string().into();
+        let _ = self.events.send(Event { kind, ty, object });
+    }
+}
+
+fn ns_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -58,7 +98,8 @@ fn handle(
     body: &[u8],
 ) -> (StatusCode, Value) {
     let mut s = store.lock().unwrap();
-    s.log.push(format!("{method} {path}"));
+    s.log
+        .push(format!("{method} {path}?{}", query.unwrap_or_default()));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let selector = query_param(query, "labelSelector");
     match (method.clone(), parts.as_slice()) {
@@ -81,6 +122,21 @@ fn handle(
                 .values()
                 .filter(|x| selector_matches(selector.as_deref(), x["metadata"].get("labels")))
                 .cloned()
+                .collect();
+            (
+                StatusCode::OK,
+                json!({"kind": "SecretList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": s.version.to_string()}, "items": items}),
+            )
+        }
+        (Method::GET, ["api", "v1", "namespaces", ns, "secrets"]) => {
+            let items: Vec<Value> = s
+                .secrets
+                .iter()
+                .filter(|((n, _), x)| {
+                    n == ns && selector_matches(selector.as_deref(), x["metadata"].get("labels"))
+                })
+                .map(|(_, x)| x.clone())
                 .collect();
             (
                 StatusCode::OK,
@@ -115,6 +171,7 @@ fn handle(
             obj["kind"] = "Secret".into();
             obj["apiVersion"] = "v1".into();
             s.secrets.insert(key, obj.clone());
+            s.emit("Secret", "ADDED", obj.clone());
             (StatusCode::CREATED, obj)
         }
         (Method::PUT, ["api", "v1", "namespaces", ns, "secrets", name]) => {
@@ -133,11 +190,15 @@ fn handle(
             s.version += 1;
             obj["metadata"]["resourceVersion"] = s.version.to_string().into();
             s.secrets.insert(key, obj.clone());
+            s.emit("Secret", "MODIFIED", obj.clone());
             (StatusCode::OK, obj)
         }
         (Method::DELETE, ["api", "v1", "namespaces", ns, "secrets", name]) => {
             match s.secrets.remove(&(ns.to_string(), name.to_string())) {
-                Some(x) => (StatusCode::OK, x),
+                Some(x) => {
+                    s.emit("Secret", "DELETED", x.clone());
+                    (StatusCode::OK, x)
+                }
                 None => status(StatusCode::NOT_FOUND, "NotFound", "not found"),
             }
         }
@@ -149,11 +210,67 @@ fn handle(
     }
 }
 
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A watch: events from now on, for the kind the path names (and its namespace), as
+/// newline-delimited JSON, until the client goes away.
+fn watch(store: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
+    let rx = {
+        let mut s = store.lock().unwrap();
+        s.log.push(format!("WATCH {path}"));
+        s.events.subscribe()
+    };
+    let parts: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    let selector = query_param(query, "labelSelector");
+    let (kind, namespace) = match parts
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["api", "v1", "namespaces"] => ("Namespace", None),
+        ["api", "v1", "secrets"] => ("Secret", None),
+        ["api", "v1", "namespaces", ns, "secrets"] => ("Secret", Some(ns.to_string())),
+        other => panic!("no watch for {other:?}"),
+    };
+    let stream = futures_util::stream::unfold(rx, move |mut rx| {
+        let (selector, namespace) = (selector.clone(), namespace.clone());
+        async move {
+            loop {
+                let ev = rx.recv().await.ok()?;
+                let m = &ev.object["metadata"];
+                if ev.kind != kind
+                    || namespace.as_deref().is_some_and(|n| m["namespace"] != n)
+                    || !selector_matches(selector.as_deref(), m.get("labels"))
+                {
+                    continue;
+                }
+                let mut line =
+                    serde_json::to_vec(&json!({"type": ev.ty, "object": ev.object})).unwrap();
+                line.push(b'\n');
+                return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), rx));
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .unwrap()
+}
+
 fn client(store: Shared) -> kube::Client {
     let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
         let store = Arc::clone(&store);
         async move {
             let (parts, body) = req.into_parts();
+            if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                return Ok::<_, Infallible>(watch(&store, parts.uri.path(), parts.uri.query()));
+            }
             let body = body.collect().await.unwrap().to_bytes();
             let (code, value) = handle(
                 &store,
@@ -165,7 +282,9 @@ fn client(store: Shared) -> kube::Client {
             let resp = Response::builder()
                 .status(code)
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(serde_json::to_vec(&value).unwrap())))
+                .body(BodyExt::boxed_unsync(Full::new(Bytes::from(
+                    serde_json::to_vec(&value).unwrap(),
+                ))))
                 .unwrap();
             Ok::<_, Infallible>(resp)
         }
@@ -185,7 +304,14 @@ fn ns(store: &Shared, name: &str, inject: bool) {
     if inject {
         labels.insert("outpost.io/inject".into(), "enabled".into());
     }
-    store.lock().unwrap().namespaces.insert(name.into(), labels);
+    let mut s = store.lock().unwrap();
+    let ty = if s.namespaces.contains_key(name) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    s.emit("Namespace", ty, ns_object(name, &labels));
+    s.namespaces.insert(name.into(), labels);
 }
 
 fn copy_in(store: &Shared, ns: &str) -> Option<Value> {
@@ -348,4 +474,83 @@ async fn renamed_pull_secret_replaces_the_old_copies() {
         s.secrets[&("shop".to_owned(), "pull-2".to_owned())]["data"][".dockerconfigjson"],
         "djI="
     );
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The running controller, driven by watch events alone (the periodic resync is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_controller_follows_watch_events() {
+    let store: Shared = Arc::default();
+    ns(&store, "outpost-system", false);
+    ns(&store, "shop", true);
+    store.lock().unwrap().secrets.insert(
+        ("outpost-system".into(), "outpost-pull".into()),
+        secret("outpost-system", "outpost-pull", "djE=", json!({})),
+    );
+    let config = ConfigSource::fixed(
+        "registry = \"r.local\"\npull_secret = \"outpost-pull\""
+            .parse()
+            .unwrap(),
+    );
+    let task = tokio::spawn(secrets::run(
+        client(Arc::clone(&store)),
+        "outpost-system".into(),
+        config,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(3600),
+    ));
+    let st = Arc::clone(&store);
+    tokio::task::spawn_blocking(move || {
+        wait_until("first copy", || copy_in(&st, "shop").is_some());
+        // The watches are open once each kind has been watched.
+        wait_until("watches open", || {
+            st.lock()
+                .unwrap()
+                .log
+                .iter()
+                .filter(|l| l.starts_with("WATCH"))
+                .count()
+                >= 3
+        });
+        // A namespace opts in.
+        ns(&st, "lab", true);
+        wait_until("copy in lab", || copy_in(&st, "lab").is_some());
+        // The source changes.
+        {
+            let mut s = st.lock().unwrap();
+            let key = ("outpost-system".to_owned(), "outpost-pull".to_owned());
+            let mut src = s.secrets[&key].clone();
+            src["data"][".dockerconfigjson"] = "djI=".into();
+            s.secrets.insert(key, src.clone());
+            s.emit("Secret", "MODIFIED", src);
+        }
+        wait_until("copies updated", || {
+            ["shop", "lab"]
+                .iter()
+                .all(|n| copy_in(&st, n).is_some_and(|c| c["data"][".dockerconfigjson"] == "djI="))
+        });
+        // A namespace opts out.
+        ns(&st, "lab", false);
+        wait_until("copy removed", || copy_in(&st, "lab").is_none());
+        // Someone deletes a copy: it comes back.
+        {
+            let mut s = st.lock().unwrap();
+            let gone = s
+                .secrets
+                .remove(&("shop".to_owned(), "outpost-pull".to_owned()))
+                .unwrap();
+            s.emit("Secret", "DELETED", gone);
+        }
+        wait_until("copy restored", || copy_in(&st, "shop").is_some());
+    })
+    .await
+    .unwrap();
+    task.abort();
 }
