@@ -527,3 +527,129 @@ fn rotated_certificate_is_served_without_restart() {
     let resp = w.mutate(&client2, &fixture("pod-basic-create.json"));
     assert!(patch_of(&resp).is_some());
 }
+
+/// Outpost with client tokens: the check authenticates with the pull secret's credentials
+/// (a mounted `.dockerconfigjson`); without them Outpost refuses and the image stays upstream.
+#[test]
+fn availability_check_uses_the_pull_secret_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let tokens = dir.path().join("tokens.toml");
+    let registry_cli = |args: &[&str]| {
+        let out = run_timeout(
+            Command::new(bin("outpost-registry"))
+                .args(args)
+                .arg("--tokens")
+                .arg(&tokens),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (name, actions) in [
+        ("pull", &["content/read", "metadata/read"][..]),
+        (
+            "push",
+            &["content/read", "content/write", "metadata/read"][..],
+        ),
+    ] {
+        let mut args = vec!["scope-map", "create", "--name", name, "--repository", "**"];
+        args.extend_from_slice(actions);
+        registry_cli(&args);
+    }
+    let password = |name: &str, map: &str| -> String {
+        let out = registry_cli(&[
+            "token",
+            "create",
+            "--name",
+            name,
+            "--scope-map",
+            map,
+            "-o",
+            "json",
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["password1"].as_str().unwrap().to_owned()
+    };
+    let pusher = password("pusher", "push");
+    let puller = password("puller", "pull");
+    let reg = Registry::start_with_args(&[
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+    ]);
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&pki.ca_cert, certs.join("ca.crt")).unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image("latest", "amd64", &[("etc/hello", b"hello".to_vec())]);
+    let out = run_timeout(
+        Command::new(require("skopeo"))
+            .arg("--insecure-policy")
+            .args(["copy", "--dest-cert-dir", certs.to_str().unwrap()])
+            .args(["--dest-creds", &format!("pusher:{pusher}")])
+            .arg(format!("oci:{}:latest", layout.path.display()))
+            .arg(format!("docker://{}/hello-world:latest", reg.host())),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let auth = dir.path().join(".dockerconfigjson");
+    std::fs::write(
+        &auth,
+        json!({"auths": {reg.host(): {"username": "puller", "password": puller}}}).to_string(),
+    )
+    .unwrap();
+    let config = format!(
+        "registry = \"{}\"\npull_secret = \"outpost-pull\"\n[[rule]]\nupstream = \"myacr.azurecr.io\"\n",
+        reg.host()
+    );
+    let ca = pki.ca_cert.to_str().unwrap();
+    let review = fixture("pod-basic-create.json");
+    let image_after = |w: &Webhook| -> (String, Value) {
+        let resp = w.mutate(&w.client(), &review);
+        let mut pod = review["request"]["object"].clone();
+        json_patch::patch(&mut pod, &patch_of(&resp).unwrap()).unwrap();
+        let ann = pod["metadata"]["annotations"].clone();
+        (
+            pod["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            ann,
+        )
+    };
+    // With the credentials: available, rewritten.
+    let w = Webhook::start(
+        &config,
+        &[
+            "--registry-ca-file",
+            ca,
+            "--registry-auth-file",
+            auth.to_str().unwrap(),
+        ],
+    );
+    let (image, _) = image_after(&w);
+    assert_eq!(image, format!("{}/hello-world:latest", reg.host()));
+    drop(w);
+    // Without: refused, left upstream, and the reason says so.
+    let w = Webhook::start(&config, &["--registry-ca-file", ca]);
+    let (image, ann) = image_after(&w);
+    assert_eq!(image, "myacr.azurecr.io/hello-world:latest");
+    let why = ann["outpost.io/unavailable-images"].as_str().unwrap();
+    assert!(
+        why.contains("refused access") && why.contains("401"),
+        "{why}"
+    );
+}

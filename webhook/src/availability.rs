@@ -219,6 +219,7 @@ impl Checker {
             }
         }
         let mut req = self.client.get(url);
+        let basic_sent = basic.is_some();
         if let Some(b) = basic {
             req = req.header(AUTHORIZATION, b);
         }
@@ -226,11 +227,25 @@ impl Checker {
             .send()
             .await
             .map_err(|e| format!("Outpost token request failed: {}", error_chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(format!(
-                "Outpost token endpoint answered HTTP {}",
-                resp.status().as_u16()
-            ));
+        match resp.status() {
+            s if s.is_success() => {}
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                let creds = if basic_sent {
+                    "the pull secret's"
+                } else {
+                    "no"
+                };
+                return Err(format!(
+                    "Outpost refused access to {repo} with {creds} credentials (token endpoint HTTP {})",
+                    s.as_u16()
+                ));
+            }
+            s => {
+                return Err(format!(
+                    "Outpost token endpoint answered HTTP {}",
+                    s.as_u16()
+                ));
+            }
         }
         #[derive(serde::Deserialize)]
         struct TokenBody {
