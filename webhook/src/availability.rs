@@ -34,7 +34,8 @@ pub enum AvailabilityError {
 /// `Ok` if Outpost can serve the image, else why not (for the pod annotation).
 pub type Outcome = Result<(), String>;
 
-type Key = (String, String);
+/// Host, repository, manifest reference.
+type Key = (String, String, String);
 
 struct Entry {
     started: Instant,
@@ -95,6 +96,7 @@ impl Checker {
     /// same image share one request; answers are reused for the cache TTL.
     pub async fn check(self: &Arc<Self>, image: &ImageReference) -> Outcome {
         let key = (
+            image.host().to_string(),
             image.repository().as_str().to_owned(),
             image.manifest_reference(),
         );
@@ -115,7 +117,7 @@ impl Checker {
                     }
                     let me = Arc::clone(self);
                     let host = image.host().clone();
-                    let (repo, reference) = key.clone();
+                    let (_, repo, reference) = key.clone();
                     // Spawned, so the check completes and is cached even if the admission
                     // that started it runs out of budget and stops waiting.
                     let task = tokio::spawn(async move { me.head(&host, &repo, &reference).await });
