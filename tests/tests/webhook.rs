@@ -181,6 +181,9 @@ fn fixtures_over_https_give_the_golden_pods() {
         let mut pod = review["request"]["object"].clone();
         if let Some(patch) = patch_of(&resp) {
             json_patch::patch(&mut pod, &patch).unwrap();
+            let mut twice = pod.clone();
+            json_patch::patch(&mut twice, &patch).unwrap();
+            assert_eq!(twice, pod, "{name}: the patch applied twice differs");
             rewritten += 1;
         }
         let golden: Value = serde_json::from_slice(

@@ -140,7 +140,9 @@ fn trusted_requirement() -> Value {
 /// Builds the JSON Patch operations for a pod: `rewrites` are the candidates to move,
 /// `unavailable` the containers left alone by the availability check (name → reason).
 /// Returns no operations when there is nothing to change, so a re-invocation on an already
-/// mutated pod yields an empty patch.
+/// mutated pod yields an empty patch. Every operation sets a whole value (`replace`, or `add`
+/// of a complete member), never an append or a removal, so the patch applied twice gives the
+/// same pod as applied once.
 pub fn patch_ops(
     pod: &Value,
     config: &MirrorConfig,
@@ -167,14 +169,15 @@ pub fn patch_ops(
     if let Some(secret) = &config.pull_secret
         && !has_pull_secret(pod, secret)
     {
-        match pod.pointer("/spec/imagePullSecrets") {
-            Some(Value::Array(_)) => ops.push(json!({
-                "op": "add", "path": "/spec/imagePullSecrets/-", "value": {"name": secret},
-            })),
-            _ => ops.push(json!({
-                "op": "add", "path": "/spec/imagePullSecrets", "value": [{"name": secret}],
-            })),
-        }
+        // The whole list rather than an append (`/-`), so applying the patch twice is
+        // harmless.
+        let mut list = pod
+            .pointer("/spec/imagePullSecrets")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        list.push(json!({"name": secret}));
+        ops.push(json!({"op": "add", "path": "/spec/imagePullSecrets", "value": list}));
     }
     if !config.skip_node_selector {
         affinity_ops(pod, &mut ops);
@@ -237,15 +240,27 @@ fn annotation_ops(
                 ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
             }
         }
-        Some(existing) => {
+        // A removal is written as the whole new map: a `remove` op would fail if the patch
+        // were applied twice, and every op here stays idempotent.
+        Some(existing)
+            if set
+                .iter()
+                .any(|(k, v)| v.is_none() && existing.contains_key(*k)) =>
+        {
+            let mut map = existing.clone();
             for (k, v) in set {
-                let path = format!("/metadata/annotations/{}", escape(k));
                 match v {
-                    Some(v) => ops.push(json!({"op": "add", "path": path, "value": v})),
-                    None if existing.contains_key(k) => {
-                        ops.push(json!({"op": "remove", "path": path}))
-                    }
-                    None => {}
+                    Some(v) => map.insert(k.to_owned(), Value::String(v)),
+                    None => map.remove(k),
+                };
+            }
+            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
+        }
+        Some(_) => {
+            for (k, v) in set {
+                if let Some(v) = v {
+                    let path = format!("/metadata/annotations/{}", escape(k));
+                    ops.push(json!({"op": "add", "path": path, "value": v}));
                 }
             }
         }
@@ -292,13 +307,11 @@ fn affinity_ops(pod: &Value, ops: &mut Vec<Value>) {
         if mentions {
             continue;
         }
-        let base = format!("{req_path}/nodeSelectorTerms/{i}/matchExpressions");
-        match exprs {
-            Some(_) => ops.push(
-                json!({"op": "add", "path": format!("{base}/-"), "value": trusted_requirement()}),
-            ),
-            None => ops.push(json!({"op": "add", "path": base, "value": [trusted_requirement()]})),
-        }
+        // The whole list, not an append: idempotent like every op here.
+        let mut list = exprs.cloned().unwrap_or_default();
+        list.push(trusted_requirement());
+        let path = format!("{req_path}/nodeSelectorTerms/{i}/matchExpressions");
+        ops.push(json!({"op": "add", "path": path, "value": list}));
     }
 }
 
@@ -321,10 +334,10 @@ mod tests {
 
     fn run(pod: &Value, c: &MirrorConfig) -> Value {
         let cands = candidates(pod, c, Scope::WholePod);
-        apply(
-            pod,
-            patch_ops(pod, c, Scope::WholePod, &cands, &BTreeMap::new()),
-        )
+        let ops = patch_ops(pod, c, Scope::WholePod, &cands, &BTreeMap::new());
+        let once = apply(pod, ops.clone());
+        assert_eq!(apply(&once, ops), once, "the patch applied twice differs");
+        once
     }
 
     #[test]
@@ -418,6 +431,32 @@ mod tests {
         assert_eq!(again["spec"]["imagePullSecrets"], json!([{"name": "p"}]));
         let terms = again.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms").unwrap();
         assert_eq!(terms[0]["matchExpressions"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cleared_reason_is_removed_idempotently() {
+        let c = config("");
+        let reasons = json!({"a": "not on Outpost"}).to_string();
+        let pod = json!({"metadata": {"annotations": {UNAVAILABLE_IMAGES: reasons, "x": "y"}},
+            "spec": {"containers": [{"name": "a", "image": "nginx"}]}});
+        // `run` also applies the patch twice.
+        let out = run(&pod, &c);
+        let ann = out["metadata"]["annotations"].as_object().unwrap();
+        assert!(!ann.contains_key(UNAVAILABLE_IMAGES));
+        assert_eq!(ann["x"], "y");
+        assert_eq!(ann[ORIGINAL_IMAGES], "{\"a\":\"nginx\"}");
+        // Still unavailable: the reason is updated in place.
+        let cands = candidates(&pod, &c, Scope::WholePod);
+        let why = BTreeMap::from([("a".to_owned(), "Outpost unreachable".to_owned())]);
+        let ops = patch_ops(&pod, &c, Scope::WholePod, &[], &why);
+        let once = apply(&pod, ops.clone());
+        assert_eq!(apply(&once, ops), once);
+        assert_eq!(
+            once["metadata"]["annotations"][UNAVAILABLE_IMAGES],
+            json!({"a": "Outpost unreachable"}).to_string()
+        );
+        assert_eq!(once["spec"]["containers"][0]["image"], "nginx");
+        assert_eq!(cands.len(), 1);
     }
 
     #[test]

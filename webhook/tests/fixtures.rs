@@ -1,7 +1,7 @@
 //! The captured AdmissionReviews (tests/fixtures/admission, from a real API server) through the
 //! admission handler: the returned patch applied to the request's pod must give the committed
-//! golden pod, and a second admission of the patched pod (reinvocationPolicy: IfNeeded) must
-//! change nothing. `UPDATE_GOLDEN=1` rewrites the golden files (review the diff).
+//! golden pod, the same patch applied twice must give the same pod, and a second admission of
+//! the patched pod (reinvocationPolicy: IfNeeded) must change nothing. `UPDATE_GOLDEN=1` rewrites the golden files (review the diff).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,6 +86,10 @@ async fn fixture_pods_match_golden_and_reinvocation_is_idempotent() {
         let mut pod = review["request"]["object"].clone();
         if let Some(patch) = patch_of(&resp) {
             json_patch::patch(&mut pod, &patch).unwrap_or_else(|e| panic!("{name}: {e}"));
+            // The same patch applied again changes nothing.
+            let mut twice = pod.clone();
+            json_patch::patch(&mut twice, &patch).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(twice, pod, "{name}: the patch applied twice differs");
         }
         let golden = dir("golden").join(format!("{name}.pod.json"));
         if update {
