@@ -60,6 +60,8 @@ pub struct SyncSettings {
     pub bandwidth_limit: Option<u64>,
     pub pull_through: bool,
     pub respect_window: bool,
+    /// Images to stage at start-up.
+    pub stage: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -355,6 +357,20 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     }
     if let Some(st) = &staging {
         st.resume();
+        let wanted = opts
+            .sync
+            .as_ref()
+            .map(|s| s.stage.clone())
+            .unwrap_or_default();
+        if !wanted.is_empty() {
+            match st.submit_once(wanted) {
+                Ok((id, true)) => tracing::info!(id = %id, "staging the --stage images"),
+                Ok((id, false)) => {
+                    tracing::info!(id = %id, "the --stage images were staged by an earlier request")
+                }
+                Err(e) => tracing::error!(error = %e, "cannot stage the --stage images"),
+            }
+        }
     }
 
     let mut servers = JoinSet::new();

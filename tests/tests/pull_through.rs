@@ -524,3 +524,36 @@ fn staging_interrupted_by_a_crash_resumes_after_restart() {
     let ep = Endpoint::plain(&outpost.host());
     assert_eq!(ep.tags("big/staged"), ["v1"]);
 }
+
+#[test]
+fn images_named_at_start_up_are_staged_once() {
+    let imgs = images(run_seed() + 500);
+    let parent = DockerRegistry::builder().start();
+    load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
+    let mut outpost = outpost_for(&parent.host(), &["--stage", "demo/app:v1"]);
+    let list = |reg: &Registry| -> Value {
+        http()
+            .get(format!(
+                "http://127.0.0.1:{}/outpost/v1/staging",
+                reg.admin_port
+            ))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = list(&outpost);
+        if l["requests"][0]["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{l:#}\n{}", outpost.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    outpost.restart();
+    let l = list(&outpost);
+    assert_eq!(l["requests"].as_array().unwrap().len(), 1, "{l:#}");
+    assert!(outpost.log_text().contains("staged by an earlier request"));
+    assert_eq!(Endpoint::plain(&outpost.host()).tags("demo/app"), ["v1"]);
+}

@@ -192,6 +192,16 @@ pub struct ServeArgs {
     /// evicted, while serving. Default: no limit.
     #[arg(long, env = "OUTPOST_MAX_STORAGE", value_parser = parse_size)]
     pub max_storage: Option<u64>,
+    /// Images to stage at start-up (repeatable; comma-separated in the environment variable),
+    /// as `outpost-registry stage` would: for installs that list them in their configuration
+    /// (the chart's `staging.images`). A request with the same images is not made twice.
+    #[arg(
+        long = "stage",
+        env = "OUTPOST_STAGE",
+        value_delimiter = ',',
+        value_name = "IMAGE"
+    )]
+    pub stage: Vec<String>,
 }
 
 /// Parses a size: plain bytes, or a number with K/M/G/T (powers of 1000) or Ki/Mi/Gi/Ti
@@ -327,6 +337,7 @@ fn sync_settings(a: &ServeArgs) -> Result<Option<SyncSettings>, CliError> {
         bandwidth_limit: a.sync_bandwidth_limit,
         pull_through: a.pull_through,
         respect_window: a.respect_window,
+        stage: a.stage.clone(),
     }))
 }
 

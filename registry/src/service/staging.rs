@@ -258,6 +258,33 @@ impl Staging {
         Ok(id)
     }
 
+    /// Submits `images` unless a request for the same set exists (start-up staging, which
+    /// runs at every restart). The id, and whether a new request was made.
+    pub fn submit_once(
+        self: &Arc<Self>,
+        images: Vec<String>,
+    ) -> Result<(String, bool), StagingError> {
+        let mut want: Vec<String> = images.iter().map(|i| i.trim().to_owned()).collect();
+        want.sort();
+        want.dedup();
+        let existing = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|r| {
+                let mut have: Vec<String> = r.images.iter().map(|i| i.image.clone()).collect();
+                have.sort();
+                have.dedup();
+                have == want
+            })
+            .map(|r| r.id.clone());
+        match existing {
+            Some(id) => Ok((id, false)),
+            None => Ok((self.submit(want)?, true)),
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<StagingRequest> {
         self.requests
             .lock()
