@@ -1,15 +1,14 @@
-//! Outpost node agent: configures containerd (certs.d hosts.toml) and k3s (registries.yaml) on each node to trust Outpost's CA and mirror upstream registries through it, and removes what it wrote on cleanup.
-//!
-//! The command line is in place so the binary, image and chart can be wired up; the
-//! subcommands arrive with their own issues.
+//! Outpost node agent: configures containerd (certs.d hosts.toml) and k3s (registries.yaml) on
+//! each node to trust Outpost's CA and mirror upstream registries through it, and removes what
+//! it wrote on cleanup.
 
-use clap::Parser;
+pub mod agent;
+pub mod cli;
+pub mod metrics;
+pub mod node;
+pub mod preflight;
+pub mod reconcile;
+pub mod render;
+pub mod server;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "outpost-node-agent",
-    version,
-    about = "Outpost node agent: configures containerd (certs.d hosts.toml) and k3s (registries.yaml) on each node to trust Outpost's CA and mirror upstream registries through it, and removes what it wrote on cleanup.",
-    arg_required_else_help = true
-)]
-pub struct Cli {}
+pub use cli::Cli;

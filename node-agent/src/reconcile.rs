@@ -1,0 +1,420 @@
+//! Brings the node's files in line with the config: writes what is wanted (atomically, only
+//! when the content differs), removes owned files no rule wants any more, refuses to touch
+//! files it does not own, and undoes everything on cleanup. What it created (directories,
+//! registries.yaml keys, backups) is recorded in a small state file next to what it manages,
+//! so a restarted agent cleans up after its predecessor too.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use outpost_core::MirrorConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::render::{self, DesiredFile, MANAGED_HEADER, OwnedYamlKeys, RenderOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// containerd's hosts directory (`/etc/containerd/certs.d`).
+    Containerd,
+    /// k3s's `/etc/rancher/k3s/registries.yaml` (k3s reads it at start).
+    K3s,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error("state file {path} is unreadable: {reason}")]
+    State { path: String, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReconcileError + '_ {
+    move |source| ReconcileError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What the agent made, kept across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Files it wrote, relative to the root.
+    pub files: BTreeSet<PathBuf>,
+    /// Directories it created, relative to the root (removed on cleanup when empty).
+    pub dirs: BTreeSet<PathBuf>,
+    /// registries.yaml keys it owns.
+    #[serde(default)]
+    pub yaml: OwnedYamlKeys,
+    /// Backup of a registries.yaml that existed before the agent first changed it.
+    #[serde(default)]
+    pub yaml_backup: Option<PathBuf>,
+    /// Whether registries.yaml existed before the agent wrote it.
+    #[serde(default)]
+    pub yaml_preexisted: bool,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub written: Vec<PathBuf>,
+    pub removed: Vec<PathBuf>,
+    /// Files (or registries.yaml keys) the agent wanted but someone else owns.
+    pub refused: Vec<String>,
+    /// hosts.toml files (or mirrors) in place and owned.
+    pub configured_hosts: usize,
+    /// The registry's own CA and hosts entry are in place.
+    pub registry_trusted: bool,
+}
+
+pub struct Reconciler {
+    pub root: PathBuf,
+    pub runtime: Runtime,
+    pub options: RenderOptions,
+}
+
+fn owned(content: &str) -> bool {
+    content.starts_with(MANAGED_HEADER)
+}
+
+/// Writes `data` to `path` through a temp file in the same directory, fsynced and renamed,
+/// then fsyncs the directory: readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(".{name}.outpost-tmp"));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, ReconcileError> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+impl Reconciler {
+    fn abs(&self, rel: &Path) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn state_rel(&self) -> PathBuf {
+        match self.runtime {
+            Runtime::Containerd => PathBuf::from(render::CERTS_D).join(".outpost-node-agent.json"),
+            Runtime::K3s => PathBuf::from("etc/rancher/k3s/.outpost-node-agent.json"),
+        }
+    }
+
+    pub fn load_state(&self) -> Result<AgentState, ReconcileError> {
+        let path = self.abs(&self.state_rel());
+        match read_opt(&path)? {
+            None => Ok(AgentState::default()),
+            Some(text) => serde_json::from_str(&text).map_err(|e| ReconcileError::State {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn save_state(&self, st: &AgentState) -> Result<(), ReconcileError> {
+        let rel = self.state_rel();
+        let path = self.abs(&rel);
+        if *st == AgentState::default() {
+            return match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err(&path)(e)),
+            };
+        }
+        let data = serde_json::to_vec_pretty(st).map_err(|e| ReconcileError::State {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if read_opt(&path)?.as_deref().map(str::as_bytes) == Some(data.as_slice()) {
+            return Ok(());
+        }
+        write_atomic(&path, &data).map_err(io_err(&path))
+    }
+
+    /// Creates the directories above `rel` that do not exist, recording them.
+    fn ensure_dirs(&self, rel: &Path, st: &mut AgentState) -> Result<(), ReconcileError> {
+        let mut missing = Vec::new();
+        let mut cur = rel.parent();
+        while let Some(d) = cur {
+            if d.as_os_str().is_empty() || self.abs(d).is_dir() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            cur = d.parent();
+        }
+        for d in missing.into_iter().rev() {
+            let p = self.abs(&d);
+            fs::create_dir(&p).map_err(io_err(&p))?;
+            st.dirs.insert(d);
+        }
+        Ok(())
+    }
+
+    /// Writes one owned file; `false` when someone else's file is in the way.
+    fn put(
+        &self,
+        f: &DesiredFile,
+        st: &mut AgentState,
+        report: &mut Report,
+    ) -> Result<bool, ReconcileError> {
+        let path = self.abs(&f.path);
+        match read_opt(&path)? {
+            Some(cur) if !owned(&cur) => {
+                report.refused.push(f.path.display().to_string());
+                return Ok(false);
+            }
+            Some(cur) if cur == f.content => {
+                st.files.insert(f.path.clone());
+                return Ok(true);
+            }
+            _ => {}
+        }
+        self.ensure_dirs(&f.path, st)?;
+        // Recorded before the write: a crash in between leaves a record of a file that may
+        // exist, which cleanup handles, rather than a file nobody knows about.
+        st.files.insert(f.path.clone());
+        self.save_state(st)?;
+        write_atomic(&path, f.content.as_bytes()).map_err(io_err(&path))?;
+        report.written.push(f.path.clone());
+        Ok(true)
+    }
+
+    /// Removes an owned file (and directories the agent created that are now empty).
+    fn drop_file(
+        &self,
+        rel: &Path,
+        st: &mut AgentState,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
+        let path = self.abs(rel);
+        match read_opt(&path)? {
+            Some(cur) if owned(&cur) => {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                report.removed.push(rel.to_path_buf());
+            }
+            // Replaced by someone else's file meanwhile: theirs now.
+            Some(_) => report.refused.push(rel.display().to_string()),
+            None => {}
+        }
+        st.files.remove(rel);
+        self.prune_dirs(rel, st)
+    }
+
+    fn prune_dirs(&self, rel: &Path, st: &mut AgentState) -> Result<(), ReconcileError> {
+        let mut cur = rel.parent();
+        while let Some(d) = cur {
+            if !st.dirs.contains(d) {
+                break;
+            }
+            let p = self.abs(d);
+            match fs::remove_dir(&p) {
+                Ok(()) => {
+                    st.dirs.remove(d);
+                }
+                // Not empty (someone put something there): it stays, and so does the record.
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    st.dirs.remove(d);
+                }
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+            cur = d.parent();
+        }
+        Ok(())
+    }
+
+    /// One pass: the files `cfg` wants, given the registry's CA.
+    pub fn reconcile(&self, cfg: &MirrorConfig, ca_pem: &str) -> Result<Report, ReconcileError> {
+        let mut st = self.load_state()?;
+        let mut report = Report::default();
+        let desired = match self.runtime {
+            Runtime::Containerd => render::containerd_files(cfg, ca_pem, &self.options),
+            Runtime::K3s => vec![render::k3s_ca_file(cfg, ca_pem)],
+        };
+        let mut registry_ok = true;
+        for f in &desired {
+            let ok = self.put(f, &mut st, &mut report)?;
+            let is_registry = f
+                .path
+                .starts_with(Path::new(render::CERTS_D).join(cfg.registry.as_str()))
+                || f.path == render::k3s_ca_path(cfg);
+            if is_registry && !ok {
+                registry_ok = false;
+            }
+            if ok && f.path.ends_with("hosts.toml") {
+                report.configured_hosts += 1;
+            }
+        }
+        let wanted: BTreeSet<&PathBuf> = desired.iter().map(|f| &f.path).collect();
+        let stale: Vec<PathBuf> = st
+            .files
+            .iter()
+            .filter(|p| !wanted.contains(p) && p.as_path() != Path::new(render::REGISTRIES_YAML))
+            .cloned()
+            .collect();
+        for p in stale {
+            self.drop_file(&p, &mut st, &mut report)?;
+        }
+        if self.runtime == Runtime::K3s {
+            let ok = self.reconcile_yaml(cfg, &mut st, &mut report)?;
+            registry_ok &= ok;
+        }
+        report.registry_trusted = registry_ok;
+        self.save_state(&st)?;
+        Ok(report)
+    }
+
+    fn reconcile_yaml(
+        &self,
+        cfg: &MirrorConfig,
+        st: &mut AgentState,
+        report: &mut Report,
+    ) -> Result<bool, ReconcileError> {
+        let rel = PathBuf::from(render::REGISTRIES_YAML);
+        let path = self.abs(&rel);
+        let current = read_opt(&path)?;
+        let ca_on_host = format!("/{}", render::k3s_ca_path(cfg).display());
+        let merged = render::merge_registries_yaml(
+            current.as_deref(),
+            &st.yaml,
+            cfg,
+            &ca_on_host,
+            &self.options,
+        )?;
+        report.refused.extend(merged.refused.iter().cloned());
+        report.configured_hosts += merged.owned.mirrors.len();
+        let trusted = merged
+            .owned
+            .configs
+            .contains(&cfg.registry.as_str().to_owned());
+        if current.as_deref() == Some(merged.content.as_str()) && st.yaml == merged.owned {
+            return Ok(trusted);
+        }
+        if st.yaml_backup.is_none() && !st.files.contains(&rel) {
+            // First change to this file: keep what was there.
+            st.yaml_preexisted = current.is_some();
+            if let Some(text) = &current {
+                let backup = rel.with_extension("yaml.outpost-backup");
+                let bpath = self.abs(&backup);
+                write_atomic(&bpath, text.as_bytes()).map_err(io_err(&bpath))?;
+                st.yaml_backup = Some(backup);
+            }
+        }
+        self.ensure_dirs(&rel, st)?;
+        st.files.insert(rel.clone());
+        st.yaml = merged.owned;
+        self.save_state(st)?;
+        write_atomic(&path, merged.content.as_bytes()).map_err(io_err(&path))?;
+        report.written.push(rel);
+        tracing::warn!(
+            path = %path.display(),
+            "registries.yaml changed: k3s reads it only at start, so restart k3s (or k3s-agent) on this node to apply it"
+        );
+        Ok(trusted)
+    }
+
+    /// Removes everything the agent wrote and restores what it changed.
+    pub fn cleanup(&self) -> Result<Report, ReconcileError> {
+        let mut st = self.load_state()?;
+        let mut report = Report::default();
+        let yaml_rel = PathBuf::from(render::REGISTRIES_YAML);
+        if st.files.contains(&yaml_rel) {
+            self.cleanup_yaml(&yaml_rel, &mut st, &mut report)?;
+        }
+        let files: Vec<PathBuf> = st.files.iter().cloned().collect();
+        for p in files {
+            self.drop_file(&p, &mut st, &mut report)?;
+        }
+        // Everything else is gone: the state file goes too, then the directories the agent
+        // made, deepest first; one someone else put files into stays (and stays recorded).
+        let state_path = self.abs(&self.state_rel());
+        match fs::remove_file(&state_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&state_path)(e)),
+        }
+        let dirs: Vec<PathBuf> = st.dirs.iter().rev().cloned().collect();
+        for d in dirs {
+            let p = self.abs(&d);
+            match fs::remove_dir(&p) {
+                Ok(()) => {
+                    st.dirs.remove(&d);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    st.dirs.remove(&d);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "directory the agent created is not empty; left in place");
+                }
+            }
+        }
+        if !st.dirs.is_empty() {
+            self.save_state(&st)?;
+        }
+        Ok(report)
+    }
+
+    fn cleanup_yaml(
+        &self,
+        rel: &Path,
+        st: &mut AgentState,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
+        let path = self.abs(rel);
+        let current = read_opt(&path)?;
+        let remaining = match &current {
+            Some(text) => render::strip_registries_yaml(text, &st.yaml)?,
+            None => None,
+        };
+        let backup_text = match &st.yaml_backup {
+            Some(b) => read_opt(&self.abs(b))?,
+            None => None,
+        };
+        let backup_map = backup_text.as_deref().and_then(render::yaml_mapping);
+        if let Some(text) = &backup_text
+            && remaining == backup_map
+        {
+            // Nobody else changed it: put back the original bytes.
+            write_atomic(&path, text.as_bytes()).map_err(io_err(&path))?;
+            if let Some(b) = st.yaml_backup.take() {
+                let bp = self.abs(&b);
+                fs::remove_file(&bp).map_err(io_err(&bp))?;
+            }
+        } else if let Some(m) = remaining {
+            // Others edited it meanwhile: keep their entries, drop ours, keep the backup.
+            let body = serde_norway::to_string(&serde_norway::Value::Mapping(m))
+                .map_err(|e| render::RenderError::Yaml(e.to_string()))?;
+            write_atomic(&path, body.as_bytes()).map_err(io_err(&path))?;
+            tracing::warn!(path = %path.display(), backup = ?st.yaml_backup, "registries.yaml was edited by others while the agent managed it: their entries kept, the backup left in place");
+            st.yaml_backup = None;
+        } else if current.is_some() && !st.yaml_preexisted {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        report.removed.push(rel.to_path_buf());
+        st.files.remove(rel);
+        st.yaml = OwnedYamlKeys::default();
+        st.yaml_preexisted = false;
+        self.prune_dirs(rel, st)
+    }
+}
