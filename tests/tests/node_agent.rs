@@ -1,0 +1,397 @@
+//! The node agent against a real containerd daemon (CRI on, `config_path` in the agent's root)
+//! and a real Outpost over HTTPS with its own CA: pulls of an image named by an upstream that
+//! does not exist go through Outpost, for `ctr --hosts-dir` and for a CRI PullImage (what
+//! kubelet does); with Outpost down, a reachable upstream serves; SIGTERM with
+//! `--cleanup-on-exit` leaves the directory as it was.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_e2e::oci::*;
+use outpost_e2e::parent::DockerRegistry;
+use outpost_e2e::*;
+
+fn tree(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Option<Vec<u8>>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                out.insert(rel, None);
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// containerd with the CRI plugin, its config at `<root>/etc/containerd/config.toml` (where
+/// the agent checks it) and its hosts directory in the agent's root; state elsewhere.
+struct CriContainerd {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl CriContainerd {
+    fn start(root: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config = root.join("etc/containerd/config.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\n[grpc]\n  address = \"{sock}\"\n\
+                 [ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_port = \"0\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n",
+                r = d.join("root").display(),
+                s = d.join("state").display(),
+                sock = socket.display(),
+                hosts = root.join("etc/containerd/certs.d").display(),
+            ),
+        )
+        .unwrap();
+        let log = d.join("containerd.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(require("containerd"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let c = CriContainerd {
+            child: Some(child),
+            _dir: dir,
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ctr_pull(&self, hosts_dir: &Path, image: &str) -> std::process::Output {
+        run_timeout(
+            Command::new(require("ctr"))
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["image", "pull", "--hosts-dir"])
+                .arg(hosts_dir)
+                .arg(image),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Drop for CriContainerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+    port: u16,
+}
+
+impl Agent {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        http()
+            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .send()
+            .map(|r| r.text().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn containerd_pulls_through_outpost_falls_back_when_it_is_down_and_cleanup_restores_the_node() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(work.path());
+    let mut outpost = Registry::start_with_args(&[
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+    ]);
+    let registry = format!("127.0.0.1:{}", outpost.port);
+
+    // One image only Outpost has, one only the reachable upstream has.
+    let layout = Layout::new(work.path());
+    layout.add_image(
+        "app",
+        "amd64",
+        &[("app.bin", pseudo_random(run_seed() + 600, 64 * 1024))],
+    );
+    layout.add_image(
+        "fb",
+        "amd64",
+        &[("fb.bin", pseudo_random(run_seed() + 601, 64 * 1024))],
+    );
+    let certs = work.path().join("skopeo-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&pki.ca_cert, certs.join("ca.crt")).unwrap();
+    skopeo(&[
+        "copy",
+        "--dest-cert-dir",
+        certs.to_str().unwrap(),
+        &format!("oci:{}:app", layout.path.display()),
+        &format!("docker://{registry}/demo/app:v1"),
+    ]);
+    let upstream = DockerRegistry::builder().start();
+    load(&layout, "fb", &upstream.host(), "demo/fb:v1", &[]);
+
+    // The node: containerd's config in the agent's root, nothing else yet.
+    let root = tempfile::tempdir().unwrap();
+    let ctrd = CriContainerd::start(root.path());
+    let before = tree(root.path());
+
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "registry = \"{registry}\"\n\
+             [[rule]]\nupstream = \"nowhere.invalid\"\n\
+             [[rule]]\nupstream = \"{up}\"\nplain_http = true\n",
+            up = upstream.host()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = work.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("outpost-node-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--ca-file")
+        .arg(&pki.ca_cert)
+        .arg("--root")
+        .arg(root.path())
+        .args(["--runtime", "containerd", "--cleanup-on-exit", "--no-label"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "200ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent {
+        child: Some(child),
+        log,
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if m.contains("outpost_node_agent_configured_hosts 3")
+            && m.contains("outpost_node_agent_registry_trusted 1")
+        {
+            assert!(
+                m.contains("outpost_node_agent_config_warnings{check=\"config_path_unset\"} 0"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready: {m}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hosts_dir = root.path().join("etc/containerd/certs.d");
+    assert!(hosts_dir.join(&registry).join("ca.crt").is_file());
+
+    // ctr with the hosts directory: the upstream does not exist, Outpost serves it.
+    let out = ctrd.ctr_pull(&hosts_dir, "nowhere.invalid/demo/app:v1");
+    assert!(
+        out.status.success(),
+        "ctr pull: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    // The CRI, as kubelet pulls: containerd reads the same directory through config_path.
+    let image_ref = cri::pull_image(
+        &ctrd.socket,
+        "nowhere.invalid/demo/app:v1",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("CRI pull: {e}\ncontainerd:\n{}", ctrd.log_text()));
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+
+    // Outpost down: the reachable upstream serves (containerd falls back to `server`).
+    outpost.kill9();
+    let fb = format!("{}/demo/fb:v1", upstream.host());
+    let out = ctrd.ctr_pull(&hosts_dir, &fb);
+    assert!(
+        out.status.success(),
+        "fallback ctr pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cri::pull_image(&ctrd.socket, &fb, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("fallback CRI pull: {e}\ncontainerd:\n{}", ctrd.log_text()));
+    // And nothing Outpost-only resolves now.
+    assert!(
+        cri::pull_image(
+            &ctrd.socket,
+            "nowhere.invalid/demo/other:v1",
+            Duration::from_secs(60)
+        )
+        .is_err()
+    );
+
+    // SIGTERM with --cleanup-on-exit: the node's directory is as it was.
+    let pid = agent.child.as_ref().unwrap().id();
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let mut child = agent.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    assert_eq!(tree(root.path()), before, "{}", agent.log_text());
+}
+
+#[test]
+fn a_node_without_config_path_is_reported_and_not_trusted() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ctd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
+    std::fs::write(&ctd, "version = 2\n").unwrap();
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let log = work.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("outpost-node-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--ca-file")
+        .arg(&pki.ca_cert)
+        .arg("--root")
+        .arg(root.path())
+        .args([
+            "--no-label",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "100ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let agent = Agent {
+        child: Some(child),
+        log,
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if m.contains("outpost_node_agent_config_warnings{check=\"config_path_unset\"} 1") {
+            assert!(m.contains("outpost_node_agent_registry_trusted 0"), "{m}");
+            assert!(m.contains("outpost_node_agent_configured_hosts 2"), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.log_text().contains("config_path is not set"));
+    // Fixed on the node: the agent notices the file change and trusts.
+    std::fs::write(
+        &ctd,
+        format!(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            root.path().join("etc/containerd/certs.d").display()
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent
+        .metrics()
+        .contains("outpost_node_agent_registry_trusted 1")
+    {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A bad config edit keeps the files and counts an error.
+    std::fs::write(&config, "registry = \"Bad Host\"\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if !m.contains("outpost_node_agent_reconcile_errors_total 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        root.path()
+            .join("etc/containerd/certs.d/ghcr.io/hosts.toml")
+            .is_file()
+    );
+    let ready = http()
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(ready, 503);
+}
