@@ -395,3 +395,211 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
         .status();
     assert_eq!(ready, 503);
 }
+
+/// A stand-in for the Kubernetes API server on loopback (plain HTTP/1.1): records each
+/// request's method, path and body, answers node PATCHes with the node and event POSTs with the
+/// event, as the real API does.
+struct FakeApi {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeApi {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st2.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((sock, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let (seen, stop) = (s2.clone(), st2.clone());
+                std::thread::spawn(move || {
+                    sock.set_nonblocking(false).unwrap();
+                    sock.set_read_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    let mut w = sock.try_clone().unwrap();
+                    let mut r = BufReader::new(sock);
+                    // Keep-alive: serve requests until the client closes or the test ends.
+                    for _ in 0..1000 {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let mut line = String::new();
+                        match r.read_line(&mut line) {
+                            Ok(0) => return,
+                            Ok(_) => {}
+                            Err(_) => continue,
+                        }
+                        let mut parts = line.split_whitespace();
+                        let method = parts.next().unwrap_or("").to_owned();
+                        let path = parts.next().unwrap_or("").to_owned();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        r.read_exact(&mut body).unwrap();
+                        let body = String::from_utf8_lossy(&body).into_owned();
+                        let (status, answer) = if method == "PATCH"
+                            && path.starts_with("/api/v1/nodes/")
+                        {
+                            let name = path
+                                .trim_start_matches("/api/v1/nodes/")
+                                .split('?')
+                                .next()
+                                .unwrap_or("");
+                            (
+                                "200 OK",
+                                format!(
+                                    r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{name}"}}}}"#
+                                ),
+                            )
+                        } else if method == "POST" && path.contains("/events") {
+                            ("201 Created", body.clone())
+                        } else {
+                            ("404 Not Found", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_owned())
+                        };
+                        seen.lock().unwrap().push((method, path, body));
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                    }
+                });
+            }
+        });
+        FakeApi { port, seen, stop }
+    }
+
+    fn patches(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, _)| m == "PATCH" && p.starts_with("/api/v1/nodes/node-1"))
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ctd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
+    std::fs::write(
+        &ctd,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .unwrap();
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    let api = FakeApi::start();
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{}\n\
+             users:\n- name: agent\n  user:\n    token: not-a-secret\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n\
+             current-context: fake\n",
+            api.port
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = work.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("outpost-node-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--ca-file")
+        .arg(&pki.ca_cert)
+        .arg("--root")
+        .arg(root.path())
+        .args(["--cleanup-on-exit", "--node-name", "node-1"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "100ms",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent {
+        child: Some(child),
+        log,
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api
+        .patches()
+        .iter()
+        .any(|b| b.contains(r#""outpost.io/trusted":"true""#))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no label patch: {:?}\n{}",
+            api.seen.lock().unwrap(),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An event told the operators.
+    assert!(
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains("RegistryTrust"))
+    );
+    let pid = agent.child.as_ref().unwrap().id();
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let mut child = agent.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let patches = api.patches();
+    assert!(
+        patches
+            .last()
+            .is_some_and(|b| b.contains(r#""outpost.io/trusted":null"#)),
+        "{patches:?}\n{}",
+        agent.log_text()
+    );
+    assert!(!root.path().join("etc/containerd/certs.d").exists());
+}
