@@ -21,6 +21,12 @@ for svc in docker-registry containerd; do
   pkill -x "$svc" 2>/dev/null || true
 done
 
+# The Helm chart is linted through the real Helm library (helm-sdkpy embeds it).
+if ! python3 -c "import helm_sdkpy, yaml" 2>/dev/null; then
+  echo "==> pip install helm-sdkpy pyyaml"
+  python3 -m pip install -q --ignore-requires-python helm-sdkpy pyyaml
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

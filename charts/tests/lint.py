@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Lints charts/outpost through the real Helm library (helm-sdkpy) for the default values and
+each documented scenario, and checks that a values typo fails (the schema rejects it).
+
+`Lint` takes only a chart path, so each scenario lints a temporary copy of the chart whose
+values.yaml holds the scenario. Exits 1 on any failure; prints one line per case.
+
+Usage: python3 charts/tests/lint.py      (pip install --ignore-requires-python helm-sdkpy)
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.dont_write_bytecode = True
+CHART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outpost")
+
+CONN = ("ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=p4ss;"
+        "ParentGatewayEndpoint=myacr.westeurope.data.azurecr.io;ParentEndpointProtocol=https")
+RULES = [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world", "team-a/**"]},
+         {"upstream": "docker.io"}]
+
+# name -> (values overriding the defaults, should pass)
+SCENARIOS = {
+    "defaults": ({}, True),
+    "https-cert-manager": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
+                            "webhook": {"rules": RULES}, "staging": {"images": ["hello-world:latest"]},
+                            "metrics": {"serviceMonitor": {"enabled": True}}, "maxStorage": "400Gi",
+                            "repositories": ["hello-world", "team-a/**"],
+                            "sync": {"schedule": "0 22 * * *", "window": "PT6H"}}, True),
+    "own-tls-secret": ({"existingSecret": "outpost-conn", "cert-manager": {"enabled": False},
+                        "tls": {"secret": "outpost-tls"}, "tokens": {"existingSecret": "outpost-tokens"},
+                        "webhook": {"tlsSecret": "outpost-webhook-tls", "caBundle": "TFMwdExTMUNSVWRKVGlCRFJWSlVTVVpKUTBGVVJTMHRMUzB0Q2c9PQ==",
+                                    "rules": RULES},
+                        "service": {"clusterIP": "fd00::10"}}, True),
+    "http": ({"connectionString": CONN, "httpsEnabled": False, "trustDistribution": {"enabled": False},
+              "service": {"port": 80}}, True),
+    "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}}, True),
+    "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, True),
+    "k3s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k3s"},
+             "service": {"clusterIP": "10.43.10.10"}}, True),
+    # Must fail: the schema rejects unknown keys and wrong types, the templates bad combinations.
+    "typo-in-key": ({"trustDistribution": {"enabeld": True}}, False),
+    "typo-top-level": ({"connectionStrng": CONN}, False),
+    "wrong-type": ({"sync": {"chunkSizeInMb": "eight"}}, False),
+    "bad-cluster-ip": ({"service": {"clusterIP": "10.96.0.300"}}, False),
+    "http-with-trust": ({"httpsEnabled": False}, False),
+    "no-cert-manager-no-secret": ({"cert-manager": {"enabled": False}, "webhook": {"enabled": False}}, False),
+    "webhook-without-ca-bundle": ({"cert-manager": {"enabled": False}, "tls": {"secret": "s"}}, False),
+}
+
+
+def deep_merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def defaults():
+    import yaml  # PyYAML, installed beside helm-sdkpy by tests/run.sh
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def run_lint(values):
+    """Lints a copy of the chart whose values.yaml is `values` (JSON is YAML)."""
+    import helm_sdkpy
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "outpost")
+        shutil.copytree(CHART, chart)
+        with open(os.path.join(chart, "values.yaml"), "w") as f:
+            json.dump(values, f, indent=2)
+        try:
+            return asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(chart)), None
+        except helm_sdkpy.HelmError as e:
+            return None, str(e)
+
+
+def verdict(result, error):
+    """(passed, why): no message of error severity (3) and no lint error."""
+    if error:
+        return False, error.splitlines()[0][:300]
+    msgs = result.get("Messages") or []
+    errs = [m for m in msgs if m.get("Severity", 0) >= 3]
+    if errs or result.get("Errors"):
+        return False, json.dumps(errs or result.get("Errors"))[:300]
+    return True, f"{len(msgs)} info/warning messages"
+
+
+def main():
+    try:
+        import helm_sdkpy  # noqa: F401
+    except ImportError:
+        print("helm-sdkpy is not installed: pip install --ignore-requires-python helm-sdkpy")
+        return 1
+    base = defaults()
+    failures = 0
+    for name, (over, should_pass) in SCENARIOS.items():
+        ok, why = verdict(*run_lint(deep_merge(base, over)))
+        good = ok == should_pass
+        failures += not good
+        expect = "passes" if should_pass else "fails"
+        print(f"{'ok  ' if good else 'FAIL'} {name:<24} lint {'passed' if ok else 'failed'} "
+              f"(expected: {expect}): {why}")
+    print(f"chart lint: {len(SCENARIOS) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
