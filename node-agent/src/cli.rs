@@ -206,25 +206,24 @@ fn options(i: &InputArgs, run: Option<&RunArgs>) -> AgentOptions {
     }
 }
 
-async fn terminated() {
+/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is called (not when
+/// the future is first polled), so a signal during start-up still leads to a clean exit.
+fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => std::future::pending::<()>().await,
-    }
+    })
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(r) => {
+            let shutdown = terminated()?;
             let metrics = Arc::new(Metrics::new());
             let ready = Arc::new(AtomicBool::new(false));
             let opts = options(&r.inputs, Some(&r));
@@ -237,7 +236,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let server = crate::server::serve(listener, metrics.clone(), ready.clone(), stop_rx);
             let server = tokio::spawn(server);
             let agent = Agent::new(opts, metrics, ready).await;
-            agent.run(terminated()).await;
+            agent.run(shutdown).await;
             let _ = stop_tx.send(true);
             let _ = server.await;
             tracing::info!("node agent stopped");

@@ -135,6 +135,60 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `outpost-node-agent run --config --ca-file --root --listen <free port> <extra>`.
+    fn spawn(
+        work: &Path,
+        config: &Path,
+        ca: &Path,
+        root: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Agent {
+        let port = free_port();
+        let log = work.join("agent.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin("outpost-node-agent"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--ca-file")
+            .arg(ca)
+            .arg("--root")
+            .arg(root)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Agent {
+            child: Some(child),
+            log,
+            port,
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -197,34 +251,21 @@ fn containerd_pulls_through_outpost_falls_back_when_it_is_down_and_cleanup_resto
         ),
     )
     .unwrap();
-    let port = free_port();
-    let log = work.path().join("agent.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin("outpost-node-agent"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--ca-file")
-        .arg(&pki.ca_cert)
-        .arg("--root")
-        .arg(root.path())
-        .args(["--runtime", "containerd", "--cleanup-on-exit", "--no-label"])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &[
+            "--runtime",
+            "containerd",
+            "--cleanup-on-exit",
+            "--no-label",
             "--interval",
             "200ms",
-        ])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent {
-        child: Some(child),
-        log,
-        port,
-    };
+        ],
+        &[],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
@@ -286,17 +327,7 @@ fn containerd_pulls_through_outpost_falls_back_when_it_is_down_and_cleanup_resto
     );
 
     // SIGTERM with --cleanup-on-exit: the node's directory is as it was.
-    let pid = agent.child.as_ref().unwrap().id();
-    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
-    let mut child = agent.child.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "agent did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = agent.terminate();
     assert!(status.success(), "{status}\n{}", agent.log_text());
     assert_eq!(tree(root.path()), before, "{}", agent.log_text());
 }
@@ -315,34 +346,15 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
         "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
     )
     .unwrap();
-    let port = free_port();
-    let log = work.path().join("agent.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin("outpost-node-agent"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--ca-file")
-        .arg(&pki.ca_cert)
-        .arg("--root")
-        .arg(root.path())
-        .args([
-            "--no-label",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--interval",
-            "100ms",
-        ])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    let agent = Agent {
-        child: Some(child),
-        log,
-        port,
-    };
+    let agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &["--no-label", "--interval", "100ms"],
+        &[],
+    );
+    let port = agent.port;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
@@ -534,35 +546,20 @@ fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup()
         ),
     )
     .unwrap();
-    let port = free_port();
-    let log = work.path().join("agent.log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin("outpost-node-agent"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--ca-file")
-        .arg(&pki.ca_cert)
-        .arg("--root")
-        .arg(root.path())
-        .args(["--cleanup-on-exit", "--node-name", "node-1"])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &[
+            "--cleanup-on-exit",
+            "--node-name",
+            "node-1",
             "--interval",
             "100ms",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent {
-        child: Some(child),
-        log,
-        port,
-    };
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !api
         .patches()
@@ -577,22 +574,20 @@ fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // An event told the operators.
-    assert!(
-        api.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains("RegistryTrust"))
-    );
-    let pid = agent.child.as_ref().unwrap().id();
-    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
-    let mut child = agent.child.take().unwrap();
+    // An event told the operators (sent right after the label).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "agent did not exit");
+    while !api
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains("RegistryTrust"))
+    {
+        assert!(Instant::now() < deadline, "no event\n{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
+    let status = agent.terminate();
+    assert!(status.success(), "{status}\n{}", agent.log_text());
     let patches = api.patches();
     assert!(
         patches
