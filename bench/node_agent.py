@@ -45,7 +45,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=15, help="how long the running agent is sampled")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
     a = ap.parse_args()
-    exe = os.path.join(ROOT, "target", "release", "outpost-node-agent")
+    # cargo puts the binary under CARGO_TARGET_DIR when that is set.
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    exe = os.path.join(target, "release", "outpost-node-agent")
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "outpost-node-agent"], cwd=ROOT,
                        check=True)

@@ -104,8 +104,9 @@ pub struct InputArgs {
     /// then pulls with this token, whatever its own imagePullSecrets say.
     #[arg(long, env = "OUTPOST_PULL_CREDENTIALS_FILE")]
     pub pull_credentials_file: Option<PathBuf>,
-    /// How long containerd (1.7+) waits to connect to the registry before falling back to the
-    /// upstream (`dial_timeout` in hosts.toml; containerd 1.6 ignores it). 0 leaves it out.
+    /// How long containerd waits to connect to the registry before falling back to the upstream
+    /// (`dial_timeout` in hosts.toml, honoured from containerd 2.1; 1.6 and 1.7 ignore the key
+    /// and fall back only once the connection is refused or times out). 0 leaves it out.
     #[arg(long, env = "OUTPOST_DIAL_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
     /// containerd's config file, relative to --root, checked for config_path and legacy mirrors.

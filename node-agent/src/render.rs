@@ -19,8 +19,9 @@ pub const K3S_CA_DIR: &str = "etc/rancher/k3s/outpost";
 
 #[derive(Debug, Clone, Default)]
 pub struct RenderOptions {
-    /// containerd 1.7+ `dial_timeout` for the mirror, so a node falls back quickly when
-    /// Outpost is down (1.6 ignores the key and falls back only on a refused connection).
+    /// `dial_timeout` for the mirror, so a node falls back quickly when Outpost is down
+    /// (containerd 2.1+; 1.6 and 1.7 ignore the key and fall back on a refused connection or
+    /// after their own connect timeout).
     pub dial_timeout: Option<Duration>,
     /// `Authorization` header value for pulls from the registry (node credentials).
     pub authorization: Option<String>,

@@ -598,3 +598,127 @@ fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup()
     );
     assert!(!root.path().join("etc/containerd/certs.d").exists());
 }
+
+/// A Kubernetes API that accepts connections and never answers.
+struct HungApi {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HungApi {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // Bounded: at most 2 minutes, and ends with the test.
+            let end = Instant::now() + Duration::from_secs(120);
+            while !st.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                if let Ok((sock, _)) = listener.accept() {
+                    held.push(sock);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        HungApi { port, stop }
+    }
+}
+
+impl Drop for HungApi {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_hung_kubernetes_api_holds_up_neither_the_files_nor_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ctd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
+    std::fs::write(
+        &ctd,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .unwrap();
+    let before = tree(root.path());
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    let api = HungApi::start();
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: hung\n  cluster:\n    server: http://127.0.0.1:{}\n\
+             users:\n- name: agent\n  user:\n    token: not-a-secret\ncontexts:\n- name: hung\n  context:\n    cluster: hung\n    user: agent\n\
+             current-context: hung\n",
+            api.port
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = work.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("outpost-node-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--ca-file")
+        .arg(&pki.ca_cert)
+        .arg("--root")
+        .arg(root.path())
+        .args(["--cleanup-on-exit", "--node-name", "node-1"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent {
+        child: Some(child),
+        log,
+        port,
+    };
+    // The files are in place while the label call hangs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent
+        .metrics()
+        .contains("outpost_node_agent_configured_hosts 2")
+    {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGTERM mid-call: the pass is dropped, the files are cleaned up, and the label removal
+    // gives up after its bound, well within a pod's 30 s grace period.
+    let pid = agent.child.as_ref().unwrap().id();
+    let t = Instant::now();
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let mut child = agent.child.take().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "agent did not exit within 30 s of SIGTERM\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    assert_eq!(tree(root.path()), before, "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("did not answer within"),
+        "{}",
+        agent.log_text()
+    );
+}
