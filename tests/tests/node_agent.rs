@@ -722,3 +722,177 @@ fn a_hung_kubernetes_api_holds_up_neither_the_files_nor_sigterm() {
         agent.log_text()
     );
 }
+
+/// Outpost with client tokens. containerd's CRI sends a pod's imagePullSecrets for the image's
+/// own registry (the upstream), never for the mirror, so without node credentials the pull
+/// through Outpost is refused; with `--pull-credentials-file` the agent writes a static
+/// `Authorization` header for the mirror and the CRI pull succeeds.
+#[test]
+fn node_credentials_let_the_cri_pull_from_an_outpost_that_requires_tokens() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(work.path());
+    let tokens = work.path().join("tokens.toml");
+    let registry_cli = |args: &[&str]| -> String {
+        let out = run_timeout(
+            Command::new(bin("outpost-registry"))
+                .args(args)
+                .arg("--tokens")
+                .arg(&tokens),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    registry_cli(&[
+        "scope-map",
+        "create",
+        "--name",
+        "pull",
+        "--repository",
+        "**",
+        "content/read",
+        "metadata/read",
+    ]);
+    registry_cli(&[
+        "scope-map",
+        "create",
+        "--name",
+        "push",
+        "--repository",
+        "**",
+        "content/read",
+        "content/write",
+        "metadata/read",
+    ]);
+    let password = |name: &str, map: &str| -> String {
+        let out = registry_cli(&[
+            "token",
+            "create",
+            "--name",
+            name,
+            "--scope-map",
+            map,
+            "-o",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["password1"].as_str().unwrap().to_owned()
+    };
+    let pusher = password("pusher", "push");
+    let puller = password("puller", "pull");
+    let outpost = Registry::start_with_args(&[
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+    ]);
+    let registry = outpost.host();
+    let layout = Layout::new(work.path());
+    layout.add_image(
+        "app",
+        "amd64",
+        &[("app.bin", pseudo_random(run_seed() + 610, 32 * 1024))],
+    );
+    let certs = work.path().join("skopeo-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&pki.ca_cert, certs.join("ca.crt")).unwrap();
+    skopeo(&[
+        "copy",
+        "--dest-cert-dir",
+        certs.to_str().unwrap(),
+        "--dest-creds",
+        &format!("pusher:{pusher}"),
+        &format!("oci:{}:app", layout.path.display()),
+        &format!("docker://{registry}/demo/app:v1"),
+    ]);
+
+    let root = tempfile::tempdir().unwrap();
+    let ctrd = CriContainerd::start(root.path());
+    let before = tree(root.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!("registry = \"{registry}\"\n[[rule]]\nupstream = \"nowhere.invalid\"\n"),
+    )
+    .unwrap();
+    let image = "nowhere.invalid/demo/app:v1";
+    let wait_trusted = |agent: &Agent| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = agent.metrics();
+            if m.contains("outpost_node_agent_configured_hosts 2")
+                && m.contains("outpost_node_agent_registry_trusted 1")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready: {m}\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Without node credentials: Outpost refuses the anonymous pull.
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &["--no-label", "--cleanup-on-exit", "--interval", "200ms"],
+        &[],
+    );
+    wait_trusted(&agent);
+    let err = cri::pull_image(&ctrd.socket, image, Duration::from_secs(60))
+        .expect_err("an anonymous pull through an Outpost with tokens succeeded");
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(tree(root.path()), before);
+
+    // With them: the header is in the mirror's hosts.toml and the pull succeeds.
+    let creds = work.path().join("dockerconfig.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({"auths": {registry.clone(): {"username": "puller", "password": puller}}})
+            .to_string(),
+    )
+    .unwrap();
+    let creds_arg = creds.to_str().unwrap();
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &[
+            "--no-label",
+            "--cleanup-on-exit",
+            "--interval",
+            "200ms",
+            "--pull-credentials-file",
+            creds_arg,
+        ],
+        &[],
+    );
+    wait_trusted(&agent);
+    let hosts = std::fs::read_to_string(
+        root.path()
+            .join("etc/containerd/certs.d/nowhere.invalid/hosts.toml"),
+    )
+    .unwrap();
+    assert!(hosts.contains("Authorization = \"Basic "), "{hosts}");
+    let image_ref = cri::pull_image(&ctrd.socket, image, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("CRI pull with node credentials: {e}\n{}", ctrd.log_text()));
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(tree(root.path()), before);
+}
