@@ -56,10 +56,13 @@ fn registry_host_table(registry: &Host, ca: &str, opts: &RenderOptions, dial: bo
         q(ca)
     );
     if dial && let Some(d) = opts.dial_timeout {
-        t.push_str(&format!(
-            "  dial_timeout = {}\n",
-            q(&format!("{}s", d.as_secs().max(1)))
-        ));
+        // A Go duration string: whole seconds, or milliseconds for anything finer.
+        let text = if d.subsec_millis() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        };
+        t.push_str(&format!("  dial_timeout = {}\n", q(&text)));
     }
     if let Some(a) = &opts.authorization {
         t.push_str(&format!(
@@ -319,6 +322,28 @@ mod tests {
             assert_eq!(t["k"].as_str(), Some(v));
         }
         assert_eq!(q("https://r"), "\"https://r\"");
+    }
+
+    #[test]
+    fn dial_timeouts_are_go_durations() {
+        let c = cfg("registry = \"r\"\n[[rule]]\nupstream = \"u\"\n");
+        for (d, want) in [
+            (Duration::from_millis(500), "\"500ms\""),
+            (Duration::from_secs(3), "\"3s\""),
+        ] {
+            let opts = RenderOptions {
+                dial_timeout: Some(d),
+                ..Default::default()
+            };
+            let files = containerd_files(&c, "PEM", &opts);
+            assert!(
+                files[2].content.contains(&format!("dial_timeout = {want}")),
+                "{}",
+                files[2].content
+            );
+            // The registry's own hosts.toml has no fallback, so no dial timeout.
+            assert!(!files[1].content.contains("dial_timeout"));
+        }
     }
 
     #[test]
