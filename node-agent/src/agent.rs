@@ -164,8 +164,11 @@ impl Agent {
                 Some(p) => Some(read(p)?),
                 None => None,
             },
-            containerd: std::fs::read_to_string(self.opts.root.join(&self.opts.containerd_config))
-                .ok(),
+            // With its imports merged in, so a drop-in's change is noticed too.
+            containerd: preflight::effective_config(
+                &self.opts.root,
+                &self.opts.root.join(&self.opts.containerd_config),
+            ),
         })
     }
 
