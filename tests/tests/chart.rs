@@ -57,11 +57,11 @@ fn manifests_are_in_sync_with_the_chart() {
             name.clear();
         } else if let Some(k) = line.strip_prefix("kind: ") {
             kind = k.to_string();
-        } else if let Some(n) = line.strip_prefix("  name: ") {
-            if name.is_empty() {
-                name = n.to_string();
-                objects.push(format!("{kind}/{name}"));
-            }
+        } else if let Some(n) = line.strip_prefix("  name: ")
+            && name.is_empty()
+        {
+            name = n.to_string();
+            objects.push(format!("{kind}/{name}"));
         }
     }
     for expected in [
