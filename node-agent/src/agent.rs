@@ -335,7 +335,7 @@ impl Agent {
         for w in warnings {
             tracing::warn!(check = w.check, "{}", w.message);
             if let Some(n) = &self.node
-                && let Err(e) = n.event(true, "ContainerdConfig", &w.message).await
+                && let Err(e) = n.event(true, w.reason(), &w.message).await
             {
                 tracing::warn!(error = %e, "cannot publish event");
             }

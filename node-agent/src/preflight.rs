@@ -12,6 +12,21 @@ pub struct Warning {
     pub message: String,
 }
 
+impl Warning {
+    /// The Event reason. One per check: Events with the same reason on the same node are
+    /// folded into one series that keeps the first note, so two findings need two reasons.
+    pub fn reason(&self) -> &'static str {
+        match self.check {
+            "config_unreadable" => "ContainerdConfigUnreadable",
+            "config_path_unset" => "ContainerdConfigPathUnset",
+            "config_path_elsewhere" => "ContainerdConfigPathElsewhere",
+            "legacy_mirrors" => "ContainerdLegacyMirrors",
+            "discard_unpacked_layers" => "ContainerdDiscardUnpackedLayers",
+            _ => "ContainerdConfig",
+        }
+    }
+}
+
 /// Every check the agent reports on, for metrics that show 0 as well as 1.
 pub const CHECKS: [&str; 5] = [
     "config_unreadable",

@@ -481,7 +481,9 @@ impl FakeApi {
                                     r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{name}"}}}}"#
                                 ),
                             )
-                        } else if method == "POST" && path.contains("/events") {
+                        } else if (method == "POST" || method == "PATCH")
+                            && path.contains("/events")
+                        {
                             ("201 Created", body.clone())
                         } else {
                             ("404 Not Found", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_owned())
@@ -895,4 +897,108 @@ fn node_credentials_let_the_cri_pull_from_an_outpost_that_requires_tokens() {
     assert!(image_ref.starts_with("sha256:"), "{image_ref}");
     assert!(agent.terminate().success(), "{}", agent.log_text());
     assert_eq!(tree(root.path()), before);
+}
+
+/// A kubeconfig for the agent that points at a loopback stand-in of the API server.
+fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: agent\n  user:\n    token: not-a-secret\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_off() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ctd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
+    // No config_path, and a legacy mirror that would make containerd refuse one.
+    std::fs::write(
+        &ctd,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n",
+    )
+    .unwrap();
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    let api = FakeApi::start();
+    let kc = kubeconfig(work.path(), api.port);
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &["--node-name", "node-1", "--interval", "100ms"],
+        &[("KUBECONFIG", &kc)],
+    );
+    let events = |reason: &str| -> Vec<String> {
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains(reason))
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ev = events(r#""reason":"Containerd"#);
+        if ev.iter().any(|b| b.contains("config_path is not set"))
+            && ev.iter().any(|b| b.contains("legacy registry.mirrors"))
+        {
+            assert!(ev.iter().all(|b| b.contains("Warning")), "{ev:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no drift events: {:?}\n{}",
+            api.seen.lock().unwrap(),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = agent.metrics();
+    assert!(
+        m.contains("outpost_node_agent_config_warnings{check=\"legacy_mirrors\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("outpost_node_agent_registry_trusted 0"), "{m}");
+    assert!(
+        !api.patches()
+            .iter()
+            .any(|b| b.contains(r#""outpost.io/trusted":"true""#)),
+        "labelled although containerd ignores the hosts directory"
+    );
+    // Reported once per change, not once per pass.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(events(r#""reason":"Containerd"#).len(), 2);
+
+    // The node's admin fixes the config: the agent notices and labels the node.
+    std::fs::write(
+        &ctd,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api
+        .patches()
+        .iter()
+        .any(|b| b.contains(r#""outpost.io/trusted":"true""#))
+    {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.terminate().success(), "{}", agent.log_text());
 }
