@@ -24,7 +24,9 @@ done
 # The Helm chart is linted through the real Helm library (helm-sdkpy embeds it).
 if ! python3 -c "import helm_sdkpy, yaml" 2>/dev/null; then
   echo "==> pip install helm-sdkpy pyyaml"
-  python3 -m pip install -q --ignore-requires-python helm-sdkpy pyyaml
+  # (A distribution's own python3 refuses user installs without --break-system-packages.)
+  python3 -m pip install -q --ignore-requires-python helm-sdkpy pyyaml \
+    || python3 -m pip install -q --break-system-packages --ignore-requires-python helm-sdkpy pyyaml
 fi
 
 echo "==> cargo fmt --check"
