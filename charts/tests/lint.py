@@ -40,7 +40,7 @@ SCENARIOS = {
               "service": {"port": 80}}, True),
     "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}}, True),
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, True),
-    "k3s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k3s"},
+    "k3s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k3s", "nodeCredentials": True},
              "service": {"clusterIP": "10.43.10.10"}}, True),
     # Must fail: the schema rejects unknown keys and wrong types, the templates bad combinations.
     "typo-in-key": ({"trustDistribution": {"enabeld": True}}, False),
