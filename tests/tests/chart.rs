@@ -1,6 +1,7 @@
 //! The Helm chart through the real Helm library (helm-sdkpy, installed by tests/run.sh): lint
 //! clean for the defaults and every documented scenario, failing for typos and bad
-//! combinations; and the plain manifests in sync with the chart.
+//! combinations; rendered objects checked per scenario; every flag the templates pass known to
+//! its binary; and the plain manifests in sync with the chart.
 
 use std::path::Path;
 use std::process::Command;
@@ -168,4 +169,21 @@ fn every_flag_the_chart_passes_exists_in_the_binary() {
         }
     }
     assert!(checked >= 30, "only {checked} flags checked");
+}
+
+#[test]
+fn rendered_objects_match_the_chart_promises_in_every_scenario() {
+    let out = run_timeout(
+        Command::new("python3")
+            .arg(repo().join("charts/tests/render_checks.py"))
+            .current_dir(repo()),
+        Duration::from_secs(300),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("render checks: 6 passed, 0 failed"), "{text}");
 }

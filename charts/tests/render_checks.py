@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Renders charts/outpost with the real Helm library (helm_render.py) for each scenario and
+checks that the objects are what the chart promises: the registry's strategy, Service and PVC,
+where the connection string goes (a Secret file only), the node agent's reach, the webhook's
+admission settings, TLS wiring per scenario, security contexts, probes and resources.
+
+Prints one line per scenario and `render checks: N passed, N failed`; exits 1 on a failure.
+Usage: python3 charts/tests/render_checks.py
+"""
+
+import json
+import os
+import sys
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helm_render  # noqa: E402
+
+CHART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outpost")
+NS = "edge"
+CONN = ("ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=s3cr3t-p4ss;"
+        "ParentGatewayEndpoint=myacr.westeurope.data.azurecr.io;ParentEndpointProtocol=https")
+RULES = [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}]
+
+
+class Objects:
+    def __init__(self, objs, notes):
+        self.all, self.notes = objs, notes
+
+    def of(self, kind):
+        return [o for o in self.all if o.get("kind") == kind]
+
+    def one(self, kind, suffix):
+        found = [o for o in self.of(kind) if o["metadata"]["name"].endswith(suffix)]
+        assert len(found) == 1, f"expected one {kind} *{suffix}, got {[o['metadata']['name'] for o in found]}"
+        return found[0]
+
+    def workloads(self):
+        return self.of("Deployment") + self.of("DaemonSet")
+
+
+def containers(workload):
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def check_common(o):
+    """Every scenario: probes, resources, security contexts, no wildcard RBAC."""
+    for w in o.workloads():
+        name = w["metadata"]["name"]
+        pod = w["spec"]["template"]["spec"]
+        assert pod.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for c in containers(w):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), name
+            assert not sc.get("privileged"), name
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
+            # The connection string never reaches an environment variable.
+            for env in c.get("env", []):
+                assert "connection" not in env["name"].lower() or "valueFrom" not in env, name
+        if w["kind"] == "Deployment":
+            run_as = pod["securityContext"]
+            assert run_as["runAsNonRoot"] is True and run_as["runAsUser"] == 65532, name
+    for role in o.of("ClusterRole") + o.of("Role"):
+        for rule in role["rules"]:
+            for field in ("verbs", "resources", "apiGroups"):
+                assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: wildcard {field}"
+    dump = json.dumps([x for x in o.all if x["kind"] != "Secret"])
+    assert "SyncTokenPassword" not in dump, "the connection string outside a Secret"
+
+
+def registry_args(o):
+    return containers(o.one("Deployment", "-registry"))[0]["args"]
+
+
+def check_default(o):
+    reg = o.one("Deployment", "-registry")
+    assert reg["spec"]["replicas"] == 1 and reg["spec"]["strategy"]["type"] == "Recreate"
+    args = registry_args(o)
+    assert "--connection-string-file=/etc/outpost/connection/connection-string" in args, args
+    assert not any(a.startswith("--connection-string=") for a in args), args
+    assert "--tls-cert=/etc/outpost/tls/tls.crt" in args and "--http" not in args, args
+    assert "--tokens=/etc/outpost/tokens/tokens.toml" in args, args
+    assert any(a == "--admin-listen=127.0.0.1:5050" for a in args), "admin API loopback only"
+    secret = o.one("Secret", "-connection")
+    assert secret["stringData"]["connection-string"] == CONN
+    vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
+    assert vols["connection"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert vols["tokens"]["secret"]["secretName"] == "outpost-tokens"
+    svc = o.one("Service", "-registry")
+    assert svc["spec"]["clusterIP"] == "10.96.100.100"
+    pvc = o.one("PersistentVolumeClaim", "-data")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "500Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+    ds = o.one("DaemonSet", "-node-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert {"operator": "Exists"} in pod["tolerations"], "tolerates every taint"
+    agent = containers(ds)[0]
+    assert "--cleanup-on-exit" in agent["args"], agent["args"]
+    assert "cleanup" in agent["lifecycle"]["preStop"]["exec"]["command"]
+    host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
+    assert host_paths == ["/etc/containerd"], host_paths
+    agent_rules = o.one("ClusterRole", "-node-agent")["rules"]
+    assert {r for rule in agent_rules for r in rule["resources"]} == {"nodes", "events"}, agent_rules
+    assert all(set(rule["verbs"]) <= {"get", "patch", "create"} for rule in agent_rules), agent_rules
+    config = o.one("ConfigMap", "-node-agent")["data"]["config.toml"]
+    assert 'registry = "10.96.100.100"' in config and 'upstream = "myacr.azurecr.io"' in config, config
+
+    wh = o.one("Deployment", "-webhook")
+    assert wh["spec"]["replicas"] == 2
+    assert o.one("PodDisruptionBudget", "-webhook")["spec"]["minAvailable"] == 1
+    mwc = o.one("MutatingWebhookConfiguration", "-webhook")
+    hook = mwc["webhooks"][0]
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None", hook
+    assert hook["reinvocationPolicy"] == "IfNeeded" and hook["timeoutSeconds"] == 2, hook
+    exprs = hook["namespaceSelector"]["matchExpressions"]
+    assert {"key": "outpost.io/inject", "operator": "In", "values": ["enabled"]} in exprs, exprs
+    assert {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS]} in exprs, exprs
+    assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].startswith(f"{NS}/")
+    assert "caBundle" not in hook["clientConfig"], "cert-manager injects the CA bundle"
+    webhook_rules = o.one("ClusterRole", "-webhook")["rules"]
+    unnamed_secret_verbs = {v for r in webhook_rules if "secrets" in r["resources"]
+                            and not r.get("resourceNames") for v in r["verbs"]}
+    assert unnamed_secret_verbs <= {"list", "watch", "create"}, webhook_rules
+
+    cert = o.one("Certificate", "-registry")
+    assert cert["spec"]["ipAddresses"] == ["10.96.100.100"], cert["spec"]
+    assert o.one("Certificate", "-webhook")
+    assert o.of("Issuer")
+    assert "--stage=hello-world:latest" in registry_args(o)
+    assert o.of("ServiceMonitor") and o.of("PodMonitor")
+
+
+def check_own_tls(o):
+    assert not o.of("Certificate") and not o.of("Issuer"), "no cert-manager objects"
+    reg = o.one("Deployment", "-registry")
+    vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "outpost-tls"
+    assert vols["connection"]["secret"]["secretName"] == "outpost-conn"
+    assert not o.of("Secret"), "existingSecret: the chart creates no Secret"
+    mwc = o.one("MutatingWebhookConfiguration", "-webhook")
+    assert mwc["webhooks"][0]["clientConfig"]["caBundle"] == "Q0EgYnVuZGxl"
+    assert "cert-manager.io/inject-ca-from" not in (mwc["metadata"].get("annotations") or {})
+    wh = o.one("Deployment", "-webhook")
+    vols = {v["name"]: v for v in wh["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "outpost-webhook-tls"
+
+
+def check_http(o):
+    args = registry_args(o)
+    assert "--http" in args and not any(a.startswith("--tls-") for a in args), args
+    assert not o.of("DaemonSet")
+    assert "PLAIN HTTP" in o.notes, o.notes
+    reg = o.one("Deployment", "-registry")
+    assert containers(reg)[0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+
+
+def check_trust_off(o):
+    assert not o.of("DaemonSet") and not [r for r in o.of("ClusterRole") if "node-agent" in r["metadata"]["name"]]
+    assert o.one("MutatingWebhookConfiguration", "-webhook")
+
+
+def check_webhook_off(o):
+    assert not o.of("MutatingWebhookConfiguration")
+    assert not [d for d in o.of("Deployment") if d["metadata"]["name"].endswith("-webhook")]
+    assert not o.of("PodDisruptionBudget")
+    assert o.one("DaemonSet", "-node-agent")
+
+
+def check_standalone(o):
+    args = registry_args(o)
+    assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
+    assert "standalone" in o.notes
+
+
+SCENARIOS = {
+    "https-cert-manager": ({"existingSecret": "", "connectionString": CONN,
+                            "tokens": {"existingSecret": "outpost-tokens"},
+                            "service": {"clusterIP": "10.96.100.100"}, "webhook": {"rules": RULES},
+                            "staging": {"images": ["hello-world:latest"]},
+                            "metrics": {"serviceMonitor": {"enabled": True}}}, check_default),
+    "own-tls-secret": ({"existingSecret": "outpost-conn", "cert-manager": {"enabled": False},
+                        "tls": {"secret": "outpost-tls"},
+                        "webhook": {"tlsSecret": "outpost-webhook-tls", "caBundle": "Q0EgYnVuZGxl"}},
+                       check_own_tls),
+    "http": ({"connectionString": CONN, "httpsEnabled": False,
+              "trustDistribution": {"enabled": False}, "service": {"port": 80}}, check_http),
+    "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}},
+                               check_trust_off),
+    "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, check_webhook_off),
+    "standalone-defaults": ({}, check_standalone),
+}
+
+
+def main():
+    failures = 0
+    for name, (values, check) in SCENARIOS.items():
+        try:
+            objs, release = helm_render.render(CHART, values, namespace=NS, release="outpost")
+            o = Objects(objs, release["info"].get("notes", ""))
+            check_common(o)
+            check(o)
+            print(f"ok   {name:<24} {len(objs)} objects")
+        except Exception as e:  # noqa: BLE001 - report every scenario, then fail
+            failures += 1
+            print(f"FAIL {name:<24} {type(e).__name__}: {e}")
+    print(f"render checks: {len(SCENARIOS) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
