@@ -84,6 +84,20 @@ fn owned(content: &str) -> bool {
 /// Writes `data` to `path` through a temp file in the same directory, fsynced and renamed,
 /// then fsyncs the directory: readers see the old file or the new one, never a part.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = tmp_path(path)?;
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn tmp_path(path: &Path) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
@@ -91,14 +105,70 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{name}.outpost-tmp"));
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+    Ok(dir.join(format!(".{name}.outpost-tmp")))
+}
+
+/// fsyncs `paths` (files or directories) from a few threads at once.
+fn sync_concurrently(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
+    const THREADS: usize = 16;
+    let per_thread = paths.len().div_ceil(THREADS).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .chunks(per_thread)
+            .map(|chunk| {
+                s.spawn(move || {
+                    for p in chunk {
+                        fs::File::open(p)
+                            .and_then(|f| f.sync_all())
+                            .map_err(|e| (p.clone(), e))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| {
+                (
+                    PathBuf::from("fsync"),
+                    io::Error::other("an fsync thread panicked"),
+                )
+            })??;
+        }
+        Ok(())
+    })
+}
+
+/// [`write_atomic`] for many files at once. Their fsyncs are issued concurrently, so the
+/// filesystem commits them together (ext4 and xfs group concurrent fsyncs into one journal
+/// commit) instead of one commit per file: a first pass over 50 rules costs about as much as
+/// one file, busy disk or not. Every file is complete on disk before any is renamed into place.
+pub fn write_atomic_all(files: &[(PathBuf, &[u8])]) -> Result<(), (PathBuf, io::Error)> {
+    let mut tmps = Vec::with_capacity(files.len());
+    let result = (|| {
+        for (path, data) in files {
+            let tmp = tmp_path(path).map_err(|e| (path.clone(), e))?;
+            tmps.push(tmp.clone());
+            fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(data))
+                .map_err(|e| (path.clone(), e))?;
+        }
+        sync_concurrently(&tmps)?;
+        for ((path, _), tmp) in files.iter().zip(&tmps) {
+            fs::rename(tmp, path).map_err(|e| (path.clone(), e))?;
+        }
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|(p, _)| p.parent().map(Path::to_path_buf))
+            .collect();
+        sync_concurrently(&dirs.into_iter().collect::<Vec<_>>())
+    })();
+    if result.is_err() {
+        // Temp files left by a failed batch are removed (renamed ones are gone already).
+        for t in &tmps {
+            let _ = fs::remove_file(t);
+        }
     }
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
+    result
 }
 
 fn read_opt(path: &Path) -> Result<Option<String>, ReconcileError> {
@@ -171,33 +241,51 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Writes one owned file; `false` when someone else's file is in the way.
-    fn put(
+    /// What to do with one wanted file: someone else's is in the way (`None`), ours is
+    /// current (`Some(false)`), or it must be written (`Some(true)`).
+    fn plan(
         &self,
         f: &DesiredFile,
         st: &mut AgentState,
         report: &mut Report,
-    ) -> Result<bool, ReconcileError> {
-        let path = self.abs(&f.path);
-        match read_opt(&path)? {
+    ) -> Result<Option<bool>, ReconcileError> {
+        match read_opt(&self.abs(&f.path))? {
             Some(cur) if !owned(&cur) => {
                 report.refused.push(f.path.display().to_string());
-                return Ok(false);
+                Ok(None)
             }
             Some(cur) if cur == f.content => {
                 st.files.insert(f.path.clone());
-                return Ok(true);
+                Ok(Some(false))
             }
-            _ => {}
+            _ => Ok(Some(true)),
         }
-        self.ensure_dirs(&f.path, st)?;
-        // Recorded before the write: a crash in between leaves a record of a file that may
+    }
+
+    /// Writes the planned files in one batch.
+    fn put_all(
+        &self,
+        files: &[&DesiredFile],
+        st: &mut AgentState,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        for f in files {
+            self.ensure_dirs(&f.path, st)?;
+            st.files.insert(f.path.clone());
+        }
+        // Recorded before the writes: a crash in between leaves a record of a file that may
         // exist, which cleanup handles, rather than a file nobody knows about.
-        st.files.insert(f.path.clone());
         self.save_state(st)?;
-        write_atomic(&path, f.content.as_bytes()).map_err(io_err(&path))?;
-        report.written.push(f.path.clone());
-        Ok(true)
+        let batch: Vec<(PathBuf, &[u8])> = files
+            .iter()
+            .map(|f| (self.abs(&f.path), f.content.as_bytes()))
+            .collect();
+        write_atomic_all(&batch).map_err(|(p, e)| io_err(&p)(e))?;
+        report.written.extend(files.iter().map(|f| f.path.clone()));
+        Ok(())
     }
 
     /// Removes an owned file (and directories the agent created that are now empty).
@@ -253,8 +341,13 @@ impl Reconciler {
             Runtime::K3s => vec![render::k3s_ca_file(cfg, ca_pem)],
         };
         let mut registry_ok = true;
+        let mut to_write = Vec::new();
         for f in &desired {
-            let ok = self.put(f, &mut st, &mut report)?;
+            let plan = self.plan(f, &mut st, &mut report)?;
+            let ok = plan.is_some();
+            if plan == Some(true) {
+                to_write.push(f);
+            }
             let is_registry = f
                 .path
                 .starts_with(Path::new(render::CERTS_D).join(cfg.registry.as_str()))
@@ -266,6 +359,7 @@ impl Reconciler {
                 report.configured_hosts += 1;
             }
         }
+        self.put_all(&to_write, &mut st, &mut report)?;
         let wanted: BTreeSet<&PathBuf> = desired.iter().map(|f| &f.path).collect();
         let stale: Vec<PathBuf> = st
             .files
