@@ -130,3 +130,18 @@ def render(chart, values=None, namespace="outpost", release="outpost"):
         thread.join(timeout=5)
         os.unlink(kubeconfig_file.name)
     return created, result
+
+
+def main():
+    """python3 helm_render.py [VALUES_JSON] [NAMESPACE]: prints {objects, notes, manifest}."""
+    import sys
+    values = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    namespace = sys.argv[2] if len(sys.argv) > 2 else "outpost"
+    chart = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outpost")
+    objects, release = render(chart, values, namespace=namespace)
+    json.dump({"objects": objects, "notes": release["info"].get("notes", ""),
+               "manifest": release["manifest"]}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

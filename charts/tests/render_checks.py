@@ -128,7 +128,10 @@ def check_default(o):
     assert unnamed_secret_verbs <= {"list", "watch", "create"}, webhook_rules
 
     cert = o.one("Certificate", "-registry")
-    assert cert["spec"]["ipAddresses"] == ["10.96.100.100"], cert["spec"]
+    assert cert["spec"]["ipAddresses"] == ["127.0.0.1", "10.96.100.100"], cert["spec"]
+    env = {e["name"]: e["value"] for e in containers(reg)[0]["env"]}
+    assert env["OUTPOST_ADMIN"] == "https://127.0.0.1:5050", env
+    assert env["OUTPOST_ADMIN_CA_FILE"] == "/etc/outpost/tls/ca.crt", env
     assert o.one("Certificate", "-webhook")
     assert o.of("Issuer")
     assert "--stage=hello-world:latest" in registry_args(o)

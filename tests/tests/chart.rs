@@ -3,11 +3,12 @@
 //! combinations; rendered objects checked per scenario; every flag the templates pass known to
 //! its binary; and the plain manifests in sync with the chart.
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use outpost_e2e::*;
+use serde_json::Value;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -186,4 +187,276 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("render checks: 6 passed, 0 failed"), "{text}");
+}
+
+/// The chart rendered by the real Helm library for `values` (JSON) in namespace `edge`.
+fn render(values: &str) -> Value {
+    let out = run_timeout(
+        Command::new("python3")
+            .arg("-B")
+            .arg(repo().join("charts/tests/helm_render.py"))
+            .args([values, "edge"]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn object<'a>(rendered: &'a Value, kind: &str, name: &str) -> &'a Value {
+    rendered["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// A workload's container args with the pod's paths moved under `root` and its listeners on
+/// free loopback ports; returns the args and the ports by flag.
+fn local_args(workload: &Value, root: &Path) -> (Vec<String>, Vec<(String, u16)>) {
+    let mut ports = Vec::new();
+    let args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            let (flag, value) = a.split_once('=').unwrap_or((a, ""));
+            if flag.ends_with("listen") {
+                let port = free_port();
+                ports.push((flag.to_string(), port));
+                format!("{flag}=127.0.0.1:{port}")
+            } else if let Some(path) = value.strip_prefix('/') {
+                format!("{flag}={}", root.join(path).display())
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    (args, ports)
+}
+
+fn port(ports: &[(String, u16)], flag: &str) -> u16 {
+    ports.iter().find(|(f, _)| f == flag).unwrap().1
+}
+
+fn write(path: PathBuf, content: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+/// A process killed when dropped.
+struct Running(std::process::Child, PathBuf);
+
+impl Running {
+    fn start(binary: &str, args: &[String], log: PathBuf) -> Self {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin(binary))
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Running(child, log)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    /// Waits (20 s at most) for `url` to answer 200.
+    fn wait_ready(&mut self, client: &reqwest::blocking::Client, url: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                panic!("exited early ({status}):\n{}", self.log());
+            }
+            if client
+                .get(url)
+                .send()
+                .is_ok_and(|r| r.status().as_u16() == 200)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} never ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The three binaries started with exactly the arguments, files and mounts the chart renders
+/// (paths moved under a temp dir, listeners on loopback): the flag combinations, the mirror
+/// config the chart writes and the file layout of its mounts are all accepted.
+#[test]
+fn the_binaries_start_with_the_rendered_arguments_and_files() {
+    let rendered = render(
+        r#"{"connectionString": "ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=p4ss;ParentGatewayEndpoint=127.0.0.1:9;ParentEndpointProtocol=http",
+            "tokens": {"existingSecret": "outpost-tokens"},
+            "service": {"clusterIP": "10.96.100.100"},
+            "trustDistribution": {"nodeCredentials": true},
+            "webhook": {"rules": [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}, {"upstream": "docker.io"}]},
+            "staging": {"images": ["hello-world:latest"]}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("pki")).unwrap();
+    let pki = TestPki::create(&root.join("pki"));
+    let cert = std::fs::read(&pki.cert).unwrap();
+    let key = std::fs::read(&pki.key).unwrap();
+    let ca = std::fs::read(&pki.ca_cert).unwrap();
+    let client = outpost_e2e::oci::client_with_ca(Some(&pki.ca_cert));
+    let docker_config = br#"{"auths":{"10.96.100.100":{"auth":"ZWRnZS1wdWxsOnB3"}}}"#;
+
+    // Registry: TLS, tokens, connection string file, staging; status over the admin API.
+    let connection =
+        object(&rendered, "Secret", "outpost-connection")["stringData"]["connection-string"]
+            .as_str()
+            .unwrap();
+    write(root.join("etc/outpost/tls/tls.crt"), &cert);
+    write(root.join("etc/outpost/tls/tls.key"), &key);
+    write(root.join("etc/outpost/tls/ca.crt"), &ca);
+    write(
+        root.join("etc/outpost/connection/connection-string"),
+        connection.as_bytes(),
+    );
+    let tokens = root.join("etc/outpost/tokens/tokens.toml");
+    std::fs::create_dir_all(tokens.parent().unwrap()).unwrap();
+    let tokens_arg = tokens.to_str().unwrap();
+    run_ok(Command::new(bin("outpost-registry")).args([
+        "scope-map",
+        "create",
+        "--tokens",
+        tokens_arg,
+        "--name",
+        "all-read",
+        "--repository",
+        "**",
+        "content/read",
+        "metadata/read",
+    ]));
+    run_ok(Command::new(bin("outpost-registry")).args([
+        "token",
+        "create",
+        "--tokens",
+        tokens_arg,
+        "--name",
+        "edge-pull",
+        "--scope-map",
+        "all-read",
+    ]));
+    let (args, ports) = local_args(object(&rendered, "Deployment", "outpost-registry"), root);
+    let mut registry = Running::start("outpost-registry", &args, root.join("registry.log"));
+    let api = port(&ports, "--listen");
+    registry.wait_ready(&client, &format!("https://127.0.0.1:{api}/readyz"));
+    // `kubectl exec ... outpost-registry status` as NOTES.txt says: the container's environment
+    // names the admin API (HTTPS, the registry's CA), the port moved like the listener.
+    let mut status = Command::new(bin("outpost-registry"));
+    status.arg("status");
+    let container = &object(&rendered, "Deployment", "outpost-registry")["spec"]["template"]["spec"]
+        ["containers"][0];
+    for env in container["env"].as_array().unwrap() {
+        let value = env["value"].as_str().unwrap();
+        let value = match value.strip_prefix('/') {
+            Some(path) => root.join(path).display().to_string(),
+            None => value.replace(":5050", &format!(":{}", port(&ports, "--admin-listen"))),
+        };
+        status.env(env["name"].as_str().unwrap(), value);
+    }
+    let status = run_ok(&mut status);
+    assert!(status.contains("edge"), "{status}");
+    // Tokens are enforced: no anonymous pulls.
+    let r = client
+        .get(format!("https://127.0.0.1:{api}/v2/"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    drop(registry);
+
+    // Webhook: the rendered mirror config, TLS, registry CA and pull secret.
+    let config = object(&rendered, "ConfigMap", "outpost-webhook")["data"]["config.toml"]
+        .as_str()
+        .unwrap();
+    write(
+        root.join("etc/outpost-webhook/config/config.toml"),
+        config.as_bytes(),
+    );
+    write(root.join("etc/outpost-webhook/tls/tls.crt"), &cert);
+    write(root.join("etc/outpost-webhook/tls/tls.key"), &key);
+    write(root.join("etc/outpost-webhook/registry-ca/ca.crt"), &ca);
+    write(
+        root.join("etc/outpost-webhook/pull/.dockerconfigjson"),
+        docker_config,
+    );
+    let (args, ports) = local_args(object(&rendered, "Deployment", "outpost-webhook"), root);
+    let mut webhook = Running::start("outpost-webhook", &args, root.join("webhook.log"));
+    webhook.wait_ready(
+        &client,
+        &format!("https://127.0.0.1:{}/readyz", port(&ports, "--listen")),
+    );
+    drop(webhook);
+
+    // Node agent: a node whose containerd reads /etc/containerd/certs.d, mounted at /host.
+    let config = object(&rendered, "ConfigMap", "outpost-node-agent")["data"]["config.toml"]
+        .as_str()
+        .unwrap();
+    write(
+        root.join("etc/outpost-node-agent/config/config.toml"),
+        config.as_bytes(),
+    );
+    write(root.join("etc/outpost-node-agent/ca/ca.crt"), &ca);
+    write(
+        root.join("etc/outpost-node-agent/pull/.dockerconfigjson"),
+        docker_config,
+    );
+    write(
+        root.join("host/etc/containerd/config.toml"),
+        b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    );
+    let daemonset = object(&rendered, "DaemonSet", "outpost-node-agent");
+    let (args, ports) = local_args(daemonset, root);
+    let mut agent = Running::start("outpost-node-agent", &args, root.join("agent.log"));
+    agent.wait_ready(
+        &client,
+        &format!("http://127.0.0.1:{}/readyz", port(&ports, "--listen")),
+    );
+    let hosts = root.join("host/etc/containerd/certs.d/myacr.azurecr.io/hosts.toml");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    assert!(text.contains("10.96.100.100"), "{text}");
+    // The preStop hook, as rendered, removes what the agent wrote.
+    let pre_stop: Vec<String> = daemonset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+        ["preStop"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a.split_once("=/") {
+                Some((flag, path)) => format!("{flag}={}", root.join(path).display()),
+                None => a.to_string(),
+            }
+        })
+        .collect();
+    drop(agent);
+    run_ok(Command::new(bin("outpost-node-agent")).args(&pre_stop));
+    assert!(!hosts.exists(), "preStop cleanup left {}", hosts.display());
 }
