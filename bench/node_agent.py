@@ -9,7 +9,7 @@ file rewritten). Memory: `outpost-node-agent run` on the same root with a 100 ms
 and a forced reconcile every second, sampled from /proc for --seconds; the peak (VmHWM) is
 reported. Everything runs in a temp dir; the agent is stopped with SIGTERM and cleans up.
 
-Usage: python3 bench/node_agent.py [--rules 50] [--passes 20] [--seconds 15] [--no-build]
+Usage: python3 bench/node_agent.py [--rules 50] [--passes 20] [--seconds 15] [--no-build] [--exe PATH]
 """
 
 import argparse
@@ -44,11 +44,14 @@ def main():
     ap.add_argument("--passes", type=int, default=20, help="timed passes per case (default 20)")
     ap.add_argument("--seconds", type=int, default=15, help="how long the running agent is sampled")
     ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    ap.add_argument("--exe", help="measure this binary instead (e.g. an older build, to compare)")
     a = ap.parse_args()
     # cargo puts the binary under CARGO_TARGET_DIR when that is set.
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
     exe = os.path.join(target, "release", "outpost-node-agent")
-    if not a.no_build:
+    if a.exe:
+        exe = os.path.abspath(a.exe)
+    elif not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "outpost-node-agent"], cwd=ROOT,
                        check=True)
     tmp = tempfile.mkdtemp(prefix="outpost-agent-bench-")
