@@ -2,7 +2,7 @@
 //! debug ones in CI; the release ones for real images), pushed with skopeo to an Outpost
 //! started here, pulled back and unpacked by containerd, declaring a non-root user, and run
 //! from containerd's unpacked root filesystem as that user (the loader and the libraries are
-//! all there; there is no shell).
+//! all there; there is no shell); a second build is identical.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,6 +115,17 @@ fn images_build_push_to_outpost_pull_with_containerd_and_run_as_non_root() {
             ran.status.success() && text.contains(name),
             "{name}: {text}{}",
             String::from_utf8_lossy(&ran.stderr)
+        );
+    }
+    // Reproducible: a second build gives the same manifests, byte for byte.
+    let again = tempfile::tempdir().unwrap();
+    build_images(again.path());
+    for name in IMAGES {
+        let index = |dir: &Path| std::fs::read(dir.join(name).join("index.json")).unwrap();
+        assert_eq!(
+            index(out.path()),
+            index(again.path()),
+            "{name} is not reproducible"
         );
     }
     // The base layer (libraries, CA bundle, passwd) is the same blob in all three images.
