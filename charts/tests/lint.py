@@ -3,7 +3,9 @@
 each documented scenario, and checks that a values typo fails (the schema rejects it).
 
 `Lint` takes only a chart path, so each scenario lints a temporary copy of the chart whose
-values.yaml holds the scenario. Exits 1 on any failure; prints one line per case.
+values.yaml holds the scenario. A case that must fail must also fail for the right reason: Helm's
+own message for those values (an install into the loopback stand-in API of helm_render.py) must
+name the offending key. Exits 1 on any failure; prints one line per case.
 
 Usage: python3 charts/tests/lint.py      (pip install --ignore-requires-python helm-sdkpy)
 """
@@ -42,14 +44,23 @@ SCENARIOS = {
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, True),
     "k3s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k3s", "nodeCredentials": True},
              "service": {"clusterIP": "10.43.10.10"}}, True),
-    # Must fail: the schema rejects unknown keys and wrong types, the templates bad combinations.
-    "typo-in-key": ({"trustDistribution": {"enabeld": True}}, False),
-    "typo-top-level": ({"connectionStrng": CONN}, False),
-    "wrong-type": ({"sync": {"chunkSizeInMb": "eight"}}, False),
-    "bad-cluster-ip": ({"service": {"clusterIP": "10.96.0.300"}}, False),
-    "http-with-trust": ({"httpsEnabled": False}, False),
-    "no-cert-manager-no-secret": ({"cert-manager": {"enabled": False}, "webhook": {"enabled": False}}, False),
-    "webhook-without-ca-bundle": ({"cert-manager": {"enabled": False}, "tls": {"secret": "s"}}, False),
+    # Must fail: the schema rejects unknown keys and wrong types, and contradictory values. The
+    # third item is what Helm's own validation must say (checked through an install into the
+    # stand-in API, since Lint's messages carry no text through helm-sdkpy).
+    "typo-in-key": ({"trustDistribution": {"enabeld": True}}, False,
+                    "at '/trustDistribution': additional properties 'enabeld' not allowed"),
+    "typo-top-level": ({"connectionStrng": CONN}, False,
+                       "additional properties 'connectionStrng' not allowed"),
+    "wrong-type": ({"sync": {"chunkSizeInMb": "eight"}}, False,
+                   "at '/sync/chunkSizeInMb': got string, want integer"),
+    "bad-cluster-ip": ({"service": {"clusterIP": "10.96.0.300"}}, False,
+                       "'10.96.0.300' does not match pattern"),
+    "http-with-trust": ({"httpsEnabled": False}, False,
+                        "at '/trustDistribution/enabled': value must be false"),
+    "no-cert-manager-no-secret": ({"cert-manager": {"enabled": False}, "webhook": {"enabled": False}},
+                                  False, "at '/tls/secret': minLength"),
+    "webhook-without-ca-bundle": ({"cert-manager": {"enabled": False}, "tls": {"secret": "s"}}, False,
+                                  "at '/webhook/caBundle': minLength"),
 }
 
 
@@ -80,6 +91,18 @@ def run_lint(values):
             return None, str(e)
 
 
+def install_error(values):
+    """Helm's own refusal of `values` (an install into helm_render's stand-in API), or ''."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import helm_render
+    import helm_sdkpy
+    try:
+        helm_render.render(CHART, values)
+        return ""
+    except helm_sdkpy.HelmError as e:
+        return str(e)
+
+
 def verdict(result, error):
     """(passed, why): no message of error severity (3) and no lint error."""
     if error:
@@ -99,9 +122,14 @@ def main():
         return 1
     base = defaults()
     failures = 0
-    for name, (over, should_pass) in SCENARIOS.items():
-        ok, why = verdict(*run_lint(deep_merge(base, over)))
+    for name, (over, should_pass, *reason) in SCENARIOS.items():
+        values = deep_merge(base, over)
+        ok, why = verdict(*run_lint(values))
         good = ok == should_pass
+        if good and reason:
+            said = install_error(values)
+            good = reason[0] in said
+            why = said.splitlines()[-1].strip() if good else f"Helm said: {said!r}"
         failures += not good
         expect = "passes" if should_pass else "fails"
         print(f"{'ok  ' if good else 'FAIL'} {name:<24} lint {'passed' if ok else 'failed'} "
