@@ -56,6 +56,9 @@ pub struct AgentState {
     /// Whether registries.yaml existed before the agent wrote it.
     #[serde(default)]
     pub yaml_preexisted: bool,
+    /// Its permission bits then, restored on cleanup.
+    #[serde(default)]
+    pub yaml_mode: Option<u32>,
 }
 
 /// What one reconcile did.
@@ -81,12 +84,43 @@ fn owned(content: &str) -> bool {
     content.starts_with(MANAGED_HEADER)
 }
 
+/// The permissions a written file gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Those of the file it replaces (an admin's 0600 registries.yaml stays 0600), or 0644
+    /// for a new file, like the rest of containerd's configuration.
+    Keep,
+    /// 0600: the file holds credentials (or may: a backup of someone's registries.yaml).
+    Private,
+    /// Exactly these bits (a restored original).
+    Exact(u32),
+}
+
+/// Creates the temp file for `path` with the permissions `mode` asks for.
+fn create_tmp(tmp: &Path, path: &Path, mode: Mode) -> io::Result<fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let bits = match mode {
+        Mode::Private => 0o600,
+        Mode::Exact(b) => b & 0o7777,
+        Mode::Keep => fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o7777),
+    };
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(bits)
+        .open(tmp)?;
+    // The umask narrows the creation mode, and a stale temp file keeps its old one: set it.
+    f.set_permissions(fs::Permissions::from_mode(bits))?;
+    Ok(f)
+}
+
 /// Writes `data` to `path` through a temp file in the same directory, fsynced and renamed,
 /// then fsyncs the directory: readers see the old file or the new one, never a part.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, data: &[u8], mode: Mode) -> io::Result<()> {
     let tmp = tmp_path(path)?;
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = create_tmp(&tmp, path, mode)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -142,23 +176,23 @@ fn sync_concurrently(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
 /// filesystem commits them together (ext4 and xfs group concurrent fsyncs into one journal
 /// commit) instead of one commit per file: a first pass over 50 rules costs about as much as
 /// one file, busy disk or not. Every file is complete on disk before any is renamed into place.
-pub fn write_atomic_all(files: &[(PathBuf, &[u8])]) -> Result<(), (PathBuf, io::Error)> {
+pub fn write_atomic_all(files: &[(PathBuf, &[u8], Mode)]) -> Result<(), (PathBuf, io::Error)> {
     let mut tmps = Vec::with_capacity(files.len());
     let result = (|| {
-        for (path, data) in files {
+        for (path, data, mode) in files {
             let tmp = tmp_path(path).map_err(|e| (path.clone(), e))?;
             tmps.push(tmp.clone());
-            fs::File::create(&tmp)
+            create_tmp(&tmp, path, *mode)
                 .and_then(|mut f| f.write_all(data))
                 .map_err(|e| (path.clone(), e))?;
         }
         sync_concurrently(&tmps)?;
-        for ((path, _), tmp) in files.iter().zip(&tmps) {
+        for ((path, _, _), tmp) in files.iter().zip(&tmps) {
             fs::rename(tmp, path).map_err(|e| (path.clone(), e))?;
         }
         let dirs: BTreeSet<PathBuf> = files
             .iter()
-            .filter_map(|(p, _)| p.parent().map(Path::to_path_buf))
+            .filter_map(|(p, _, _)| p.parent().map(Path::to_path_buf))
             .collect();
         sync_concurrently(&dirs.into_iter().collect::<Vec<_>>())
     })();
@@ -219,7 +253,7 @@ impl Reconciler {
         if read_opt(&path)?.as_deref().map(str::as_bytes) == Some(data.as_slice()) {
             return Ok(());
         }
-        write_atomic(&path, &data).map_err(io_err(&path))
+        write_atomic(&path, &data, Mode::Keep).map_err(io_err(&path))
     }
 
     /// Creates the directories above `rel` that do not exist, recording them.
@@ -279,9 +313,12 @@ impl Reconciler {
         // Recorded before the writes: a crash in between leaves a record of a file that may
         // exist, which cleanup handles, rather than a file nobody knows about.
         self.save_state(st)?;
-        let batch: Vec<(PathBuf, &[u8])> = files
+        let batch: Vec<(PathBuf, &[u8], Mode)> = files
             .iter()
-            .map(|f| (self.abs(&f.path), f.content.as_bytes()))
+            .map(|f| {
+                let mode = if f.private { Mode::Private } else { Mode::Keep };
+                (self.abs(&f.path), f.content.as_bytes(), mode)
+            })
             .collect();
         write_atomic_all(&batch).map_err(|(p, e)| io_err(&p)(e))?;
         report.written.extend(files.iter().map(|f| f.path.clone()));
@@ -411,15 +448,24 @@ impl Reconciler {
             if let Some(text) = &current {
                 let backup = rel.with_extension("yaml.outpost-backup");
                 let bpath = self.abs(&backup);
-                write_atomic(&bpath, text.as_bytes()).map_err(io_err(&bpath))?;
+                write_atomic(&bpath, text.as_bytes(), Mode::Private).map_err(io_err(&bpath))?;
                 st.yaml_backup = Some(backup);
+                st.yaml_mode = fs::metadata(&path)
+                    .ok()
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
             }
         }
         self.ensure_dirs(&rel, st)?;
         st.files.insert(rel.clone());
         st.yaml = merged.owned;
         self.save_state(st)?;
-        write_atomic(&path, merged.content.as_bytes()).map_err(io_err(&path))?;
+        // Node credentials in it make it private; otherwise it keeps the mode it has.
+        let mode = if self.options.basic.is_some() {
+            Mode::Private
+        } else {
+            Mode::Keep
+        };
+        write_atomic(&path, merged.content.as_bytes(), mode).map_err(io_err(&path))?;
         report.written.push(rel);
         tracing::warn!(
             path = %path.display(),
@@ -489,8 +535,9 @@ impl Reconciler {
         if let Some(text) = &backup_text
             && remaining == backup_map
         {
-            // Nobody else changed it: put back the original bytes.
-            write_atomic(&path, text.as_bytes()).map_err(io_err(&path))?;
+            // Nobody else changed it: put back the original bytes, and permissions.
+            let mode = st.yaml_mode.map_or(Mode::Keep, Mode::Exact);
+            write_atomic(&path, text.as_bytes(), mode).map_err(io_err(&path))?;
             if let Some(b) = st.yaml_backup.take() {
                 let bp = self.abs(&b);
                 fs::remove_file(&bp).map_err(io_err(&bp))?;
@@ -499,7 +546,8 @@ impl Reconciler {
             // Others edited it meanwhile: keep their entries, drop ours, keep the backup.
             let body = serde_norway::to_string(&serde_norway::Value::Mapping(m))
                 .map_err(|e| render::RenderError::Yaml(e.to_string()))?;
-            write_atomic(&path, body.as_bytes()).map_err(io_err(&path))?;
+            let mode = st.yaml_mode.map_or(Mode::Keep, Mode::Exact);
+            write_atomic(&path, body.as_bytes(), mode).map_err(io_err(&path))?;
             tracing::warn!(path = %path.display(), backup = ?st.yaml_backup, "registries.yaml was edited by others while the agent managed it: their entries kept, the backup left in place");
             st.yaml_backup = None;
         } else if current.is_some() && !st.yaml_preexisted {
@@ -509,6 +557,7 @@ impl Reconciler {
         st.files.remove(rel);
         st.yaml = OwnedYamlKeys::default();
         st.yaml_preexisted = false;
+        st.yaml_mode = None;
         self.prune_dirs(rel, st)
     }
 }

@@ -35,6 +35,8 @@ pub struct DesiredFile {
     /// Relative to the root.
     pub path: PathBuf,
     pub content: String,
+    /// Holds credentials: written 0600.
+    pub private: bool,
 }
 
 /// A TOML basic string, quoted and escaped.
@@ -98,6 +100,7 @@ pub fn containerd_files(
         DesiredFile {
             path: base.join(r.as_str()).join("ca.crt"),
             content: format!("{MANAGED_HEADER}\n{}\n", ca_pem.trim_end()),
+            private: false,
         },
         DesiredFile {
             path: base.join(r.as_str()).join("hosts.toml"),
@@ -106,6 +109,7 @@ pub fn containerd_files(
                 q(&format!("https://{r}")),
                 registry_host_table(r, "ca.crt", opts, false)
             ),
+            private: opts.authorization.is_some(),
         },
     ];
     for rule in first_rules(cfg) {
@@ -123,6 +127,7 @@ pub fn containerd_files(
                 "{MANAGED_HEADER}\n{server}\n{}",
                 registry_host_table(r, &format!("../{r}/ca.crt"), opts, true)
             ),
+            private: opts.authorization.is_some(),
         });
     }
     files
@@ -140,6 +145,7 @@ pub fn k3s_ca_file(cfg: &MirrorConfig, ca_pem: &str) -> DesiredFile {
     DesiredFile {
         path: k3s_ca_path(cfg),
         content: format!("{MANAGED_HEADER}\n{}\n", ca_pem.trim_end()),
+        private: false,
     }
 }
 

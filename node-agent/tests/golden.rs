@@ -303,3 +303,63 @@ fn a_changed_ca_is_rewritten_in_place() {
     .unwrap();
     assert!(text.contains("rotated"));
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn credentials_are_written_private_and_foreign_permissions_are_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = cfg("registry = \"outpost.local:5000\"\n[[rule]]\nupstream = \"ghcr.io\"\n");
+    let creds = RenderOptions {
+        authorization: Some("Basic cHVsbDpzM2NyZXQ=".into()),
+        basic: Some(("pull".into(), "s3cret".into())),
+        ..dial()
+    };
+    // containerd: hosts.toml files with the header are 0600, the CA stays readable.
+    let root = tempfile::tempdir().unwrap();
+    reconciler(root.path(), Runtime::Containerd, creds.clone())
+        .reconcile(&c, CA)
+        .unwrap();
+    let d = root.path().join("etc/containerd/certs.d");
+    assert_eq!(mode(&d.join("ghcr.io/hosts.toml")), 0o600);
+    assert_eq!(mode(&d.join("outpost.local:5000/hosts.toml")), 0o600);
+    assert_eq!(mode(&d.join("outpost.local:5000/ca.crt")), 0o644);
+    // Without credentials: 0644 like the rest of containerd's configuration.
+    let root = tempfile::tempdir().unwrap();
+    reconciler(root.path(), Runtime::Containerd, dial())
+        .reconcile(&c, CA)
+        .unwrap();
+    let d = root.path().join("etc/containerd/certs.d");
+    assert_eq!(mode(&d.join("ghcr.io/hosts.toml")), 0o644);
+
+    // k3s: an admin's 0600 registries.yaml (it holds passwords) stays 0600 through the merge,
+    // its backup is 0600, and cleanup restores bytes and mode.
+    for (original, opts, merged) in [
+        (0o600, RenderOptions::default(), 0o600),
+        (0o640, RenderOptions::default(), 0o640),
+        (0o644, creds.clone(), 0o600),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let yaml = root.path().join("etc/rancher/k3s/registries.yaml");
+        std::fs::create_dir_all(yaml.parent().unwrap()).unwrap();
+        std::fs::write(&yaml, FOREIGN_YAML).unwrap();
+        std::fs::set_permissions(&yaml, std::fs::Permissions::from_mode(original)).unwrap();
+        let r = reconciler(root.path(), Runtime::K3s, opts);
+        r.reconcile(&c, CA).unwrap();
+        assert_eq!(mode(&yaml), merged, "{original:o}");
+        assert_eq!(
+            mode(
+                &root
+                    .path()
+                    .join("etc/rancher/k3s/registries.yaml.outpost-backup")
+            ),
+            0o600
+        );
+        r.cleanup().unwrap();
+        assert_eq!(std::fs::read_to_string(&yaml).unwrap(), FOREIGN_YAML);
+        assert_eq!(mode(&yaml), original, "{original:o}");
+    }
+}
