@@ -21,12 +21,14 @@ for svc in docker-registry containerd; do
   pkill -x "$svc" 2>/dev/null || true
 done
 
-# The Helm chart is linted through the real Helm library (helm-sdkpy embeds it).
-if ! python3 -c "import helm_sdkpy, yaml" 2>/dev/null; then
-  echo "==> pip install helm-sdkpy pyyaml"
+# The Helm chart is linted through the real Helm library (helm-sdkpy embeds it). Pinned: the
+# committed manifests/ are Helm's output, which another Helm version may order differently.
+helm_sdkpy="helm-sdkpy==0.1.32"
+if ! python3 -c "import helm_sdkpy, yaml; assert helm_sdkpy.__version__ == '${helm_sdkpy#*==}'" 2>/dev/null; then
+  echo "==> pip install $helm_sdkpy pyyaml"
   # (A distribution's own python3 refuses user installs without --break-system-packages.)
-  python3 -m pip install -q --ignore-requires-python helm-sdkpy pyyaml \
-    || python3 -m pip install -q --break-system-packages --ignore-requires-python helm-sdkpy pyyaml
+  python3 -m pip install -q --ignore-requires-python "$helm_sdkpy" pyyaml \
+    || python3 -m pip install -q --break-system-packages --ignore-requires-python "$helm_sdkpy" pyyaml
 fi
 
 echo "==> cargo fmt --check"
