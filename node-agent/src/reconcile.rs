@@ -175,7 +175,8 @@ fn sync_concurrently(paths: &[PathBuf]) -> Result<(), (PathBuf, io::Error)> {
 /// [`write_atomic`] for many files at once. Their fsyncs are issued concurrently, so the
 /// filesystem commits them together (ext4 and xfs group concurrent fsyncs into one journal
 /// commit) instead of one commit per file: a first pass over 50 rules costs about as much as
-/// one file, busy disk or not. Every file is complete on disk before any is renamed into place.
+/// one file, busy disk or not. Every file is complete on disk before any is renamed into
+/// place, and the renames happen in the order given.
 pub fn write_atomic_all(files: &[(PathBuf, &[u8], Mode)]) -> Result<(), (PathBuf, io::Error)> {
     let mut tmps = Vec::with_capacity(files.len());
     let result = (|| {
@@ -310,16 +311,22 @@ impl Reconciler {
             self.ensure_dirs(&f.path, st)?;
             st.files.insert(f.path.clone());
         }
-        // Recorded before the writes: a crash in between leaves a record of a file that may
-        // exist, which cleanup handles, rather than a file nobody knows about.
-        self.save_state(st)?;
-        let batch: Vec<(PathBuf, &[u8], Mode)> = files
-            .iter()
-            .map(|f| {
-                let mode = if f.private { Mode::Private } else { Mode::Keep };
-                (self.abs(&f.path), f.content.as_bytes(), mode)
-            })
-            .collect();
+        // The state goes in the same batch, renamed into place before any of the files: a
+        // crash leaves at worst a record of a file that does not exist (cleanup handles that),
+        // never a file nobody knows about. One batch is one round of fsyncs, not two.
+        let state_path = self.abs(&self.state_rel());
+        let state = serde_json::to_vec_pretty(&*st).map_err(|e| ReconcileError::State {
+            path: state_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut batch: Vec<(PathBuf, &[u8], Mode)> = Vec::with_capacity(files.len() + 1);
+        if read_opt(&state_path)?.as_deref().map(str::as_bytes) != Some(state.as_slice()) {
+            batch.push((state_path, &state, Mode::Keep));
+        }
+        batch.extend(files.iter().map(|f| {
+            let mode = if f.private { Mode::Private } else { Mode::Keep };
+            (self.abs(&f.path), f.content.as_bytes(), mode)
+        }));
         write_atomic_all(&batch).map_err(|(p, e)| io_err(&p)(e))?;
         report.written.extend(files.iter().map(|f| f.path.clone()));
         Ok(())
