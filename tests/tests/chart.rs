@@ -415,32 +415,46 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
     drop(webhook);
 
     // Node agent: a node whose containerd reads /etc/containerd/certs.d, mounted at /host.
-    let config = object(&rendered, "ConfigMap", "outpost-node-agent")["data"]["config.toml"]
+    let hosts = node_agent_round_trip(
+        &rendered,
+        root,
+        &ca,
+        "etc/containerd/certs.d/myacr.azurecr.io/hosts.toml",
+    );
+    assert!(hosts.contains("10.96.100.100"), "{hosts}");
+}
+
+/// Runs the node agent as the DaemonSet would (rendered args, config, CA, credentials, the
+/// runtime's config directory under `root`/host), waits for readiness, reads the file it wrote
+/// (`written`, relative to the node's root), then runs the rendered preStop and checks that
+/// the file is gone. Returns the file's content.
+fn node_agent_round_trip(rendered: &Value, root: &Path, ca: &[u8], written: &str) -> String {
+    let config = object(rendered, "ConfigMap", "outpost-node-agent")["data"]["config.toml"]
         .as_str()
         .unwrap();
     write(
         root.join("etc/outpost-node-agent/config/config.toml"),
         config.as_bytes(),
     );
-    write(root.join("etc/outpost-node-agent/ca/ca.crt"), &ca);
+    write(root.join("etc/outpost-node-agent/ca/ca.crt"), ca);
     write(
         root.join("etc/outpost-node-agent/pull/.dockerconfigjson"),
-        docker_config,
+        br#"{"auths":{"10.96.100.100":{"auth":"ZWRnZS1wdWxsOnB3"}}}"#,
     );
     write(
         root.join("host/etc/containerd/config.toml"),
         b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
     );
-    let daemonset = object(&rendered, "DaemonSet", "outpost-node-agent");
+    let daemonset = object(rendered, "DaemonSet", "outpost-node-agent");
     let (args, ports) = local_args(daemonset, root);
     let mut agent = Running::start("outpost-node-agent", &args, root.join("agent.log"));
     agent.wait_ready(
-        &client,
+        &http(),
         &format!("http://127.0.0.1:{}/readyz", port(&ports, "--listen")),
     );
-    let hosts = root.join("host/etc/containerd/certs.d/myacr.azurecr.io/hosts.toml");
-    let text = std::fs::read_to_string(&hosts).unwrap();
-    assert!(text.contains("10.96.100.100"), "{text}");
+    let file = root.join("host").join(written);
+    let text = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", file.display(), agent.log()));
     // The preStop hook, as rendered, removes what the agent wrote.
     let pre_stop: Vec<String> = daemonset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
         ["preStop"]["exec"]["command"]
@@ -458,5 +472,31 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
         .collect();
     drop(agent);
     run_ok(Command::new(bin("outpost-node-agent")).args(&pre_stop));
-    assert!(!hosts.exists(), "preStop cleanup left {}", hosts.display());
+    assert!(!file.exists(), "preStop cleanup left {}", file.display());
+    text
+}
+
+/// k3s nodes: the DaemonSet mounts /etc/rancher/k3s and the agent writes registries.yaml there
+/// (mirrors through Outpost, its CA, the node credentials), removed again by the preStop.
+#[test]
+fn the_node_agent_configures_k3s_with_the_rendered_arguments() {
+    let rendered = render(
+        r#"{"service": {"clusterIP": "10.96.100.100"},
+            "trustDistribution": {"runtime": "k3s", "nodeCredentials": true},
+            "webhook": {"rules": [{"upstream": "myacr.azurecr.io"}]}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pki")).unwrap();
+    let pki = TestPki::create(&dir.path().join("pki"));
+    let ca = std::fs::read(&pki.ca_cert).unwrap();
+    let yaml = node_agent_round_trip(
+        &rendered,
+        dir.path(),
+        &ca,
+        "etc/rancher/k3s/registries.yaml",
+    );
+    assert!(
+        yaml.contains("myacr.azurecr.io") && yaml.contains("10.96.100.100"),
+        "{yaml}"
+    );
 }
