@@ -500,3 +500,31 @@ fn the_node_agent_configures_k3s_with_the_rendered_arguments() {
         "{yaml}"
     );
 }
+
+/// The lab install (`httpsEnabled=false`, standalone, anonymous pulls): the registry serves
+/// plain HTTP with the rendered arguments, and `status` reaches its admin API over HTTP.
+#[test]
+fn the_plain_http_registry_starts_with_the_rendered_arguments() {
+    let rendered = render(r#"{"httpsEnabled": false, "trustDistribution": {"enabled": false}}"#);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = object(&rendered, "Deployment", "outpost-registry");
+    let (args, ports) = local_args(registry, root);
+    assert!(args.iter().any(|a| a == "--http"), "{args:?}");
+    let mut running = Running::start("outpost-registry", &args, root.join("registry.log"));
+    let api = port(&ports, "--listen");
+    running.wait_ready(&http(), &format!("http://127.0.0.1:{api}/readyz"));
+    let r = http()
+        .get(format!("http://127.0.0.1:{api}/v2/"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "anonymous pulls");
+    let env = &registry["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(env[0]["value"], "http://127.0.0.1:5050", "{env}");
+    let status = run_ok(Command::new(bin("outpost-registry")).args([
+        "status",
+        "--admin",
+        &format!("http://127.0.0.1:{}", port(&ports, "--admin-listen")),
+    ]));
+    assert!(status.contains("NAME"), "{status}");
+}
