@@ -1002,3 +1002,78 @@ fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_of
     }
     assert!(agent.terminate().success(), "{}", agent.log_text());
 }
+
+#[test]
+fn k3s_run_merges_registries_yaml_says_to_restart_k3s_and_restores_it_on_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let yaml = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(yaml.parent().unwrap()).unwrap();
+    let foreign = "# the admin's\nmirrors:\n  quay.io:\n    endpoint:\n      - \"https://quay-mirror.local\"\n";
+    std::fs::write(&yaml, foreign).unwrap();
+    let before = tree(root.path());
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local:5000\"\n[[rule]]\nupstream = \"docker.io\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &[
+            "--runtime",
+            "k3s",
+            "--no-label",
+            "--cleanup-on-exit",
+            "--interval",
+            "100ms",
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if m.contains("outpost_node_agent_configured_hosts 2")
+            && m.contains("outpost_node_agent_registry_trusted 1")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    assert!(
+        text.starts_with("# managed by outpost-node-agent\n"),
+        "{text}"
+    );
+    assert!(text.contains("quay-mirror.local"), "{text}");
+    assert!(text.contains("https://registry-1.docker.io"), "{text}");
+    assert!(
+        text.contains("ca_file: /etc/rancher/k3s/outpost/outpost.local:5000/ca.crt"),
+        "{text}"
+    );
+    assert!(
+        root.path()
+            .join("etc/rancher/k3s/outpost/outpost.local:5000/ca.crt")
+            .is_file()
+    );
+    assert!(
+        agent.log_text().contains("restart k3s"),
+        "{}",
+        agent.log_text()
+    );
+    // Written once: later passes find it current.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        agent.log_text().matches("registries.yaml changed").count(),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(tree(root.path()), before, "{}", agent.log_text());
+}
