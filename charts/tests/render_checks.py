@@ -135,6 +135,9 @@ def check_default(o):
     assert o.one("Certificate", "-webhook")
     assert o.of("Issuer")
     assert "--stage=hello-world:latest" in registry_args(o)
+    # A large integer stays an integer (Helm parses values as float64).
+    assert "--sync-bandwidth-limit=12500000" in registry_args(o), registry_args(o)
+    assert "--pull-through=false" in registry_args(o), registry_args(o)
     assert o.of("ServiceMonitor") and o.of("PodMonitor")
 
 
@@ -185,6 +188,7 @@ SCENARIOS = {
                             "tokens": {"existingSecret": "outpost-tokens"},
                             "service": {"clusterIP": "10.96.100.100"}, "webhook": {"rules": RULES},
                             "staging": {"images": ["hello-world:latest"]},
+                            "sync": {"bandwidthLimit": 12500000}, "pullThrough": False,
                             "metrics": {"serviceMonitor": {"enabled": True}}}, check_default),
     "own-tls-secret": ({"existingSecret": "outpost-conn", "cert-manager": {"enabled": False},
                         "tls": {"secret": "outpost-tls"},

@@ -314,7 +314,8 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
             "service": {"clusterIP": "10.96.100.100"},
             "trustDistribution": {"nodeCredentials": true},
             "webhook": {"rules": [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}, {"upstream": "docker.io"}]},
-            "staging": {"images": ["hello-world:latest"]}}"#,
+            "staging": {"images": ["hello-world:latest"]},
+            "sync": {"concurrency": 2, "bandwidthLimit": 12500000}, "pullThrough": false}"#,
     );
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
