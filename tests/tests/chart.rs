@@ -1,7 +1,8 @@
 //! The Helm chart through the real Helm library (helm-sdkpy, installed by tests/run.sh): lint
 //! clean for the defaults and every documented scenario, failing for typos and bad
-//! combinations; rendered objects checked per scenario; every flag the templates pass known to
-//! its binary; and the plain manifests in sync with the chart.
+//! combinations (for the reason Helm gives); rendered objects checked per scenario; every flag
+//! the templates pass known to its binary; the binaries started with the rendered arguments,
+//! configs and mount layout; and the plain manifests in sync with the chart.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
