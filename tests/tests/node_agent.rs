@@ -334,18 +334,7 @@ fn containerd_pulls_through_outpost_falls_back_when_it_is_down_and_cleanup_resto
 
 #[test]
 fn a_node_without_config_path_is_reported_and_not_trusted() {
-    let work = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let ctd = root.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
-    std::fs::write(&ctd, "version = 2\n").unwrap();
-    let pki = TestPki::create(work.path());
-    let config = work.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
-    )
-    .unwrap();
+    let (work, root, pki, config, ctd) = node("version = 2\n");
     let agent = Agent::spawn(
         work.path(),
         &config,
@@ -520,34 +509,11 @@ impl Drop for FakeApi {
 
 #[test]
 fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup() {
-    let work = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let ctd = root.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
-    std::fs::write(
-        &ctd,
+    let (work, root, pki, config, _) = node(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
-    )
-    .unwrap();
-    let pki = TestPki::create(work.path());
-    let config = work.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
-    )
-    .unwrap();
+    );
     let api = FakeApi::start();
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{}\n\
-             users:\n- name: agent\n  user:\n    token: not-a-secret\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n\
-             current-context: fake\n",
-            api.port
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig(work.path(), api.port);
     let mut agent = Agent::spawn(
         work.path(),
         &config,
@@ -637,35 +603,12 @@ impl Drop for HungApi {
 
 #[test]
 fn a_hung_kubernetes_api_holds_up_neither_the_files_nor_sigterm() {
-    let work = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let ctd = root.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
-    std::fs::write(
-        &ctd,
+    let (work, root, pki, config, _) = node(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
-    )
-    .unwrap();
+    );
     let before = tree(root.path());
-    let pki = TestPki::create(work.path());
-    let config = work.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
-    )
-    .unwrap();
     let api = HungApi::start();
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: hung\n  cluster:\n    server: http://127.0.0.1:{}\n\
-             users:\n- name: agent\n  user:\n    token: not-a-secret\ncontexts:\n- name: hung\n  context:\n    cluster: hung\n    user: agent\n\
-             current-context: hung\n",
-            api.port
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig(work.path(), api.port);
     let port = free_port();
     let log = work.path().join("agent.log");
     let f = std::fs::File::create(&log).unwrap();
@@ -899,6 +842,33 @@ fn node_credentials_let_the_cri_pull_from_an_outpost_that_requires_tokens() {
     assert_eq!(tree(root.path()), before);
 }
 
+/// A node for the agent: a root holding containerd's config (`containerd_config`), a test PKI
+/// and a mirror config (`outpost.local`, one rule for ghcr.io) in a work directory. Returns
+/// (work, root, pki, mirror config path, containerd config path).
+fn node(
+    containerd_config: &str,
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    TestPki,
+    PathBuf,
+    PathBuf,
+) {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ctd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
+    std::fs::write(&ctd, containerd_config).unwrap();
+    let pki = TestPki::create(work.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
+    )
+    .unwrap();
+    (work, root, pki, config, ctd)
+}
+
 /// A kubeconfig for the agent that points at a loopback stand-in of the API server.
 fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
     let path = dir.join("kubeconfig");
@@ -916,23 +886,10 @@ fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
 
 #[test]
 fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_off() {
-    let work = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let ctd = root.path().join("etc/containerd/config.toml");
-    std::fs::create_dir_all(ctd.parent().unwrap()).unwrap();
     // No config_path, and a legacy mirror that would make containerd refuse one.
-    std::fs::write(
-        &ctd,
+    let (work, root, pki, config, ctd) = node(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n",
-    )
-    .unwrap();
-    let pki = TestPki::create(work.path());
-    let config = work.path().join("outpost.toml");
-    std::fs::write(
-        &config,
-        "registry = \"outpost.local\"\n[[rule]]\nupstream = \"ghcr.io\"\n",
-    )
-    .unwrap();
+    );
     let api = FakeApi::start();
     let kc = kubeconfig(work.path(), api.port);
     let mut agent = Agent::spawn(
