@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,10 +36,10 @@ import urllib.request
 sys.dont_write_bytecode = True  # no __pycache__ left in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import ROOT, Server, free_port, run  # noqa: E402  (bench/run.py: same helpers)
+from sync import ACCESS, log_since, settle_log  # noqa: E402  (docker-registry's access log)
 
 MIB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-ACCESS = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 NS, VETH_HOST, VETH_NS = "outpost-bench", "vob-host", "vob-ns"
 HOST_IP, NS_IP = "10.213.7.1", "10.213.7.2"
@@ -133,20 +132,10 @@ class PullThroughBench:
         self.digest, self.size = digests[1]
 
     def log_mark(self):
-        fd = self.parent.log.fileno()
-        size, deadline = os.fstat(fd).st_size, time.time() + 5
-        while time.time() < deadline:
-            time.sleep(0.2)
-            now = os.fstat(fd).st_size
-            if now == size:
-                break
-            size = now
-        return size
+        return settle_log(self.parent.log)
 
     def layer_bytes_since(self, mark):
-        fd = self.parent.log.fileno()
-        end = self.log_mark()
-        text = os.pread(fd, end - mark, mark).decode(errors="replace")
+        text = log_since(self.parent.log, mark)
         total, gets = 0, 0
         for line in text.splitlines():
             m = ACCESS.match(line)

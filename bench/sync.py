@@ -47,6 +47,26 @@ def http_get(url, headers=None, timeout=5):
         return r.read(), r.headers
 
 
+def settle_log(log):
+    """Waits for a server's log file (docker-registry writes its access log after each
+    response) to stop growing, and returns its length."""
+    fd = log.fileno()
+    size, deadline = os.fstat(fd).st_size, time.time() + 5
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = os.fstat(fd).st_size
+        if now == size:
+            break
+        size = now
+    return size
+
+
+def log_since(log, mark):
+    """What the log gained since `mark` (a length from settle_log), once it settled."""
+    end = settle_log(log)
+    return os.pread(log.fileno(), end - mark, mark).decode(errors="replace")
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,22 +170,10 @@ class SyncBench:
     # ---- bytes served by the parent ----
 
     def log_mark(self):
-        """Settles the parent's access log (it is written after each response) and returns
-        its length."""
-        fd = self.parent.log.fileno()
-        size, deadline = os.fstat(fd).st_size, time.time() + 5
-        while time.time() < deadline:
-            time.sleep(0.2)
-            now = os.fstat(fd).st_size
-            if now == size:
-                break
-            size = now
-        return size
+        return settle_log(self.parent.log)
 
     def served_since(self, mark):
-        fd = self.parent.log.fileno()
-        end = self.log_mark()
-        text = os.pread(fd, end - mark, mark).decode(errors="replace")
+        text = log_since(self.parent.log, mark)
         out = {"blobs": 0, "manifests": 0, "other": 0, "requests": 0, "blob_gets": 0,
                "kinds": {}}
         for line in text.splitlines():
