@@ -557,3 +557,40 @@ fn images_named_at_start_up_are_staged_once() {
     assert!(outpost.log_text().contains("staged by an earlier request"));
     assert_eq!(Endpoint::plain(&outpost.host()).tags("demo/app"), ["v1"]);
 }
+
+#[test]
+fn with_respect_window_staging_validates_at_once_but_downloads_only_in_the_window() {
+    let imgs = images(run_seed() + 700);
+    let parent = DockerRegistry::builder().start();
+    load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    // The window (one minute after midnight on January 1st) is closed now.
+    let outpost = outpost_for(&proxy.host(), &["--respect-window"]);
+    let resp: Value = http()
+        .post(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging",
+            outpost.admin_port
+        ))
+        .body(r#"{"images": ["demo/app:v1", "demo/app:nope"]}"#)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = resp["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = staging_get(&outpost, &id);
+        if r["images"][0]["digest"].is_string() && r["images"][1]["state"] == "failed" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{r:#}\n{}", outpost.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Validated (digest resolved, the bad tag refused) but nothing downloaded.
+    std::thread::sleep(Duration::from_secs(2));
+    let r2 = staging_get(&outpost, &id);
+    assert_eq!(r2["images"][0]["state"], "pending", "{r:#}");
+    assert_eq!(r2["images"][0]["bytesDone"], 0);
+    assert_eq!(gets_for(&proxy, "/blobs/"), 0, "{:?}", proxy.requests());
+    assert_eq!(r2["state"], "running");
+}
