@@ -279,6 +279,21 @@ fn sixteen_clients_share_one_upstream_get_of_a_256_mib_layer() {
     assert_eq!(gets_for(&proxy, &format!("/blobs/{digest}")), 1);
 }
 
+/// POSTs a staging request (`body`: `{"images": [...]}`) to the admin API; its id.
+fn stage(reg: &Registry, body: &'static str) -> String {
+    let resp: Value = http()
+        .post(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging",
+            reg.admin_port
+        ))
+        .body(body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    resp["id"].as_str().unwrap().to_owned()
+}
+
 fn staging_get(reg: &Registry, id: &str) -> Value {
     http()
         .get(format!(
@@ -462,17 +477,7 @@ fn staging_interrupted_by_a_crash_resumes_after_restart() {
     ];
     args.extend_from_slice(&NO_SYNC);
     let mut outpost = Registry::start_with_args(&args);
-    let resp: Value = http()
-        .post(format!(
-            "http://127.0.0.1:{}/outpost/v1/staging",
-            outpost.admin_port
-        ))
-        .body(r#"{"images": ["big/staged:v1"]}"#)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let id = resp["id"].as_str().unwrap().to_owned();
+    let id = stage(&outpost, r#"{"images": ["big/staged:v1"]}"#);
     let deadline = Instant::now() + Duration::from_secs(30);
     let done_at_kill = loop {
         let r = staging_get(&outpost, &id);
@@ -566,17 +571,7 @@ fn with_respect_window_staging_validates_at_once_but_downloads_only_in_the_windo
     let proxy = FaultProxy::start(&parent.host());
     // The window (one minute after midnight on January 1st) is closed now.
     let outpost = outpost_for(&proxy.host(), &["--respect-window"]);
-    let resp: Value = http()
-        .post(format!(
-            "http://127.0.0.1:{}/outpost/v1/staging",
-            outpost.admin_port
-        ))
-        .body(r#"{"images": ["demo/app:v1", "demo/app:nope"]}"#)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let id = resp["id"].as_str().unwrap().to_owned();
+    let id = stage(&outpost, r#"{"images": ["demo/app:v1", "demo/app:nope"]}"#);
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
         let r = staging_get(&outpost, &id);

@@ -113,6 +113,35 @@ async fn get_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
 }
 
+/// POSTs `body` (JSON, or nothing) to `path` of the admin API; the answer's JSON, or the
+/// API's refusal prefixed by `refused`.
+async fn post_json(
+    c: &reqwest::Client,
+    a: &AdminArgs,
+    path: &str,
+    body: Option<serde_json::Value>,
+    refused: &str,
+) -> Result<serde_json::Value, CliError> {
+    let u = url(a, path);
+    let mut req = c.post(&u);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
+    let code = resp.status();
+    let answer: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !code.is_success() {
+        let why = answer["error"].as_str().unwrap_or("refused").to_owned();
+        return Err(CliError::Admin(format!("{refused}: {why}")));
+    }
+    Ok(answer)
+}
+
 async fn fetch_status(c: &reqwest::Client, a: &AdminArgs) -> Result<Status, CliError> {
     get_json(c, a, "/outpost/v1/status").await
 }
@@ -247,18 +276,7 @@ fn progress_line(s: &Status, run: u64) -> String {
 
 pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
     let c = client(&a.admin)?;
-    let u = url(&a.admin, "/outpost/v1/sync");
-    let resp = c
-        .post(&u)
-        .send()
-        .await
-        .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
-    let code = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !code.is_success() {
-        let why = body["error"].as_str().unwrap_or("refused").to_owned();
-        return Err(CliError::Admin(format!("sync not started: {why}")));
-    }
+    let body = post_json(&c, &a.admin, "/outpost/v1/sync", None, "sync not started").await?;
     let run = body["run"].as_u64().unwrap_or(0);
     println!("sync run {run} started");
     if !a.wait {
@@ -375,20 +393,14 @@ pub async fn stage(a: StageArgs) -> Result<ExitCode, CliError> {
                     "name at least one image (arguments or -f FILE)".into(),
                 ));
             }
-            let u = url(&a.admin, "/outpost/v1/staging");
-            let resp = c
-                .post(&u)
-                .header("content-type", "application/json")
-                .body(serde_json::json!({ "images": images }).to_string())
-                .send()
-                .await
-                .map_err(|e| CliError::Admin(format!("cannot reach the admin API at {u}: {e}")))?;
-            let code = resp.status();
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            if !code.is_success() {
-                let why = body["error"].as_str().unwrap_or("refused").to_owned();
-                return Err(CliError::Admin(format!("staging refused: {why}")));
-            }
+            let body = post_json(
+                &c,
+                &a.admin,
+                "/outpost/v1/staging",
+                Some(serde_json::json!({ "images": images })),
+                "staging refused",
+            )
+            .await?;
             let id = body["id"].as_str().unwrap_or_default().to_owned();
             println!("staging request {id} accepted ({} images)", images.len());
             id

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use outpost_core::{Digest, Reference, RepositoryName};
 use tokio::sync::OnceCell;
 
@@ -21,7 +20,6 @@ use crate::sync::Syncer;
 use crate::sync::flight::{End, Flight, FlightOptions};
 use crate::sync::image::{self, Planner};
 use crate::sync::parent::ParentError;
-use crate::sync::transfer;
 
 /// Once the parent failed to answer, requests fail at once for this long instead of each
 /// waiting for a connect timeout.
@@ -55,10 +53,6 @@ impl PullError {
             ParentError::Unauthorized(m) | ParentError::Denied(m) => PullError::Refused(m),
             other => PullError::Invalid(other.to_string()),
         }
-    }
-
-    fn label(&self) -> &'static str {
-        "error"
     }
 }
 
@@ -163,7 +157,7 @@ impl PullThrough {
             return Ok(m);
         }
         if let Err(e) = self.check_offline() {
-            self.count(e.label());
+            self.count("error");
             return Err(e);
         }
         let cell = self
@@ -316,39 +310,21 @@ impl PullThrough {
             .plan(repo, digest, Some(content))
             .await
             .map_err(|e| e.to_string())?;
-        let concurrency = self.syncer.options().concurrency.max(1);
-        let flights = self.syncer.flights().clone();
-        let missing: Vec<(Digest, u64)> = {
-            let mut v = Vec::new();
-            for (d, size) in tree.unique_blobs() {
-                if store.blob_size(&d).await.ok().flatten().is_none() {
-                    v.push((d, size));
-                }
-            }
-            v
-        };
-        let ends: Vec<(Digest, End)> = futures_util::stream::iter(missing)
-            .map(|(d, size)| {
-                let flights = flights.clone();
-                let parent = parent.clone();
-                async move {
-                    let (f, _) = flights.fetch(
-                        parent,
-                        repo,
-                        &d,
-                        FlightOptions {
-                            size: Some(size),
-                            deadline: None,
-                            attempts: transfer::ATTEMPTS,
-                        },
-                    );
-                    (d, f.wait().await)
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
+        let (_, missing) = image::split_stored(&*store, &tree)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ends = self
+            .syncer
+            .flights()
+            .fetch_all(
+                parent.clone(),
+                repo,
+                missing,
+                None,
+                self.syncer.options().concurrency,
+            )
             .await;
-        for (d, end) in ends {
+        for (d, _, end) in ends {
             if end != End::Done {
                 return Err(format!("blob {d}: {end:?}"));
             }
@@ -360,14 +336,7 @@ impl PullThrough {
             image::point_tag(&*store, repo, t, digest)
                 .await
                 .map_err(|e| format!("tag {t}: {e}"))?;
-            self.syncer.state().update(|s| {
-                s.repositories
-                    .entry(repo.as_str().to_owned())
-                    .or_default()
-                    .tags
-                    .insert(t.as_str().to_owned(), digest.to_string());
-                s.forget_eviction(repo.as_str(), t.as_str());
-            });
+            self.syncer.record_tag(repo.as_str(), t.as_str(), digest);
         }
         Ok(())
     }
@@ -388,7 +357,7 @@ impl PullThrough {
             Some(f) => f,
             None => {
                 if let Err(e) = self.check_offline() {
-                    self.count(e.label());
+                    self.count("error");
                     return Err(e);
                 }
                 let parent = self.syncer.parent();

@@ -9,17 +9,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
 use outpost_core::{Digest, Reference, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::StateLabels;
 use crate::sync::Syncer;
-use crate::sync::flight::{End, FlightOptions};
+use crate::sync::flight::End;
 use crate::sync::image::{self, PlanError, Planner};
 use crate::sync::parent::{self, ParentError};
 use crate::sync::schedule::rfc3339;
-use crate::sync::transfer;
 
 /// Most images one request may name.
 pub const MAX_IMAGES: usize = 1000;
@@ -599,17 +597,10 @@ impl Staging {
                 PlanError::Parent(p) if p.is_contact_failure() => Step::Wait(p.to_string()),
                 other => Step::Fail(other.to_string()),
             })?;
-        let blobs = tree.unique_blobs();
-        let total: u64 = blobs.iter().map(|(_, n)| n).sum();
-        let mut present = 0u64;
-        let mut missing = Vec::new();
-        for (d, n) in blobs {
-            match store.blob_size(&d).await {
-                Ok(Some(_)) => present += n,
-                Ok(None) => missing.push((d, n)),
-                Err(e) => return Err(fail(e.to_string())),
-            }
-        }
+        let (present, missing) = image::split_stored(&*store, &tree)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let total = present + missing.iter().map(|(_, n)| n).sum::<u64>();
         self.update(id, idx, true, |i| {
             i.state = ImageState::Downloading;
             i.bytes_total = total;
@@ -617,39 +608,23 @@ impl Staging {
             i.error = None;
         });
         let flights = self.syncer.flights().clone();
-        let concurrency = self.syncer.options().concurrency.max(1);
-        let started: Vec<_> = missing.iter().map(|(d, n)| (d.clone(), *n)).collect();
+        // Progress of this image: what its flights have stored so far.
         let progress = {
-            let flights = flights.clone();
-            let started = started.clone();
+            let (flights, missing) = (flights.clone(), missing.clone());
             move || -> u64 {
-                started
+                missing
                     .iter()
                     .map(|(d, n)| flights.progress_of(d).unwrap_or(0).min(*n))
                     .sum()
             }
         };
-        let work = futures_util::stream::iter(missing)
-            .map(|(d, n)| {
-                let flights = flights.clone();
-                let parent = parent.clone();
-                let repo = repo.clone();
-                async move {
-                    let (f, _) = flights.fetch(
-                        parent,
-                        &repo,
-                        &d,
-                        FlightOptions {
-                            size: Some(n),
-                            deadline,
-                            attempts: transfer::ATTEMPTS,
-                        },
-                    );
-                    (d, n, f.wait().await)
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect::<Vec<_>>();
+        let work = flights.fetch_all(
+            parent.clone(),
+            &repo,
+            missing,
+            deadline,
+            self.syncer.options().concurrency,
+        );
         tokio::pin!(work);
         let mut done_bytes = 0u64;
         let ends = loop {
@@ -687,15 +662,7 @@ impl Staging {
             image::point_tag(&*store, &repo, &tag, &digest)
                 .await
                 .map_err(|e| fail(format!("tag {tag}: {e}")))?;
-            let (r, t, d) = (repo.to_string(), tag.to_string(), digest.to_string());
-            self.syncer.state().update(|s| {
-                s.repositories
-                    .entry(r.clone())
-                    .or_default()
-                    .tags
-                    .insert(t.clone(), d);
-                s.forget_eviction(&r, &t);
-            });
+            self.syncer.record_tag(repo.as_str(), tag.as_str(), &digest);
         }
         Ok(())
     }

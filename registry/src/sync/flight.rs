@@ -200,6 +200,38 @@ impl Flights {
         (flight, true)
     }
 
+    /// Fetches `blobs` (digest, size) from `repo` at the parent, `concurrency` at a time,
+    /// joining flights already under way; how each one ended.
+    pub async fn fetch_all(
+        self: &Arc<Self>,
+        parent: Arc<Parent>,
+        repo: &RepositoryName,
+        blobs: Vec<(Digest, u64)>,
+        deadline: Option<SystemTime>,
+        concurrency: usize,
+    ) -> Vec<(Digest, u64, End)> {
+        futures_util::stream::iter(blobs)
+            .map(|(d, n)| {
+                let parent = parent.clone();
+                async move {
+                    let (f, _) = self.fetch(
+                        parent,
+                        repo,
+                        &d,
+                        FlightOptions {
+                            size: Some(n),
+                            deadline,
+                            attempts: transfer::ATTEMPTS,
+                        },
+                    );
+                    (d, n, f.wait().await)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await
+    }
+
     /// The flight of `digest`, if one is under way.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
         self.active

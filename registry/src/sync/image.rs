@@ -177,6 +177,22 @@ impl Planner<'_> {
     }
 }
 
+/// The bytes of `tree`'s distinct blobs already stored, and the blobs still missing.
+pub async fn split_stored(
+    store: &dyn Store,
+    tree: &Tree,
+) -> Result<(u64, Vec<(Digest, u64)>), StorageError> {
+    let mut present = 0;
+    let mut missing = Vec::new();
+    for (d, n) in tree.unique_blobs() {
+        match store.blob_size(&d).await? {
+            Some(_) => present += n,
+            None => missing.push((d, n)),
+        }
+    }
+    Ok((present, missing))
+}
+
 /// True when every blob `tree` needs is stored.
 pub async fn blobs_stored(store: &dyn Store, tree: &Tree) -> Result<bool, StorageError> {
     for (d, _) in &tree.blobs {

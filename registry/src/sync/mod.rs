@@ -273,6 +273,20 @@ impl Syncer {
         }
     }
 
+    /// Records that `repo:tag` now points at `digest`, as fetched from the parent outside a run
+    /// (pull-through, staging): sync treats it as synced, and it is no longer evicted.
+    pub fn record_tag(&self, repo: &str, tag: &str, digest: &Digest) {
+        let d = digest.to_string();
+        self.state.update(|s| {
+            s.repositories
+                .entry(repo.to_owned())
+                .or_default()
+                .tags
+                .insert(tag.to_owned(), d);
+            s.forget_eviction(repo, tag);
+        });
+    }
+
     /// The login server and the gateway endpoint, as images may name the parent.
     pub fn parent_hosts(&self) -> Vec<String> {
         let conn = self.conn.read().unwrap_or_else(|p| p.into_inner());

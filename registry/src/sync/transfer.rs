@@ -248,9 +248,7 @@ pub async fn fetch_blob(
 ) -> Result<(RepositoryName, Outcome), TransferError> {
     // Stored in the meantime (a download that just ended): link it, fetch nothing.
     if let Some(n) = ctx.store.blob_size(digest).await? {
-        if !ctx.store.repo_blob_linked(repo, digest).await? {
-            ctx.store.repo_blob_link(repo, digest).await?;
-        }
+        super::image::link(&*ctx.store, repo, digest).await?;
         progress.store(n, Ordering::Relaxed);
         if let Some(o) = &ctx.observer {
             o.size(n);
