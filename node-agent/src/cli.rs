@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::agent::{Agent, AgentOptions};
 use crate::metrics::Metrics;
@@ -24,41 +24,10 @@ use crate::render::RenderOptions;
     arg_required_else_help = true
 )]
 pub struct Cli {
-    /// Log level.
-    #[arg(
-        long,
-        env = "OUTPOST_LOG_LEVEL",
-        value_enum,
-        default_value = "info",
-        global = true
-    )]
-    pub log_level: LogLevel,
-    /// Log format: human-readable text or one JSON object per line.
-    #[arg(
-        long,
-        env = "OUTPOST_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: outpost_logging::LogArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,28 +128,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n * 3600),
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
     })
-}
-
-pub fn init_logging(level: LogLevel, format: LogFormat) {
-    let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
-    };
-    let filter = if level == "trace" {
-        "trace".to_owned()
-    } else {
-        format!("warn,outpost_node_agent={level},outpost_core={level}")
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn options(i: &InputArgs, run: Option<&RunArgs>) -> AgentOptions {

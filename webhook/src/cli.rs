@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::admission::Admission;
 use crate::availability::{self, Checker};
@@ -25,41 +25,10 @@ use crate::{secrets, tls};
     arg_required_else_help = true
 )]
 pub struct Cli {
-    /// Log verbosity.
-    #[arg(
-        long,
-        global = true,
-        env = "OUTPOST_LOG_LEVEL",
-        value_enum,
-        default_value = "info"
-    )]
-    pub log_level: LogLevel,
-    /// Log line format: human-readable text or one JSON object per line.
-    #[arg(
-        long,
-        global = true,
-        env = "OUTPOST_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: outpost_logging::LogArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,29 +125,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
         "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
         _ => Err(format!("unknown unit {unit:?} in {s:?}: use ms, s, m or h")),
-    }
-}
-
-pub fn init_logging(level: LogLevel, format: LogFormat) {
-    let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
-    };
-    // Our crates log at the chosen level; dependencies stay quieter unless tracing.
-    let filter = if level == "trace" {
-        "trace".to_owned()
-    } else {
-        format!("warn,outpost_webhook={level},outpost_core={level}")
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

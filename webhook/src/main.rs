@@ -20,7 +20,7 @@ fn run() -> anyhow::Result<()> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = Cli::parse();
-    cli::init_logging(args.log_level, args.log_format);
+    outpost_logging::init(args.log, &["outpost_webhook"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

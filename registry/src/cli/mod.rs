@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::config::parse_duration;
 use crate::server::{self, Mode, ServeError, ServeOptions, SyncSettings};
@@ -30,41 +30,10 @@ use crate::sync::schedule::Schedule;
                   HTTP, which is allowed because loopback is not reachable from the network."
 )]
 pub struct Cli {
-    /// Log verbosity.
-    #[arg(
-        long,
-        global = true,
-        env = "OUTPOST_LOG_LEVEL",
-        value_enum,
-        default_value = "info"
-    )]
-    pub log_level: LogLevel,
-    /// Log line format: human-readable text or one JSON object per line.
-    #[arg(
-        long,
-        global = true,
-        env = "OUTPOST_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: outpost_logging::LogArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,30 +244,6 @@ pub enum CliError {
     ConnectionString(#[from] crate::sync::connection::ConnectionStringError),
     #[error("{0}")]
     Admin(String),
-}
-
-/// Sets up logging to stderr at the chosen level and format.
-pub fn init_logging(level: LogLevel, format: LogFormat) {
-    let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
-    };
-    // Our crates log at the chosen level; dependencies stay quieter unless tracing.
-    let filter = if level == "trace" {
-        "trace".to_owned()
-    } else {
-        format!("warn,outpost_registry={level},outpost_core={level}")
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
