@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(skopeo docker-registry containerd runc umoci openssl wrk busybox-static python3)
+packages=(skopeo docker-registry containerd runc umoci openssl wrk busybox-static python3
+  etcd-server containernetworking-plugins iptables iproute2 util-linux xz-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,13 +14,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  # Debian starts containerd and docker-registry as services on install; the tests run their
+  # own instances on their own sockets and ports, so keep the installs from starting anything
+  # (policy-rc.d answers 101, "action forbidden", to invoke-rc.d and deb-systemd-invoke). A
+  # policy-rc.d the machine already has is left alone, and nothing already running is touched.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    own_policy=1
+  fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { [ -z "$own_policy" ] || $sudo rm -f "$policy"; exit 1; }
+  [ -z "$own_policy" ] || $sudo rm -f "$policy"
 fi
-# Debian starts these as services on install; the tests run their own instances.
-for svc in docker-registry containerd; do
-  pkill -x "$svc" 2>/dev/null || true
-done
 
 # The Helm chart is linted through the real Helm library (helm-sdkpy embeds it). Pinned: the
 # committed manifests/ are Helm's output, which another Helm version may order differently.

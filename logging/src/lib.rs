@@ -68,9 +68,21 @@ pub fn filter(level: LogLevel, crates: &[&str]) -> String {
     f
 }
 
+/// Colour codes only when a person reads stderr on a terminal: in a container log (kubectl logs,
+/// a collector) they are noise. `NO_COLOR` (any value) turns them off on a terminal too.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the subscriber; call once, at the top of `main`.
 pub fn init(args: LogArgs, crates: &[&str]) {
+    use std::io::IsTerminal;
+    let colour = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let builder = tracing_subscriber::fmt()
+        .with_ansi(colour)
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter(
             args.log_level,
             crates,
@@ -93,5 +105,13 @@ mod tests {
             "warn,outpost_registry=debug,outpost_core=debug"
         );
         assert_eq!(filter(LogLevel::Trace, &["x"]), "trace");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal() {
+        assert!(use_colour(true, None));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(use_colour(true, Some("".into())));
     }
 }

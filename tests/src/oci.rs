@@ -274,14 +274,9 @@ pub fn load(layout: &Layout, tag: &str, host: &str, repo_tag: &str, extra: &[&st
     skopeo(&args);
 }
 
-/// The value of an unlabelled (or fully spelled) sample in a Prometheus text page.
+/// The value of a series (`name` or `name{k="v"}`) in a Prometheus text page; panics if absent.
 pub fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|r| r.trim().parse::<f64>().ok())
-        })
-        .unwrap_or_else(|| panic!("no {name} in metrics")) as u64
+    crate::metrics::sample(text, name).unwrap_or_else(|| panic!("no {name} in metrics")) as u64
 }
 
 /// The registry's metrics page.

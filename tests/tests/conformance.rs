@@ -531,10 +531,11 @@ fn manifests_push_pull_and_negotiation() {
         StatusCode::NOT_FOUND,
         "MANIFEST_UNKNOWN",
     );
+    // GET allows only 200 and 404 (end-3): an unparsable digest names nothing stored.
     expect_error(
         t.get("/v2/app/web/manifests/sha256:xyz"),
-        StatusCode::BAD_REQUEST,
-        "DIGEST_INVALID",
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
     );
 }
 
@@ -638,7 +639,7 @@ fn manifest_refusals() {
     expect_error(
         t.put_manifest("bad/input", "-bad-tag", OCI_MANIFEST, &good),
         StatusCode::BAD_REQUEST,
-        "MANIFEST_INVALID",
+        "TAG_INVALID",
     );
     // A body shorter than its Content-Length.
     let req = format!(
@@ -661,6 +662,28 @@ fn manifest_refusals() {
             .status(),
         StatusCode::CREATED
     );
+}
+
+/// The spec's endpoint table allows only 200 and 404 for GET and HEAD of a manifest (end-3), so
+/// a reference that is not a valid tag or digest is unknown there; on PUT it is the client's
+/// error (TAG_INVALID).
+#[test]
+fn invalid_references() {
+    let t = T::new();
+    let body = t.image("conf/badref", 7, OCI_MANIFEST);
+    for reference in [".INVALID_MANIFEST_NAME", "-dash", "sha256:zz"] {
+        let r = t.get(&format!("/v2/conf/badref/manifests/{reference}"));
+        expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+        let r =
+            t.c.head(t.u(&format!("/v2/conf/badref/manifests/{reference}")))
+                .send()
+                .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "HEAD {reference}");
+    }
+    let r = t.put_manifest("conf/badref", ".INVALID_MANIFEST_NAME", OCI_MANIFEST, &body);
+    expect_error(r, StatusCode::BAD_REQUEST, "TAG_INVALID");
+    let r = t.put_manifest("conf/badref", "sha256:zz", OCI_MANIFEST, &body);
+    expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
 }
 
 #[test]

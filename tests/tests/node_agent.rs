@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::DockerRegistry;
 use outpost_e2e::*;
@@ -269,11 +270,14 @@ fn containerd_pulls_through_outpost_falls_back_when_it_is_down_and_cleanup_resto
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
-        if m.contains("outpost_node_agent_configured_hosts 3")
-            && m.contains("outpost_node_agent_registry_trusted 1")
+        if sample(&m, "outpost_node_agent_configured_hosts") == Some(3.0)
+            && sample(&m, "outpost_node_agent_registry_trusted") == Some(1.0)
         {
             assert!(
-                m.contains("outpost_node_agent_config_warnings{check=\"config_path_unset\"} 0"),
+                sample(
+                    &m,
+                    "outpost_node_agent_config_warnings{check=\"config_path_unset\"}"
+                ) == Some(0.0),
                 "{m}"
             );
             break;
@@ -347,9 +351,21 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
-        if m.contains("outpost_node_agent_config_warnings{check=\"config_path_unset\"} 1") {
-            assert!(m.contains("outpost_node_agent_registry_trusted 0"), "{m}");
-            assert!(m.contains("outpost_node_agent_configured_hosts 2"), "{m}");
+        if sample(
+            &m,
+            "outpost_node_agent_config_warnings{check=\"config_path_unset\"}",
+        ) == Some(1.0)
+        {
+            assert_eq!(
+                sample(&m, "outpost_node_agent_registry_trusted"),
+                Some(0.0),
+                "{m}"
+            );
+            assert_eq!(
+                sample(&m, "outpost_node_agent_configured_hosts"),
+                Some(2.0),
+                "{m}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "{m}\n{}", agent.log_text());
@@ -366,10 +382,7 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent
-        .metrics()
-        .contains("outpost_node_agent_registry_trusted 1")
-    {
+    while sample(&agent.metrics(), "outpost_node_agent_registry_trusted") != Some(1.0) {
         assert!(Instant::now() < deadline, "{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -378,7 +391,7 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
-        if !m.contains("outpost_node_agent_reconcile_errors_total 0") {
+        if sample(&m, "outpost_node_agent_reconcile_errors_total").is_some_and(|v| v > 0.0) {
             break;
         }
         assert!(Instant::now() < deadline, "{m}");
@@ -635,10 +648,7 @@ fn a_hung_kubernetes_api_holds_up_neither_the_files_nor_sigterm() {
     };
     // The files are in place while the label call hangs.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent
-        .metrics()
-        .contains("outpost_node_agent_configured_hosts 2")
-    {
+    while sample(&agent.metrics(), "outpost_node_agent_configured_hosts") != Some(2.0) {
         assert!(Instant::now() < deadline, "{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -771,8 +781,8 @@ fn node_credentials_let_the_cri_pull_from_an_outpost_that_requires_tokens() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let m = agent.metrics();
-            if m.contains("outpost_node_agent_configured_hosts 2")
-                && m.contains("outpost_node_agent_registry_trusted 1")
+            if sample(&m, "outpost_node_agent_configured_hosts") == Some(2.0)
+                && sample(&m, "outpost_node_agent_registry_trusted") == Some(1.0)
             {
                 return;
             }
@@ -928,10 +938,17 @@ fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_of
     }
     let m = agent.metrics();
     assert!(
-        m.contains("outpost_node_agent_config_warnings{check=\"legacy_mirrors\"} 1"),
+        sample(
+            &m,
+            "outpost_node_agent_config_warnings{check=\"legacy_mirrors\"}"
+        ) == Some(1.0),
         "{m}"
     );
-    assert!(m.contains("outpost_node_agent_registry_trusted 0"), "{m}");
+    assert_eq!(
+        sample(&m, "outpost_node_agent_registry_trusted"),
+        Some(0.0),
+        "{m}"
+    );
     assert!(
         !api.patches()
             .iter()
@@ -994,8 +1011,8 @@ fn k3s_run_merges_registries_yaml_says_to_restart_k3s_and_restores_it_on_sigterm
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = agent.metrics();
-        if m.contains("outpost_node_agent_configured_hosts 2")
-            && m.contains("outpost_node_agent_registry_trusted 1")
+        if sample(&m, "outpost_node_agent_configured_hosts") == Some(2.0)
+            && sample(&m, "outpost_node_agent_registry_trusted") == Some(1.0)
         {
             break;
         }

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::{DockerRegistry, FaultProxy};
 use outpost_e2e::*;
@@ -211,9 +212,13 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
         .unwrap()
         .text()
         .unwrap();
-    assert!(metrics.contains("outpost_parent_connected 1"), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "outpost_parent_connected"),
+        Some(1.0),
+        "{metrics}"
+    );
     assert!(
-        metrics.contains("outpost_sync_runs_total{result=\"success\"}"),
+        sample(&metrics, "outpost_sync_runs_total{result=\"success\"}").is_some_and(|v| v >= 1.0),
         "{metrics}"
     );
     let downloaded: u64 = metric(&metrics, "outpost_sync_bytes_downloaded_total");
@@ -404,8 +409,10 @@ fn offline_parent_keeps_serving_and_comes_back() {
         .unwrap()
         .text()
         .unwrap();
-    assert!(metrics.contains("outpost_parent_connected 0"));
-    assert!(metrics.contains("outpost_sync_runs_total{result=\"failed\"}"));
+    assert_eq!(sample(&metrics, "outpost_parent_connected"), Some(0.0));
+    assert!(
+        sample(&metrics, "outpost_sync_runs_total{result=\"failed\"}").is_some_and(|v| v >= 1.0)
+    );
     // Everything synced still pulls, multi-arch included.
     let out = tempfile::tempdir().unwrap();
     for tag in ["v1", "multi", "gone-soon"] {

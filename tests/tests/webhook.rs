@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use outpost_e2e::metrics::sample;
 use outpost_e2e::{Layout, Registry, TempDir, TestPki, bin, free_port, require, run_timeout};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -207,10 +208,16 @@ fn fixtures_over_https_give_the_golden_pods() {
         .text()
         .unwrap();
     assert!(
-        metrics.contains("outpost_webhook_admissions_total{result=\"rewritten\"} 5"),
+        sample(
+            &metrics,
+            "outpost_webhook_admissions_total{result=\"rewritten\"}"
+        ) == Some(5.0),
         "{metrics}"
     );
-    assert!(metrics.contains("outpost_webhook_admission_duration_seconds_count"));
+    assert!(
+        sample(&metrics, "outpost_webhook_admission_duration_seconds_count")
+            .is_some_and(|v| v >= 1.0)
+    );
     assert_eq!(client.get(w.url("/healthz")).send().unwrap().status(), 200);
 }
 
@@ -287,11 +294,17 @@ fn broken_requests_pass_unchanged() {
         .text()
         .unwrap();
     assert!(
-        metrics.contains("outpost_webhook_admissions_total{result=\"error\"} 7"),
+        sample(
+            &metrics,
+            "outpost_webhook_admissions_total{result=\"error\"}"
+        ) == Some(7.0),
         "{metrics}"
     );
     assert!(
-        metrics.contains("outpost_webhook_admissions_total{result=\"skipped\"} 1"),
+        sample(
+            &metrics,
+            "outpost_webhook_admissions_total{result=\"skipped\"}"
+        ) == Some(1.0),
         "{metrics}"
     );
 }

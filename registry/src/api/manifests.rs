@@ -32,12 +32,21 @@ pub fn pull_error(e: PullError, unknown: Code) -> ApiError {
     }
 }
 
+/// The reference of a PUT or DELETE: an invalid one is the client's error (400).
 fn parse_reference(r: &str) -> Result<Reference, ApiError> {
     r.parse().map_err(|e: outpost_core::NameError| match e {
         outpost_core::NameError::Digest(d) => {
             ApiError::bad_request(Code::DigestInvalid, format!("invalid digest: {d}"))
         }
-        other => ApiError::bad_request(Code::ManifestInvalid, other.to_string()),
+        other => ApiError::bad_request(Code::TagInvalid, other.to_string()),
+    })
+}
+
+/// The reference of a GET or HEAD: the spec allows only 200 and 404 there (end-3), and no
+/// manifest can be stored under a reference that does not parse, so it is unknown.
+fn lookup_reference(r: &str) -> Result<Reference, ApiError> {
+    r.parse().map_err(|e: outpost_core::NameError| {
+        ApiError::not_found(Code::ManifestUnknown, format!("manifest unknown: {e}"))
     })
 }
 
@@ -73,7 +82,7 @@ pub async fn get(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let reference = parse_reference(reference)?;
+    let reference = lookup_reference(reference)?;
     let stored = match &reference {
         Reference::Tag(t) => app.store.manifest_by_tag(repo, t).await,
         Reference::Digest(d) => app.store.manifest_by_digest(repo, d).await,
