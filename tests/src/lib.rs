@@ -2,6 +2,7 @@
 //! containerd) on loopback and temp dirs, and stop every one of them when a test ends.
 
 pub mod cri;
+pub mod k8s;
 pub mod metrics;
 pub mod oci;
 pub mod parent;
