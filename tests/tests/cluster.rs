@@ -1,0 +1,909 @@
+//! The chart in a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager
+//! from shared/k8s; no node, so pods stay Pending): for every chart scenario installed,
+//! upgraded and uninstalled through the real Helm library (helm-sdkpy, charts/tests/
+//! helm_cluster.py), every object accepted, the changed values applied, nothing left but the
+//! PVC; and the chart's RBAC proven by running the real binaries outside the cluster with the
+//! chart's own ServiceAccount tokens (TokenRequest): enough for their work, and no more.
+//!
+//! One control plane serves every test of this binary; each test has its own namespaces,
+//! release name and cluster-scoped names (the release name prefixes them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use outpost_e2e::k8s::ControlPlane;
+use outpost_e2e::{TestPki, bin, free_port, http, run_timeout};
+use serde_json::{Value, json};
+
+const CONN: &str = "ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=p4ss;\
+                    ParentGatewayEndpoint=myacr.westeurope.data.azurecr.io;ParentEndpointProtocol=https";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
+
+fn cp() -> &'static ControlPlane {
+    ControlPlane::shared()
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// Polls `cond` (every 100 ms, 60 s at most); panics with `what()` when it never holds.
+fn eventually(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{}", what());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `charts/tests/helm_cluster.py <command> --kubeconfig <admin> --release --namespace <args>`:
+/// the JSON it prints (the command must succeed).
+fn helm(command: &str, release: &str, namespace: &str, args: &[&str]) -> Value {
+    let out = run_timeout(
+        Command::new("python3")
+            .arg("-B")
+            .arg(repo().join("charts/tests/helm_cluster.py"))
+            .arg(command)
+            .arg("--kubeconfig")
+            .arg(&cp().admin_kubeconfig)
+            .args(["--release", release, "--namespace", namespace])
+            .args(args),
+        Duration::from_secs(240),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helm {command} {release} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("helm {command}: {e}: {stdout}"))
+}
+
+/// REST plural and scope of each kind the chart (or Kubernetes for it) creates.
+fn resource(kind: &str) -> (&'static str, bool) {
+    match kind {
+        "Secret" => ("secrets", true),
+        "ConfigMap" => ("configmaps", true),
+        "Service" => ("services", true),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "PersistentVolumeClaim" => ("persistentvolumeclaims", true),
+        "Pod" => ("pods", true),
+        "Deployment" => ("deployments", true),
+        "ReplicaSet" => ("replicasets", true),
+        "DaemonSet" => ("daemonsets", true),
+        "Job" => ("jobs", true),
+        "PodDisruptionBudget" => ("poddisruptionbudgets", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "MutatingWebhookConfiguration" => ("mutatingwebhookconfigurations", false),
+        "ValidatingWebhookConfiguration" => ("validatingwebhookconfigurations", false),
+        other => panic!("the chart renders a {other}: add it to resource() in this suite"),
+    }
+}
+
+fn api_prefix(api_version: &str) -> String {
+    if api_version == "v1" {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{api_version}")
+    }
+}
+
+/// The REST path of a manifest object (`objects` item of helm_cluster.py) in `namespace`.
+fn object_path(o: &Value, namespace: &str) -> String {
+    let kind = o["kind"].as_str().expect("kind");
+    let (plural, namespaced) = resource(kind);
+    let prefix = api_prefix(o["apiVersion"].as_str().expect("apiVersion"));
+    let name = o["name"].as_str().expect("name");
+    if namespaced {
+        let ns = o["namespace"].as_str().unwrap_or(namespace);
+        format!("{prefix}/namespaces/{ns}/{plural}/{name}")
+    } else {
+        format!("{prefix}/{plural}/{name}")
+    }
+}
+
+fn describe(o: &Value) -> String {
+    format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["name"])
+}
+
+fn kept_by_policy(o: &Value) -> bool {
+    o["annotations"]["helm.sh/resource-policy"] == "keep"
+}
+
+/// Names of the items a list answered.
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `kubernetes.io/tls` Secrets an own-TLS install names (registry and webhook), made by
+/// the user beforehand with openssl, and the webhook's caBundle (base64 PEM).
+fn own_tls_secrets(namespace: &str, dir: &Path) -> String {
+    let pki = TestPki::create(dir);
+    let read = |p: &Path| b64(&std::fs::read(p).expect("pki file"));
+    for name in ["own-registry-tls", "own-webhook-tls"] {
+        let (status, body) = cp().admin().post(
+            &format!("/api/v1/namespaces/{namespace}/secrets"),
+            &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                    "metadata": {"name": name},
+                    "data": {"tls.crt": read(&pki.cert), "tls.key": read(&pki.key),
+                             "ca.crt": read(&pki.ca_cert)}}),
+        );
+        assert_eq!(status, 201, "create secret {name}: {body}");
+    }
+    read(&pki.ca_cert)
+}
+
+/// The pull secret the chart's README has the user create in the release namespace.
+fn create_pull_secret(namespace: &str, name: &str) {
+    let config = json!({"auths": {"10.96.0.50": {"auth": b64(b"edge-pull:pw")}}});
+    let (status, body) = cp().admin().post(
+        &format!("/api/v1/namespaces/{namespace}/secrets"),
+        &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                "metadata": {"name": name},
+                "data": {".dockerconfigjson": b64(config.to_string().as_bytes())}}),
+    );
+    assert_eq!(status, 201, "create pull secret: {body}");
+}
+
+/// Values of one scenario and what it enables.
+struct Scenario {
+    release: &'static str,
+    namespace: &'static str,
+    values: Value,
+    webhook: bool,
+    trust: bool,
+    parent: bool,
+}
+
+fn write_values(dir: &Path, name: &str, values: &Value) -> PathBuf {
+    let path = dir.join(name);
+    // JSON is YAML.
+    std::fs::write(&path, values.to_string()).expect("values file");
+    path
+}
+
+/// Install, check, upgrade, check, uninstall, check: the whole life of a release. The caller
+/// made the namespace and what the values name in it, or passes `--create-namespace` in
+/// `install_args`; `after_install` checks scenario specifics while the release is installed.
+fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: impl FnOnce()) {
+    let admin = cp().admin();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = s.namespace;
+    let values = write_values(dir.path(), "values.json", &s.values);
+    let mut args = vec!["--values", values.to_str().expect("utf-8 path")];
+    args.extend_from_slice(install_args);
+    let release = helm("install", s.release, ns, &args);
+    assert_eq!(release["status"], "deployed", "{release}");
+    assert_eq!(release["revision"], 1, "{release}");
+    let objects = release["objects"].as_array().expect("objects").clone();
+    assert!(objects.len() >= 5, "{objects:?}");
+
+    // Every object the release holds was accepted and is there, labelled as the release's.
+    for o in &objects {
+        let got = admin.get_ok(&object_path(o, ns));
+        assert_eq!(
+            got["metadata"]["labels"]["app.kubernetes.io/instance"],
+            s.release,
+            "{}: {got}",
+            describe(o)
+        );
+    }
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in [
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "ServiceAccount",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
+    }
+    assert_eq!(kinds.contains(&"DaemonSet"), s.trust, "{kinds:?}");
+    assert_eq!(
+        kinds.contains(&"MutatingWebhookConfiguration"),
+        s.webhook,
+        "{kinds:?}"
+    );
+    // The controllers made the Deployments' pods from the rendered templates, so the pod specs
+    // passed the API server's pod validation and admission (ServiceAccount exists, ...). (Not
+    // the DaemonSet's: it has pods only where another test registered a Node.)
+    let want_pods = 1 + if s.webhook { 2 } else { 0 };
+    let pods_path = format!(
+        "/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io/instance%3D{},\
+         app.kubernetes.io/component%20in%20(registry,webhook)",
+        s.release
+    );
+    eventually(
+        || format!("{want_pods} pods: {:?}", names(&admin.get(&pods_path).1)),
+        || names(&admin.get(&pods_path).1).len() == want_pods,
+    );
+
+    after_install();
+
+    // Upgrade: another sync schedule and one more rewrite rule.
+    let mut changed = s.values.clone();
+    changed["sync"] = json!({"schedule": "0 3 * * *"});
+    let mut rules = changed["webhook"]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    rules.push(json!({"upstream": "ghcr.io", "repositories": ["team-b/**"]}));
+    changed["webhook"]["rules"] = json!(rules);
+    let upgraded_values = write_values(dir.path(), "upgrade.json", &changed);
+    let webhook_generation = |release: &str| {
+        admin
+            .get_ok(&format!(
+                "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
+            ))
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .expect("generation")
+    };
+    let before = s.webhook.then(|| webhook_generation(s.release));
+    let upgraded = helm(
+        "upgrade",
+        s.release,
+        ns,
+        &["--values", upgraded_values.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(upgraded["status"], "deployed", "{upgraded}");
+    assert_eq!(upgraded["revision"], 2, "{upgraded}");
+    let registry = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/deployments/{}-registry",
+        s.release
+    ));
+    let args = registry["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    let has = |a: &str| args.as_array().is_some_and(|v| v.iter().any(|x| x == a));
+    assert_eq!(has("--sync-schedule=0 3 * * *"), s.parent, "{args}");
+    assert!(!has("--sync-schedule=* * * * *"), "{args}");
+    let config_of = |component: &str| {
+        admin.get_ok(&format!(
+            "/api/v1/namespaces/{ns}/configmaps/{}-{component}",
+            s.release
+        ))["data"]["config.toml"]
+            .as_str()
+            .expect("config.toml")
+            .to_string()
+    };
+    if s.webhook {
+        let config = config_of("webhook");
+        assert!(
+            config.contains("upstream = \"ghcr.io\"") && config.contains("\"team-b/**\""),
+            "{config}"
+        );
+        // The config checksum changed the pod template: a rollout.
+        assert!(webhook_generation(s.release) > before.expect("generation"));
+    }
+    if s.trust {
+        let config = config_of("node-agent");
+        assert!(config.contains("upstream = \"ghcr.io\""), "{config}");
+    }
+
+    // Uninstall (waiting for the deletions): nothing Helm created is left but the PVC.
+    helm("uninstall", s.release, ns, &[]);
+    let mut kept = Vec::new();
+    for o in &objects {
+        let path = object_path(o, ns);
+        if kept_by_policy(o) {
+            assert_eq!(o["kind"], "PersistentVolumeClaim", "{}", describe(o));
+            admin.get_ok(&path);
+            kept.push(o["name"].as_str().expect("name").to_string());
+        } else {
+            eventually(
+                || format!("{} still there after uninstall", describe(o)),
+                || admin.get(&path).0 == 404,
+            );
+        }
+    }
+    assert_eq!(kept, vec![format!("{}-data", s.release)]);
+    // Nor anything the controllers made for it (ReplicaSets, pods: garbage-collected), nor
+    // Helm's release records; the only labelled thing left is the PVC.
+    let selector = format!("labelSelector=app.kubernetes.io/instance%3D{}", s.release);
+    for (prefix, plural) in [
+        ("/api/v1", "pods"),
+        ("/api/v1", "configmaps"),
+        ("/api/v1", "secrets"),
+        ("/api/v1", "services"),
+        ("/api/v1", "serviceaccounts"),
+        ("/apis/apps/v1", "replicasets"),
+        ("/apis/apps/v1", "deployments"),
+        ("/apis/apps/v1", "daemonsets"),
+        ("/apis/batch/v1", "jobs"),
+        ("/apis/policy/v1", "poddisruptionbudgets"),
+    ] {
+        let path = format!("{prefix}/namespaces/{ns}/{plural}?{selector}");
+        eventually(
+            || format!("{plural} left: {:?}", names(&admin.get(&path).1)),
+            || admin.get(&path).0 == 200 && names(&admin.get(&path).1).is_empty(),
+        );
+    }
+    for path in [
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+    ] {
+        let left = names(&admin.get_ok(&format!("{path}?{selector}")));
+        assert!(left.is_empty(), "{path}: {left:?}");
+    }
+    let pvcs = names(&admin.get_ok(&format!(
+        "/api/v1/namespaces/{ns}/persistentvolumeclaims?{selector}"
+    )));
+    assert_eq!(pvcs, kept);
+    let records = names(&admin.get_ok(&format!(
+        "/api/v1/namespaces/{ns}/secrets?labelSelector=owner%3Dhelm,name%3D{}",
+        s.release
+    )));
+    assert!(records.is_empty(), "Helm release records left: {records:?}");
+}
+
+/// Own certificates (no cert-manager): `tls.secret` for the registry, `webhook.tlsSecret` and
+/// `webhook.caBundle` for the webhook, Secrets made beforehand as the chart README says.
+#[test]
+fn own_tls_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
+    let (ns, release) = ("own-tls", "outpost-own-tls");
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_bundle = own_tls_secrets(ns, dir.path());
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({
+            "connectionString": CONN,
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "service": {"clusterIP": "10.96.100.11"},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle,
+                        "rules": [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}]},
+        }),
+        webhook: true,
+        trust: true,
+        parent: true,
+    };
+    install_upgrade_uninstall(s, &[], || {
+        let admin = cp().admin();
+        let mwc = admin.get_ok(&format!(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{release}-webhook"
+        ));
+        assert_eq!(
+            mwc["webhooks"][0]["clientConfig"]["caBundle"], ca_bundle,
+            "{mwc}"
+        );
+        let svc = admin.get_ok(&format!(
+            "/api/v1/namespaces/{ns}/services/{release}-registry"
+        ));
+        assert_eq!(svc["spec"]["clusterIP"], "10.96.100.11", "{svc}");
+    });
+}
+
+/// The lab: plain HTTP (`httpsEnabled=false`), no trust distribution, the webhook with own
+/// certificates.
+#[test]
+fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
+    let (ns, release) = ("http-lab", "outpost-http");
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_bundle = own_tls_secrets(ns, dir.path());
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({
+            "connectionString": CONN,
+            "httpsEnabled": false,
+            "trustDistribution": {"enabled": false},
+            "cert-manager": {"enabled": false},
+            "service": {"port": 80, "clusterIP": "10.96.100.12"},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
+        }),
+        webhook: true,
+        trust: false,
+        parent: true,
+    };
+    install_upgrade_uninstall(s, &[], || {
+        let svc = cp().admin().get_ok(&format!(
+            "/api/v1/namespaces/{ns}/services/{release}-registry"
+        ));
+        assert_eq!(svc["spec"]["ports"][0]["name"], "http", "{svc}");
+        assert_eq!(svc["spec"]["ports"][0]["port"], 80, "{svc}");
+    });
+}
+
+/// No webhook: the registry and the node agent only, in a namespace Helm makes
+/// (`--create-namespace`). The TLS Secret it names need not exist for the objects to be
+/// accepted (pods would wait for it).
+#[test]
+fn webhook_off_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
+    let (ns, release) = ("webhook-off", "outpost-no-webhook");
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({
+            "connectionString": CONN,
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "webhook": {"enabled": false},
+        }),
+        webhook: false,
+        trust: true,
+        parent: true,
+    };
+    install_upgrade_uninstall(s, &["--create-namespace"], || {
+        let namespace = cp().admin().get_ok(&format!("/api/v1/namespaces/{ns}"));
+        assert_eq!(namespace["status"]["phase"], "Active", "{namespace}");
+    });
+}
+
+/// k3s nodes, standalone (no parent): the node agent for k3s, own certificates.
+#[test]
+fn k3s_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
+    let (ns, release) = ("k3s", "outpost-k3s");
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_bundle = own_tls_secrets(ns, dir.path());
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "service": {"clusterIP": "10.96.100.13"},
+            "trustDistribution": {"runtime": "k3s", "nodeCredentials": true},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
+        }),
+        webhook: true,
+        trust: true,
+        parent: false,
+    };
+    install_upgrade_uninstall(s, &[], || {
+        let ds = cp().admin().get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/daemonsets/{release}-node-agent"
+        ));
+        let spec = &ds["spec"]["template"]["spec"];
+        assert!(
+            spec["containers"][0]["args"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "--runtime=k3s")),
+            "{spec}"
+        );
+        assert_eq!(
+            spec["volumes"]
+                .as_array()
+                .and_then(|v| v.iter().find(|v| v["name"] == "runtime-config"))
+                .map(|v| v["hostPath"]["path"].clone()),
+            Some(json!("/etc/rancher/k3s")),
+            "{spec}"
+        );
+    });
+}
+
+/// A binary started as the chart's pod would run it, outside the cluster; killed when dropped.
+struct Running {
+    child: Option<Child>,
+    log: PathBuf,
+    /// `--listen`-like flags moved to free loopback ports.
+    ports: Vec<(String, u16)>,
+}
+
+impl Running {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn port(&self, flag: &str) -> u16 {
+        self.ports
+            .iter()
+            .find(|(f, _)| f == flag)
+            .map(|(_, p)| *p)
+            .unwrap_or_else(|| panic!("no {flag} in {:?}", self.ports))
+    }
+
+    /// Waits (60 s at most) for `url` to answer 200.
+    fn wait_ready(&mut self, client: &reqwest::blocking::Client, url: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("exited early ({status}):\n{}", self.log_text());
+            }
+            if client.get(url).send().is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} never ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then the exit status (30 s at most).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        outpost_e2e::run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("did not exit after SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the first container of `workload` (a Deployment or DaemonSet as the API server holds
+/// it) the way the kubelet would, but as a local process: its volumes written under `root`
+/// at their mount paths from the real ConfigMaps and Secrets (hostPath volumes are `root` +
+/// the mount path, so `--root=/host` is `root`/host), every absolute path in its arguments
+/// moved under `root`, listeners on free loopback ports, its environment from the downward
+/// API (`fields`: fieldPath -> value), and `KUBECONFIG` carrying `token`.
+fn run_as_pod(
+    workload: &Value,
+    ns: &str,
+    root: &Path,
+    fields: &[(&str, &str)],
+    token: &str,
+) -> Running {
+    let admin = cp().admin();
+    let spec = &workload["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+    for m in container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let mount = root.join(
+            m["mountPath"]
+                .as_str()
+                .expect("mountPath")
+                .trim_start_matches('/'),
+        );
+        std::fs::create_dir_all(&mount).expect("mount dir");
+        let v = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap_or_else(|| panic!("no volume for mount {m}"));
+        let (data, items) = if let Some(name) = v["configMap"]["name"].as_str() {
+            let cm = admin.get_ok(&format!("/api/v1/namespaces/{ns}/configmaps/{name}"));
+            let data: Vec<(String, Vec<u8>)> = cm["data"]
+                .as_object()
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").as_bytes().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (data, &v["configMap"]["items"])
+        } else if let Some(name) = v["secret"]["secretName"].as_str() {
+            let secret = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/{name}"));
+            let data: Vec<(String, Vec<u8>)> = secret["data"]
+                .as_object()
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, v)| {
+                            let raw = base64::engine::general_purpose::STANDARD
+                                .decode(v.as_str().unwrap_or(""))
+                                .expect("secret data is base64");
+                            (k.clone(), raw)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (data, &v["secret"]["items"])
+        } else if v["hostPath"].is_object() {
+            continue;
+        } else {
+            panic!("volume kind not handled: {v}");
+        };
+        let wanted: Vec<(String, String)> = match items.as_array() {
+            Some(items) => items
+                .iter()
+                .map(|i| {
+                    (
+                        i["key"].as_str().expect("key").to_string(),
+                        i["path"].as_str().expect("path").to_string(),
+                    )
+                })
+                .collect(),
+            None => data.iter().map(|(k, _)| (k.clone(), k.clone())).collect(),
+        };
+        for (key, path) in wanted {
+            let content = data
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_else(|| panic!("{v}: no key {key}"));
+            std::fs::write(mount.join(path), content).expect("volume file");
+        }
+    }
+    let mut ports = Vec::new();
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            let a = a.as_str().expect("arg");
+            let (flag, value) = a.split_once('=').unwrap_or((a, ""));
+            if flag.ends_with("listen") {
+                let port = free_port();
+                ports.push((flag.to_string(), port));
+                format!("{flag}=127.0.0.1:{port}")
+            } else if let Some(path) = value.strip_prefix('/') {
+                format!("{flag}={}", root.join(path).display())
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let kubeconfig = root.join("kubeconfig");
+    cp().write_kubeconfig(&kubeconfig, Some(token));
+    let image = container["image"].as_str().expect("image");
+    let binary = image
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.split(':').next())
+        .expect("binary name from the image");
+    let log = root.join(format!("{binary}.log"));
+    let f = std::fs::File::create(&log).expect("log");
+    let mut cmd = Command::new(bin(binary));
+    cmd.args(&args)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("POD_NAMESPACE")
+        .env("KUBECONFIG", &kubeconfig);
+    for e in container["env"].as_array().cloned().unwrap_or_default() {
+        let name = e["name"].as_str().expect("env name");
+        if let Some(v) = e["value"].as_str() {
+            cmd.env(name, v);
+        } else if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            let value = fields
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("no value for the downward API field {field}"));
+            cmd.env(name, value);
+        }
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+    Running {
+        child: Some(child),
+        log,
+        ports,
+    }
+}
+
+fn https_client(ca_pem: &[u8]) -> reqwest::blocking::Client {
+    let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA");
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+fn forbidden(what: &str, (status, body): (u16, Value)) {
+    assert_eq!(status, 403, "{what} must be forbidden: {body}");
+    assert_eq!(body["reason"], "Forbidden", "{what}: {body}");
+}
+
+/// The chart's RBAC, with its own ServiceAccounts' tokens (TokenRequest): the webhook copies
+/// the pull secret into an opted-in namespace and removes it on opt-out; the node agent
+/// labels its Node, reports an event and writes its files, and unlabels on SIGTERM; writes
+/// outside their roles are forbidden.
+#[test]
+fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
+    let (ns, release) = ("rbac", "outpost-rbac");
+    let (app, node) = ("rbac-app", "rbac-node");
+    let admin = cp().admin();
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki_dir = dir.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).expect("pki dir");
+    let ca_bundle = own_tls_secrets(ns, &pki_dir);
+    let ca_pem = base64::engine::general_purpose::STANDARD
+        .decode(&ca_bundle)
+        .expect("base64");
+    create_pull_secret(ns, "outpost-pull");
+    let values = write_values(
+        dir.path(),
+        "values.json",
+        &json!({
+            "connectionString": CONN,
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "service": {"clusterIP": "10.96.100.14"},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle,
+                        "rules": [{"upstream": "myacr.azurecr.io"}]},
+        }),
+    );
+    helm(
+        "install",
+        release,
+        ns,
+        &["--values", values.to_str().expect("utf-8 path")],
+    );
+
+    // The webhook with its ServiceAccount's token.
+    let webhook_token = cp().service_account_token(ns, &format!("{release}-webhook"));
+    let deployment = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
+    ));
+    let webhook_root = dir.path().join("webhook");
+    let mut webhook = run_as_pod(
+        &deployment,
+        ns,
+        &webhook_root,
+        &[("metadata.namespace", ns)],
+        &webhook_token,
+    );
+    let url = format!("https://127.0.0.1:{}/readyz", webhook.port("--listen"));
+    webhook.wait_ready(&https_client(&ca_pem), &url);
+
+    // Opt a namespace in: the copy appears, equal to the source and marked as the webhook's.
+    cp().create_namespace(app, &[("outpost.io/inject", "enabled")]);
+    let copy_path = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
+    eventually(
+        || {
+            format!(
+                "no copy of the pull secret in {app}:\n{}",
+                webhook.log_text()
+            )
+        },
+        || admin.get(&copy_path).0 == 200,
+    );
+    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-pull"));
+    let copy = admin.get_ok(&copy_path);
+    assert_eq!(copy["data"], source["data"]);
+    assert_eq!(copy["type"], "kubernetes.io/dockerconfigjson");
+    assert_eq!(
+        copy["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "outpost-webhook"
+    );
+    // Opt out: the copy goes.
+    let (status, body) = admin.patch(
+        &format!("/api/v1/namespaces/{app}"),
+        &json!({"metadata": {"labels": {"outpost.io/inject": "disabled"}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        || format!("the copy stayed after opt-out:\n{}", webhook.log_text()),
+        || admin.get(&copy_path).0 == 404,
+    );
+    let log = webhook.log_text();
+    assert!(
+        !log.contains("Forbidden") && !log.contains("forbidden"),
+        "{log}"
+    );
+
+    // The webhook's token cannot touch other Secrets or Nodes.
+    let as_webhook = cp().rest(&webhook_token);
+    let (status, body) = admin.post(
+        &format!("/api/v1/namespaces/{app}/secrets"),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret"},
+                "stringData": {"k": "v"}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let other = format!("/api/v1/namespaces/{app}/secrets/app-secret");
+    forbidden("reading another secret", as_webhook.get(&other));
+    forbidden(
+        "updating another secret",
+        as_webhook.put(
+            &other,
+            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret"},
+                    "stringData": {"k": "stolen"}}),
+        ),
+    );
+    forbidden("deleting another secret", as_webhook.delete(&other));
+
+    // The node agent with its ServiceAccount's token, on a Node the admin registered.
+    let (status, body) = admin.post(
+        "/api/v1/nodes",
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let agent_token = cp().service_account_token(ns, &format!("{release}-node-agent"));
+    let daemonset = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/daemonsets/{release}-node-agent"
+    ));
+    let agent_root = dir.path().join("agent");
+    let containerd = agent_root.join("host/etc/containerd/config.toml");
+    std::fs::create_dir_all(containerd.parent().expect("parent")).expect("dirs");
+    std::fs::write(
+        &containerd,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .expect("containerd config");
+    let mut agent = run_as_pod(
+        &daemonset,
+        ns,
+        &agent_root,
+        &[("spec.nodeName", node)],
+        &agent_token,
+    );
+    let node_path = format!("/api/v1/nodes/{node}");
+    eventually(
+        || format!("{node} never labelled:\n{}", agent.log_text()),
+        || admin.get_ok(&node_path)["metadata"]["labels"]["outpost.io/trusted"] == "true",
+    );
+    let hosts = agent_root.join("host/etc/containerd/certs.d/myacr.azurecr.io/hosts.toml");
+    let text = std::fs::read_to_string(&hosts).expect("hosts.toml of the rule's upstream");
+    assert!(text.contains("10.96.100.14"), "{text}");
+    eventually(
+        || format!("no RegistryTrust event:\n{}", agent.log_text()),
+        || {
+            admin.get_ok("/apis/events.k8s.io/v1/events")["items"]
+                .as_array()
+                .is_some_and(|items| {
+                    items
+                        .iter()
+                        .any(|e| e["regarding"]["name"] == node && e["reason"] == "RegistryTrust")
+                })
+        },
+    );
+    let ready = format!("http://127.0.0.1:{}/readyz", agent.port("--listen"));
+    agent.wait_ready(&http(), &ready);
+
+    // The agent's token cannot read or write Secrets.
+    let as_agent = cp().rest(&agent_token);
+    let pull = format!("/api/v1/namespaces/{ns}/secrets/outpost-pull");
+    forbidden("reading the pull secret", as_agent.get(&pull));
+    forbidden(
+        "patching the pull secret",
+        as_agent.patch(&pull, &json!({"metadata": {"labels": {"x": "y"}}})),
+    );
+    // Nor can the webhook's token label Nodes.
+    forbidden(
+        "patching a Node",
+        as_webhook.patch(&node_path, &json!({"metadata": {"labels": {"x": "y"}}})),
+    );
+
+    // SIGTERM (--cleanup-on-exit, as rendered): label and files gone, with the same token.
+    let status = agent.terminate();
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    let labels = admin.get_ok(&node_path)["metadata"]["labels"].clone();
+    assert!(labels.get("outpost.io/trusted").is_none(), "{labels}");
+    assert!(!hosts.exists(), "{} left", hosts.display());
+    let log = agent.log_text();
+    assert!(
+        !log.contains("Forbidden") && !log.contains("forbidden"),
+        "{log}"
+    );
+    drop(webhook);
+}
