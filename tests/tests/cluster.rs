@@ -907,3 +907,29 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     );
     drop(webhook);
 }
+
+/// The harness's `kube::Client`s: the admin's sees everything, a ServiceAccount token (from
+/// TokenRequest) only what RBAC grants it (nothing, for `default`).
+#[test]
+fn kube_clients_for_the_admin_and_for_a_service_account_token() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let token = cp().service_account_token("default", "default");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let admin: kube::Api<Namespace> = kube::Api::all(cp().client(None).await);
+        let list = admin.list(&Default::default()).await.expect("admin lists");
+        assert!(
+            list.items
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some("kube-system"))
+        );
+        let sa: kube::Api<Namespace> = kube::Api::all(cp().client(Some(&token)).await);
+        match sa.list(&Default::default()).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+            other => panic!("the default ServiceAccount listed namespaces: {other:?}"),
+        }
+    });
+}
