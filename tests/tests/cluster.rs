@@ -297,8 +297,12 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
         assert!(config.contains("upstream = \"ghcr.io\""), "{config}");
     }
 
-    // Uninstall (waiting for the deletions): nothing Helm created is left but the PVC.
-    helm("uninstall", s.release, ns, &[]);
+    // Uninstall (waiting for the deletions, hooks run): nothing Helm created is left but the
+    // PVC.
+    let hooks = uninstall(s.release, ns);
+    for h in &hooks {
+        assert!(h.success, "hook job {} failed:\n{}", h.job, h.log);
+    }
     let mut kept = Vec::new();
     for o in &objects {
         let path = object_path(o, ns);
@@ -533,6 +537,23 @@ impl Running {
         }
     }
 
+    /// Waits (at most `timeout`, then kills it) for the process to exit by itself.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("did not exit within {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then the exit status (30 s at most).
     fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -561,21 +582,21 @@ impl Drop for Running {
     }
 }
 
-/// Runs the first container of `workload` (a Deployment or DaemonSet as the API server holds
-/// it) the way the kubelet would, but as a local process: its volumes written under `root`
-/// at their mount paths from the real ConfigMaps and Secrets (hostPath volumes are `root` +
-/// the mount path, so `--root=/host` is `root`/host), every absolute path in its arguments
-/// moved under `root`, listeners on free loopback ports, its environment from the downward
-/// API (`fields`: fieldPath -> value), and `KUBECONFIG` carrying `token`.
+/// Runs the first container of a pod spec (a workload's template, or a pod's, as the API
+/// server holds them) the way the kubelet would, but as a local process: its volumes written
+/// under `root` at their mount paths from the real ConfigMaps and Secrets (hostPath volumes
+/// are `root` + the mount path, so `--root=/host` is `root`/host), every absolute path in its
+/// arguments moved under `root`, listeners on free loopback ports, its environment from the
+/// downward API (`fields`: fieldPath -> value), and `KUBECONFIG` carrying `token`. The program
+/// is the workspace binary named by the image (or by the command's first item).
 fn run_as_pod(
-    workload: &Value,
+    spec: &Value,
     ns: &str,
     root: &Path,
     fields: &[(&str, &str)],
     token: &str,
 ) -> Running {
     let admin = cp().admin();
-    let spec = &workload["spec"]["template"]["spec"];
     let container = &spec["containers"][0];
     let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
     for m in container["volumeMounts"]
@@ -623,6 +644,13 @@ fn run_as_pod(
             (data, &v["secret"]["items"])
         } else if v["hostPath"].is_object() {
             continue;
+        } else if v["projected"]["sources"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["serviceAccountToken"].is_object()))
+        {
+            // The API access volume the ServiceAccount admission adds to pods: here the
+            // process gets the same token through KUBECONFIG.
+            continue;
         } else {
             panic!("volume kind not handled: {v}");
         };
@@ -648,10 +676,11 @@ fn run_as_pod(
         }
     }
     let mut ports = Vec::new();
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .expect("args")
+    let command: Vec<Value> = container["command"].as_array().cloned().unwrap_or_default();
+    let args: Vec<String> = command
         .iter()
+        .skip(1)
+        .chain(container["args"].as_array().into_iter().flatten())
         .map(|a| {
             let a = a.as_str().expect("arg");
             let (flag, value) = a.split_once('=').unwrap_or((a, ""));
@@ -668,12 +697,14 @@ fn run_as_pod(
         .collect();
     let kubeconfig = root.join("kubeconfig");
     cp().write_kubeconfig(&kubeconfig, Some(token));
-    let image = container["image"].as_str().expect("image");
-    let binary = image
-        .rsplit('/')
-        .next()
-        .and_then(|n| n.split(':').next())
-        .expect("binary name from the image");
+    let binary = match command.first().and_then(Value::as_str) {
+        Some(program) => program.rsplit('/').next().expect("program name"),
+        None => container["image"]
+            .as_str()
+            .and_then(|i| i.rsplit('/').next())
+            .and_then(|n| n.split(':').next())
+            .expect("binary name from the image"),
+    };
     let log = root.join(format!("{binary}.log"));
     let f = std::fs::File::create(&log).expect("log");
     let mut cmd = Command::new(bin(binary));
@@ -706,6 +737,101 @@ fn run_as_pod(
         log,
         ports,
     }
+}
+
+/// A Helm hook pod this suite ran in place of a kubelet.
+struct HookRun {
+    job: String,
+    success: bool,
+    log: String,
+}
+
+/// `helm uninstall` on a control plane without nodes, hooks included. Helm creates each
+/// delete hook Job and waits for it to complete; no kubelet runs the Job's pod here, so this
+/// does what a kubelet would: runs the pod's container as a local process (`run_as_pod`) with
+/// a token of the pod's ServiceAccount (so the hook runs with exactly the chart's RBAC for it),
+/// and reports its exit in the pod's status. The Job controller then completes the Job (or
+/// retries it) and Helm goes on. Returns the hook pods run.
+fn uninstall(release: &str, ns: &str) -> Vec<HookRun> {
+    let (r, n) = (release.to_string(), ns.to_string());
+    let helm_run = std::thread::spawn(move || helm("uninstall", &r, &n, &[]));
+    let admin = cp().admin();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut handled: Vec<String> = Vec::new();
+    let mut runs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !helm_run.is_finished() {
+        assert!(Instant::now() < deadline, "helm uninstall {release} hangs");
+        let pods = admin.get_ok(&format!(
+            "/api/v1/namespaces/{ns}/pods?labelSelector=job-name"
+        ));
+        for pod in pods["items"].as_array().into_iter().flatten() {
+            let name = pod["metadata"]["name"]
+                .as_str()
+                .expect("pod name")
+                .to_string();
+            if handled.contains(&name) || pod["status"]["phase"] != "Pending" {
+                continue;
+            }
+            let job = pod["metadata"]["labels"]["job-name"]
+                .as_str()
+                .expect("job-name")
+                .to_string();
+            let (status, job_obj) =
+                admin.get(&format!("/apis/batch/v1/namespaces/{ns}/jobs/{job}"));
+            let hook = job_obj["metadata"]["annotations"]["helm.sh/hook"]
+                .as_str()
+                .unwrap_or("");
+            if status != 200 || !hook.contains("delete") {
+                continue;
+            }
+            handled.push(name.clone());
+            let spec = &pod["spec"];
+            let sa = spec["serviceAccountName"].as_str().unwrap_or("default");
+            let token = cp().service_account_token(ns, sa);
+            let mut running = run_as_pod(
+                spec,
+                ns,
+                &dir.path().join(&name),
+                &[
+                    ("metadata.name", &name),
+                    ("metadata.namespace", ns),
+                    ("spec.serviceAccountName", sa),
+                ],
+                &token,
+            );
+            let exit = running.wait_exit(Duration::from_secs(240));
+            let code = exit.code().unwrap_or(137);
+            let container = &spec["containers"][0];
+            let (phase, reason) = if exit.success() {
+                ("Succeeded", "Completed")
+            } else {
+                ("Failed", "Error")
+            };
+            let (status, body) = admin.patch(
+                &format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
+                &json!({"status": {"phase": phase, "containerStatuses": [{
+                    "name": container["name"], "image": container["image"], "imageID": "",
+                    "ready": false, "restartCount": 0, "started": false,
+                    "state": {"terminated": {"exitCode": code, "reason": reason}},
+                }]}}),
+            );
+            assert_eq!(status, 200, "reporting {name}'s exit: {body}");
+            runs.push(HookRun {
+                job,
+                success: exit.success(),
+                log: running.log_text(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Err(panic) = helm_run.join() {
+        for r in &runs {
+            eprintln!("hook job {} (success: {}):\n{}", r.job, r.success, r.log);
+        }
+        std::panic::resume_unwind(panic);
+    }
+    runs
 }
 
 fn https_client(ca_pem: &[u8]) -> reqwest::blocking::Client {
@@ -767,7 +893,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     ));
     let webhook_root = dir.path().join("webhook");
     let mut webhook = run_as_pod(
-        &deployment,
+        &deployment["spec"]["template"]["spec"],
         ns,
         &webhook_root,
         &[("metadata.namespace", ns)],
@@ -851,7 +977,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     )
     .expect("containerd config");
     let mut agent = run_as_pod(
-        &daemonset,
+        &daemonset["spec"]["template"]["spec"],
         ns,
         &agent_root,
         &[("spec.nodeName", node)],
