@@ -19,9 +19,16 @@ use crate::{free_port, require, run_ok};
 pub struct DockerRegistryBuilder {
     basic: Option<(String, String)>,
     tls: Option<(PathBuf, PathBuf)>,
+    ip: Option<std::net::IpAddr>,
 }
 
 impl DockerRegistryBuilder {
+    /// Listen on `ip` (an address of the caller's network namespace) instead of 127.0.0.1.
+    pub fn listen_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.ip = Some(ip);
+        self
+    }
+
     /// htpasswd Basic auth with one user.
     pub fn basic_auth(mut self, user: &str, password: &str) -> Self {
         self.basic = Some((user.into(), password.into()));
@@ -36,10 +43,13 @@ impl DockerRegistryBuilder {
     pub fn start(self) -> DockerRegistry {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
+        let ip = self
+            .ip
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  \
              filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  \
-             addr: 127.0.0.1:{port}\n",
+             addr: {ip}:{port}\n",
             dir.path().join("data").display()
         );
         if let Some((cert, key)) = &self.tls {
@@ -62,6 +72,7 @@ impl DockerRegistryBuilder {
         let mut r = DockerRegistry {
             child: None,
             port,
+            ip,
             tls: self.tls.is_some(),
             basic: self.basic.clone(),
             config: config_path,
@@ -83,10 +94,11 @@ fn bcrypt(password: &str) -> String {
     hash
 }
 
-/// `docker-registry serve` on 127.0.0.1, killed on drop.
+/// `docker-registry serve` on 127.0.0.1 (or the builder's `listen_ip`), killed on drop.
 pub struct DockerRegistry {
     child: Option<Child>,
     pub port: u16,
+    pub ip: std::net::IpAddr,
     tls: bool,
     basic: Option<(String, String)>,
     config: PathBuf,
@@ -100,7 +112,7 @@ impl DockerRegistry {
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     pub fn url(&self) -> String {
@@ -145,7 +157,7 @@ impl DockerRegistry {
                 panic!("docker-registry exited ({status}):\n{}", self.log_text());
             }
             // Listening is enough: TLS and auth are its business.
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect((self.ip, self.port)).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -9,6 +9,7 @@
 //! with old ones.
 
 pub mod control_plane;
+pub mod node;
 
 pub use control_plane::{ControlPlane, ControlPlaneOptions, Rest, StaticToken};
 
