@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -56,40 +56,52 @@ pub struct Settings {
 }
 
 pub struct Checker {
-    client: reqwest::Client,
+    /// Rebuilt when the managed trust bundle changes (a CA rotation).
+    client: RwLock<reqwest::Client>,
     settings: Settings,
     cache: Mutex<HashMap<Key, Entry>>,
 }
 
 impl Checker {
     pub fn new(settings: Settings) -> Result<Arc<Self>, AvailabilityError> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("outpost-webhook/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &settings.ca_file {
-            let err = |reason: String| AvailabilityError::Ca {
-                path: path.display().to_string(),
-                reason,
-            };
-            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(err("no certificate in the file".into()));
+        let roots = match &settings.ca_file {
+            Some(path) => {
+                let err = |reason: String| AvailabilityError::Ca {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+                Some(roots(&pem).map_err(err)?)
             }
-            // Only this CA: Outpost's certificate comes from the cluster's own issuer.
-            builder = builder.tls_certs_only(certs);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| AvailabilityError::Client(e.to_string()))?;
+            None => None,
+        };
+        let client = build_client(&settings, roots)?;
         Ok(Arc::new(Checker {
-            client,
+            client: RwLock::new(client),
             settings,
             cache: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Trusts only the CAs of `pem` (the managed trust bundle) from now on.
+    pub fn set_ca_bundle(&self, pem: &[u8]) -> Result<(), AvailabilityError> {
+        let certs = roots(pem).map_err(|reason| AvailabilityError::Ca {
+            path: "the managed trust bundle".into(),
+            reason,
+        })?;
+        let client = build_client(&self.settings, Some(certs))?;
+        match self.client.write() {
+            Ok(mut c) => *c = client,
+            Err(p) => *p.into_inner() = client,
+        }
+        Ok(())
+    }
+
+    fn client(&self) -> reqwest::Client {
+        match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// Whether `image` (already on the Outpost host) can be served. Concurrent calls for the
@@ -153,8 +165,9 @@ impl Checker {
     async fn head(&self, host: &Host, repo: &str, reference: &str) -> Outcome {
         let url = self.url(host, &format!("/v2/{repo}/manifests/{reference}"));
         let basic = self.basic_auth(host);
+        let client = self.client();
         let send = |auth: Option<String>| {
-            let mut req = self.client.head(&url).header(ACCEPT, MANIFEST_ACCEPT);
+            let mut req = client.head(&url).header(ACCEPT, MANIFEST_ACCEPT);
             if let Some(a) = auth {
                 req = req.header(AUTHORIZATION, a);
             }
@@ -220,7 +233,7 @@ impl Checker {
                 q.append_pair("service", s);
             }
         }
-        let mut req = self.client.get(url);
+        let mut req = self.client().get(url);
         let basic_sent = basic.is_some();
         if let Some(b) = basic {
             req = req.header(AUTHORIZATION, b);
@@ -280,6 +293,32 @@ impl Checker {
         }
         creds
     }
+}
+
+fn roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(certs)
+}
+
+fn build_client(
+    settings: &Settings,
+    roots: Option<Vec<reqwest::Certificate>>,
+) -> Result<reqwest::Client, AvailabilityError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("outpost-webhook/", env!("CARGO_PKG_VERSION")));
+    if let Some(certs) = roots {
+        // Only these CAs: Outpost's certificate comes from the cluster's own issuer.
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| AvailabilityError::Client(e.to_string()))
 }
 
 /// The `Authorization` value for `host` in a `.dockerconfigjson` (or legacy `.dockercfg`)

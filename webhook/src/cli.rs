@@ -1,6 +1,7 @@
-//! Command line: `outpost-webhook serve`. Every flag also reads `OUTPOST_<FLAG>`.
+//! Command line: `outpost-webhook serve`, `certs`, `uninstall`. Every flag also reads
+//! `OUTPOST_<FLAG>`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -10,10 +11,11 @@ use clap::{Parser, Subcommand};
 
 use crate::admission::Admission;
 use crate::availability::{self, Checker};
+use crate::certs::{self, Leaf, Role, Snapshot, Spec, Timings, pki::Sans};
 use crate::config::ConfigSource;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState};
-use crate::{secrets, tls};
+use crate::{secrets, tls, uninstall};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +38,152 @@ pub enum Command {
     /// Serve admission reviews (POST /mutate) over HTTPS, with /healthz, /readyz and /metrics
     /// on the same listener, and keep pull-secret copies in opted-in namespaces.
     Serve(Box<ServeArgs>),
+    /// Only keep the self-managed certificates (the chart's choice when the webhook is off):
+    /// the same manager `serve --manage-certs` runs, with /healthz and /readyz over plain HTTP.
+    Certs(Box<CertsArgs>),
+    /// Remove what Outpost leaves behind outside its release (a Helm pre-delete hook): the
+    /// node agent's DaemonSet (its pods clean their nodes while their RBAC still exists), the
+    /// webhook and certificate Deployments, the trusted label on every node, the pull-secret
+    /// copies in every namespace and the managed certificate Secrets. NotFound is success.
+    Uninstall(Box<uninstall::UninstallArgs>),
+}
+
+/// Self-managed certificates: a CA and serving certificates kept in Secrets of the release
+/// namespace, shared by every replica, renewed with a third of their validity left, the CA
+/// rotated with overlap; the webhook configuration's caBundle kept equal to the trust bundle.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CertArgs {
+    /// Manage the certificates below through the Kubernetes API (needs --ca-secret and at
+    /// least one of --webhook-tls-secret, --registry-tls-secret).
+    #[arg(long, env = "OUTPOST_MANAGE_CERTS")]
+    pub manage_certs: bool,
+    /// Secret (kubernetes.io/tls) holding the signing CA (tls.crt, tls.key) and the trust
+    /// bundle (ca.crt: every CA trusted now, newest first).
+    #[arg(long, env = "OUTPOST_CA_SECRET")]
+    pub ca_secret: Option<String>,
+    /// Secret for the webhook's serving certificate; `serve` then serves HTTPS with it, read
+    /// through the API (no --tls-cert/--tls-key).
+    #[arg(long, env = "OUTPOST_WEBHOOK_TLS_SECRET")]
+    pub webhook_tls_secret: Option<String>,
+    /// DNS name of the webhook's certificate (repeatable; env: comma-separated).
+    #[arg(
+        long = "webhook-dns-name",
+        env = "OUTPOST_WEBHOOK_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub webhook_dns_names: Vec<String>,
+    /// Secret for the registry's serving certificate (tls.crt, tls.key, ca.crt = the bundle);
+    /// `serve` then checks availability trusting the bundle.
+    #[arg(long, env = "OUTPOST_REGISTRY_TLS_SECRET")]
+    pub registry_tls_secret: Option<String>,
+    /// DNS name of the registry's certificate (repeatable; env: comma-separated).
+    #[arg(
+        long = "registry-dns-name",
+        env = "OUTPOST_REGISTRY_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub registry_dns_names: Vec<String>,
+    /// IP address of the registry's certificate (repeatable; env: comma-separated).
+    #[arg(
+        long = "registry-ip",
+        env = "OUTPOST_REGISTRY_IPS",
+        value_delimiter = ','
+    )]
+    pub registry_ips: Vec<IpAddr>,
+    /// MutatingWebhookConfiguration whose every webhook's caBundle is kept equal to the trust
+    /// bundle (re-set if something resets it).
+    #[arg(long, env = "OUTPOST_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: Option<String>,
+    /// Validity of a new CA (rotation starts with a third left).
+    #[arg(long, env = "OUTPOST_CA_VALIDITY", default_value = "26280h", value_parser = parse_duration, hide = true)]
+    pub ca_validity: Duration,
+    /// Validity of a new serving certificate (renewed with a third left).
+    #[arg(long, env = "OUTPOST_CERT_VALIDITY", default_value = "2160h", value_parser = parse_duration, hide = true)]
+    pub cert_validity: Duration,
+    /// How long a new CA is trusted (in the bundle) before it signs.
+    #[arg(long, env = "OUTPOST_CA_OVERLAP", default_value = "720h", value_parser = parse_duration, hide = true)]
+    pub ca_overlap: Duration,
+    /// Period of full certificate checks besides watch events.
+    #[arg(long, env = "OUTPOST_CERT_CHECK_INTERVAL", default_value = "5m", value_parser = parse_duration, hide = true)]
+    pub cert_check_interval: Duration,
+    /// How long `serve` waits for its managed certificate before it gives up.
+    #[arg(long, env = "OUTPOST_CERT_WAIT", default_value = "5m", value_parser = parse_duration, hide = true)]
+    pub cert_wait: Duration,
+}
+
+impl CertArgs {
+    /// The manager's spec, or None when certificates are not managed.
+    pub fn spec(&self, namespace: Option<&str>) -> Result<Option<Spec>, CliError> {
+        if !self.manage_certs {
+            return Ok(None);
+        }
+        let usage = |m: &str| Err(CliError::Usage(m.to_owned()));
+        let Some(namespace) = namespace else {
+            return usage("--manage-certs needs --namespace (or POD_NAMESPACE)");
+        };
+        let Some(ca_secret) = self.ca_secret.clone() else {
+            return usage("--manage-certs needs --ca-secret");
+        };
+        let mut leaves = Vec::new();
+        if let Some(secret) = &self.webhook_tls_secret {
+            if self.webhook_dns_names.is_empty() {
+                return usage("--webhook-tls-secret needs at least one --webhook-dns-name");
+            }
+            leaves.push(Leaf {
+                role: Role::Webhook,
+                secret: secret.clone(),
+                sans: Sans {
+                    dns: self.webhook_dns_names.iter().cloned().collect(),
+                    ips: Default::default(),
+                },
+            });
+        }
+        if let Some(secret) = &self.registry_tls_secret {
+            if self.registry_dns_names.is_empty() && self.registry_ips.is_empty() {
+                return usage("--registry-tls-secret needs a --registry-dns-name or --registry-ip");
+            }
+            leaves.push(Leaf {
+                role: Role::Registry,
+                secret: secret.clone(),
+                sans: Sans {
+                    dns: self.registry_dns_names.iter().cloned().collect(),
+                    ips: self.registry_ips.iter().copied().collect(),
+                },
+            });
+        }
+        if leaves.is_empty() {
+            return usage("--manage-certs needs --webhook-tls-secret or --registry-tls-secret");
+        }
+        let timings = Timings {
+            ca_validity: self.ca_validity,
+            cert_validity: self.cert_validity,
+            overlap: self.ca_overlap,
+        };
+        timings.check().map_err(CliError::Usage)?;
+        if self.cert_check_interval.is_zero() {
+            return Err(CliError::Zero("--cert-check-interval"));
+        }
+        Ok(Some(Spec {
+            namespace: namespace.to_owned(),
+            ca_secret,
+            leaves,
+            webhook_configuration: self.webhook_configuration.clone(),
+            timings,
+            check_interval: self.cert_check_interval,
+        }))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CertsArgs {
+    #[command(flatten)]
+    pub certs: CertArgs,
+    /// The release namespace the Secrets live in. Default: POD_NAMESPACE (downward API).
+    #[arg(long, env = "OUTPOST_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Plain-HTTP listener for /healthz and /readyz (ready once a pass has succeeded).
+    #[arg(long, env = "OUTPOST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,12 +193,12 @@ pub struct ServeArgs {
     #[arg(long, env = "OUTPOST_CONFIG")]
     pub config: PathBuf,
     /// PEM certificate chain the API server verifies (the webhook's caBundle); re-read when
-    /// the file changes.
+    /// the file changes. Not with --webhook-tls-secret.
     #[arg(long, env = "OUTPOST_TLS_CERT")]
-    pub tls_cert: PathBuf,
+    pub tls_cert: Option<PathBuf>,
     /// PEM private key of the certificate; re-read when the file changes.
     #[arg(long, env = "OUTPOST_TLS_KEY")]
-    pub tls_key: PathBuf,
+    pub tls_key: Option<PathBuf>,
     /// Address of the HTTPS listener.
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
@@ -91,6 +239,8 @@ pub struct ServeArgs {
     /// How often the config, certificate and key files are checked for changes.
     #[arg(long, env = "OUTPOST_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    #[command(flatten)]
+    pub certs: CertArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +251,18 @@ pub enum CliError {
     Availability(#[from] availability::AvailabilityError),
     #[error("{0} must be more than zero")]
     Zero(&'static str),
+    #[error("{0}")]
+    Usage(String),
+    #[error("no Kubernetes API access: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Uninstall(#[from] uninstall::UninstallError),
+    #[error("health listener on {addr}: {source}")]
+    Health {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("HTTPS listener on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -131,6 +293,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::Certs(args) => certs_only(*args).await,
+        Command::Uninstall(args) => {
+            let client = kube::Client::try_default().await?;
+            uninstall::run(&client, &args).await?;
+            Ok(())
+        }
     }
 }
 
@@ -149,13 +317,57 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let metrics = Arc::new(Metrics::new());
     let config = ConfigSource::new(args.config.clone());
     config.watch(args.reload_interval);
+    let spec = args.certs.spec(namespace.as_deref())?;
+    let managed_webhook = spec
+        .as_ref()
+        .and_then(|_| args.certs.webhook_tls_secret.clone());
+    let managed_registry = spec.as_ref().and_then(|s| {
+        s.leaves
+            .iter()
+            .find(|l| l.role == Role::Registry)
+            .map(|l| l.secret.clone())
+    });
+    if managed_registry.is_some() && args.registry_ca_file.is_some() {
+        return Err(CliError::Usage(
+            "--registry-ca-file and a managed --registry-tls-secret exclude each other".into(),
+        ));
+    }
+    let snapshots = match spec {
+        Some(spec) => Some(certs::manager::spawn(
+            kube::Client::try_default().await?,
+            spec,
+        )),
+        None => None,
+    };
     let tls_loaded = Arc::new(AtomicBool::new(false));
-    let tls = tls::load_and_watch(
-        args.tls_cert.clone(),
-        args.tls_key.clone(),
-        args.reload_interval,
-        Arc::clone(&tls_loaded),
-    )?;
+    let tls = match (&managed_webhook, &args.tls_cert, &args.tls_key, &snapshots) {
+        (Some(secret), None, None, Some(rx)) => {
+            tls::from_manager(
+                rx.clone(),
+                secret.clone(),
+                args.certs.cert_wait,
+                Arc::clone(&tls_loaded),
+            )
+            .await?
+        }
+        (None, Some(cert), Some(key), _) => tls::load_and_watch(
+            cert.clone(),
+            key.clone(),
+            args.reload_interval,
+            Arc::clone(&tls_loaded),
+        )?,
+        (Some(_), _, _, _) => {
+            return Err(CliError::Usage(
+                "--tls-cert/--tls-key and a managed --webhook-tls-secret exclude each other".into(),
+            ));
+        }
+        _ => {
+            return Err(CliError::Usage(
+                "serve needs --tls-cert and --tls-key, or --manage-certs with --webhook-tls-secret"
+                    .into(),
+            ));
+        }
+    };
     let checker = Checker::new(availability::Settings {
         timeout: args.availability_timeout,
         cache_ttl: args.availability_cache_ttl,
@@ -163,6 +375,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         auth_file: args.registry_auth_file.clone(),
         plain_http: args.registry_plain_http,
     })?;
+    if let (Some(_), Some(rx)) = (&managed_registry, &snapshots) {
+        follow_bundle(rx.clone(), Arc::clone(&checker));
+    }
     if !args.no_secret_sync {
         start_secret_sync(
             namespace.clone(),
@@ -192,6 +407,82 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             source,
         })?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Availability checks trust the managed bundle, as it is now and after every rotation.
+fn follow_bundle(
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
+    checker: Arc<Checker>,
+) {
+    tokio::spawn(async move {
+        let mut trusted = String::new();
+        loop {
+            let bundle = rx.borrow_and_update().as_ref().map(|s| s.bundle.clone());
+            if let Some(b) = bundle
+                && b != trusted
+            {
+                match checker.set_ca_bundle(b.as_bytes()) {
+                    Ok(()) => trusted = b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "availability checks keep the previous trust bundle")
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// `certs`: the manager alone, with health endpoints for the kubelet's probes.
+async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty());
+    let mut certs = args.certs.clone();
+    // The subcommand exists to manage: the flag is implied.
+    certs.manage_certs = true;
+    let Some(spec) = certs.spec(namespace.as_deref())? else {
+        return Err(CliError::Usage("nothing to manage".into()));
+    };
+    let rx = certs::manager::spawn(kube::Client::try_default().await?, spec);
+    let ready = move || rx.borrow().is_some();
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ok = ready();
+                async move {
+                    if ok {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: no certificate pass has succeeded yet\n",
+                        )
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| CliError::Health {
+            addr: args.listen,
+            source,
+        })?;
+    tracing::info!(addr = %args.listen, "certificate manager running; health on plain HTTP");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(server::shutdown_signal())
+        .await
+        .map_err(|source| CliError::Health {
+            addr: args.listen,
+            source,
+        })?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod availability;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod metrics;
@@ -11,5 +12,6 @@ pub mod mutate;
 pub mod secrets;
 pub mod server;
 pub mod tls;
+pub mod uninstall;
 
 pub use cli::Cli;

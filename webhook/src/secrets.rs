@@ -73,6 +73,61 @@ fn copy_of(source: &Secret, name: &str, namespace: &str, from: &str) -> Secret {
     }
 }
 
+/// Brings our existing copy `copy` to the source's content. Quiet when it already matches
+/// (another replica got there first); a Conflict (a concurrent write) re-reads and decides
+/// again, a few times at most, since racing replicas all converge on the same content.
+async fn converge(
+    api: &Api<Secret>,
+    ns: &str,
+    name: &str,
+    source: &Secret,
+    from: &str,
+    mut copy: Secret,
+    report: &mut Report,
+) -> Result<(), SyncError> {
+    for _ in 0..3 {
+        if copy.data == source.data && copy.type_ == source.type_ {
+            tracing::debug!(namespace = %ns, secret = name, "pull secret copy already up to date");
+            return Ok(());
+        }
+        let mut fresh = copy_of(source, name, ns, from);
+        fresh.metadata.resource_version = copy.metadata.resource_version.clone();
+        // A secret's type is immutable: a changed type needs a new object.
+        let written = if copy.type_ != source.type_ {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            fresh.metadata.resource_version = None;
+            api.create(&PostParams::default(), &fresh).await.map(|_| ())
+        } else {
+            api.replace(name, &PostParams::default(), &fresh)
+                .await
+                .map(|_| ())
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(namespace = %ns, secret = name, "pull secret copy updated");
+                report.updated.push(ns.to_owned());
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(name).await? {
+                Some(now) if is_copy_of(&now, from) => copy = now,
+                Some(_) => {
+                    tracing::warn!(namespace = %ns, secret = name, "a secret of that name exists and is not a copy of ours; left alone");
+                    report.foreign.push(ns.to_owned());
+                    return Ok(());
+                }
+                None => return Ok(()),
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Still contended: the next pass (a watch event follows every write) tries again.
+    Ok(())
+}
+
 /// One pass: create missing copies, update stale ones, delete owned copies in namespaces
 /// that opted out (or under a pull-secret name no longer configured).
 pub async fn reconcile(
@@ -120,18 +175,7 @@ pub async fn reconcile(
             match existing {
                 Some(copy) if copy.data == source.data && copy.type_ == source.type_ => {}
                 Some(copy) => {
-                    let mut fresh = copy_of(source, name, ns, &from);
-                    fresh.metadata.resource_version = copy.metadata.resource_version.clone();
-                    // A secret's type is immutable: a changed type needs a new object.
-                    if copy.type_ != source.type_ {
-                        api.delete(name, &DeleteParams::default()).await?;
-                        fresh.metadata.resource_version = None;
-                        api.create(&PostParams::default(), &fresh).await?;
-                    } else {
-                        api.replace(name, &PostParams::default(), &fresh).await?;
-                    }
-                    tracing::info!(namespace = %ns, secret = name, "pull secret copy updated");
-                    report.updated.push(ns.clone());
+                    converge(&api, ns, name, source, &from, copy.clone(), &mut report).await?
                 }
                 None if api.get_opt(name).await?.is_some() => {
                     // Checked before writing, so a foreign secret costs a read per pass, not
@@ -146,10 +190,20 @@ pub async fn reconcile(
                             tracing::info!(namespace = %ns, secret = name, "pull secret copied");
                             report.created.push(ns.clone());
                         }
-                        Err(kube::Error::Api(e)) if e.code == 409 => {
-                            tracing::warn!(namespace = %ns, secret = name, "a secret of that name exists and is not a copy of ours; left alone");
-                            report.foreign.push(ns.clone());
-                        }
+                        // Another replica (or someone else) created it between our read and
+                        // our write: read it again and decide on what is there now.
+                        Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(name).await?
+                        {
+                            Some(now) if is_copy_of(&now, &from) => {
+                                converge(&api, ns, name, source, &from, now, &mut report).await?
+                            }
+                            Some(_) => {
+                                tracing::warn!(namespace = %ns, secret = name, "a secret of that name exists and is not a copy of ours; left alone");
+                                report.foreign.push(ns.clone());
+                            }
+                            // Created and deleted again meanwhile: the next pass creates it.
+                            None => {}
+                        },
                         Err(e) => return Err(e.into()),
                     }
                 }

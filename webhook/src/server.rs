@@ -107,7 +107,7 @@ pub async fn serve(addr: SocketAddr, tls: RustlsConfig, state: AppState) -> std:
     server.serve(app.into_make_service()).await
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -35,6 +35,9 @@ struct Store {
     /// Every request, as "METHOD path?query", for assertions on what was written.
     log: Vec<String>,
     events: broadcast::Sender<Event>,
+    /// Another writer that wins a race: on our POST of this key, its object is stored first
+    /// (between our read and our write), so our create meets AlreadyExists.
+    racers: BTreeMap<(String, String), Value>,
 }
 
 impl Default for Store {
@@ -45,6 +48,7 @@ impl Default for Store {
             version: 0,
             log: Vec::new(),
             events: broadcast::channel(1024).0,
+            racers: BTreeMap::new(),
         }
     }
 }
@@ -158,6 +162,12 @@ fn handle(
             let mut obj: Value = serde_json::from_slice(body).unwrap();
             let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
             let key = (ns.to_string(), name.clone());
+            if let Some(mut won) = s.racers.remove(&key) {
+                s.version += 1;
+                won["metadata"]["resourceVersion"] = s.version.to_string().into();
+                s.secrets.insert(key.clone(), won.clone());
+                s.emit("Secret", "ADDED", won);
+            }
             if s.secrets.contains_key(&key) {
                 return status(
                     StatusCode::CONFLICT,
@@ -473,6 +483,82 @@ async fn renamed_pull_secret_replaces_the_old_copies() {
     assert_eq!(
         s.secrets[&("shop".to_owned(), "pull-2".to_owned())]["data"][".dockerconfigjson"],
         "djI="
+    );
+}
+
+/// Two replicas race to create a namespace's copy: the one that loses reads what the winner
+/// made, sees its own kind of copy and leaves it (or brings it up to date) instead of calling it
+/// foreign; a genuinely foreign secret that appears in the gap is still left alone.
+#[tokio::test]
+async fn a_lost_create_race_rereads_and_recognises_our_copy() {
+    let store: Shared = Arc::default();
+    ns(&store, "outpost-system", false);
+    for n in ["same", "stale", "theirs"] {
+        ns(&store, n, true);
+    }
+    let ours = |ns: &str, data: &str| {
+        let mut c = secret(
+            ns,
+            "outpost-pull",
+            data,
+            json!({MANAGED_BY_LABEL: MANAGED_BY}),
+        );
+        c["metadata"]["annotations"] = json!({COPIED_FROM: "outpost-system/outpost-pull"});
+        c
+    };
+    {
+        let mut s = store.lock().unwrap();
+        s.secrets.insert(
+            ("outpost-system".into(), "outpost-pull".into()),
+            secret("outpost-system", "outpost-pull", "djE=", json!({})),
+        );
+        // The other replica's copy, current.
+        s.racers
+            .insert(("same".into(), "outpost-pull".into()), ours("same", "djE="));
+        // The other replica's copy, made from the source before a rotation.
+        s.racers.insert(
+            ("stale".into(), "outpost-pull".into()),
+            ours("stale", "djA="),
+        );
+        // Someone else's secret of that name.
+        s.racers.insert(
+            ("theirs".into(), "outpost-pull".into()),
+            secret("theirs", "outpost-pull", "bWluZQ==", json!({"app": "mine"})),
+        );
+    }
+    let c = client(Arc::clone(&store));
+    let r = reconcile(&c, "outpost-system", "outpost-pull")
+        .await
+        .unwrap();
+    assert!(r.created.is_empty(), "{r:?}");
+    assert_eq!(r.updated, vec!["stale"], "{r:?}");
+    assert_eq!(r.foreign, vec!["theirs"], "{r:?}");
+    for n in ["same", "stale"] {
+        assert_eq!(
+            copy_in(&store, n).unwrap()["data"][".dockerconfigjson"],
+            "djE=",
+            "{n}"
+        );
+    }
+    assert_eq!(
+        copy_in(&store, "theirs").unwrap()["data"][".dockerconfigjson"],
+        "bWluZQ=="
+    );
+    // The race is over: the next pass writes nothing.
+    store.lock().unwrap().log.clear();
+    let r = reconcile(&c, "outpost-system", "outpost-pull")
+        .await
+        .unwrap();
+    assert!(r.created.is_empty() && r.updated.is_empty(), "{r:?}");
+    assert!(
+        store
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .all(|l| l.starts_with("GET ")),
+        "{:?}",
+        store.lock().unwrap().log
     );
 }
 
