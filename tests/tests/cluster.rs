@@ -724,6 +724,8 @@ fn run_as_pod(
                 .map(|(_, v)| *v)
                 .unwrap_or_else(|| panic!("no value for the downward API field {field}"));
             cmd.env(name, value);
+        } else {
+            panic!("environment source not handled by this suite: {e}");
         }
     }
     let child = cmd
