@@ -2,7 +2,8 @@
 //! and a real Outpost over HTTPS with its own CA: pulls of an image named by an upstream that
 //! does not exist go through Outpost, for `ctr --hosts-dir` and for a CRI PullImage (what
 //! kubelet does); with Outpost down, a reachable upstream serves; SIGTERM with
-//! `--cleanup-on-exit` leaves the directory as it was.
+//! `--cleanup-on-exit` leaves the directory as it was. The node's label and events against a
+//! real API server (shared/k8s control plane); a hung one is a loopback stand-in.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -410,123 +411,54 @@ fn a_node_without_config_path_is_reported_and_not_trusted() {
     assert_eq!(ready, 503);
 }
 
-/// A stand-in for the Kubernetes API server on loopback (plain HTTP/1.1): records each
-/// request's method, path and body, answers node PATCHes with the node and event POSTs with the
-/// event, as the real API does.
-struct FakeApi {
-    port: u16,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+/// A Node registered in this test binary's real control plane (shared/k8s), and an admin
+/// kubeconfig for the agent in `dir`.
+fn real_node(dir: &Path, name: &str) -> PathBuf {
+    let cp = k8s::ControlPlane::shared();
+    let (status, body) = cp.admin().post(
+        "/api/v1/nodes",
+        &serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+    );
+    assert_eq!(status, 201, "register node {name}: {body}");
+    let kubeconfig = dir.join("admin.kubeconfig");
+    cp.write_kubeconfig(&kubeconfig, None);
+    kubeconfig
 }
 
-impl FakeApi {
-    fn start() -> Self {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s2, st2) = (seen.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !st2.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((sock, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let (seen, stop) = (s2.clone(), st2.clone());
-                std::thread::spawn(move || {
-                    sock.set_nonblocking(false).unwrap();
-                    sock.set_read_timeout(Some(Duration::from_millis(200)))
-                        .unwrap();
-                    let mut w = sock.try_clone().unwrap();
-                    let mut r = BufReader::new(sock);
-                    // Keep-alive: serve requests until the client closes or the test ends.
-                    for _ in 0..1000 {
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            return;
-                        }
-                        let mut line = String::new();
-                        match r.read_line(&mut line) {
-                            Ok(0) => return,
-                            Ok(_) => {}
-                            Err(_) => continue,
-                        }
-                        let mut parts = line.split_whitespace();
-                        let method = parts.next().unwrap_or("").to_owned();
-                        let path = parts.next().unwrap_or("").to_owned();
-                        let mut len = 0usize;
-                        loop {
-                            let mut h = String::new();
-                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                                break;
-                            }
-                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
-                                len = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0u8; len];
-                        r.read_exact(&mut body).unwrap();
-                        let body = String::from_utf8_lossy(&body).into_owned();
-                        let (status, answer) = if method == "PATCH"
-                            && path.starts_with("/api/v1/nodes/")
-                        {
-                            let name = path
-                                .trim_start_matches("/api/v1/nodes/")
-                                .split('?')
-                                .next()
-                                .unwrap_or("");
-                            (
-                                "200 OK",
-                                format!(
-                                    r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{name}"}}}}"#
-                                ),
-                            )
-                        } else if (method == "POST" || method == "PATCH")
-                            && path.contains("/events")
-                        {
-                            ("201 Created", body.clone())
-                        } else {
-                            ("404 Not Found", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_owned())
-                        };
-                        seen.lock().unwrap().push((method, path, body));
-                        let _ = write!(
-                            w,
-                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                            answer.len()
-                        );
-                    }
-                });
-            }
-        });
-        FakeApi { port, seen, stop }
-    }
-
-    fn patches(&self) -> Vec<String> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(m, p, _)| m == "PATCH" && p.starts_with("/api/v1/nodes/node-1"))
-            .map(|(_, _, b)| b.clone())
-            .collect()
-    }
+/// The node's `outpost.io/trusted` label (None when absent).
+fn trusted_label(name: &str) -> Option<String> {
+    let node = k8s::ControlPlane::shared()
+        .admin()
+        .get_ok(&format!("/api/v1/nodes/{name}"));
+    node["metadata"]["labels"]["outpost.io/trusted"]
+        .as_str()
+        .map(str::to_string)
 }
 
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+/// The events (events.k8s.io) about node `name` whose reason starts with `reason`.
+fn node_events(name: &str, reason: &str) -> Vec<serde_json::Value> {
+    let list = k8s::ControlPlane::shared()
+        .admin()
+        .get_ok("/apis/events.k8s.io/v1/events");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == name)
+        .filter(|e| e["reason"].as_str().is_some_and(|r| r.starts_with(reason)))
+        .cloned()
+        .collect()
 }
 
+/// Against a real API server: the label while the node trusts the registry, an event for the
+/// operators, and no label after SIGTERM with `--cleanup-on-exit`.
 #[test]
 fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup() {
     let (work, root, pki, config, _) = node(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
     );
-    let api = FakeApi::start();
-    let kubeconfig = kubeconfig(work.path(), api.port);
+    let name = "agent-label";
+    let kubeconfig = real_node(work.path(), name);
     let mut agent = Agent::spawn(
         work.path(),
         &config,
@@ -535,48 +467,30 @@ fn the_node_is_labelled_while_it_trusts_the_registry_and_unlabelled_on_cleanup()
         &[
             "--cleanup-on-exit",
             "--node-name",
-            "node-1",
+            name,
             "--interval",
             "100ms",
         ],
         &[("KUBECONFIG", &kubeconfig)],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !api
-        .patches()
-        .iter()
-        .any(|b| b.contains(r#""outpost.io/trusted":"true""#))
-    {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while trusted_label(name).as_deref() != Some("true") {
         assert!(
             Instant::now() < deadline,
-            "no label patch: {:?}\n{}",
-            api.seen.lock().unwrap(),
+            "node never labelled\n{}",
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     // An event told the operators (sent right after the label).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !api
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains("RegistryTrust"))
-    {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node_events(name, "RegistryTrust").is_empty() {
         assert!(Instant::now() < deadline, "no event\n{}", agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
     let status = agent.terminate();
     assert!(status.success(), "{status}\n{}", agent.log_text());
-    let patches = api.patches();
-    assert!(
-        patches
-            .last()
-            .is_some_and(|b| b.contains(r#""outpost.io/trusted":null"#)),
-        "{patches:?}\n{}",
-        agent.log_text()
-    );
+    assert_eq!(trusted_label(name), None, "{}", agent.log_text());
     assert!(!root.path().join("etc/containerd/certs.d").exists());
 }
 
@@ -879,7 +793,8 @@ fn node(
     (work, root, pki, config, ctd)
 }
 
-/// A kubeconfig for the agent that points at a loopback stand-in of the API server.
+/// A kubeconfig for the agent that points at a loopback stand-in of the API server (only the
+/// hung one: a real API server cannot be made to hang).
 fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
     let path = dir.join("kubeconfig");
     std::fs::write(
@@ -900,42 +815,47 @@ fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_of
     let (work, root, pki, config, ctd) = node(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n",
     );
-    let api = FakeApi::start();
-    let kc = kubeconfig(work.path(), api.port);
+    let name = "agent-drift";
+    let kc = real_node(work.path(), name);
     let mut agent = Agent::spawn(
         work.path(),
         &config,
         &pki.ca_cert,
         root.path(),
-        &["--node-name", "node-1", "--interval", "100ms"],
+        // Full passes (the checks included) every 200 ms, changed or not.
+        &[
+            "--node-name",
+            name,
+            "--interval",
+            "100ms",
+            "--recheck-interval",
+            "200ms",
+        ],
         &[("KUBECONFIG", &kc)],
     );
-    let events = |reason: &str| -> Vec<String> {
-        api.seen
-            .lock()
-            .unwrap()
+    let notes = || -> Vec<String> {
+        node_events(name, "Containerd")
             .iter()
-            .filter(|(m, p, b)| m == "POST" && p.contains("/events") && b.contains(reason))
-            .map(|(_, _, b)| b.clone())
+            .map(|e| e["note"].as_str().unwrap_or("").to_string())
             .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ev = events(r#""reason":"Containerd"#);
-        if ev.iter().any(|b| b.contains("config_path is not set"))
-            && ev.iter().any(|b| b.contains("legacy registry.mirrors"))
+        let ev = notes();
+        if ev.iter().any(|n| n.contains("config_path is not set"))
+            && ev.iter().any(|n| n.contains("legacy registry.mirrors"))
         {
-            assert!(ev.iter().all(|b| b.contains("Warning")), "{ev:?}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no drift events: {:?}\n{}",
-            api.seen.lock().unwrap(),
+            "no drift events: {ev:?}\n{}",
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let events = node_events(name, "Containerd");
+    assert!(events.iter().all(|e| e["type"] == "Warning"), "{events:?}");
     let m = agent.metrics();
     assert!(
         sample(
@@ -949,15 +869,23 @@ fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_of
         Some(0.0),
         "{m}"
     );
-    assert!(
-        !api.patches()
-            .iter()
-            .any(|b| b.contains(r#""outpost.io/trusted":"true""#)),
+    assert_eq!(
+        trusted_label(name),
+        None,
         "labelled although containerd ignores the hosts directory"
     );
-    // Reported once per change, not once per pass.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(events(r#""reason":"Containerd"#).len(), 2);
+    // Reported once per change, not once per pass: five full passes later, still two events,
+    // each sent once (a repeat would have made a series).
+    let passes = |m: &str| sample(m, "outpost_node_agent_reconciles_total").unwrap_or(0.0);
+    let start = passes(&agent.metrics());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while passes(&agent.metrics()) < start + 5.0 {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = node_events(name, "Containerd");
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e["series"].is_null()), "{events:?}");
 
     // The node's admin fixes the config: the agent notices and labels the node.
     std::fs::write(
@@ -965,12 +893,8 @@ fn containerd_config_drift_is_a_warning_event_on_the_node_and_keeps_the_label_of
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !api
-        .patches()
-        .iter()
-        .any(|b| b.contains(r#""outpost.io/trusted":"true""#))
-    {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while trusted_label(name).as_deref() != Some("true") {
         assert!(Instant::now() < deadline, "{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
