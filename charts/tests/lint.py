@@ -28,7 +28,10 @@ RULES = [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world", "team-
 # name -> (values overriding the defaults, should pass)
 SCENARIOS = {
     "defaults": ({}, True),
+    "managed-certs": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
+                       "webhook": {"rules": RULES}}, True),
     "https-cert-manager": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
+                            "cert-manager": {"enabled": True},
                             "webhook": {"rules": RULES}, "staging": {"images": ["hello-world:latest"]},
                             "metrics": {"serviceMonitor": {"enabled": True}}, "maxStorage": "400Gi",
                             "repositories": ["hello-world", "team-a/**"],
@@ -57,10 +60,8 @@ SCENARIOS = {
                        "'10.96.0.300' does not match pattern"),
     "http-with-trust": ({"httpsEnabled": False}, False,
                         "at '/trustDistribution/enabled': value must be false"),
-    "no-cert-manager-no-secret": ({"cert-manager": {"enabled": False}, "webhook": {"enabled": False}},
-                                  False, "at '/tls/secret': minLength"),
-    "webhook-without-ca-bundle": ({"cert-manager": {"enabled": False}, "tls": {"secret": "s"}}, False,
-                                  "at '/webhook/caBundle': minLength"),
+    "webhook-tls-without-ca-bundle": ({"webhook": {"tlsSecret": "s"}}, False,
+                                      "at '/webhook/caBundle': minLength"),
 }
 
 

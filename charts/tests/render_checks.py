@@ -24,8 +24,16 @@ RULES = [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}]
 
 
 class Objects:
-    def __init__(self, objs, notes):
+    def __init__(self, objs, notes, hooks=()):
+        import yaml  # PyYAML, installed beside helm-sdkpy
         self.all, self.notes = objs, notes
+        # Hook objects are not installed: Helm keeps them for their event (pre-delete).
+        self.hooks = [yaml.safe_load(h["manifest"]) for h in hooks]
+
+    def hook(self, kind):
+        found = [h for h in self.hooks if h["kind"] == kind]
+        assert len(found) == 1, f"expected one {kind} hook, got {[h['metadata']['name'] for h in found]}"
+        return found[0]
 
     def of(self, kind):
         return [o for o in self.all if o.get("kind") == kind]
@@ -70,6 +78,32 @@ def check_common(o):
                 assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: wildcard {field}"
     dump = json.dumps([x for x in o.all if x["kind"] != "Secret"])
     assert "SyncTokenPassword" not in dump, "the connection string outside a Secret"
+    check_uninstall_hook(o)
+
+
+def check_uninstall_hook(o):
+    """The pre-delete Job and its own RBAC, all hooks removed once it succeeded."""
+    for h in o.hooks:
+        a = h["metadata"]["annotations"]
+        assert a["helm.sh/hook"] == "pre-delete", h["metadata"]["name"]
+        assert a["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", a
+        assert "helm.sh/hook-weight" in a, a
+    job = o.hook("Job")
+    assert int(job["metadata"]["annotations"]["helm.sh/hook-weight"]) > max(
+        int(h["metadata"]["annotations"]["helm.sh/hook-weight"]) for h in o.hooks if h["kind"] != "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == o.hook("ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
+    c = pod["containers"][0]
+    assert c["args"][0] == "uninstall", c["args"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"], sc
+    for role in (o.hook("ClusterRole"), o.hook("Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            if "delete" in rule["verbs"]:
+                assert rule.get("resourceNames"), f"delete only by name: {rule}"
+    return c["args"]
 
 
 def registry_args(o):
@@ -141,6 +175,62 @@ def check_default(o):
     assert o.of("ServiceMonitor") and o.of("PodMonitor")
 
 
+MANAGED = ["outpost-ca", "outpost-registry-tls", "outpost-webhook-tls"]
+
+
+def check_managed(o):
+    """No cert-manager, no given Secret: the webhook manages the certificates through the API."""
+    assert not o.of("Certificate") and not o.of("Issuer"), "no cert-manager objects"
+    wh = o.one("Deployment", "-webhook")
+    pod = wh["spec"]["template"]["spec"]
+    mounted = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
+    assert not set(mounted) & set(MANAGED), f"a pod must not wait for the Secrets it makes: {mounted}"
+    args = containers(wh)[0]["args"]
+    for a in ["--manage-certs", "--ca-secret=outpost-ca", "--webhook-tls-secret=outpost-webhook-tls",
+              f"--webhook-dns-name=outpost-webhook.{NS}.svc",
+              f"--webhook-dns-name=outpost-webhook.{NS}.svc.cluster.local",
+              "--webhook-configuration=outpost-webhook", "--registry-tls-secret=outpost-registry-tls",
+              "--registry-dns-name=outpost-registry", f"--registry-dns-name=outpost-registry.{NS}.svc",
+              "--registry-dns-name=localhost", "--registry-ip=127.0.0.1", "--registry-ip=10.96.100.100"]:
+        assert a in args, (a, args)
+    assert not any(a.startswith(("--tls-cert", "--tls-key", "--registry-ca-file")) for a in args), args
+    mwc = o.one("MutatingWebhookConfiguration", "-webhook")
+    for hook in mwc["webhooks"]:
+        assert "caBundle" not in hook["clientConfig"], "the webhook sets caBundle; an upgrade must not reset it"
+    assert "cert-manager.io/inject-ca-from" not in (mwc["metadata"].get("annotations") or {})
+    # The registry and the node agent mount the managed registry Secret as before.
+    reg = o.one("Deployment", "-registry")
+    vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "outpost-registry-tls"
+    ds = o.one("DaemonSet", "-node-agent")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["ca"]["secret"]["secretName"] == "outpost-registry-tls"
+    # Least privilege: create (unnameable) and the rest only on the three Secrets; the
+    # webhook configuration by name.
+    role = o.one("Role", "-certs")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    unnamed = [r for r in role["rules"] if not r.get("resourceNames")]
+    assert [set(r["verbs"]) for r in unnamed] == [{"create"}], role["rules"]
+    assert len(named) == 1 and sorted(named[0]["resourceNames"]) == MANAGED, named
+    assert set(named[0]["verbs"]) == {"get", "list", "watch", "update", "patch"}, named
+    binding = o.one("RoleBinding", "-certs")
+    assert binding["subjects"][0]["name"] == "outpost-webhook", binding
+    ca_role = o.one("ClusterRole", "-webhook-ca-bundle")["rules"]
+    assert ca_role == [{"apiGroups": ["admissionregistration.k8s.io"],
+                        "resources": ["mutatingwebhookconfigurations"],
+                        "resourceNames": ["outpost-webhook"],
+                        "verbs": ["get", "list", "watch", "update", "patch"]}], ca_role
+    assert not [d for d in o.of("Deployment") if d["metadata"]["name"].endswith("-certs")]
+    # Uninstall removes the managed Secrets too, and may delete only those and the copies.
+    args = check_uninstall_hook(o)
+    for name in MANAGED:
+        assert f"--certificate-secret={name}" in args, args
+    assert "--deployment=outpost-webhook" in args and "--node-agent-daemonset=outpost-node-agent" in args
+    deletable = [n for r in o.hook("ClusterRole")["rules"] if "secrets" in r["resources"]
+                 for n in r.get("resourceNames", [])]
+    assert sorted(deletable) == sorted(["outpost-pull"] + MANAGED), deletable
+
+
 def check_own_tls(o):
     assert not o.of("Certificate") and not o.of("Issuer"), "no cert-manager objects"
     reg = o.one("Deployment", "-registry")
@@ -154,6 +244,9 @@ def check_own_tls(o):
     wh = o.one("Deployment", "-webhook")
     vols = {v["name"]: v for v in wh["spec"]["template"]["spec"]["volumes"]}
     assert vols["tls"]["secret"]["secretName"] == "outpost-webhook-tls"
+    assert not any(a.startswith("--manage-certs") for a in containers(wh)[0]["args"])
+    assert not o.of("Role"), "nothing managed: no certificate Role"
+    assert not any(a.startswith("--certificate-secret") for a in check_uninstall_hook(o))
 
 
 def check_http(o):
@@ -163,6 +256,13 @@ def check_http(o):
     assert "PLAIN HTTP" in o.notes, o.notes
     reg = o.one("Deployment", "-registry")
     assert containers(reg)[0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+    # Plain HTTP for the registry only: the webhook's HTTPS (the API server insists) is managed.
+    wh_args = containers(o.one("Deployment", "-webhook"))[0]["args"]
+    assert "--webhook-tls-secret=outpost-webhook-tls" in wh_args and "--registry-plain-http" in wh_args
+    assert not any(a.startswith("--registry-tls-secret") for a in wh_args), wh_args
+    role = o.one("Role", "-certs")
+    assert sorted(r for rule in role["rules"] for r in rule.get("resourceNames", [])) == \
+        ["outpost-ca", "outpost-webhook-tls"], role
 
 
 def check_trust_off(o):
@@ -175,6 +275,20 @@ def check_webhook_off(o):
     assert not [d for d in o.of("Deployment") if d["metadata"]["name"].endswith("-webhook")]
     assert not o.of("PodDisruptionBudget")
     assert o.one("DaemonSet", "-node-agent")
+    # The registry's certificate is still managed: by the small certs Deployment.
+    certs = o.one("Deployment", "-certs")
+    args = containers(certs)[0]["args"]
+    assert args[0] == "certs" and "--registry-tls-secret=outpost-registry-tls" in args, args
+    assert not any(a.startswith("--webhook") for a in args), args
+    assert certs["spec"]["replicas"] == 1
+    assert not certs["spec"]["template"]["spec"].get("volumes"), "no Secret volumes"
+    role = o.one("Role", "-certs")
+    assert sorted(r for rule in role["rules"] for r in rule.get("resourceNames", [])) == \
+        ["outpost-ca", "outpost-registry-tls"], role
+    assert o.one("RoleBinding", "-certs")["subjects"][0]["name"] == "outpost-certs"
+    assert not [r for r in o.of("ClusterRole") if r["metadata"]["name"].endswith("-ca-bundle")]
+    args = check_uninstall_hook(o)
+    assert "--deployment=outpost-certs" in args, args
 
 
 def check_standalone(o):
@@ -184,7 +298,7 @@ def check_standalone(o):
 
 
 SCENARIOS = {
-    "https-cert-manager": ({"existingSecret": "", "connectionString": CONN,
+    "https-cert-manager": ({"existingSecret": "", "connectionString": CONN, "cert-manager": {"enabled": True},
                             "tokens": {"existingSecret": "outpost-tokens"},
                             "service": {"clusterIP": "10.96.100.100"}, "webhook": {"rules": RULES},
                             "staging": {"images": ["hello-world:latest"]},
@@ -194,6 +308,8 @@ SCENARIOS = {
                         "tls": {"secret": "outpost-tls"},
                         "webhook": {"tlsSecret": "outpost-webhook-tls", "caBundle": "Q0EgYnVuZGxl"}},
                        check_own_tls),
+    "managed-certs": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
+                       "webhook": {"rules": RULES}}, check_managed),
     "http": ({"connectionString": CONN, "httpsEnabled": False,
               "trustDistribution": {"enabled": False}, "service": {"port": 80}}, check_http),
     "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}},
@@ -208,7 +324,7 @@ def main():
     for name, (values, check) in SCENARIOS.items():
         try:
             objs, release = helm_render.render(CHART, values, namespace=NS, release="outpost")
-            o = Objects(objs, release["info"].get("notes", ""))
+            o = Objects(objs, release["info"].get("notes", ""), release.get("hooks") or [])
             check_common(o)
             check(o)
             print(f"ok   {name:<24} {len(objs)} objects")

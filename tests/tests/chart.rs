@@ -75,7 +75,10 @@ fn manifests_are_in_sync_with_the_chart() {
         "Deployment/outpost-webhook",
         "PodDisruptionBudget/outpost-webhook",
         "MutatingWebhookConfiguration/outpost-webhook",
-        "Certificate/outpost-registry",
+        // Self-managed certificates by default: the webhook's Role on its Secrets and its
+        // right to set the configuration's caBundle.
+        "Role/outpost-certs",
+        "ClusterRole/outpost-webhook-ca-bundle",
     ] {
         assert!(
             objects.iter().any(|o| o == expected),
@@ -149,6 +152,8 @@ fn every_flag_the_chart_passes_exists_in_the_binary() {
         ("registry.yaml", "outpost-registry"),
         ("webhook.yaml", "outpost-webhook"),
         ("node-agent.yaml", "outpost-node-agent"),
+        ("certificates.yaml", "outpost-webhook"),
+        ("uninstall.yaml", "outpost-webhook"),
     ] {
         let text = std::fs::read_to_string(templates.join(file)).unwrap();
         let flags = template_flags(&text, binary);
@@ -187,7 +192,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("render checks: 6 passed, 0 failed"), "{text}");
+    assert!(text.contains("render checks: 7 passed, 0 failed"), "{text}");
 }
 
 /// The chart rendered by the real Helm library for `values` (JSON) in namespace `edge`.
@@ -311,6 +316,7 @@ impl Drop for Running {
 fn the_binaries_start_with_the_rendered_arguments_and_files() {
     let rendered = render(
         r#"{"connectionString": "ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=p4ss;ParentGatewayEndpoint=127.0.0.1:9;ParentEndpointProtocol=http",
+            "cert-manager": {"enabled": true},
             "tokens": {"existingSecret": "outpost-tokens"},
             "service": {"clusterIP": "10.96.100.100"},
             "trustDistribution": {"nodeCredentials": true},

@@ -64,10 +64,5 @@ repositories = [{{ range $i, $r := .repositories }}{{ if $i }}, {{ end }}{{ $r |
 {{- if and .Values.trustDistribution.enabled (not .Values.httpsEnabled) -}}
 {{- fail "trustDistribution needs httpsEnabled=true (containerd is configured to trust the registry's CA); set trustDistribution.enabled=false for a plain-HTTP lab install" -}}
 {{- end -}}
-{{- if and .Values.webhook.enabled (not (index .Values "cert-manager" "enabled")) (or (not .Values.webhook.tlsSecret) (not .Values.webhook.caBundle)) -}}
-{{- fail "webhook.enabled without cert-manager needs webhook.tlsSecret and webhook.caBundle" -}}
-{{- end -}}
-{{- if and .Values.httpsEnabled (not (index .Values "cert-manager" "enabled")) (not .Values.tls.secret) -}}
-{{- fail "httpsEnabled needs a certificate: cert-manager.enabled=true, or tls.secret naming a kubernetes.io/tls Secret with ca.crt" -}}
-{{- end -}}
+{{- include "outpost.tlsChecks" . -}}
 {{- end -}}
