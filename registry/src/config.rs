@@ -2,6 +2,15 @@
 
 use std::time::Duration;
 
+/// What clients may do (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Clients pull only; pushes and deletes are refused with DENIED.
+    Readonly,
+    /// Clients may push and delete.
+    Readwrite,
+}
+
 /// Parses a duration such as `90s`, `10m`, `24h`, `7d` or `0`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::api::{self, AppState};
 use crate::auth::{Anonymous, Auth, AuthError, AuthOptions};
+use crate::config::Mode;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::fs::FsStore;
@@ -62,14 +63,6 @@ pub struct SyncSettings {
     pub respect_window: bool,
     /// Images to stage at start-up.
     pub stage: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// Clients pull only; pushes and deletes are refused with DENIED.
-    Readonly,
-    /// Clients may push and delete.
-    Readwrite,
 }
 
 #[derive(Debug, thiserror::Error)]

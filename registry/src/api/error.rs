@@ -5,7 +5,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::service::PushError;
+use crate::content::PushError;
 use crate::storage::StorageError;
 
 /// Error codes of the OCI distribution spec, plus the CNCF registry's pagination code.

@@ -7,8 +7,8 @@ use futures_util::StreamExt;
 use outpost_core::{Reference, RepositoryName};
 
 use super::{ApiError, Code, Shared, body_stream, content_length, etag_matches, set_header};
+use crate::content::{self, manifest};
 use crate::service::pull_through::PullError;
-use crate::service::{self, manifest};
 use crate::storage::{StorageError, StoredManifest};
 
 /// How a pull-through failure reaches the client: a 404 with the reason in the message. A
@@ -208,7 +208,7 @@ pub async fn put(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let pushed =
-        service::push_manifest(app.store.as_ref(), repo, &reference, content_type, content).await?;
+        content::push_manifest(app.store.as_ref(), repo, &reference, content_type, content).await?;
     // Readwrite with a parent: stored now, uploaded to the parent by the next sync.
     if let Some(outbox) = app.syncer.as_ref().and_then(|s| s.outbox()) {
         let tag = match &reference {

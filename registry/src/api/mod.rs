@@ -43,7 +43,7 @@ pub struct AppState {
     /// Whether clients reach us over HTTPS (for the token endpoint's URL).
     pub tls: bool,
     /// Whether clients may push (readwrite) or only pull (readonly).
-    pub mode: crate::server::Mode,
+    pub mode: crate::config::Mode,
     /// Sync with the parent; `None` for a standalone registry.
     pub syncer: Option<Arc<crate::sync::Syncer>>,
     /// Pull-through on demand; `None` when standalone or with `--pull-through false`.

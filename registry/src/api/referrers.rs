@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::blobs::parse_digest;
 use super::{ApiError, Shared, query};
-use crate::service::manifest::OCI_INDEX;
+use crate::content::manifest::OCI_INDEX;
 
 pub async fn list(
     app: &Shared,

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::Mode;
 use crate::config::parse_duration;
-use crate::server::{self, Mode, ServeError, ServeOptions, SyncSettings};
+use crate::server::{self, ServeError, ServeOptions, SyncSettings};
 use crate::service::{fsck, gc};
 use crate::storage::fs::FsStore;
 use crate::sync::ConnectionSource;

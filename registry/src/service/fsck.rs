@@ -3,7 +3,7 @@
 
 use outpost_core::Digest;
 
-use super::manifest;
+use crate::content::manifest;
 use crate::storage::{StorageError, Store};
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use outpost_core::Digest;
 
-use super::manifest;
+use crate::content::manifest;
 use crate::storage::{StorageError, Store};
 
 #[derive(Debug, thiserror::Error)]

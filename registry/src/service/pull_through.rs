@@ -13,7 +13,7 @@ use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName};
 use tokio::sync::OnceCell;
 
-use super::manifest;
+use crate::content::manifest;
 use crate::metrics::PullLabels;
 use crate::storage::{ByteStream, StorageError};
 use crate::sync::Syncer;

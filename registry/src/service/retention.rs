@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use outpost_core::{Digest, RepositoryName};
 
-use super::manifest;
+use crate::content::manifest;
 use crate::storage::{StorageError, Store};
 use crate::sync::Syncer;
 

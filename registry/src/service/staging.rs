@@ -320,17 +320,6 @@ impl Staging {
         Ok(true)
     }
 
-    /// Tags staged images hold: sync does not delete these when the parent does.
-    pub fn pinned_tags(&self) -> HashSet<(String, String)> {
-        self.staged()
-            .filter_map(|i| {
-                let r = i.reference?;
-                let repo = i.repository?;
-                (!r.contains(':')).then_some((repo, r))
-            })
-            .collect()
-    }
-
     fn staged(&self) -> impl Iterator<Item = ImageStatus> {
         let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         reqs.values()
@@ -665,6 +654,19 @@ impl Staging {
             self.syncer.record_tag(repo.as_str(), tag.as_str(), &digest);
         }
         Ok(())
+    }
+}
+
+/// Tags staged images hold: sync does not delete these when the parent does.
+impl crate::sync::PinnedTags for Staging {
+    fn pinned_tags(&self) -> HashSet<(String, String)> {
+        self.staged()
+            .filter_map(|i| {
+                let r = i.reference?;
+                let repo = i.repository?;
+                (!r.contains(':')).then_some((repo, r))
+            })
+            .collect()
     }
 }
 

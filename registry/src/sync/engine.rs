@@ -16,7 +16,7 @@ use super::image::{self, MAX_DEPTH, PlanError, Planner, Tree, link};
 use super::parent::{self, Parent, ParentError};
 use super::transfer;
 use super::{LiveRepo, LiveRun, Syncer};
-use crate::service::manifest;
+use crate::content::manifest;
 use crate::storage::StorageError;
 
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName, Tag};
 
 use super::parent::{Parent, ParentError};
-use crate::service::{self, manifest};
+use crate::content::{self, manifest};
 use crate::storage::{StorageError, Store};
 
 /// How deep referrers of referrers are followed (a signature of an SBOM of an image).
@@ -209,7 +209,7 @@ pub async fn write_manifests(
     store: &dyn Store,
     repo: &RepositoryName,
     tree: &Tree,
-) -> Result<u64, (Digest, service::PushError)> {
+) -> Result<u64, (Digest, content::PushError)> {
     let mut n = 0;
     for (d, _) in &tree.blobs {
         link(store, repo, d)
@@ -217,7 +217,7 @@ pub async fn write_manifests(
             .map_err(|e| (d.clone(), e.into()))?;
     }
     for m in &tree.manifests {
-        service::push_manifest(
+        content::push_manifest(
             store,
             repo,
             &Reference::Digest(m.digest.clone()),
@@ -237,9 +237,9 @@ pub async fn point_tag(
     repo: &RepositoryName,
     tag: &Tag,
     digest: &Digest,
-) -> Result<(), service::PushError> {
+) -> Result<(), content::PushError> {
     let content = store.manifest_by_digest(repo, digest).await?.content;
-    service::push_manifest(store, repo, &Reference::Tag(tag.clone()), None, content).await?;
+    content::push_manifest(store, repo, &Reference::Tag(tag.clone()), None, content).await?;
     Ok(())
 }
 

@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime};
 use outpost_core::{Digest, RepositoryPattern};
 use serde::Serialize;
 
+use crate::config::Mode;
 use crate::metrics::Metrics;
-use crate::server::Mode;
 use crate::storage::Store;
 use connection::ConnectionString;
 use outbox::Outbox;
@@ -104,6 +104,12 @@ struct LiveRepo {
     missing: Vec<(Digest, u64)>,
 }
 
+/// Tags that must stay when the parent deletes them (staged images). Supplied by the service
+/// layer above, so sync does not import it.
+pub trait PinnedTags: Send + Sync {
+    fn pinned_tags(&self) -> std::collections::HashSet<(String, String)>;
+}
+
 pub struct Syncer {
     opts: SyncOptions,
     conn: RwLock<ConnectionString>,
@@ -114,7 +120,7 @@ pub struct Syncer {
     outbox: Option<Arc<Outbox>>,
     flights: Arc<flight::Flights>,
     /// Staged images: their tags stay when the parent deletes them.
-    pins: std::sync::OnceLock<Arc<crate::service::staging::Staging>>,
+    pins: std::sync::OnceLock<Arc<dyn PinnedTags>>,
     trigger: tokio::sync::Notify,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
@@ -226,8 +232,8 @@ impl Syncer {
         self.opts.mode
     }
 
-    pub fn set_pins(&self, staging: Arc<crate::service::staging::Staging>) {
-        let _ = self.pins.set(staging);
+    pub fn set_pins(&self, pins: Arc<dyn PinnedTags>) {
+        let _ = self.pins.set(pins);
     }
 
     /// (repository, tag) of staged images.

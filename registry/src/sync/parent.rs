@@ -17,7 +17,7 @@ use outpost_core::{Digest, RepositoryName};
 use reqwest::header::{HeaderValue, WWW_AUTHENTICATE};
 
 use super::connection::{ConnectionString, Protocol};
-use crate::service::manifest::MANIFEST_TYPES;
+use crate::content::manifest::MANIFEST_TYPES;
 use crate::storage::ByteStream;
 
 /// The largest catalog or tags page asked for at once.
