@@ -130,20 +130,26 @@ fn start_webhook(
     name: &str,
     extra: &[&str],
 ) -> Proc {
+    start_container(ns, &format!("{release}-webhook"), dir, token, name, extra)
+}
+
+/// The first container of Deployment `deployment` as a local process (see `start_webhook`);
+/// a `--config` file comes from the ConfigMap of the Deployment's name.
+fn start_container(
+    ns: &str,
+    deployment: &str,
+    dir: &Path,
+    token: &str,
+    name: &str,
+    extra: &[&str],
+) -> Proc {
     let admin = cp().admin();
     let dep = admin.get_ok(&format!(
-        "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
+        "/apis/apps/v1/namespaces/{ns}/deployments/{deployment}"
     ));
-    let config = admin.get_ok(&format!(
-        "/api/v1/namespaces/{ns}/configmaps/{release}-webhook"
-    ))["data"]["config.toml"]
-        .as_str()
-        .expect("config.toml")
-        .to_string();
     let root = dir.join(name);
     std::fs::create_dir_all(&root).expect("dir");
     let config_path = root.join("config.toml");
-    std::fs::write(&config_path, config).expect("config");
     let port = free_port();
     let container = &dep["spec"]["template"]["spec"]["containers"][0];
     let mut args: Vec<String> = container["args"]
@@ -153,6 +159,13 @@ fn start_webhook(
         .map(|a| {
             let a = a.as_str().expect("arg");
             if a.starts_with("--config=") {
+                let config = admin.get_ok(&format!(
+                    "/api/v1/namespaces/{ns}/configmaps/{deployment}"
+                ))["data"]["config.toml"]
+                    .as_str()
+                    .expect("config.toml")
+                    .to_string();
+                std::fs::write(&config_path, config).expect("config");
                 format!("--config={}", config_path.display())
             } else if a.starts_with("--listen=") {
                 format!("--listen=127.0.0.1:{port}")
@@ -525,7 +538,7 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
     );
 }
 
-/// A whole CA rotation in seconds (hidden flags: CA 45 s, certificates 9 s, overlap 3 s): a
+/// A whole CA rotation in seconds (hidden flags: CA 30 s, certificates 6 s, overlap 3 s): a
 /// new CA joins the bundle first, signs only after the overlap, and the old one leaves the
 /// bundle when it expires; the webhook configuration's caBundle follows and the webhook keeps
 /// serving a certificate the published bundle verifies.
@@ -539,8 +552,8 @@ fn the_ca_rotates_in_seconds_with_short_timings() {
     helm_install(release, ns, &values, dir.path());
     let token = cp().service_account_token(ns, &format!("{release}-webhook"));
     let fast = [
-        "--ca-validity=45s",
-        "--cert-validity=9s",
+        "--ca-validity=30s",
+        "--cert-validity=6s",
         "--ca-overlap=3s",
         "--cert-check-interval=1s",
     ];
@@ -611,5 +624,57 @@ fn the_ca_rotates_in_seconds_with_short_timings() {
         60,
         || format!("not serving after the rotation: {}", w.log()),
         || verifies(&w, ns, release, &next).is_ok(),
+    );
+}
+
+/// The webhook off: the small certs Deployment keeps the registry's certificate alone, with
+/// its own ServiceAccount's token, ready on plain HTTP once the Secrets exist.
+#[test]
+fn the_certs_deployment_manages_the_registry_certificate_without_the_webhook() {
+    let (ns, release) = ("certs-only", "outpost-co");
+    let dir = tempfile::tempdir().expect("temp dir");
+    cp().create_namespace(ns, &[]);
+    let values = json!({"connectionString": CONN, "webhook": {"enabled": false},
+                        "trustDistribution": {"enabled": false}});
+    helm_install(release, ns, &values, dir.path());
+    let token = cp().service_account_token(ns, &format!("{release}-certs"));
+    let p = start_container(
+        ns,
+        &format!("{release}-certs"),
+        dir.path(),
+        &token,
+        "c",
+        &[],
+    );
+    let ready = || {
+        outpost_e2e::http()
+            .get(format!("http://127.0.0.1:{}/readyz", p.port))
+            .send()
+            .is_ok_and(|r| r.status().as_u16() == 200)
+    };
+    eventually(60, || format!("certs never ready:\n{}", p.log()), ready);
+    let ca = secret(ns, &format!("{release}-ca")).expect("CA Secret");
+    let reg = secret(ns, &format!("{release}-registry-tls")).expect("registry Secret");
+    assert_eq!(reg["data"]["ca.crt"], ca["data"]["ca.crt"]);
+    assert!(secret(ns, &format!("{release}-webhook-tls")).is_none());
+    let ext = sans(&unb64(&reg["data"]["tls.crt"]), dir.path());
+    assert!(
+        ext.contains("DNS:outpost-co-registry.certs-only.svc"),
+        "{ext}"
+    );
+    let sa = cp().rest(&token);
+    forbidden(
+        "reading the connection Secret",
+        sa.get(&format!(
+            "/api/v1/namespaces/{ns}/secrets/{release}-connection"
+        )),
+    );
+    forbidden(
+        "listing Secrets",
+        sa.get(&format!("/api/v1/namespaces/{ns}/secrets")),
+    );
+    forbidden(
+        "reading webhook configurations",
+        sa.get("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"),
     );
 }
