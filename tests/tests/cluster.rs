@@ -5,6 +5,11 @@
 //! PVC; and the chart's RBAC proven by running the real binaries outside the cluster with the
 //! chart's own ServiceAccount tokens (TokenRequest): enough for their work, and no more.
 //!
+//! Helm's uninstall waits for the chart's pre-delete hook Job, whose pod no kubelet runs here:
+//! the suite runs it in the kubelet's place (the pod's container as a local process with its
+//! ServiceAccount's token, the exit reported in the pod's status), so the hook really runs,
+//! with its own RBAC, and must succeed. (The real-node suite runs it in a pod.)
+//!
 //! One control plane serves every test of this binary; each test has its own namespaces,
 //! release name and cluster-scoped names (the release name prefixes them).
 
@@ -25,6 +30,11 @@ fn repo() -> &'static Path {
         .parent()
         .expect("workspace root")
 }
+
+/// The chart's uninstall hook removes `outpost.io/trusted` from every node of the cluster;
+/// the RBAC test's node agent sets it on its node. Uninstalls hold this for reading, the
+/// agent's test for writing, so no hook unlabels its node under its feet.
+static NODE_LABELS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 fn cp() -> &'static ControlPlane {
     ControlPlane::shared()
@@ -222,18 +232,28 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
         s.webhook,
         "{kinds:?}"
     );
-    // The controllers made the Deployments' pods from the rendered templates, so the pod specs
-    // passed the API server's pod validation and admission (ServiceAccount exists, ...). (Not
-    // the DaemonSet's: it has pods only where another test registered a Node.)
-    let want_pods = 1 + if s.webhook { 2 } else { 0 };
+    // The controllers made every Deployment's pods from the rendered templates, so the pod
+    // specs passed the API server's pod validation and admission (ServiceAccount exists, ...).
+    // (Not the DaemonSet's: it has pods only where another test registered a Node.)
+    let deployments = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/deployments?labelSelector=app.kubernetes.io/instance%3D{}",
+        s.release
+    ));
+    let want_pods: i64 = deployments["items"]
+        .as_array()
+        .expect("deployments")
+        .iter()
+        .map(|d| d["spec"]["replicas"].as_i64().expect("replicas"))
+        .sum();
+    assert!(want_pods > if s.webhook { 2 } else { 0 }, "{deployments}");
     let pods_path = format!(
         "/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io/instance%3D{},\
-         app.kubernetes.io/component%20in%20(registry,webhook)",
+         app.kubernetes.io/component!%3Dnode-agent",
         s.release
     );
     eventually(
         || format!("{want_pods} pods: {:?}", names(&admin.get(&pods_path).1)),
-        || names(&admin.get(&pods_path).1).len() == want_pods,
+        || names(&admin.get(&pods_path).1).len() as i64 == want_pods,
     );
 
     after_install();
@@ -303,6 +323,11 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
     for h in &hooks {
         assert!(h.success, "hook job {} failed:\n{}", h.job, h.log);
     }
+    let hook_job = format!("{}-uninstall", s.release);
+    assert!(
+        hooks.iter().any(|h| h.job == hook_job),
+        "the pre-delete hook {hook_job} did not run"
+    );
     let mut kept = Vec::new();
     for o in &objects {
         let path = object_path(o, ns);
@@ -397,6 +422,81 @@ fn own_tls_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
     });
 }
 
+/// The one-command install of the issue and the chart README: defaults (certificates managed
+/// by Outpost, no cert-manager), a connection string and the Service IP as `--set`, the
+/// namespace made by Helm. While installed, the webhook (run with the chart's arguments and
+/// its ServiceAccount's token) makes the managed Secrets, patches the caBundle and copies the
+/// pull secret; uninstall's hook then removes those too: nothing is left but the PVC.
+#[test]
+fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
+    let (ns, release) = ("outpost", "outpost");
+    let app = "defaults-app";
+    let conn = format!("connectionString={CONN}");
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({"connectionString": CONN, "service": {"clusterIP": "10.96.100.10"}}),
+        webhook: true,
+        trust: true,
+        parent: true,
+    };
+    let managed = ["outpost-ca", "outpost-registry-tls", "outpost-webhook-tls"];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = [
+        "--create-namespace",
+        "--set",
+        &conn,
+        "--set",
+        "service.clusterIP=10.96.100.10",
+    ];
+    install_upgrade_uninstall(s, &args, || {
+        let admin = cp().admin();
+        create_pull_secret(ns, "outpost-pull");
+        let deployment = admin.get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
+        ));
+        let token = cp().service_account_token(ns, &format!("{release}-webhook"));
+        let webhook = run_as_pod(
+            &deployment["spec"]["template"]["spec"],
+            ns,
+            &dir.path().join("webhook"),
+            &[("metadata.namespace", ns)],
+            &token,
+        );
+        for name in managed {
+            let path = format!("/api/v1/namespaces/{ns}/secrets/{name}");
+            eventually(
+                || format!("no {name}:\n{}", webhook.log_text()),
+                || admin.get(&path).0 == 200,
+            );
+        }
+        let ca = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-ca"));
+        let bundle = ca["data"]["ca.crt"].clone();
+        let mwc_path = format!(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{release}-webhook"
+        );
+        eventually(
+            || format!("caBundle not patched:\n{}", webhook.log_text()),
+            || admin.get_ok(&mwc_path)["webhooks"][0]["clientConfig"]["caBundle"] == bundle,
+        );
+        cp().create_namespace(app, &[("outpost.io/inject", "enabled")]);
+        let copy = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
+        eventually(
+            || format!("no copy in {app}:\n{}", webhook.log_text()),
+            || admin.get(&copy).0 == 200,
+        );
+        // Its pods would stop when the hook deletes the Deployment; this one stops here.
+        drop(webhook);
+    });
+    let admin = cp().admin();
+    for name in managed {
+        let (status, _) = admin.get(&format!("/api/v1/namespaces/{ns}/secrets/{name}"));
+        assert_eq!(status, 404, "{name} left after uninstall");
+    }
+    let (status, _) = admin.get(&format!("/api/v1/namespaces/{app}/secrets/outpost-pull"));
+    assert_eq!(status, 404, "the pull secret's copy left after uninstall");
+}
+
 /// The lab: plain HTTP (`httpsEnabled=false`), no trust distribution, the webhook with own
 /// certificates.
 #[test]
@@ -429,9 +529,8 @@ fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
     });
 }
 
-/// No webhook: the registry and the node agent only, in a namespace Helm makes
-/// (`--create-namespace`). The TLS Secret it names need not exist for the objects to be
-/// accepted (pods would wait for it).
+/// No webhook: the registry, the node agent and the small certificate manager Deployment
+/// (certificates managed by default), in a namespace Helm makes (`--create-namespace`).
 #[test]
 fn webhook_off_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
     let (ns, release) = ("webhook-off", "outpost-no-webhook");
@@ -440,8 +539,6 @@ fn webhook_off_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         namespace: ns,
         values: json!({
             "connectionString": CONN,
-            "cert-manager": {"enabled": false},
-            "tls": {"secret": "own-registry-tls"},
             "webhook": {"enabled": false},
         }),
         webhook: false,
@@ -449,8 +546,12 @@ fn webhook_off_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         parent: true,
     };
     install_upgrade_uninstall(s, &["--create-namespace"], || {
-        let namespace = cp().admin().get_ok(&format!("/api/v1/namespaces/{ns}"));
+        let admin = cp().admin();
+        let namespace = admin.get_ok(&format!("/api/v1/namespaces/{ns}"));
         assert_eq!(namespace["status"]["phase"], "Active", "{namespace}");
+        admin.get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/deployments/{release}-certs"
+        ));
     });
 }
 
@@ -756,6 +857,7 @@ struct HookRun {
 /// retries it) and Helm goes on. Returns the hook pods run.
 fn uninstall(release: &str, ns: &str) -> Vec<HookRun> {
     let (r, n) = (release.to_string(), ns.to_string());
+    let _labels = NODE_LABELS.read().unwrap_or_else(|e| e.into_inner());
     let helm_run = std::thread::spawn(move || helm("uninstall", &r, &n, &[]));
     let admin = cp().admin();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -961,6 +1063,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     forbidden("deleting another secret", as_webhook.delete(&other));
 
     // The node agent with its ServiceAccount's token, on a Node the admin registered.
+    let _labels = NODE_LABELS.write().unwrap_or_else(|e| e.into_inner());
     let (status, body) = admin.post(
         "/api/v1/nodes",
         &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
