@@ -99,6 +99,8 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     /// `https://<advertise address>:<port>`.
     pub server: String,
+    /// The address the API server advertises (and [`ControlPlane::server`] names).
+    pub advertise_address: IpAddr,
     pub apiserver_port: u16,
     pub etcd_port: u16,
     pub controller_manager_port: u16,
@@ -281,6 +283,7 @@ impl ControlPlane {
             options,
             dir,
             server,
+            advertise_address: advertise,
             apiserver_port,
             etcd_port,
             controller_manager_port,
@@ -619,8 +622,10 @@ impl ControlPlane {
         let http = self.http_client();
         let url = format!(
             "https://{}:{port}/healthz",
+            // Where clients reach this control plane (the API server's address): with a
+            // wildcard bind that is the advertised address, not this process's loopback.
             url_host(if self.options.bind_address.is_unspecified() {
-                IpAddr::V4(Ipv4Addr::LOCALHOST)
+                self.advertise_address
             } else {
                 self.options.bind_address
             })
