@@ -115,86 +115,11 @@ fn busybox_images(dir: &Path) -> Layout {
     layout
 }
 
-/// A CA and certificates it signed, made with openssl (the chart's own-TLS scenario).
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        run_ok(
-            Command::new(require("openssl"))
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-                .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
-                .args(["-subj", "/CN=outpost-node-test-ca"])
-                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-                .arg("-keyout")
-                .arg(dir.join("ca.key"))
-                .arg("-out")
-                .arg(dir.join("ca.crt")),
-        );
-        Pki {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn ca(&self) -> String {
-        std::fs::read_to_string(self.dir.join("ca.crt")).expect("ca.crt")
-    }
-
-    /// (cert PEM, key PEM) for `sans` (`IP:...`, `DNS:...`).
-    fn issue(&self, name: &str, sans: &[String]) -> (String, String) {
-        let p = |ext: &str| self.dir.join(format!("{name}.{ext}"));
-        run_ok(
-            Command::new(require("openssl"))
-                .args([
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                ])
-                .args(["-nodes", "-subj", &format!("/CN={name}")])
-                .arg("-keyout")
-                .arg(p("key"))
-                .arg("-out")
-                .arg(p("csr")),
-        );
-        std::fs::write(
-            p("ext"),
-            format!(
-                "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
-                 extendedKeyUsage=serverAuth\n",
-                sans.join(",")
-            ),
-        )
-        .expect("ext");
-        run_ok(
-            Command::new(require("openssl"))
-                .args(["x509", "-req", "-days", "2"])
-                .arg("-in")
-                .arg(p("csr"))
-                .arg("-CA")
-                .arg(self.dir.join("ca.crt"))
-                .arg("-CAkey")
-                .arg(self.dir.join("ca.key"))
-                .arg("-CAcreateserial")
-                .arg("-extfile")
-                .arg(p("ext"))
-                .arg("-out")
-                .arg(p("crt")),
-        );
-        (
-            std::fs::read_to_string(p("crt")).expect("crt"),
-            std::fs::read_to_string(p("key")).expect("key"),
-        )
-    }
-}
-
-fn b64(s: &str) -> String {
+fn unb64(v: &Value) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {v}"))
 }
 
 /// Polls `f` every 500 ms until it holds or `timeout` passes (then panics with `what`).
@@ -414,39 +339,7 @@ fn scenario(
     }
     eprintln!("images imported after {:?}", started.elapsed());
 
-    // The release namespace with the own-TLS secrets.
-    cp.create_namespace(NAMESPACE, &[]);
-    let pki_dir = tempfile::tempdir().expect("temp dir");
-    let pki = Pki::new(pki_dir.path());
-    let (reg_crt, reg_key) = pki.issue(
-        "registry",
-        &[
-            format!("IP:{OUTPOST_IP}"),
-            "IP:127.0.0.1".to_string(),
-            format!("DNS:{RELEASE}-registry.{NAMESPACE}.svc"),
-            format!("DNS:{RELEASE}-registry.{NAMESPACE}.svc.cluster.local"),
-        ],
-    );
-    let (wh_crt, wh_key) = pki.issue(
-        "webhook",
-        &[
-            format!("DNS:{RELEASE}-webhook.{NAMESPACE}.svc"),
-            format!("DNS:{RELEASE}-webhook.{NAMESPACE}.svc.cluster.local"),
-        ],
-    );
-    for (name, crt, key) in [
-        ("outpost-registry-own-tls", &reg_crt, &reg_key),
-        ("outpost-webhook-own-tls", &wh_crt, &wh_key),
-    ] {
-        create(
-            &api,
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets"),
-            json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                   "metadata": {"name": name},
-                   "data": {"tls.crt": b64(crt), "tls.key": b64(key), "ca.crt": b64(&pki.ca())}}),
-        );
-    }
-
+    let work = tempfile::tempdir().expect("temp dir");
     // The PVC's volume: a hostPath in the node's /var/lib, owned by the registry's user.
     let pv_dir = node.var_lib.join("outpost-pv");
     std::fs::create_dir_all(&pv_dir).expect("pv dir");
@@ -466,15 +359,9 @@ fn scenario(
     let values = json!({
         "connectionString": connection,
         "service": {"clusterIP": OUTPOST_IP},
-        "cert-manager": {"enabled": false},
-        "tls": {"secret": "outpost-registry-own-tls"},
-        "webhook": {
-            "tlsSecret": "outpost-webhook-own-tls",
-            "caBundle": b64(&pki.ca()),
-            "rules": [{"upstream": parent_host}],
-        },
+        "webhook": {"rules": [{"upstream": parent_host}]},
     });
-    let values_file = pki_dir.path().join("values.json");
+    let values_file = work.path().join("values.json");
     std::fs::write(&values_file, values.to_string()).expect("values");
     let release = helm(
         cp,
@@ -536,7 +423,12 @@ fn scenario(
     );
     // Outpost holds it now (fetched from the parent while containerd pulled): asked through
     // the Service's ClusterIP with the registry's CA, as the node does.
-    let ca_file = pki_dir.path().join("ca.crt");
+    // The CA bundle Outpost made (the managed certificates: no cert-manager, no given Secret).
+    let registry_tls = api.get_ok(&format!(
+        "/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-registry-tls"
+    ));
+    let ca_file = work.path().join("ca.crt");
+    std::fs::write(&ca_file, unb64(&registry_tls["data"]["ca.crt"])).expect("ca.crt");
     let tags: Value = outpost_e2e::oci::client_with_ca(Some(&ca_file))
         .get(format!("https://{OUTPOST_IP}/v2/{APP_REPO}/tags/list"))
         .send()
@@ -619,12 +511,11 @@ fn scenario(
     let label = node_label(&api);
     eprintln!("after uninstall: files {left:?}, label {label:?}");
     assert!(left.is_empty(), "the node agent left {left:?}");
-    // Helm deletes the node agent's ServiceAccount and RBAC in the same pass as its DaemonSet,
-    // so the agent's own removal of the label is often refused (401/403): until the chart's
-    // pre-delete hook removes it, this is reported, not asserted (issue 14).
-    if label.is_some() {
-        eprintln!("KNOWN: the node label {LABEL}={label:?} is left after uninstall");
-    }
+    assert_eq!(label, None, "the node label is left after uninstall");
+    // The pull-secret copy in the opted-in namespace and the managed certificates are gone.
+    let copies = api
+        .get_ok("/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doutpost-webhook");
+    assert_eq!(copies["items"], json!([]), "left after uninstall: {copies}");
 }
 
 /// The chart's pods Ready as rendered: PVC bound, non-root with a read-only root where the
