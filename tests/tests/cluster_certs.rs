@@ -416,6 +416,15 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
             &json!({"metadata": {"labels": {"x": "y"}}}),
         ),
     );
+    // Reading Secrets unnamed (a list) would read them all: refused too.
+    forbidden(
+        "listing the namespace's Secrets",
+        sa.get(&format!("/api/v1/namespaces/{ns}/secrets")),
+    );
+    forbidden(
+        "listing every Secret by label",
+        sa.get("/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doutpost-webhook"),
+    );
     forbidden(
         "replacing the registry Deployment",
         sa.put(

@@ -3,6 +3,12 @@
 //! this webhook made are removed when their namespace opts out. Level-triggered: one
 //! reconciliation computes the whole desired state, run on every relevant watch event and on
 //! a period, so a missed event is repaired at the next pass.
+//!
+//! Every read of Secrets names the pull secret (gets by name; lists and watches with a
+//! `metadata.name` field selector, which RBAC matches against `resourceNames`), so the chart
+//! can grant Secrets by that one name: a ServiceAccount allowed to list Secrets unnamed could
+//! read every Secret in the cluster. Copies made under an earlier pull-secret name are
+//! therefore not seen and stay (remove them by hand after a rename).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -129,7 +135,7 @@ async fn converge(
 }
 
 /// One pass: create missing copies, update stale ones, delete owned copies in namespaces
-/// that opted out (or under a pull-secret name no longer configured).
+/// that opted out.
 pub async fn reconcile(
     client: &Client,
     source_namespace: &str,
@@ -151,7 +157,11 @@ pub async fn reconcile(
         .filter(|n| n != source_namespace)
         .collect();
     let owned: Vec<Secret> = Api::<Secret>::all(client.clone())
-        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
+        .list(
+            &ListParams::default()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+                .fields(&format!("metadata.name={name}")),
+        )
         .await?
         .items
         .into_iter()
@@ -246,15 +256,13 @@ fn only_ok<T>(ev: Result<T, watcher::Error>) -> std::future::Ready<Option<()>> {
     std::future::ready(ev.ok().map(|_| ()))
 }
 
-/// Runs reconciliations for as long as the process lives: on namespace changes, on changes
-/// to secrets in the source namespace or to owned copies, and every `resync`.
-pub async fn run(
-    client: Client,
-    source_namespace: String,
-    config: Arc<ConfigSource>,
-    metrics: Arc<Metrics>,
-    resync: Duration,
-) {
+/// Watches that trigger a pass: namespaces, and, when a pull secret is configured, that one
+/// name in the source namespace and everywhere among the copies.
+fn triggers(
+    client: &Client,
+    source_namespace: &str,
+    name: Option<&str>,
+) -> futures_util::stream::BoxStream<'static, ()> {
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
@@ -262,22 +270,42 @@ pub async fn run(
     .default_backoff()
     .filter_map(only_ok)
     .boxed();
+    let Some(name) = name else {
+        return namespaces;
+    };
+    let by_name = format!("metadata.name={name}");
     let sources = watcher(
-        Api::<Secret>::namespaced(client.clone(), &source_namespace),
-        watcher::Config::default(),
+        Api::<Secret>::namespaced(client.clone(), source_namespace),
+        watcher::Config::default().fields(&by_name),
     )
     .default_backoff()
     .filter_map(only_ok)
     .boxed();
     let copies = watcher(
         Api::<Secret>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        watcher::Config::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+            .fields(&by_name),
     )
     .default_backoff()
     .filter_map(only_ok)
     .boxed();
-    let mut events =
-        futures_util::stream::select(namespaces, futures_util::stream::select(sources, copies));
+    futures_util::stream::select_all([namespaces, sources, copies]).boxed()
+}
+
+/// Runs reconciliations for as long as the process lives: on namespace changes, on changes
+/// to the source secret or to owned copies, and every `resync`. The watches follow the
+/// configured pull-secret name when the config changes it.
+pub async fn run(
+    client: Client,
+    source_namespace: String,
+    config: Arc<ConfigSource>,
+    metrics: Arc<Metrics>,
+    resync: Duration,
+) {
+    let configured = || config.get().and_then(|c| c.pull_secret.clone());
+    let mut watched = configured();
+    let mut events = triggers(&client, &source_namespace, watched.as_deref());
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -294,7 +322,12 @@ pub async fn run(
                 ev = events.next() => if ev.is_none() { break },
             }
         }
-        let Some(name) = config.get().and_then(|c| c.pull_secret.clone()) else {
+        let name = configured();
+        if name != watched {
+            events = triggers(&client, &source_namespace, name.as_deref());
+            watched = name.clone();
+        }
+        let Some(name) = name else {
             continue;
         };
         if let Err(e) = reconcile(&client, &source_namespace, &name).await {

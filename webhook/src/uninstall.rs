@@ -168,54 +168,69 @@ pub async fn run(client: &Client, args: &UninstallArgs) -> Result<Report, Uninst
         Err(e) => fail("list labelled nodes", e),
     }
 
-    let from = args
-        .pull_secret
-        .as_ref()
-        .map(|p| format!("{namespace}/{p}"));
-    if from.is_some() || !args.certificate_secrets.is_empty() {
+    // Secrets are only ever read by name (RBAC then grants those names only): the copies
+    // with a `metadata.name` field selector across namespaces, the certificates one by one.
+    let mut doomed: Vec<(String, String, bool)> = Vec::new();
+    if let Some(pull) = &args.pull_secret {
+        let from = format!("{namespace}/{pull}");
         let all = Api::<Secret>::all(client.clone());
         match all
             .list_metadata(
-                &ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+                &ListParams::default()
+                    .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+                    .fields(&format!("metadata.name={pull}")),
             )
             .await
         {
             Ok(list) => {
                 for s in list.items {
-                    let (Some(ns), Some(name)) = (s.metadata.namespace, s.metadata.name) else {
-                        continue;
-                    };
                     let copied_from = s
                         .metadata
                         .annotations
                         .as_ref()
                         .and_then(|a| a.get(COPIED_FROM));
-                    let is_copy = from.is_some() && copied_from == from.as_ref();
-                    let is_cert = ns == namespace
-                        && args.certificate_secrets.contains(&name)
-                        && s.metadata
-                            .labels
-                            .as_ref()
-                            .is_some_and(|l| l.contains_key(CERTIFICATE_LABEL));
-                    if !is_copy && !is_cert {
+                    if copied_from != Some(&from) {
                         continue;
                     }
-                    let api = Api::<Secret>::namespaced(client.clone(), &ns);
-                    match api.delete(&name, &DeleteParams::default()).await {
-                        Ok(_) => {
-                            tracing::info!(namespace = %ns, secret = %name, "secret removed");
-                            if is_copy {
-                                report.copies_deleted.push(ns);
-                            } else {
-                                report.certificates_deleted.push(name);
-                            }
-                        }
-                        Err(e) if not_found(&e) => {}
-                        Err(e) => fail("delete a secret", e),
+                    if let (Some(ns), Some(name)) = (s.metadata.namespace, s.metadata.name) {
+                        doomed.push((ns, name, true));
                     }
                 }
             }
-            Err(e) => fail("list the webhook's secrets", e),
+            Err(e) => fail("list the pull-secret copies", e),
+        }
+    }
+    let own = Api::<Secret>::namespaced(client.clone(), &namespace);
+    for name in &args.certificate_secrets {
+        match own.get_metadata_opt(name).await {
+            Ok(Some(s)) => {
+                let ours = s.metadata.labels.as_ref().is_some_and(|l| {
+                    l.contains_key(CERTIFICATE_LABEL)
+                        && l.get(MANAGED_BY_LABEL).is_some_and(|v| v == MANAGED_BY)
+                });
+                if ours {
+                    doomed.push((namespace.clone(), name.clone(), false));
+                } else {
+                    tracing::warn!(secret = %name, "not a managed certificate Secret; left alone");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => fail("read a certificate Secret", e),
+        }
+    }
+    for (ns, name, is_copy) in doomed {
+        let api = Api::<Secret>::namespaced(client.clone(), &ns);
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(namespace = %ns, secret = %name, "secret removed");
+                if is_copy {
+                    report.copies_deleted.push(ns);
+                } else {
+                    report.certificates_deleted.push(name);
+                }
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => fail("delete a secret", e),
         }
     }
     if failed > 0 {

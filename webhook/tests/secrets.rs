@@ -83,6 +83,15 @@ fn selector_matches(selector: Option<&str>, labels: Option<&Value>) -> bool {
     })
 }
 
+/// `metadata.name=X` field selectors (the only kind the controller sends).
+fn field_matches(selector: Option<&str>, object: &Value) -> bool {
+    let Some(sel) = selector else { return true };
+    let want = sel
+        .strip_prefix("metadata.name=")
+        .expect("metadata.name field selectors only");
+    object["metadata"]["name"] == want
+}
+
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -106,6 +115,7 @@ fn handle(
         .push(format!("{method} {path}?{}", query.unwrap_or_default()));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let selector = query_param(query, "labelSelector");
+    let fields = query_param(query, "fieldSelector");
     match (method.clone(), parts.as_slice()) {
         (Method::GET, ["api", "v1", "namespaces"]) => {
             let items: Vec<Value> = s
@@ -125,6 +135,7 @@ fn handle(
                 .secrets
                 .values()
                 .filter(|x| selector_matches(selector.as_deref(), x["metadata"].get("labels")))
+                .filter(|x| field_matches(fields.as_deref(), x))
                 .cloned()
                 .collect();
             (
@@ -138,7 +149,9 @@ fn handle(
                 .secrets
                 .iter()
                 .filter(|((n, _), x)| {
-                    n == ns && selector_matches(selector.as_deref(), x["metadata"].get("labels"))
+                    n == ns
+                        && selector_matches(selector.as_deref(), x["metadata"].get("labels"))
+                        && field_matches(fields.as_deref(), x)
                 })
                 .map(|(_, x)| x.clone())
                 .collect();
@@ -236,6 +249,7 @@ fn watch(store: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
         .map(str::to_owned)
         .collect();
     let selector = query_param(query, "labelSelector");
+    let fields = query_param(query, "fieldSelector");
     let (kind, namespace) = match parts
         .iter()
         .map(String::as_str)
@@ -248,7 +262,7 @@ fn watch(store: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
         other => panic!("no watch for {other:?}"),
     };
     let stream = futures_util::stream::unfold(rx, move |mut rx| {
-        let (selector, namespace) = (selector.clone(), namespace.clone());
+        let (selector, namespace, fields) = (selector.clone(), namespace.clone(), fields.clone());
         async move {
             loop {
                 let ev = rx.recv().await.ok()?;
@@ -256,6 +270,7 @@ fn watch(store: &Shared, path: &str, query: Option<&str>) -> Response<Body> {
                 if ev.kind != kind
                     || namespace.as_deref().is_some_and(|n| m["namespace"] != n)
                     || !selector_matches(selector.as_deref(), m.get("labels"))
+                    || !field_matches(fields.as_deref(), &ev.object)
                 {
                     continue;
                 }
@@ -454,8 +469,10 @@ async fn copies_follow_the_source_and_the_namespace_labels() {
     assert!(copy_in(&store, "new").is_none());
 }
 
+/// A renamed pull secret gets its own copies; copies under the old name are no longer read
+/// (every read names the pull secret, so RBAC can grant that name only) and stay.
 #[tokio::test]
-async fn renamed_pull_secret_replaces_the_old_copies() {
+async fn renamed_pull_secret_gets_new_copies_and_reads_only_its_name() {
     let store: Shared = Arc::default();
     ns(&store, "outpost-system", false);
     ns(&store, "shop", true);
@@ -475,15 +492,27 @@ async fn renamed_pull_secret_replaces_the_old_copies() {
         .await
         .unwrap();
     assert!(copy_in(&store, "shop").is_some());
+    store.lock().unwrap().log.clear();
     let r = reconcile(&c, "outpost-system", "pull-2").await.unwrap();
     assert_eq!(r.created, vec!["shop"]);
-    assert_eq!(r.deleted, vec!["shop"]);
-    assert!(copy_in(&store, "shop").is_none());
+    assert!(r.deleted.is_empty(), "{r:?}");
     let s = store.lock().unwrap();
     assert_eq!(
         s.secrets[&("shop".to_owned(), "pull-2".to_owned())]["data"][".dockerconfigjson"],
         "djI="
     );
+    // Every Secret read named it: a get of that name, or a list by that name (a create cannot
+    // name it in the path; RBAC grants create unnamed).
+    for l in s
+        .log
+        .iter()
+        .filter(|l| l.contains("/secrets") && !l.starts_with("POST "))
+    {
+        assert!(
+            l.contains("/secrets/pull-2") || l.contains("fieldSelector=metadata.name%3Dpull-2"),
+            "a Secret request not by name: {l}"
+        );
+    }
 }
 
 /// Two replicas race to create a namespace's copy: the one that loses reads what the winner
