@@ -637,7 +637,8 @@ fn the_ca_rotates_in_seconds_with_short_timings() {
 }
 
 /// The webhook off: the small certs Deployment keeps the registry's certificate alone, with
-/// its own ServiceAccount's token, ready on plain HTTP once the Secrets exist.
+/// its own ServiceAccount's token, ready on plain HTTP once the Secrets exist, its expiry
+/// in /metrics.
 #[test]
 fn the_certs_deployment_manages_the_registry_certificate_without_the_webhook() {
     let (ns, release) = ("certs-only", "outpost-co");
@@ -670,6 +671,28 @@ fn the_certs_deployment_manages_the_registry_certificate_without_the_webhook() {
     assert!(
         ext.contains("DNS:outpost-co-registry.certs-only.svc"),
         "{ext}"
+    );
+    // Expiry gauges for alerting: the CA's and the registry certificate's notAfter, ahead.
+    let page = outpost_e2e::http()
+        .get(format!("http://127.0.0.1:{}/metrics", p.port))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for secret in [format!("{release}-ca"), format!("{release}-registry-tls")] {
+        let series =
+            format!("outpost_webhook_certificate_expiry_timestamp_seconds{{secret=\"{secret}\"}}");
+        let at = outpost_e2e::metrics::sample(&page, &series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{page}"));
+        assert!(at > now + 80.0 * 86400.0, "{series} = {at}");
+    }
+    assert_eq!(
+        outpost_e2e::metrics::sample(&page, "outpost_webhook_certificate_errors_total"),
+        Some(0.0),
+        "{page}"
     );
     let sa = cp().rest(&token);
     forbidden(

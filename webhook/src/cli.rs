@@ -39,7 +39,8 @@ pub enum Command {
     /// on the same listener, and keep pull-secret copies in opted-in namespaces.
     Serve(Box<ServeArgs>),
     /// Only keep the self-managed certificates (the chart's choice when the webhook is off):
-    /// the same manager `serve --manage-certs` runs, with /healthz and /readyz over plain HTTP.
+    /// the same manager `serve --manage-certs` runs, with /healthz, /readyz and /metrics over
+    /// plain HTTP.
     Certs(Box<CertsArgs>),
     /// Remove what Outpost leaves behind outside its release (a Helm pre-delete hook): the
     /// node agent's DaemonSet (its pods clean their nodes while their RBAC still exists), the
@@ -314,7 +315,6 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .clone()
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .filter(|n| !n.is_empty());
-    let metrics = Arc::new(Metrics::new());
     let config = ConfigSource::new(args.config.clone());
     config.watch(args.reload_interval);
     let spec = args.certs.spec(namespace.as_deref())?;
@@ -332,10 +332,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             "--registry-ca-file and a managed --registry-tls-secret exclude each other".into(),
         ));
     }
+    let metrics = Arc::new(Metrics::new());
     let snapshots = match spec {
         Some(spec) => Some(certs::manager::spawn(
             kube::Client::try_default().await?,
             spec,
+            Arc::clone(&metrics),
         )),
         None => None,
     };
@@ -449,10 +451,30 @@ async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
     let Some(spec) = certs.spec(namespace.as_deref())? else {
         return Err(CliError::Usage("nothing to manage".into()));
     };
-    let rx = certs::manager::spawn(kube::Client::try_default().await?, spec);
+    let metrics = Arc::new(Metrics::new());
+    let rx = certs::manager::spawn(
+        kube::Client::try_default().await?,
+        spec,
+        Arc::clone(&metrics),
+    );
     let ready = move || rx.borrow().is_some();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = metrics.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             axum::routing::get(move || {

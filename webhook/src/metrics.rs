@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -15,12 +16,20 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub secret: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     admissions: Family<ResultLabels, Counter>,
     duration: Histogram,
     availability_checks: Family<ResultLabels, Counter>,
     pub secret_sync_errors: Counter,
+    /// notAfter (Unix seconds) of each managed certificate: the signing CA and the serving ones.
+    pub certificate_expiry: Family<SecretLabels, Gauge>,
+    pub certificate_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -57,12 +66,26 @@ impl Metrics {
             "Failed pull-secret copy reconciliations",
             secret_sync_errors.clone(),
         );
+        let certificate_expiry = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each self-managed certificate expires (Unix time), by Secret (the CA's: its signing CA)",
+            certificate_expiry.clone(),
+        );
+        let certificate_errors = Counter::default();
+        registry.register(
+            "certificate_errors",
+            "Failed self-managed certificate passes (retried with backoff)",
+            certificate_errors.clone(),
+        );
         Metrics {
             registry,
             admissions,
             duration,
             availability_checks,
             secret_sync_errors,
+            certificate_expiry,
+            certificate_errors,
         }
     }
 

@@ -15,9 +15,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use super::pki::{PkiError, Sans};
+use super::pki::{self, PkiError, Sans};
 use super::plan::{self, CaState, Decision, LeafState, Timings};
 use super::{CERTIFICATE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::metrics::{Metrics, SecretLabels};
 
 /// Reads and writes of one Secret before giving up for this pass (each lost race costs one).
 const ATTEMPTS: usize = 5;
@@ -73,6 +74,8 @@ pub struct Spec {
 pub struct Snapshot {
     /// Every trusted CA, PEM, newest first.
     pub bundle: String,
+    /// The signing CA's certificate (PEM).
+    pub signer: String,
     pub leaves: BTreeMap<String, plan::LeafState>,
 }
 
@@ -211,7 +214,11 @@ pub async fn reconcile(
     if let Some(name) = &spec.webhook_configuration {
         patch_ca_bundle(client, name, &bundle).await?;
     }
-    Ok(Snapshot { bundle, leaves })
+    Ok(Snapshot {
+        bundle,
+        signer: ca.signer.cert.clone(),
+        leaves,
+    })
 }
 
 /// Sets every webhook's `clientConfig.caBundle` of the configuration `name` to `bundle`
@@ -261,13 +268,42 @@ fn trigger<T>(ev: Result<T, watcher::Error>) -> std::future::Ready<Option<()>> {
 /// webhook configuration (each watched by name, which the chart's RBAC allows), every
 /// `check_interval`, and after a failure with backoff (1 s doubling to 60 s). Each pass's
 /// result is published on the returned channel (None until the first success).
-pub fn spawn(client: Client, spec: Spec) -> watch::Receiver<Option<Arc<Snapshot>>> {
+pub fn spawn(
+    client: Client,
+    spec: Spec,
+    metrics: Arc<Metrics>,
+) -> watch::Receiver<Option<Arc<Snapshot>>> {
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(run(client, spec, tx));
+    tokio::spawn(run(client, spec, metrics, tx));
     rx
 }
 
-async fn run(client: Client, spec: Spec, tx: watch::Sender<Option<Arc<Snapshot>>>) {
+/// Expiry gauges from a pass's result.
+fn record(metrics: &Metrics, spec: &Spec, snap: &Snapshot) {
+    let set = |secret: &str, pem: &str| {
+        if let Ok(i) = pki::info(pem)
+            && let Ok(d) = i.not_after.duration_since(std::time::UNIX_EPOCH)
+        {
+            metrics
+                .certificate_expiry
+                .get_or_create(&SecretLabels {
+                    secret: secret.to_owned(),
+                })
+                .set(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        }
+    };
+    set(&spec.ca_secret, &snap.signer);
+    for (secret, leaf) in &snap.leaves {
+        set(secret, &leaf.pair.cert);
+    }
+}
+
+async fn run(
+    client: Client,
+    spec: Spec,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+) {
     let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let secrets = Api::<Secret>::namespaced(client.clone(), &spec.namespace);
     let mut streams = vec![
@@ -301,6 +337,7 @@ async fn run(client: Client, spec: Spec, tx: watch::Sender<Option<Arc<Snapshot>>
         let wait = match reconcile(&client, &spec, SystemTime::now()).await {
             Ok(snap) => {
                 backoff = Duration::from_secs(1);
+                record(&metrics, &spec, &snap);
                 tx.send_if_modified(|cur| {
                     if cur.as_deref() == Some(&snap) {
                         false
@@ -312,6 +349,7 @@ async fn run(client: Client, spec: Spec, tx: watch::Sender<Option<Arc<Snapshot>>
                 spec.check_interval
             }
             Err(e) => {
+                metrics.certificate_errors.inc();
                 tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "certificate reconciliation failed");
                 let w = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
