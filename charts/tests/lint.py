@@ -43,10 +43,23 @@ SCENARIOS = {
                         "service": {"clusterIP": "fd00::10"}}, True),
     "http": ({"connectionString": CONN, "httpsEnabled": False, "trustDistribution": {"enabled": False},
               "service": {"port": 80}}, True),
+    # The lab install with the node agent: a plain-HTTP mirror on the nodes.
+    "http-with-trust": ({"connectionString": CONN.replace("=https", "=http"), "httpsEnabled": False,
+                         "service": {"port": 80, "clusterIP": "10.96.100.100"},
+                         "webhook": {"rules": [{"upstream": "parent.lab:8080", "plainHttp": True},
+                                               {"upstream": "ghcr.io", "caFile": "/etc/ssl/ghcr.pem"}]}},
+                        True),
+    "existing-secret-parent": ({"existingSecret": "outpost-conn",
+                                "parent": {"gatewayEndpoint": "myacr.westeurope.data.azurecr.io",
+                                           "protocol": "https"}}, True),
     "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}}, True),
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, True),
     "k3s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k3s", "nodeCredentials": True},
              "service": {"clusterIP": "10.43.10.10"}}, True),
+    "rke2": ({"connectionString": CONN, "trustDistribution": {"runtime": "rke2"}}, True),
+    "microk8s": ({"connectionString": CONN, "trustDistribution": {"runtime": "microk8s"}}, True),
+    "k0s": ({"connectionString": CONN, "trustDistribution": {"runtime": "k0s",
+                                                            "hostConfigDir": "/etc/k0s"}}, True),
     # Must fail: the schema rejects unknown keys and wrong types, and contradictory values. The
     # third item is what Helm's own validation must say (checked through an install into the
     # stand-in API, since Lint's messages carry no text through helm-sdkpy).
@@ -58,10 +71,17 @@ SCENARIOS = {
                    "at '/sync/chunkSizeInMb': got string, want integer"),
     "bad-cluster-ip": ({"service": {"clusterIP": "10.96.0.300"}}, False,
                        "'10.96.0.300' does not match pattern"),
-    "http-with-trust": ({"httpsEnabled": False}, False,
-                        "at '/trustDistribution/enabled': value must be false"),
     "webhook-tls-without-ca-bundle": ({"webhook": {"tlsSecret": "s"}}, False,
                                       "at '/webhook/caBundle': minLength"),
+    "unknown-runtime": ({"trustDistribution": {"runtime": "cri-o"}}, False,
+                        "at '/trustDistribution/runtime': value must be one of"),
+    "relative-host-config-dir": ({"trustDistribution": {"hostConfigDir": "etc/containerd"}}, False,
+                                 "at '/trustDistribution/hostConfigDir': 'etc/containerd' does not match pattern"),
+    "rule-plain-http-and-ca-file": ({"webhook": {"rules": [{"upstream": "parent.lab", "plainHttp": True,
+                                                            "caFile": "/etc/ssl/p.pem"}]}}, False,
+                                    "at '/webhook/rules/0': 'not' failed"),
+    "rule-upstream-with-scheme": ({"webhook": {"rules": [{"upstream": "https://myacr.azurecr.io"}]}}, False,
+                                  "at '/webhook/rules/0/upstream': 'https://myacr.azurecr.io' does not match pattern"),
 }
 
 

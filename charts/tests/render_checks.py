@@ -78,6 +78,11 @@ def check_common(o):
                 assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: wildcard {field}"
     dump = json.dumps([x for x in o.all if x["kind"] != "Secret"])
     assert "SyncTokenPassword" not in dump, "the connection string outside a Secret"
+    # Nothing of the connection string's secret part reaches the mirror configs.
+    for cm in o.of("ConfigMap"):
+        text = json.dumps(cm["data"])
+        for secret in ("s3cr3t-p4ss", "edge-sync", "SyncToken"):
+            assert secret not in text, f"{cm['metadata']['name']} holds {secret}"
     check_uninstall_hook(o)
 
 
@@ -104,6 +109,29 @@ def check_uninstall_hook(o):
             if "delete" in rule["verbs"] or "secrets" in rule["resources"]:
                 assert rule.get("resourceNames"), f"Secrets and deletes only by name: {rule}"
     return c["args"]
+
+
+def mirror_configs(o):
+    """The webhook's and the node agent's config.toml, those rendered."""
+    return [cm["data"]["config.toml"] for cm in o.of("ConfigMap")
+            if cm["metadata"]["name"].endswith(("-webhook", "-node-agent"))]
+
+
+def rules(config):
+    """[[rule]] tables of a config.toml as dicts (the chart writes one key per line)."""
+    out = []
+    for block in config.split("[[rule]]")[1:]:
+        rule = {}
+        for line in block.strip().splitlines():
+            key, _, value = line.partition(" = ")
+            rule[key.strip()] = json.loads(value)
+        out.append(rule)
+    return out
+
+
+def agent_env(o):
+    ds = o.one("DaemonSet", "-node-agent")
+    return {e["name"]: e.get("value") for e in containers(ds)[0]["env"]}
 
 
 def registry_args(o):
@@ -292,6 +320,73 @@ def check_webhook_off(o):
     assert "--deployment=outpost-certs" in args, args
 
 
+def check_parent_rules(o):
+    """No webhook.rules: the parent's login server and gateway host, for the synced repositories."""
+    configs = mirror_configs(o)
+    assert len(configs) == 2, configs
+    for c in configs:
+        assert rules(c) == [
+            {"upstream": "myacr.azurecr.io", "repositories": ["hello-world", "team-a/**"]},
+            {"upstream": "myacr.westeurope.data.azurecr.io", "repositories": ["hello-world", "team-a/**"]},
+        ], c
+    assert "images of the parent, myacr.azurecr.io and myacr.westeurope.data.azurecr.io" in o.notes
+
+
+def check_parent_over_http(o):
+    for c in mirror_configs(o):
+        assert rules(c) == [{"upstream": "10.1.2.3:8080", "plain_http": True}], c
+
+
+def check_rules_carry_plain_http_and_ca(o):
+    for c in mirror_configs(o):
+        assert rules(c) == [{"upstream": "parent.lab:8080", "plain_http": True},
+                            {"upstream": "ghcr.io", "ca_file": "/etc/ssl/ghcr.pem"}], c
+
+
+def check_existing_secret_parent(o):
+    assert not o.of("Secret")
+    for c in mirror_configs(o):
+        assert rules(c) == [{"upstream": "myacr.azurecr.io"},
+                            {"upstream": "myacr.westeurope.data.azurecr.io"}], c
+
+
+def check_existing_secret_alone(o):
+    for c in mirror_configs(o):
+        assert not rules(c), c
+    assert "cannot read existingSecret" in o.notes and "parent.gatewayEndpoint" in o.notes, o.notes
+
+
+def check_http_lab(o):
+    """httpsEnabled=false with the node agent: a plain-HTTP mirror, no CA anywhere."""
+    ds = o.one("DaemonSet", "-node-agent")
+    args = containers(ds)[0]["args"]
+    assert not any(a.startswith("--ca-file") for a in args), args
+    assert not [v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "ca"]
+    for c in mirror_configs(o):
+        assert "registry_plain_http = true" in c, c
+        assert rules(c) == [{"upstream": "myacr.azurecr.io", "plain_http": True},
+                            {"upstream": "myacr.westeurope.data.azurecr.io", "plain_http": True}], c
+    assert "plain HTTP (registry_plain_http)" in o.notes, o.notes
+
+
+def check_layout(runtime, mount, env):
+    def check(o):
+        ds = o.one("DaemonSet", "-node-agent")
+        pod = ds["spec"]["template"]["spec"]
+        host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
+        assert host_paths == [mount], host_paths
+        c = containers(ds)[0]
+        assert {"name": "runtime-config", "mountPath": "/host" + mount} in c["volumeMounts"]
+        assert f"--runtime={runtime}" in c["args"], c["args"]
+        pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[1:] == ["cleanup", "--root=/host", f"--runtime={runtime}"], pre_stop
+        got = agent_env(o)
+        assert "OUTPOST_NODE_NAME" in got, got
+        got.pop("OUTPOST_NODE_NAME")
+        assert got == env, got
+    return check
+
+
 def check_standalone(o):
     args = registry_args(o)
     assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
@@ -317,6 +412,39 @@ SCENARIOS = {
                                check_trust_off),
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, check_webhook_off),
     "standalone-defaults": ({}, check_standalone),
+    "parent-rules-by-default": ({"connectionString": CONN, "repositories": ["hello-world", "team-a/**"]},
+                                check_parent_rules),
+    "parent-over-http": ({"connectionString": CONN.replace(
+        "myacr.westeurope.data.azurecr.io;ParentEndpointProtocol=https",
+        "10.1.2.3:8080;ParentEndpointProtocol=HTTP")}, check_parent_over_http),
+    "rules-plain-http-ca-file": ({"connectionString": CONN, "webhook": {"rules": [
+        {"upstream": "parent.lab:8080", "plainHttp": True},
+        {"upstream": "ghcr.io", "caFile": "/etc/ssl/ghcr.pem", "plainHttp": False}]}},
+        check_rules_carry_plain_http_and_ca),
+    "existing-secret-parent": ({"existingSecret": "outpost-conn",
+                                "parent": {"gatewayEndpoint": "MyAcr.westeurope.data.azurecr.io"}},
+                               check_existing_secret_parent),
+    "existing-secret-alone": ({"existingSecret": "outpost-conn"}, check_existing_secret_alone),
+    "http-lab-with-trust": ({"connectionString": CONN.replace("=https", "=http"), "httpsEnabled": False,
+                             "service": {"port": 80, "clusterIP": "10.96.100.100"}}, check_http_lab),
+    "containerd-layout": ({"connectionString": CONN}, check_layout("containerd", "/etc/containerd", {
+        "OUTPOST_HOSTS_DIR": "/etc/containerd/certs.d",
+        "OUTPOST_CONTAINERD_CONFIG": "/etc/containerd/config.toml"})),
+    "k3s-layout": ({"trustDistribution": {"runtime": "k3s"}}, check_layout("k3s", "/etc/rancher/k3s", {
+        "OUTPOST_REGISTRIES_YAML": "/etc/rancher/k3s/registries.yaml"})),
+    "rke2-layout": ({"trustDistribution": {"runtime": "rke2"}}, check_layout("rke2", "/etc/rancher/rke2", {
+        "OUTPOST_REGISTRIES_YAML": "/etc/rancher/rke2/registries.yaml"})),
+    "microk8s-layout": ({"trustDistribution": {"runtime": "microk8s"}},
+                        check_layout("containerd", "/var/snap/microk8s", {
+                            "OUTPOST_HOSTS_DIR": "/var/snap/microk8s/current/args/certs.d",
+                            "OUTPOST_CONTAINERD_CONFIG": "/var/snap/microk8s/current/args/containerd.toml"})),
+    "k0s-layout": ({"trustDistribution": {"runtime": "k0s"}}, check_layout("containerd", "/etc/k0s", {
+        "OUTPOST_HOSTS_DIR": "/etc/k0s/containerd.d/certs.d",
+        "OUTPOST_CONTAINERD_CONFIG": "/etc/k0s/containerd.toml"})),
+    "custom-host-config-dir": ({"trustDistribution": {"hostConfigDir": "/opt/containerd/"}},
+                               check_layout("containerd", "/opt/containerd", {
+                                   "OUTPOST_HOSTS_DIR": "/opt/containerd/certs.d",
+                                   "OUTPOST_CONTAINERD_CONFIG": "/opt/containerd/config.toml"})),
 }
 
 

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! registry = "192.100.100.1"            # host[:port] the nodes pull from
+//! registry_plain_http = false           # the registry serves plain HTTP (labs; no CA)
 //! pull_secret = "outpost-pull"          # webhook: injected into imagePullSecrets
 //! skip_node_selector = false            # webhook: true = no outpost.io/trusted affinity
 //! check_availability = true             # webhook: HEAD the image on the registry first
@@ -173,6 +174,8 @@ impl MirrorRule {
 pub struct MirrorConfig {
     /// The Outpost registry the nodes pull from.
     pub registry: Host,
+    /// The registry serves plain HTTP (labs): nodes reach it without TLS and need no CA.
+    pub registry_plain_http: bool,
     /// Secret injected into `imagePullSecrets` (webhook); `None` when the file names none.
     pub pull_secret: Option<String>,
     pub skip_node_selector: bool,
@@ -206,6 +209,8 @@ impl MirrorConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     registry: String,
+    #[serde(default)]
+    registry_plain_http: bool,
     #[serde(default)]
     pull_secret: Option<String>,
     #[serde(default)]
@@ -297,6 +302,7 @@ impl FromStr for MirrorConfig {
         }
         Ok(MirrorConfig {
             registry,
+            registry_plain_http: raw.registry_plain_http,
             pull_secret: raw.pull_secret,
             skip_node_selector: raw.skip_node_selector,
             check_availability: raw.check_availability,
@@ -346,6 +352,11 @@ upstream = "index.docker.io"
         assert!(!c.skip_node_selector);
         assert!(c.pull_secret.is_none());
         assert!(c.rules.is_empty());
+        assert!(!c.registry_plain_http);
+        let lab: MirrorConfig = "registry = \"10.0.0.5\"\nregistry_plain_http = true"
+            .parse()
+            .unwrap();
+        assert!(lab.registry_plain_http);
         let typo = "registry = \"r\"\ncheck_availabilty = true";
         assert!(matches!(
             typo.parse::<MirrorConfig>(),

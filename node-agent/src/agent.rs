@@ -20,8 +20,11 @@ use crate::render::{self, RenderOptions};
 pub struct AgentOptions {
     pub root: PathBuf,
     pub runtime: Runtime,
+    /// Where the runtime's files are, relative to the root.
+    pub layout: render::Layout,
     pub config: PathBuf,
-    pub ca_file: PathBuf,
+    /// The registry's CA; `None` for a plain-HTTP registry.
+    pub ca_file: Option<PathBuf>,
     pub credentials_file: Option<PathBuf>,
     /// containerd's config file, relative to the root.
     pub containerd_config: PathBuf,
@@ -48,7 +51,7 @@ pub enum InputError {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Inputs {
     config: String,
-    ca: String,
+    ca: Option<String>,
     credentials: Option<String>,
     containerd: Option<String>,
 }
@@ -153,13 +156,17 @@ impl Agent {
             root: self.opts.root.clone(),
             runtime: self.opts.runtime,
             options,
+            layout: self.opts.layout.clone(),
         }
     }
 
     fn read_inputs(&self) -> Result<Inputs, InputError> {
         Ok(Inputs {
             config: read(&self.opts.config)?,
-            ca: read(&self.opts.ca_file)?,
+            ca: match &self.opts.ca_file {
+                Some(p) => Some(read(p)?),
+                None => None,
+            },
             credentials: match &self.opts.credentials_file {
                 Some(p) => Some(read(p)?),
                 None => None,
@@ -236,12 +243,26 @@ impl Agent {
             .config
             .parse()
             .map_err(|e| format!("{}: {e}", self.opts.config.display()))?;
-        if !inputs.ca.contains("-----BEGIN CERTIFICATE-----") {
-            return Err(format!(
-                "{}: no PEM certificate in the CA file",
-                self.opts.ca_file.display()
-            ));
-        }
+        let ca = match (&inputs.ca, &self.opts.ca_file) {
+            // A plain-HTTP registry needs no CA: one given anyway is not used.
+            _ if cfg.registry_plain_http => None,
+            (Some(text), Some(path)) => {
+                if !text.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!(
+                        "{}: no PEM certificate in the CA file",
+                        path.display()
+                    ));
+                }
+                Some(text.as_str())
+            }
+            _ => {
+                return Err(format!(
+                    "{}: the registry serves HTTPS (no registry_plain_http = true), so the agent \
+                     needs its CA (--ca-file)",
+                    self.opts.config.display()
+                ));
+            }
+        };
         let mut options = RenderOptions {
             dial_timeout: self.opts.dial_timeout,
             ..Default::default()
@@ -254,7 +275,7 @@ impl Agent {
         }
         let report: Report = self
             .reconciler(options)
-            .reconcile(&cfg, &inputs.ca)
+            .reconcile(&cfg, ca)
             .map_err(|e| e.to_string())?;
         for p in &report.written {
             tracing::info!(path = %p.display(), "wrote");
@@ -269,9 +290,10 @@ impl Agent {
             .configured_hosts
             .set(report.configured_hosts as i64);
         self.metrics.refused_files.set(report.refused.len() as i64);
-        let warnings = match self.opts.runtime {
-            Runtime::Containerd => self.preflight(inputs),
-            Runtime::K3s => Vec::new(),
+        let warnings = if self.opts.runtime.uses_registries_yaml() {
+            Vec::new()
+        } else {
+            self.preflight(inputs)
         };
         self.report_warnings(&warnings).await;
         let trusted = report.registry_trusted && !warnings.iter().any(preflight::blocks_trust);
@@ -307,18 +329,20 @@ impl Agent {
                 ),
             }];
         };
-        // containerd may name the hosts directory as the node sees it, or (tests, nested
-        // roots) as the agent sees it.
-        let on_node = Path::new("/").join(render::CERTS_D);
-        let here = self.opts.root.join(render::CERTS_D);
-        let a = preflight::check_containerd(text, &on_node);
-        if a.iter().any(|w| w.check == "config_path_elsewhere") {
-            let b = preflight::check_containerd(text, &here);
-            if !b.iter().any(|w| w.check == "config_path_elsewhere") {
-                return b;
-            }
-        }
-        a
+        // containerd may name the hosts directory as the node sees it, through another path
+        // to the same directory (MicroK8s names /var/snap/microk8s/<revision>, the agent
+        // writes through .../current), or (tests, nested roots) as the agent sees it.
+        let on_node = Path::new("/").join(&self.opts.layout.hosts_dir);
+        let here = self.opts.root.join(&self.opts.layout.hosts_dir);
+        let here_real = std::fs::canonicalize(&here).ok();
+        let root = &self.opts.root;
+        preflight::check_containerd(text, &on_node, |p| {
+            p == on_node
+                || p == here
+                || here_real.is_some()
+                    && std::fs::canonicalize(root.join(render::relative_to_root(p))).ok()
+                        == here_real
+        })
     }
 
     async fn report_warnings(&mut self, warnings: &[Warning]) {

@@ -11,8 +11,9 @@ use clap::{Parser, Subcommand};
 
 use crate::agent::{Agent, AgentOptions};
 use crate::metrics::Metrics;
+use crate::node::{NodeApi, TRUSTED_LABEL};
 use crate::reconcile::{Reconciler, Runtime};
-use crate::render::RenderOptions;
+use crate::render::{Layout, RenderOptions, relative_to_root};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,8 +37,9 @@ pub enum Command {
     Run(RunArgs),
     /// Reconcile once, print what changed, and exit (1 on failure or refused files).
     Reconcile(InputArgs),
-    /// Remove everything the agent wrote on this node, restore what it changed, and exit.
-    Cleanup(TargetArgs),
+    /// Remove everything the agent wrote on this node, restore what it changed, remove the
+    /// node's `outpost.io/trusted` label, and exit (the DaemonSet's preStop).
+    Cleanup(CleanupArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,8 +48,9 @@ pub struct TargetArgs {
     /// mounted (a DaemonSet mounts the host's /etc/containerd or /etc/rancher there).
     #[arg(long, env = "OUTPOST_ROOT", default_value = "/")]
     pub root: PathBuf,
-    /// Which runtime configuration to write: containerd's hosts directory, or k3s's
-    /// registries.yaml (k3s must restart to read it).
+    /// Which runtime configuration to write: containerd's hosts directory (also MicroK8s and
+    /// k0s, with --hosts-dir), or k3s's or RKE2's registries.yaml (read only at start, so
+    /// k3s or RKE2 must restart).
     #[arg(
         long,
         env = "OUTPOST_RUNTIME",
@@ -55,6 +58,46 @@ pub struct TargetArgs {
         default_value = "containerd"
     )]
     pub runtime: Runtime,
+    /// containerd's hosts directory (its CRI registry `config_path`) as the node sees it;
+    /// written under --root. MicroK8s: /var/snap/microk8s/current/args/certs.d; k0s: the
+    /// config_path its containerd.d drop-in names, e.g. /etc/k0s/containerd.d/certs.d.
+    #[arg(
+        long,
+        env = "OUTPOST_HOSTS_DIR",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    pub hosts_dir: PathBuf,
+    /// registries.yaml as the node sees it (--runtime k3s or rke2); written under --root.
+    /// Default: /etc/rancher/k3s/registries.yaml (k3s), /etc/rancher/rke2/registries.yaml
+    /// (rke2). The registry's CA goes to `outpost/` beside it.
+    #[arg(long, env = "OUTPOST_REGISTRIES_YAML")]
+    pub registries_yaml: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    /// Where the runtime's files are, relative to the root.
+    pub fn layout(&self) -> Layout {
+        let default = self.runtime.default_layout();
+        Layout {
+            hosts_dir: relative_to_root(&self.hosts_dir),
+            registries_yaml: self
+                .registries_yaml
+                .as_deref()
+                .map_or(default.registries_yaml, relative_to_root),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Node whose `outpost.io/trusted` label is removed (downward API: spec.nodeName).
+    #[arg(long, env = "OUTPOST_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Do not use the Kubernetes API (the label stays).
+    #[arg(long, env = "OUTPOST_NO_LABEL")]
+    pub no_label: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -66,8 +109,9 @@ pub struct InputArgs {
     #[arg(long, env = "OUTPOST_CONFIG")]
     pub config: PathBuf,
     /// PEM CA certificate of the Outpost registry's HTTPS certificate. Re-read when it changes.
+    /// Not needed when the config says `registry_plain_http = true` (labs).
     #[arg(long, env = "OUTPOST_CA_FILE")]
-    pub ca_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
     /// `.dockerconfigjson` holding a read-only token for the registry: sent by containerd as a
     /// static Authorization header (k3s: configs.auth). Off by default: every pod on the node
     /// then pulls with this token, whatever its own imagePullSecrets say.
@@ -78,7 +122,9 @@ pub struct InputArgs {
     /// and fall back only once the connection is refused or times out). 0 leaves it out.
     #[arg(long, env = "OUTPOST_DIAL_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
-    /// containerd's config file, relative to --root, checked for config_path and legacy mirrors.
+    /// containerd's config file as the node sees it (under --root), checked for config_path
+    /// and legacy mirrors (MicroK8s: /var/snap/microk8s/current/args/containerd.toml; k0s:
+    /// /etc/k0s/containerd.toml).
     #[arg(
         long,
         env = "OUTPOST_CONTAINERD_CONFIG",
@@ -134,10 +180,11 @@ fn options(i: &InputArgs, run: Option<&RunArgs>) -> AgentOptions {
     AgentOptions {
         root: i.target.root.clone(),
         runtime: i.target.runtime,
+        layout: i.target.layout(),
         config: i.config.clone(),
         ca_file: i.ca_file.clone(),
         credentials_file: i.pull_credentials_file.clone(),
-        containerd_config: i.containerd_config.clone(),
+        containerd_config: relative_to_root(&i.containerd_config),
         dial_timeout: (!i.dial_timeout.is_zero()).then_some(i.dial_timeout),
         interval: run.map_or(Duration::from_secs(2), |r| {
             r.interval.max(Duration::from_millis(50))
@@ -195,7 +242,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg: outpost_core::MirrorConfig = std::fs::read_to_string(&opts.config)?
                 .parse()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", opts.config.display()))?;
-            let ca = std::fs::read_to_string(&opts.ca_file)?;
+            let ca = match &opts.ca_file {
+                Some(p) => Some(std::fs::read_to_string(p)?),
+                None => None,
+            };
             let mut ro = RenderOptions {
                 dial_timeout: opts.dial_timeout,
                 ..Default::default()
@@ -213,9 +263,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 root: opts.root,
                 runtime: opts.runtime,
                 options: ro,
+                layout: opts.layout,
             };
             let t = Instant::now();
-            let report = rec.reconcile(&cfg, &ca)?;
+            let report = rec.reconcile(&cfg, ca.as_deref())?;
             let took = t.elapsed();
             for p in &report.written {
                 println!("wrote {}", p.display());
@@ -238,18 +289,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Cleanup(t) => {
+        Command::Cleanup(c) => {
             let rec = Reconciler {
-                root: t.root,
-                runtime: t.runtime,
+                root: c.target.root.clone(),
+                runtime: c.target.runtime,
                 options: RenderOptions::default(),
+                layout: c.target.layout(),
             };
-            let report = rec.cleanup()?;
-            for p in &report.removed {
-                println!("removed {}", p.display());
+            // The label goes even when the files cannot: it is what sends pods here.
+            let files = rec.cleanup();
+            if let Ok(report) = &files {
+                for p in &report.removed {
+                    println!("removed {}", p.display());
+                }
             }
-            Ok(ExitCode::SUCCESS)
+            let label = match (&c.node_name, c.no_label) {
+                (Some(name), false) => remove_label(name).await,
+                _ => Ok(()),
+            };
+            files?;
+            match label {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("cannot remove the node label: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
+    }
+}
+
+/// Removes the node's trusted label, within [`crate::node::API_TIMEOUT`] plus the client's set-up.
+async fn remove_label(name: &str) -> Result<(), String> {
+    let call = async {
+        let api = NodeApi::connect(name.to_owned())
+            .await
+            .map_err(|e| e.to_string())?;
+        api.set_trusted(false).await.map_err(|e| e.to_string())
+    };
+    let bound = crate::node::API_TIMEOUT + Duration::from_secs(5);
+    match tokio::time::timeout(bound, call).await {
+        Ok(Ok(())) => {
+            println!("removed label {TRUSTED_LABEL} from node {name}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer within {bound:?}")),
     }
 }
 

@@ -41,8 +41,13 @@ fn get<'a>(v: &'a toml::Value, path: &[&str]) -> Option<&'a toml::Value> {
 }
 
 /// Checks containerd's config text. `hosts_dir` is where the agent writes, as containerd sees
-/// it (its `config_path` must include it).
-pub fn check_containerd(text: &str, hosts_dir: &Path) -> Vec<Warning> {
+/// it (its `config_path` must include it); `same_dir` says whether a `config_path` entry names
+/// that directory.
+pub fn check_containerd(
+    text: &str,
+    hosts_dir: &Path,
+    same_dir: impl Fn(&Path) -> bool,
+) -> Vec<Warning> {
     let v: toml::Value = match toml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -95,7 +100,7 @@ pub fn check_containerd(text: &str, hosts_dir: &Path) -> Vec<Warning> {
         });
     } else if !config_path
         .split(':')
-        .any(|p| Path::new(p.trim_end_matches('/')) == hosts_dir)
+        .any(|p| same_dir(Path::new(p.trim_end_matches('/'))))
     {
         out.push(Warning {
             check: "config_path_elsewhere",
@@ -239,7 +244,8 @@ mod tests {
     use super::*;
 
     fn checks(text: &str) -> Vec<&'static str> {
-        check_containerd(text, Path::new("/etc/containerd/certs.d"))
+        let dir = Path::new("/etc/containerd/certs.d");
+        check_containerd(text, dir, |p| p == dir)
             .iter()
             .map(|w| w.check)
             .collect()

@@ -17,10 +17,38 @@ use crate::render::{self, DesiredFile, MANAGED_HEADER, OwnedYamlKeys, RenderOpti
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
-    /// containerd's hosts directory (`/etc/containerd/certs.d`).
+    /// containerd's hosts directory (`/etc/containerd/certs.d`, or `--hosts-dir`).
     Containerd,
     /// k3s's `/etc/rancher/k3s/registries.yaml` (k3s reads it at start).
     K3s,
+    /// RKE2's `/etc/rancher/rke2/registries.yaml` (k3s's format; RKE2 reads it at start).
+    Rke2,
+}
+
+impl Runtime {
+    /// True when the agent writes registries.yaml rather than containerd's hosts directory.
+    pub fn uses_registries_yaml(self) -> bool {
+        matches!(self, Runtime::K3s | Runtime::Rke2)
+    }
+
+    /// The default layout of this runtime's files.
+    pub fn default_layout(self) -> render::Layout {
+        match self {
+            Runtime::Rke2 => render::Layout {
+                registries_yaml: PathBuf::from(render::RKE2_REGISTRIES_YAML),
+                ..Default::default()
+            },
+            Runtime::Containerd | Runtime::K3s => render::Layout::default(),
+        }
+    }
+
+    /// What to restart after registries.yaml changed.
+    fn services(self) -> &'static str {
+        match self {
+            Runtime::Rke2 => "rke2-server (or rke2-agent)",
+            _ => "k3s (or k3s-agent)",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +59,10 @@ pub enum ReconcileError {
     Render(#[from] render::RenderError),
     #[error("state file {path} is unreadable: {reason}")]
     State { path: String, reason: String },
+    #[error(
+        "the registry serves HTTPS (registry_plain_http is not set) and no CA was given (--ca-file)"
+    )]
+    NoCa,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReconcileError + '_ {
@@ -78,6 +110,8 @@ pub struct Reconciler {
     pub root: PathBuf,
     pub runtime: Runtime,
     pub options: RenderOptions,
+    /// Where the runtime's files are, relative to the root.
+    pub layout: render::Layout,
 }
 
 fn owned(content: &str) -> bool {
@@ -215,14 +249,29 @@ fn read_opt(path: &Path) -> Result<Option<String>, ReconcileError> {
 }
 
 impl Reconciler {
+    /// A reconciler for `runtime`'s default layout.
+    pub fn new(root: PathBuf, runtime: Runtime, options: RenderOptions) -> Self {
+        Reconciler {
+            root,
+            runtime,
+            options,
+            layout: runtime.default_layout(),
+        }
+    }
+
     fn abs(&self, rel: &Path) -> PathBuf {
         self.root.join(rel)
     }
 
     fn state_rel(&self) -> PathBuf {
-        match self.runtime {
-            Runtime::Containerd => PathBuf::from(render::CERTS_D).join(".outpost-node-agent.json"),
-            Runtime::K3s => PathBuf::from("etc/rancher/k3s/.outpost-node-agent.json"),
+        if self.runtime.uses_registries_yaml() {
+            self.layout
+                .registries_yaml
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join(".outpost-node-agent.json")
+        } else {
+            self.layout.hosts_dir.join(".outpost-node-agent.json")
         }
     }
 
@@ -376,13 +425,27 @@ impl Reconciler {
         Ok(())
     }
 
-    /// One pass: the files `cfg` wants, given the registry's CA.
-    pub fn reconcile(&self, cfg: &MirrorConfig, ca_pem: &str) -> Result<Report, ReconcileError> {
+    /// One pass: the files `cfg` wants, given the registry's CA (`None` is enough for a
+    /// plain-HTTP registry).
+    pub fn reconcile(
+        &self,
+        cfg: &MirrorConfig,
+        ca_pem: Option<&str>,
+    ) -> Result<Report, ReconcileError> {
+        let ca_pem = match ca_pem {
+            _ if cfg.registry_plain_http => None,
+            Some(pem) => Some(pem),
+            None => return Err(ReconcileError::NoCa),
+        };
         let mut st = self.load_state()?;
         let mut report = Report::default();
-        let desired = match self.runtime {
-            Runtime::Containerd => render::containerd_files(cfg, ca_pem, &self.options),
-            Runtime::K3s => vec![render::k3s_ca_file(cfg, ca_pem)],
+        let desired = if self.runtime.uses_registries_yaml() {
+            ca_pem
+                .map(|pem| render::k3s_ca_file(&self.layout, cfg, pem))
+                .into_iter()
+                .collect()
+        } else {
+            render::containerd_files(cfg, ca_pem, &self.options, &self.layout.hosts_dir)
         };
         let mut registry_ok = true;
         let mut to_write = Vec::new();
@@ -394,8 +457,8 @@ impl Reconciler {
             }
             let is_registry = f
                 .path
-                .starts_with(Path::new(render::CERTS_D).join(cfg.registry.as_str()))
-                || f.path == render::k3s_ca_path(cfg);
+                .starts_with(self.layout.hosts_dir.join(cfg.registry.as_str()))
+                || f.path == self.layout.k3s_ca_path(cfg);
             if is_registry && !ok {
                 registry_ok = false;
             }
@@ -408,14 +471,14 @@ impl Reconciler {
         let stale: Vec<PathBuf> = st
             .files
             .iter()
-            .filter(|p| !wanted.contains(p) && p.as_path() != Path::new(render::REGISTRIES_YAML))
+            .filter(|p| !wanted.contains(p) && **p != self.layout.registries_yaml)
             .cloned()
             .collect();
         for p in stale {
             self.drop_file(&p, &mut st, &mut report)?;
         }
-        if self.runtime == Runtime::K3s {
-            let ok = self.reconcile_yaml(cfg, &mut st, &mut report)?;
+        if self.runtime.uses_registries_yaml() {
+            let ok = self.reconcile_yaml(cfg, ca_pem.is_some(), &mut st, &mut report)?;
             registry_ok &= ok;
         }
         report.registry_trusted = registry_ok;
@@ -426,26 +489,24 @@ impl Reconciler {
     fn reconcile_yaml(
         &self,
         cfg: &MirrorConfig,
+        with_ca: bool,
         st: &mut AgentState,
         report: &mut Report,
     ) -> Result<bool, ReconcileError> {
-        let rel = PathBuf::from(render::REGISTRIES_YAML);
+        let rel = self.layout.registries_yaml.clone();
         let path = self.abs(&rel);
         let current = read_opt(&path)?;
-        let ca_on_host = format!("/{}", render::k3s_ca_path(cfg).display());
+        let ca_on_host = with_ca.then(|| format!("/{}", self.layout.k3s_ca_path(cfg).display()));
         let merged = render::merge_registries_yaml(
             current.as_deref(),
             &st.yaml,
             cfg,
-            &ca_on_host,
+            ca_on_host.as_deref(),
             &self.options,
         )?;
         report.refused.extend(merged.refused.iter().cloned());
         report.configured_hosts += merged.owned.mirrors.len();
-        let trusted = merged
-            .owned
-            .configs
-            .contains(&cfg.registry.as_str().to_owned());
+        let trusted = merged.registry_ok;
         if current.as_deref() == Some(merged.content.as_str()) && st.yaml == merged.owned {
             return Ok(trusted);
         }
@@ -476,7 +537,8 @@ impl Reconciler {
         report.written.push(rel);
         tracing::warn!(
             path = %path.display(),
-            "registries.yaml changed: k3s reads it only at start, so restart k3s (or k3s-agent) on this node to apply it"
+            "registries.yaml changed: it is read only at start, so restart {} on this node to apply it",
+            self.runtime.services()
         );
         Ok(trusted)
     }
@@ -485,7 +547,7 @@ impl Reconciler {
     pub fn cleanup(&self) -> Result<Report, ReconcileError> {
         let mut st = self.load_state()?;
         let mut report = Report::default();
-        let yaml_rel = PathBuf::from(render::REGISTRIES_YAML);
+        let yaml_rel = self.layout.registries_yaml.clone();
         if st.files.contains(&yaml_rel) {
             self.cleanup_yaml(&yaml_rel, &mut st, &mut report)?;
         }

@@ -1,21 +1,62 @@
 //! What the agent writes, as pure functions of the mirror config and the registry's CA: the
 //! containerd `certs.d` files, and the k3s `registries.yaml` merged with what is already there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outpost_core::{Host, MirrorConfig, MirrorRule};
+use outpost_core::{MirrorConfig, MirrorRule};
 use serde_norway::{Mapping, Value};
 
 /// First line of every file the agent owns; a file without it is never touched.
 pub const MANAGED_HEADER: &str = "# managed by outpost-node-agent";
 
-/// Where containerd's hosts directory is, relative to the root.
+/// containerd's default hosts directory, relative to the root.
 pub const CERTS_D: &str = "etc/containerd/certs.d";
 /// k3s's registries file, relative to the root.
 pub const REGISTRIES_YAML: &str = "etc/rancher/k3s/registries.yaml";
-/// Where the agent keeps the registry's CA for k3s, relative to the root.
-pub const K3S_CA_DIR: &str = "etc/rancher/k3s/outpost";
+/// RKE2's registries file (same format as k3s's), relative to the root.
+pub const RKE2_REGISTRIES_YAML: &str = "etc/rancher/rke2/registries.yaml";
+
+/// Where on the node the agent writes, relative to the root: distributions keep containerd's
+/// hosts directory and the registries file in different places.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// containerd's hosts directory (its CRI `config_path`).
+    pub hosts_dir: PathBuf,
+    /// The registries.yaml k3s or RKE2 reads at start.
+    pub registries_yaml: PathBuf,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            hosts_dir: PathBuf::from(CERTS_D),
+            registries_yaml: PathBuf::from(REGISTRIES_YAML),
+        }
+    }
+}
+
+impl Layout {
+    /// Where the agent keeps the registry's CA for registries.yaml: `outpost/` beside it.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.registries_yaml
+            .parent()
+            .unwrap_or(Path::new(""))
+            .join("outpost")
+    }
+
+    /// The CA file registries.yaml's `configs.<registry>.tls.ca_file` names.
+    pub fn k3s_ca_path(&self, cfg: &MirrorConfig) -> PathBuf {
+        self.ca_dir().join(cfg.registry.as_str()).join("ca.crt")
+    }
+}
+
+/// A node path (`/etc/containerd/certs.d`) as a path relative to the root.
+pub fn relative_to_root(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect()
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct RenderOptions {
@@ -49,14 +90,22 @@ fn scheme(plain: bool) -> &'static str {
 }
 
 /// The `[host."https://R"]` table pointing at the registry, with its CA relative to the hosts
-/// directory it sits in (containerd resolves a relative `ca` against that directory).
-fn registry_host_table(registry: &Host, ca: &str, opts: &RenderOptions, dial: bool) -> String {
-    let url = format!("https://{registry}");
+/// directory it sits in (containerd resolves a relative `ca` against that directory); plain
+/// HTTP registries get `[host."http://R"]` and no CA.
+fn registry_host_table(
+    cfg: &MirrorConfig,
+    ca: Option<&str>,
+    opts: &RenderOptions,
+    dial: bool,
+) -> String {
+    let url = registry_url(cfg);
     let mut t = format!(
-        "[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = {}\n",
-        q(&url),
-        q(ca)
+        "[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        q(&url)
     );
+    if let Some(ca) = ca.filter(|_| !cfg.registry_plain_http) {
+        t.push_str(&format!("  ca = {}\n", q(ca)));
+    }
     if dial && let Some(d) = opts.dial_timeout {
         // A Go duration string: whole seconds, or milliseconds for anything finer.
         let text = if d.subsec_millis() == 0 {
@@ -76,6 +125,11 @@ fn registry_host_table(registry: &Host, ca: &str, opts: &RenderOptions, dial: bo
     t
 }
 
+/// `https://R`, or `http://R` for a plain-HTTP registry.
+pub fn registry_url(cfg: &MirrorConfig) -> String {
+    format!("{}://{}", scheme(cfg.registry_plain_http), cfg.registry)
+}
+
 /// The first rule of each upstream decides its server settings (CA, plain HTTP).
 fn first_rules(cfg: &MirrorConfig) -> Vec<&MirrorRule> {
     let mut out: Vec<&MirrorRule> = Vec::new();
@@ -87,31 +141,35 @@ fn first_rules(cfg: &MirrorConfig) -> Vec<&MirrorRule> {
     out
 }
 
-/// Every file of the containerd configuration: the registry's CA and hosts.toml, and one
-/// hosts.toml per upstream with the registry as its mirror and the upstream as fallback.
+/// Every file of the containerd configuration under `hosts_dir`: the registry's CA (not for a
+/// plain-HTTP registry) and hosts.toml, and one hosts.toml per upstream with the registry as
+/// its mirror and the upstream as fallback.
 pub fn containerd_files(
     cfg: &MirrorConfig,
-    ca_pem: &str,
+    ca_pem: Option<&str>,
     opts: &RenderOptions,
+    hosts_dir: &Path,
 ) -> Vec<DesiredFile> {
     let r = &cfg.registry;
-    let base = PathBuf::from(CERTS_D);
-    let mut files = vec![
-        DesiredFile {
-            path: base.join(r.as_str()).join("ca.crt"),
-            content: format!("{MANAGED_HEADER}\n{}\n", ca_pem.trim_end()),
+    let mut files = Vec::new();
+    let ca_pem = ca_pem.filter(|_| !cfg.registry_plain_http);
+    if let Some(pem) = ca_pem {
+        files.push(DesiredFile {
+            path: hosts_dir.join(r.as_str()).join("ca.crt"),
+            content: format!("{MANAGED_HEADER}\n{}\n", pem.trim_end()),
             private: false,
-        },
-        DesiredFile {
-            path: base.join(r.as_str()).join("hosts.toml"),
-            content: format!(
-                "{MANAGED_HEADER}\nserver = {}\n\n{}",
-                q(&format!("https://{r}")),
-                registry_host_table(r, "ca.crt", opts, false)
-            ),
-            private: opts.authorization.is_some(),
-        },
-    ];
+        });
+    }
+    files.push(DesiredFile {
+        path: hosts_dir.join(r.as_str()).join("hosts.toml"),
+        content: format!(
+            "{MANAGED_HEADER}\nserver = {}\n\n{}",
+            q(&registry_url(cfg)),
+            registry_host_table(cfg, ca_pem.map(|_| "ca.crt"), opts, false)
+        ),
+        private: opts.authorization.is_some(),
+    });
+    let upstream_ca = format!("../{r}/ca.crt");
     for rule in first_rules(cfg) {
         let u = &rule.upstream;
         let mut server = format!(
@@ -122,10 +180,10 @@ pub fn containerd_files(
             server.push_str(&format!("ca = {}\n", q(ca)));
         }
         files.push(DesiredFile {
-            path: base.join(u.as_str()).join("hosts.toml"),
+            path: hosts_dir.join(u.as_str()).join("hosts.toml"),
             content: format!(
                 "{MANAGED_HEADER}\n{server}\n{}",
-                registry_host_table(r, &format!("../{r}/ca.crt"), opts, true)
+                registry_host_table(cfg, ca_pem.map(|_| upstream_ca.as_str()), opts, true)
             ),
             private: opts.authorization.is_some(),
         });
@@ -133,17 +191,10 @@ pub fn containerd_files(
     files
 }
 
-/// The CA file k3s's `configs.<registry>.tls.ca_file` names, relative to the root.
-pub fn k3s_ca_path(cfg: &MirrorConfig) -> PathBuf {
-    PathBuf::from(K3S_CA_DIR)
-        .join(cfg.registry.as_str())
-        .join("ca.crt")
-}
-
-/// The CA file for k3s.
-pub fn k3s_ca_file(cfg: &MirrorConfig, ca_pem: &str) -> DesiredFile {
+/// The CA file for registries.yaml.
+pub fn k3s_ca_file(layout: &Layout, cfg: &MirrorConfig, ca_pem: &str) -> DesiredFile {
     DesiredFile {
-        path: k3s_ca_path(cfg),
+        path: layout.k3s_ca_path(cfg),
         content: format!("{MANAGED_HEADER}\n{}\n", ca_pem.trim_end()),
         private: false,
     }
@@ -163,6 +214,8 @@ pub struct YamlMerge {
     pub owned: OwnedYamlKeys,
     /// Entries someone else wrote for a key the agent wanted; left as they are.
     pub refused: Vec<String>,
+    /// The registry's own entries (its CA, or its plain-HTTP endpoint) are the agent's.
+    pub registry_ok: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,14 +232,43 @@ fn section<'a>(map: &'a mut Mapping, key: &str) -> Result<&'a mut Mapping, Rende
         .ok_or_else(|| RenderError::Yaml(format!("{key} is not a mapping")))
 }
 
+/// A `configs.<host>` entry: TLS CA and/or basic auth.
+fn config_entry(ca_file: Option<&str>, basic: Option<&(String, String)>) -> Mapping {
+    let mut c = Mapping::new();
+    if let Some(ca) = ca_file {
+        let mut tls = Mapping::new();
+        tls.insert(
+            Value::String("ca_file".into()),
+            Value::String(ca.to_owned()),
+        );
+        c.insert(Value::String("tls".into()), Value::Mapping(tls));
+    }
+    if let Some((user, pass)) = basic {
+        let mut auth = Mapping::new();
+        auth.insert(
+            Value::String("username".into()),
+            Value::String(user.clone()),
+        );
+        auth.insert(
+            Value::String("password".into()),
+            Value::String(pass.clone()),
+        );
+        c.insert(Value::String("auth".into()), Value::Mapping(auth));
+    }
+    c
+}
+
 /// Merges the mirrors and the registry's TLS config into `existing` (registries.yaml as it is
 /// now), removing keys the agent owned before and no longer wants, and never changing an
-/// entry it does not own.
+/// entry it does not own. `ca_path_on_host` is the registry's CA as the node sees it (`None`
+/// for a plain-HTTP registry, which gets a mirror entry of its own with its `http://`
+/// endpoint instead, since k3s would otherwise reach it over HTTPS). An upstream's `ca_file`
+/// becomes `configs.<upstream>.tls.ca_file`.
 pub fn merge_registries_yaml(
     existing: Option<&str>,
     previously_owned: &OwnedYamlKeys,
     cfg: &MirrorConfig,
-    ca_path_on_host: &str,
+    ca_path_on_host: Option<&str>,
     opts: &RenderOptions,
 ) -> Result<YamlMerge, RenderError> {
     let mut doc: Mapping = match existing.map(str::trim) {
@@ -201,6 +283,9 @@ pub fn merge_registries_yaml(
     let mut owned = OwnedYamlKeys::default();
     let mut refused = Vec::new();
     let registry = cfg.registry.as_str();
+    let plain = cfg.registry_plain_http;
+    let registry_url = registry_url(cfg);
+    let mut registry_ok = true;
 
     // Drop what the agent owned; what it still wants is written again below.
     for (section, keys) in [
@@ -214,54 +299,65 @@ pub fn merge_registries_yaml(
         }
     }
 
+    let endpoints = |list: Vec<String>| {
+        let mut m = Mapping::new();
+        m.insert(
+            Value::String("endpoint".into()),
+            Value::Sequence(list.into_iter().map(Value::String).collect()),
+        );
+        Value::Mapping(m)
+    };
     let mirrors = section(&mut doc, "mirrors")?;
+    if plain {
+        if mirrors.contains_key(Value::String(registry.to_owned())) {
+            refused.push(format!("mirrors.{registry}"));
+            registry_ok = false;
+        } else {
+            mirrors.insert(
+                Value::String(registry.to_owned()),
+                endpoints(vec![registry_url.clone()]),
+            );
+            owned.mirrors.push(registry.to_owned());
+        }
+    }
     for rule in first_rules(cfg) {
         let key = rule.upstream.as_str().to_owned();
         if mirrors.contains_key(Value::String(key.clone())) {
             refused.push(format!("mirrors.{key}"));
             continue;
         }
-        let mut m = Mapping::new();
-        m.insert(
-            Value::String("endpoint".into()),
-            Value::Sequence(vec![
-                Value::String(format!("https://{registry}")),
-                Value::String(format!(
-                    "{}://{}",
-                    scheme(rule.plain_http),
-                    rule.upstream.endpoint()
-                )),
+        mirrors.insert(
+            Value::String(key.clone()),
+            endpoints(vec![
+                registry_url.clone(),
+                format!("{}://{}", scheme(rule.plain_http), rule.upstream.endpoint()),
             ]),
         );
-        mirrors.insert(Value::String(key.clone()), Value::Mapping(m));
         owned.mirrors.push(key);
     }
 
     let configs = section(&mut doc, "configs")?;
-    if configs.contains_key(Value::String(registry.to_owned())) {
-        refused.push(format!("configs.{registry}"));
-    } else {
-        let mut tls = Mapping::new();
-        tls.insert(
-            Value::String("ca_file".into()),
-            Value::String(ca_path_on_host.to_owned()),
-        );
-        let mut c = Mapping::new();
-        c.insert(Value::String("tls".into()), Value::Mapping(tls));
-        if let Some((user, pass)) = &opts.basic {
-            let mut auth = Mapping::new();
-            auth.insert(
-                Value::String("username".into()),
-                Value::String(user.clone()),
-            );
-            auth.insert(
-                Value::String("password".into()),
-                Value::String(pass.clone()),
-            );
-            c.insert(Value::String("auth".into()), Value::Mapping(auth));
+    let mut wanted: Vec<(String, Mapping, bool)> = Vec::new();
+    let registry_entry = config_entry(ca_path_on_host.filter(|_| !plain), opts.basic.as_ref());
+    if !registry_entry.is_empty() {
+        wanted.push((registry.to_owned(), registry_entry, !plain));
+    }
+    for rule in first_rules(cfg) {
+        if let Some(ca) = &rule.ca_file {
+            let key = rule.upstream.endpoint().to_owned();
+            if key != registry && !wanted.iter().any(|(k, _, _)| *k == key) {
+                wanted.push((key, config_entry(Some(ca), None), false));
+            }
         }
-        configs.insert(Value::String(registry.to_owned()), Value::Mapping(c));
-        owned.configs.push(registry.to_owned());
+    }
+    for (key, entry, needed_for_trust) in wanted {
+        if configs.contains_key(Value::String(key.clone())) {
+            refused.push(format!("configs.{key}"));
+            registry_ok &= !needed_for_trust;
+            continue;
+        }
+        configs.insert(Value::String(key.clone()), Value::Mapping(entry));
+        owned.configs.push(key);
     }
     // Empty sections the agent created are not left behind.
     for section in ["mirrors", "configs"] {
@@ -276,6 +372,7 @@ pub fn merge_registries_yaml(
         content: format!("{MANAGED_HEADER}\n{body}"),
         owned,
         refused,
+        registry_ok,
     })
 }
 
@@ -341,7 +438,7 @@ mod tests {
                 dial_timeout: Some(d),
                 ..Default::default()
             };
-            let files = containerd_files(&c, "PEM", &opts);
+            let files = containerd_files(&c, Some("PEM"), &opts, Path::new(CERTS_D));
             assert!(
                 files[2].content.contains(&format!("dial_timeout = {want}")),
                 "{}",
@@ -357,7 +454,12 @@ mod tests {
         let c = cfg(
             "registry = \"r\"\n[[rule]]\nupstream = \"u\"\nrepositories = [\"a\"]\n[[rule]]\nupstream = \"u\"\nplain_http = true\n",
         );
-        let files = containerd_files(&c, "PEM", &RenderOptions::default());
+        let files = containerd_files(
+            &c,
+            Some("PEM"),
+            &RenderOptions::default(),
+            Path::new(CERTS_D),
+        );
         assert_eq!(files.len(), 3);
         assert!(files[2].content.contains("server = \"https://u\""));
     }

@@ -37,11 +37,7 @@ fn cfg(text: &str) -> MirrorConfig {
 }
 
 fn reconciler(root: &Path, runtime: Runtime, options: RenderOptions) -> Reconciler {
-    Reconciler {
-        root: root.to_path_buf(),
-        runtime,
-        options,
-    }
+    Reconciler::new(root.to_path_buf(), runtime, options)
 }
 
 fn dial() -> RenderOptions {
@@ -93,7 +89,7 @@ fn assert_golden(case: &str, root: &Path, paths: &[&str]) {
 fn containerd_files_match_their_golden_copies() {
     let root = tempfile::tempdir().unwrap();
     let r = reconciler(root.path(), Runtime::Containerd, dial());
-    let report = r.reconcile(&cfg(CONFIG), CA).unwrap();
+    let report = r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     assert!(report.refused.is_empty());
     assert!(report.registry_trusted);
     // The registry and four upstreams (docker.io once, whichever way it is spelled).
@@ -120,7 +116,7 @@ fn containerd_files_match_their_golden_copies() {
         }
     }
     // A second pass writes nothing.
-    let again = r.reconcile(&cfg(CONFIG), CA).unwrap();
+    let again = r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     assert!(
         again.written.is_empty() && again.removed.is_empty(),
         "{again:?}"
@@ -137,7 +133,7 @@ fn node_credentials_become_a_static_authorization_header() {
     };
     let c = cfg("registry = \"outpost.local:5000\"\n[[rule]]\nupstream = \"ghcr.io\"\n");
     reconciler(root.path(), Runtime::Containerd, opts)
-        .reconcile(&c, CA)
+        .reconcile(&c, Some(CA))
         .unwrap();
     assert_golden(
         "containerd-credentials",
@@ -159,7 +155,7 @@ fn k3s_registries_yaml_is_merged_keeping_foreign_entries_and_restored_on_cleanup
     std::fs::write(&yaml, FOREIGN_YAML).unwrap();
     let before = tree(root.path());
     let r = reconciler(root.path(), Runtime::K3s, RenderOptions::default());
-    let report = r.reconcile(&cfg(CONFIG), CA).unwrap();
+    let report = r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     // ghcr.io already has a mirror someone else configured: left alone.
     assert_eq!(report.refused, ["mirrors.ghcr.io"]);
     assert!(report.registry_trusted);
@@ -185,7 +181,7 @@ fn k3s_registries_yaml_is_merged_keeping_foreign_entries_and_restored_on_cleanup
         "[[rule]]\nupstream = \"lab.local:5000\"\nplain_http = true\n",
         "",
     );
-    r.reconcile(&cfg(&fewer), CA).unwrap();
+    r.reconcile(&cfg(&fewer), Some(CA)).unwrap();
     let text = std::fs::read_to_string(&yaml).unwrap();
     assert!(!text.contains("lab.local"), "{text}");
     assert!(text.contains("quay.io") && text.contains("hunter2") && text.contains("docker.io"));
@@ -201,7 +197,7 @@ fn k3s_cleanup_keeps_entries_others_added_meanwhile() {
     std::fs::create_dir_all(yaml.parent().unwrap()).unwrap();
     std::fs::write(&yaml, FOREIGN_YAML).unwrap();
     let r = reconciler(root.path(), Runtime::K3s, RenderOptions::default());
-    r.reconcile(&cfg(CONFIG), CA).unwrap();
+    r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     // The admin adds a mirror while the agent manages the file.
     let edited = std::fs::read_to_string(&yaml).unwrap().replace(
         "mirrors:\n",
@@ -225,7 +221,7 @@ fn unowned_files_are_never_overwritten_or_removed() {
     let content = "server = \"https://ghcr.io\"\n[host.\"https://their-mirror\"]\n  capabilities = [\"pull\"]\n";
     std::fs::write(&theirs, content).unwrap();
     let r = reconciler(root.path(), Runtime::Containerd, dial());
-    let report = r.reconcile(&cfg(CONFIG), CA).unwrap();
+    let report = r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     assert_eq!(
         report.refused,
         ["etc/containerd/certs.d/ghcr.io/hosts.toml"]
@@ -245,12 +241,12 @@ fn unowned_files_are_never_overwritten_or_removed() {
     );
     // A file of ours later replaced by someone else's is theirs from then on.
     let r2 = reconciler(root.path(), Runtime::Containerd, dial());
-    r2.reconcile(&cfg(CONFIG), CA).unwrap();
+    r2.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     let hub = root
         .path()
         .join("etc/containerd/certs.d/docker.io/hosts.toml");
     std::fs::write(&hub, "server = \"https://registry-1.docker.io\"\n").unwrap();
-    let report = r2.reconcile(&cfg(CONFIG), CA).unwrap();
+    let report = r2.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     assert!(report.refused.iter().any(|p| p.contains("docker.io")));
     r2.cleanup().unwrap();
     assert_eq!(
@@ -268,9 +264,9 @@ fn removed_rules_remove_their_files_and_cleanup_restores_the_tree() {
     std::fs::write(&own, "version = 2\n").unwrap();
     let before = tree(root.path());
     let r = reconciler(root.path(), Runtime::Containerd, dial());
-    r.reconcile(&cfg(CONFIG), CA).unwrap();
+    r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     let fewer = CONFIG.replace("[[rule]]\nupstream = \"ghcr.io\"\n", "");
-    let report = r.reconcile(&cfg(&fewer), CA).unwrap();
+    let report = r.reconcile(&cfg(&fewer), Some(CA)).unwrap();
     assert_eq!(
         report.removed,
         [PathBuf::from("etc/containerd/certs.d/ghcr.io/hosts.toml")]
@@ -287,9 +283,9 @@ fn removed_rules_remove_their_files_and_cleanup_restores_the_tree() {
 fn a_changed_ca_is_rewritten_in_place() {
     let root = tempfile::tempdir().unwrap();
     let r = reconciler(root.path(), Runtime::Containerd, dial());
-    r.reconcile(&cfg(CONFIG), CA).unwrap();
+    r.reconcile(&cfg(CONFIG), Some(CA)).unwrap();
     let rotated = CA.replace("dummy", "rotated");
-    let report = r.reconcile(&cfg(CONFIG), &rotated).unwrap();
+    let report = r.reconcile(&cfg(CONFIG), Some(&rotated)).unwrap();
     assert_eq!(
         report.written,
         [PathBuf::from(
@@ -321,7 +317,7 @@ fn credentials_are_written_private_and_foreign_permissions_are_kept() {
     // containerd: hosts.toml files with the header are 0600, the CA stays readable.
     let root = tempfile::tempdir().unwrap();
     reconciler(root.path(), Runtime::Containerd, creds.clone())
-        .reconcile(&c, CA)
+        .reconcile(&c, Some(CA))
         .unwrap();
     let d = root.path().join("etc/containerd/certs.d");
     assert_eq!(mode(&d.join("ghcr.io/hosts.toml")), 0o600);
@@ -330,7 +326,7 @@ fn credentials_are_written_private_and_foreign_permissions_are_kept() {
     // Without credentials: 0644 like the rest of containerd's configuration.
     let root = tempfile::tempdir().unwrap();
     reconciler(root.path(), Runtime::Containerd, dial())
-        .reconcile(&c, CA)
+        .reconcile(&c, Some(CA))
         .unwrap();
     let d = root.path().join("etc/containerd/certs.d");
     assert_eq!(mode(&d.join("ghcr.io/hosts.toml")), 0o644);
@@ -348,7 +344,7 @@ fn credentials_are_written_private_and_foreign_permissions_are_kept() {
         std::fs::write(&yaml, FOREIGN_YAML).unwrap();
         std::fs::set_permissions(&yaml, std::fs::Permissions::from_mode(original)).unwrap();
         let r = reconciler(root.path(), Runtime::K3s, opts);
-        r.reconcile(&c, CA).unwrap();
+        r.reconcile(&c, Some(CA)).unwrap();
         assert_eq!(mode(&yaml), merged, "{original:o}");
         assert_eq!(
             mode(
@@ -361,5 +357,145 @@ fn credentials_are_written_private_and_foreign_permissions_are_kept() {
         r.cleanup().unwrap();
         assert_eq!(std::fs::read_to_string(&yaml).unwrap(), FOREIGN_YAML);
         assert_eq!(mode(&yaml), original, "{original:o}");
+    }
+}
+
+/// A lab's plain-HTTP registry: `[host."http://R"]` without a CA, no CA file, the registry
+/// trusted all the same; an upstream over plain HTTP keeps its `http://` server.
+const PLAIN: &str = r#"
+registry = "10.96.100.100"
+registry_plain_http = true
+[[rule]]
+upstream = "parent.lab:8080"
+plain_http = true
+[[rule]]
+upstream = "ghcr.io"
+"#;
+
+#[test]
+fn a_plain_http_registry_needs_no_ca_on_containerd() {
+    let root = tempfile::tempdir().unwrap();
+    let r = reconciler(root.path(), Runtime::Containerd, dial());
+    // The CA is not needed, and one given anyway is not written.
+    let report = r.reconcile(&cfg(PLAIN), Some(CA)).unwrap();
+    assert!(report.registry_trusted, "{report:?}");
+    assert_eq!(report.configured_hosts, 3);
+    assert!(
+        !root
+            .path()
+            .join("etc/containerd/certs.d/10.96.100.100/ca.crt")
+            .exists()
+    );
+    assert_golden(
+        "containerd-plain-http",
+        root.path(),
+        &[
+            "etc/containerd/certs.d/10.96.100.100/hosts.toml",
+            "etc/containerd/certs.d/parent.lab:8080/hosts.toml",
+            "etc/containerd/certs.d/ghcr.io/hosts.toml",
+        ],
+    );
+    let again = reconciler(root.path(), Runtime::Containerd, dial())
+        .reconcile(&cfg(PLAIN), None)
+        .unwrap();
+    assert!(again.written.is_empty() && again.registry_trusted);
+    r.cleanup().unwrap();
+    assert!(tree(root.path()).is_empty());
+    // An HTTPS registry without its CA is an error, not a node without trust.
+    let err = r.reconcile(&cfg(CONFIG), None).unwrap_err();
+    assert!(err.to_string().contains("--ca-file"), "{err}");
+}
+
+#[test]
+fn a_plain_http_registry_on_k3s_is_a_mirror_of_its_own() {
+    let root = tempfile::tempdir().unwrap();
+    let r = reconciler(root.path(), Runtime::K3s, RenderOptions::default());
+    let report = r.reconcile(&cfg(PLAIN), None).unwrap();
+    assert!(report.registry_trusted, "{report:?}");
+    assert_golden(
+        "k3s-plain-http",
+        root.path(),
+        &["etc/rancher/k3s/registries.yaml"],
+    );
+    assert!(!root.path().join("etc/rancher/k3s/outpost").exists());
+    // Someone else's entry for the registry: left alone, and the node does not trust it.
+    r.cleanup().unwrap();
+    let yaml = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(yaml.parent().unwrap()).unwrap();
+    std::fs::write(
+        &yaml,
+        "mirrors:\n  10.96.100.100:\n    endpoint:\n    - https://10.96.100.100\n",
+    )
+    .unwrap();
+    let report = r.reconcile(&cfg(PLAIN), None).unwrap();
+    assert!(!report.registry_trusted);
+    assert!(
+        report
+            .refused
+            .contains(&"mirrors.10.96.100.100".to_string())
+    );
+    r.cleanup().unwrap();
+}
+
+/// Other distributions' layouts: RKE2's registries.yaml, MicroK8s's and k0s's hosts
+/// directories. Each written where that distribution reads it, and cleaned up to nothing.
+#[test]
+fn each_distribution_gets_its_files_where_it_reads_them() {
+    use outpost_node_agent::render::Layout;
+    let c = cfg("registry = \"outpost.local:5000\"\n[[rule]]\nupstream = \"ghcr.io\"\n");
+    let cases: [(&str, Runtime, Layout, &[&str]); 3] = [
+        (
+            "rke2",
+            Runtime::Rke2,
+            Runtime::Rke2.default_layout(),
+            &[
+                "etc/rancher/rke2/registries.yaml",
+                "etc/rancher/rke2/outpost/outpost.local:5000/ca.crt",
+            ],
+        ),
+        (
+            "microk8s",
+            Runtime::Containerd,
+            Layout {
+                hosts_dir: "var/snap/microk8s/current/args/certs.d".into(),
+                ..Default::default()
+            },
+            &[
+                "var/snap/microk8s/current/args/certs.d/outpost.local:5000/hosts.toml",
+                "var/snap/microk8s/current/args/certs.d/ghcr.io/hosts.toml",
+            ],
+        ),
+        (
+            "k0s",
+            Runtime::Containerd,
+            Layout {
+                hosts_dir: "etc/k0s/containerd.d/certs.d".into(),
+                ..Default::default()
+            },
+            &[
+                "etc/k0s/containerd.d/certs.d/outpost.local:5000/hosts.toml",
+                "etc/k0s/containerd.d/certs.d/ghcr.io/hosts.toml",
+            ],
+        ),
+    ];
+    for (case, runtime, layout, files) in cases {
+        let root = tempfile::tempdir().unwrap();
+        let r = Reconciler {
+            layout,
+            ..reconciler(root.path(), runtime, dial())
+        };
+        let report = r.reconcile(&c, Some(CA)).unwrap();
+        assert!(report.registry_trusted, "{case}: {report:?}");
+        assert_golden(case, root.path(), files);
+        // Nothing lands in another distribution's place.
+        for other in ["etc/containerd", "etc/rancher/k3s"] {
+            assert!(!root.path().join(other).exists(), "{case}: wrote {other}");
+        }
+        r.cleanup().unwrap();
+        assert!(
+            tree(root.path()).is_empty(),
+            "{case}: {:?}",
+            tree(root.path())
+        );
     }
 }

@@ -31,7 +31,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 14 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 22 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -192,7 +192,10 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("render checks: 7 passed, 0 failed"), "{text}");
+    assert!(
+        text.contains("render checks: 19 passed, 0 failed"),
+        "{text}"
+    );
 }
 
 /// The chart rendered by the real Helm library for `values` (JSON) in namespace `edge`.
@@ -260,9 +263,19 @@ struct Running(std::process::Child, PathBuf);
 
 impl Running {
     fn start(binary: &str, args: &[String], log: PathBuf) -> Self {
+        Self::start_with_env(binary, args, &[], log)
+    }
+
+    fn start_with_env(
+        binary: &str,
+        args: &[String],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> Self {
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin(binary))
             .args(args)
+            .envs(env.iter().cloned())
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
@@ -432,10 +445,28 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
     assert!(hosts.contains("10.96.100.100"), "{hosts}");
 }
 
-/// Runs the node agent as the DaemonSet would (rendered args, config, CA, credentials, the
-/// runtime's config directory under `root`/host), waits for readiness, reads the file it wrote
-/// (`written`, relative to the node's root), then runs the rendered preStop and checks that
-/// the file is gone. Returns the file's content.
+/// A workload's container environment: the entries with a literal value (those from the
+/// downward API are the kubelet's to fill).
+fn container_env(workload: &Value) -> Vec<(String, String)> {
+    workload["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_string(),
+                        e["value"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the node agent as the DaemonSet would (rendered args, environment, config, CA,
+/// credentials, the runtime's config directory under `root`/host), waits for readiness, reads
+/// the file it wrote (`written`, relative to the node's root), then runs the rendered preStop
+/// with the same environment and checks that the file is gone. Returns the file's content.
 fn node_agent_round_trip(rendered: &Value, root: &Path, ca: &[u8], written: &str) -> String {
     let config = object(rendered, "ConfigMap", "outpost-node-agent")["data"]["config.toml"]
         .as_str()
@@ -449,13 +480,32 @@ fn node_agent_round_trip(rendered: &Value, root: &Path, ca: &[u8], written: &str
         root.join("etc/outpost-node-agent/pull/.dockerconfigjson"),
         br#"{"auths":{"10.96.100.100":{"auth":"ZWRnZS1wdWxsOnB3"}}}"#,
     );
-    write(
-        root.join("host/etc/containerd/config.toml"),
-        b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
-    );
     let daemonset = object(rendered, "DaemonSet", "outpost-node-agent");
+    // The hostPath mount, as the kubelet makes it (DirectoryOrCreate).
+    let mount = daemonset["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "runtime-config")
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("the runtime-config mount");
+    std::fs::create_dir_all(root.join(mount.trim_start_matches('/'))).unwrap();
+    let env = container_env(daemonset);
+    // containerd's config where the rendered environment says it is, naming the hosts
+    // directory the rendered environment names.
+    let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    if let (Some(ctd), Some(hosts)) = (var("OUTPOST_CONTAINERD_CONFIG"), var("OUTPOST_HOSTS_DIR")) {
+        write(
+            root.join("host").join(ctd.trim_start_matches('/')),
+            format!(
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n"
+            )
+            .as_bytes(),
+        );
+    }
     let (args, ports) = local_args(daemonset, root);
-    let mut agent = Running::start("outpost-node-agent", &args, root.join("agent.log"));
+    let mut agent =
+        Running::start_with_env("outpost-node-agent", &args, &env, root.join("agent.log"));
     agent.wait_ready(
         &http(),
         &format!("http://127.0.0.1:{}/readyz", port(&ports, "--listen")),
@@ -463,6 +513,22 @@ fn node_agent_round_trip(rendered: &Value, root: &Path, ca: &[u8], written: &str
     let file = root.join("host").join(written);
     let text = std::fs::read_to_string(&file)
         .unwrap_or_else(|e| panic!("{}: {e}\n{}", file.display(), agent.log()));
+    // Trusted: the files are where the runtime's config says to look.
+    let metrics = http()
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            port(&ports, "--listen")
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        outpost_e2e::metrics::sample(&metrics, "outpost_node_agent_registry_trusted"),
+        Some(1.0),
+        "{metrics}\n{}",
+        agent.log()
+    );
     // The preStop hook, as rendered, removes what the agent wrote.
     let pre_stop: Vec<String> = daemonset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
         ["preStop"]["exec"]["command"]
@@ -479,7 +545,11 @@ fn node_agent_round_trip(rendered: &Value, root: &Path, ca: &[u8], written: &str
         })
         .collect();
     drop(agent);
-    run_ok(Command::new(bin("outpost-node-agent")).args(&pre_stop));
+    run_ok(
+        Command::new(bin("outpost-node-agent"))
+            .args(&pre_stop)
+            .envs(env.iter().cloned()),
+    );
     assert!(!file.exists(), "preStop cleanup left {}", file.display());
     text
 }
@@ -535,4 +605,54 @@ fn the_plain_http_registry_starts_with_the_rendered_arguments() {
         &format!("http://127.0.0.1:{}", port(&ports, "--admin-listen")),
     ]));
     assert!(status.contains("NAME"), "{status}");
+}
+
+/// The lab install with the node agent (`httpsEnabled=false`, the parent over plain HTTP): the
+/// nodes get a plain-HTTP mirror (no CA), the parent's login server is mirrored by default and
+/// containerd's fallback to it speaks plain HTTP too.
+#[test]
+fn the_lab_install_writes_a_plain_http_mirror_for_the_parent() {
+    let rendered = render(
+        r#"{"connectionString": "ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=p4ss;ParentGatewayEndpoint=parent.lab:8080;ParentEndpointProtocol=http",
+            "httpsEnabled": false, "cert-manager": {"enabled": false},
+            "webhook": {"tlsSecret": "outpost-webhook-tls", "caBundle": "Q0EgYnVuZGxl"},
+            "service": {"clusterIP": "10.96.100.100", "port": 80}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = node_agent_round_trip(
+        &rendered,
+        dir.path(),
+        b"",
+        "etc/containerd/certs.d/parent.lab:8080/hosts.toml",
+    );
+    assert!(
+        hosts.contains("server = \"http://parent.lab:8080\""),
+        "{hosts}"
+    );
+    assert!(hosts.contains("[host.\"http://10.96.100.100\"]"), "{hosts}");
+    assert!(!hosts.contains("ca ="), "{hosts}");
+}
+
+/// MicroK8s: the agent mounts /var/snap/microk8s and writes the hosts directory its containerd
+/// reads (`current/args/certs.d`), checking `current/args/containerd.toml`.
+#[test]
+fn the_node_agent_writes_where_microk8s_reads() {
+    let rendered = render(
+        r#"{"service": {"clusterIP": "10.96.100.100"}, "trustDistribution": {"runtime": "microk8s"},
+            "webhook": {"rules": [{"upstream": "myacr.azurecr.io"}]}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pki")).unwrap();
+    let pki = TestPki::create(&dir.path().join("pki"));
+    let ca = std::fs::read(&pki.ca_cert).unwrap();
+    let hosts = node_agent_round_trip(
+        &rendered,
+        dir.path(),
+        &ca,
+        "var/snap/microk8s/current/args/certs.d/myacr.azurecr.io/hosts.toml",
+    );
+    assert!(
+        hosts.contains("[host.\"https://10.96.100.100\"]"),
+        "{hosts}"
+    );
 }

@@ -975,3 +975,157 @@ fn k3s_run_merges_registries_yaml_says_to_restart_k3s_and_restores_it_on_sigterm
     assert!(agent.terminate().success(), "{}", agent.log_text());
     assert_eq!(tree(root.path()), before, "{}", agent.log_text());
 }
+
+/// The DaemonSet's preStop: `cleanup` takes the node from `OUTPOST_NODE_NAME` (as `run` does),
+/// removes the files and the node's trusted label; with a hung API server it still removes the
+/// files and gives up on the label within its bound, saying so in its exit status.
+#[test]
+fn the_prestop_cleanup_removes_the_files_and_the_node_label() {
+    let (work, root, pki, config, _) = node(
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    );
+    let before = tree(root.path());
+    let reconcile = || {
+        run_ok(
+            Command::new(bin("outpost-node-agent"))
+                .arg("reconcile")
+                .arg("--config")
+                .arg(&config)
+                .arg("--ca-file")
+                .arg(&pki.ca_cert)
+                .arg("--root")
+                .arg(root.path()),
+        );
+        assert!(
+            root.path()
+                .join("etc/containerd/certs.d/ghcr.io/hosts.toml")
+                .is_file()
+        );
+    };
+    let cleanup = |kubeconfig: &Path, node_name: &str| {
+        run_timeout(
+            Command::new(bin("outpost-node-agent"))
+                .arg("cleanup")
+                .arg("--root")
+                .arg(root.path())
+                .env("OUTPOST_NODE_NAME", node_name)
+                .env("KUBECONFIG", kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST"),
+            Duration::from_secs(60),
+        )
+    };
+
+    // Against the real API server: the node carries the label `run` put there.
+    let name = "agent-prestop";
+    let admin = real_node(work.path(), name);
+    let (status, body) = k8s::ControlPlane::shared().admin().patch(
+        &format!("/api/v1/nodes/{name}"),
+        &serde_json::json!({"metadata": {"labels": {"outpost.io/trusted": "true"}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    reconcile();
+    let out = cleanup(&admin, name);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree(root.path()), before);
+    assert_eq!(trusted_label(name), None);
+
+    // The API server hangs: the files go all the same, the label call gives up, and the exit
+    // status says the label may be left.
+    reconcile();
+    let hung = HungApi::start();
+    let hung_dir = tempfile::tempdir().unwrap();
+    let out = cleanup(&kubeconfig(hung_dir.path(), hung.port), "node-1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot remove the node label"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree(root.path()), before);
+}
+
+/// A lab's plain-HTTP Outpost (`registry_plain_http`, no CA): a real containerd pulls through
+/// the `[host."http://R"]` mirror, and images named by the registry itself (what the webhook
+/// rewrites pods to) resolve over plain HTTP too.
+#[test]
+fn containerd_pulls_through_a_plain_http_outpost_without_a_ca() {
+    let work = tempfile::tempdir().unwrap();
+    let outpost = Registry::start_with_args(&[]);
+    let registry = outpost.host();
+    let layout = Layout::new(work.path());
+    layout.add_image(
+        "app",
+        "amd64",
+        &[("app.bin", pseudo_random(run_seed() + 620, 32 * 1024))],
+    );
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:app", layout.path.display()),
+        &format!("docker://{registry}/demo/app:v1"),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let ctrd = CriContainerd::start(root.path());
+    let before = tree(root.path());
+    let config = work.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "registry = \"{registry}\"\nregistry_plain_http = true\n[[rule]]\nupstream = \"nowhere.invalid\"\n"
+        ),
+    )
+    .unwrap();
+    // No --ca-file.
+    let port = free_port();
+    let log = work.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("outpost-node-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--root")
+        .arg(root.path())
+        .args(["--no-label", "--cleanup-on-exit", "--interval", "200ms"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent {
+        child: Some(child),
+        log,
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if sample(&m, "outpost_node_agent_registry_trusted") == Some(1.0)
+            && sample(&m, "outpost_node_agent_configured_hosts") == Some(2.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready: {m}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hosts_dir = root.path().join("etc/containerd/certs.d");
+    assert!(!hosts_dir.join(&registry).join("ca.crt").exists());
+    for image in [
+        "nowhere.invalid/demo/app:v1".to_string(),
+        format!("{registry}/demo/app:v1"),
+    ] {
+        let image_ref = cri::pull_image(&ctrd.socket, &image, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("CRI pull {image}: {e}\n{}", ctrd.log_text()));
+        assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    }
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(tree(root.path()), before);
+}

@@ -42,27 +42,110 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.existingSecret | default (printf "%s-connection" (include "outpost.fullname" .)) -}}
 {{- end -}}
 
-{{/* The mirror config the webhook and the node agent share. */}}
+{{/*
+The parent's registry, from the connection string's two non-secret fields
+(ParentGatewayEndpoint, ParentEndpointProtocol) or from parent.gatewayEndpoint / parent.protocol
+(which win; with existingSecret they are the only source): JSON
+{"gateway": host[:port], "loginServer": host[:port], "plainHttp": bool}, or {} when unknown.
+The login server is derived as the registry derives it: an ACR data endpoint
+<registry>.<region>.data.azurecr.<tld> is served as <registry>.azurecr.<tld>.
+*/}}
+{{- define "outpost.parent" -}}
+{{- $endpoint := "" -}}
+{{- $protocol := "" -}}
+{{- range splitList ";" (.Values.connectionString | default "") -}}
+{{- $kv := splitn "=" 2 . -}}
+{{- $key := $kv._0 | trim | lower -}}
+{{- if eq $key "parentgatewayendpoint" -}}{{- $endpoint = $kv._1 | default "" | trim -}}{{- end -}}
+{{- if eq $key "parentendpointprotocol" -}}{{- $protocol = $kv._1 | default "" | trim -}}{{- end -}}
+{{- end -}}
+{{- with .Values.parent.gatewayEndpoint -}}{{- $endpoint = . -}}{{- end -}}
+{{- with .Values.parent.protocol -}}{{- $protocol = . -}}{{- end -}}
+{{- $endpoint = lower $endpoint -}}
+{{- if $endpoint -}}
+{{- $labels := splitList "." $endpoint -}}
+{{- $n := len $labels -}}
+{{- $login := $endpoint -}}
+{{- if and (ge $n 5) (eq (index $labels (sub $n 3)) "data") (eq (index $labels (sub $n 2)) "azurecr") -}}
+{{- $login = printf "%s.azurecr.%s" (join "." (slice $labels 0 (sub $n 4))) (last $labels) -}}
+{{- end -}}
+{{- dict "gateway" $endpoint "loginServer" $login "plainHttp" (eq (lower $protocol) "http") | toJson -}}
+{{- else -}}
+{}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The rules: webhook.rules, or by default the parent's login server and gateway host (over plain
+HTTP when the parent speaks it), for the repositories kept in sync (all when none are listed).
+*/}}
+{{- define "outpost.rules" -}}
+{{- $rules := .Values.webhook.rules | default (list) -}}
+{{- if not $rules -}}
+{{- $parent := include "outpost.parent" . | fromJson -}}
+{{- with $parent.loginServer -}}
+{{- $rules = append $rules (dict "upstream" . "plainHttp" $parent.plainHttp "repositories" $.Values.repositories) -}}
+{{- end -}}
+{{- if and $parent.gateway (ne $parent.gateway $parent.loginServer) -}}
+{{- $rules = append $rules (dict "upstream" $parent.gateway "plainHttp" $parent.plainHttp "repositories" .Values.repositories) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $rules -}}
+{{- end -}}
+
+{{/* The mirror config the webhook and the node agent share. Nothing secret goes in it. */}}
 {{- define "outpost.mirrorConfig" -}}
 registry = {{ include "outpost.registryHost" . | quote }}
+{{- if not .Values.httpsEnabled }}
+registry_plain_http = true
+{{- end }}
 {{- if .withSecret }}
 pull_secret = {{ .Values.pullSecret.name | quote }}
 skip_node_selector = {{ .Values.trustDistribution.skipNodeSelector | or (not .Values.trustDistribution.enabled) }}
 check_availability = {{ .Values.webhook.checkAvailability }}
 {{- end }}
-{{- range .Values.webhook.rules }}
+{{- range include "outpost.rules" . | fromJsonArray }}
 
 [[rule]]
 upstream = {{ .upstream | quote }}
 {{- if .repositories }}
 repositories = [{{ range $i, $r := .repositories }}{{ if $i }}, {{ end }}{{ $r | quote }}{{ end }}]
 {{- end }}
+{{- if .plainHttp }}
+plain_http = true
+{{- end }}
+{{- with .caFile }}
+ca_file = {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
-{{- define "outpost.checks" -}}
-{{- if and .Values.trustDistribution.enabled (not .Values.httpsEnabled) -}}
-{{- fail "trustDistribution needs httpsEnabled=true (containerd is configured to trust the registry's CA); set trustDistribution.enabled=false for a plain-HTTP lab install" -}}
+{{/*
+Where the node agent finds the runtime's configuration on the node: the hostPath it mounts
+(trustDistribution.hostConfigDir, by default the runtime's own directory) and, inside it, the
+files it writes and checks. JSON {"runtime", "dir", "hostsDir", "containerdConfig",
+"registriesYaml"}; paths are the node's.
+*/}}
+{{- define "outpost.nodeLayout" -}}
+{{- $rt := .Values.trustDistribution.runtime -}}
+{{- $defaults := dict "containerd" "/etc/containerd" "k3s" "/etc/rancher/k3s" "rke2" "/etc/rancher/rke2" "microk8s" "/var/snap/microk8s" "k0s" "/etc/k0s" -}}
+{{- $dir := .Values.trustDistribution.hostConfigDir | default (get $defaults $rt) | trimSuffix "/" -}}
+{{- $out := dict "dir" $dir "runtime" "containerd" "hostsDir" (printf "%s/certs.d" $dir) "containerdConfig" (printf "%s/config.toml" $dir) "registriesYaml" "" -}}
+{{- if or (eq $rt "k3s") (eq $rt "rke2") -}}
+{{- $_ := set $out "runtime" $rt -}}
+{{- $_ := set $out "registriesYaml" (printf "%s/registries.yaml" $dir) -}}
+{{- $_ := set $out "hostsDir" "" -}}
+{{- $_ := set $out "containerdConfig" "" -}}
+{{- else if eq $rt "microk8s" -}}
+{{- $_ := set $out "hostsDir" (printf "%s/current/args/certs.d" $dir) -}}
+{{- $_ := set $out "containerdConfig" (printf "%s/current/args/containerd.toml" $dir) -}}
+{{- else if eq $rt "k0s" -}}
+{{- $_ := set $out "hostsDir" (printf "%s/containerd.d/certs.d" $dir) -}}
+{{- $_ := set $out "containerdConfig" (printf "%s/containerd.toml" $dir) -}}
 {{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "outpost.checks" -}}
 {{- include "outpost.tlsChecks" . -}}
 {{- end -}}
