@@ -2,14 +2,18 @@
 //! creates (tests/src/k8s/node.rs), a real control plane (tests/src/k8s/control_plane.rs), the
 //! three Outpost images built by `images/build.py` from this build's binaries and imported into
 //! the node's containerd under the chart's image names, a parent docker-registry on the node IP,
-//! and the chart installed through the real Helm library (charts/tests/helm_cluster.py).
+//! and the chart installed through the real Helm library (charts/tests/helm_cluster.py) exactly
+//! as the chart README's install guide says (its `helm install` block replayed word for word,
+//! only `<connection string>` filled in: managed certificates, default rewrite rules from the
+//! connection string).
 //!
 //! It shows: the chart's pods become Ready as rendered (non-root, read-only root, PVC bound);
 //! the node agent writes hosts.toml into the node's containerd config and labels the node; an
 //! unchanged Deployment in an opted-in namespace runs with its image rewritten to Outpost and
 //! pulled from it; a pod in another namespace pulls the parent's image through the mirror
-//! path; both start again with the parent stopped and the images gone from the node; and
-//! uninstall removes the node agent's files and label.
+//! path; both start again with the parent stopped and the images gone from the node; with
+//! Outpost down, containerd falls back to the plain-HTTP parent; and uninstall (its pre-delete
+//! hook) removes the node agent's files, the node label and the managed Secrets.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -157,6 +161,11 @@ fn helm(cp: &ControlPlane, args: &[String]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("helm output {e}: {text}"))
+}
+
+/// The label selector of one of the chart's components.
+fn component(c: &str) -> String {
+    format!("app.kubernetes.io%2Finstance%3D{RELEASE},app.kubernetes.io%2Fcomponent%3D{c}")
 }
 
 fn pod_ready(p: &Value) -> bool {
@@ -354,28 +363,35 @@ fn scenario(
                         "hostPath": {"path": "/var/lib/outpost-pv", "type": "Directory"}}}),
     );
 
-    // The chart, through the real Helm library.
+    // The chart, installed as the chart README's install guide says, word for word (through
+    // the real Helm library), with only its `<connection string>` filled in.
     let connection = conn("edge", "sync", "unused", &parent_host, "http");
-    let values = json!({
-        "connectionString": connection,
-        "service": {"clusterIP": OUTPOST_IP},
-        "webhook": {"rules": [{"upstream": parent_host}]},
-    });
-    let values_file = work.path().join("values.json");
-    std::fs::write(&values_file, values.to_string()).expect("values");
-    let release = helm(
-        cp,
-        &[
-            "install".into(),
-            "--release".into(),
-            RELEASE.into(),
-            "--namespace".into(),
-            NAMESPACE.into(),
-            "--create-namespace".into(),
-            "--values".into(),
-            values_file.display().to_string(),
-        ],
+    let commands = readme_install_commands();
+    assert_eq!(
+        commands.len(),
+        1,
+        "the README's install block is one helm install: {commands:?}"
     );
+    let args = helm_install_args(
+        &shell_words(&commands[0]),
+        &[("<connection string>", connection)],
+    );
+    // (Not the arguments: they hold the connection string.)
+    eprintln!("README install: {}", commands[0]);
+    // What the test relies on: the release, its namespace and the ClusterIP the guide names.
+    let arg_after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    assert_eq!(arg_after("--release").as_deref(), Some(RELEASE));
+    assert_eq!(arg_after("--namespace").as_deref(), Some(NAMESPACE));
+    assert!(
+        args.contains(&format!("service.clusterIP={OUTPOST_IP}")),
+        "the guide's ClusterIP is not {OUTPOST_IP} (in {SERVICE_CIDR}): {args:?}"
+    );
+    let release = helm(cp, &args);
     assert_eq!(release["status"], "deployed", "{release}");
 
     check_chart_pods(cp, node);
@@ -453,23 +469,7 @@ fn scenario(
     // The parent goes away, and the app's images from the node: new pods must pull again,
     // and only Outpost can serve them.
     parent.stop();
-    // Every reference to the app's manifest (names and the CRI's sha256 ID), so the blobs go.
-    let refs = node.image_refs();
-    let app_digests: Vec<&String> = refs
-        .iter()
-        .filter(|(r, _)| r.contains(APP_REPO))
-        .map(|(_, d)| d)
-        .collect();
-    for (r, d) in &refs {
-        if app_digests.contains(&d) {
-            node.remove_image(r);
-        }
-    }
-    assert!(
-        !node.images().iter().any(|i| i.contains(APP_REPO)),
-        "{:?}",
-        node.images()
-    );
+    remove_app_images(node);
     api.delete("/api/v1/namespaces/plain/pods/plain");
     for p in pods(&api, "apps", "app%3Dapp") {
         let name = p["metadata"]["name"].as_str().unwrap_or("");
@@ -478,7 +478,7 @@ fn scenario(
     wait_until("the plain pod gone", Duration::from_secs(60), || {
         api.get("/api/v1/namespaces/plain/pods/plain").0 == 404
     });
-    create(&api, "/api/v1/namespaces/plain/pods", plain_pod);
+    create(&api, "/api/v1/namespaces/plain/pods", plain_pod.clone());
     wait_ready(&api, "apps", "app%3Dapp", 1, Duration::from_secs(120));
     wait_ready(&api, "plain", "app%3Dplain", 1, Duration::from_secs(120));
     let images = node.images();
@@ -487,6 +487,26 @@ fn scenario(
         "{images:?}"
     );
     eprintln!("offline restarts done after {:?}", started.elapsed());
+
+    // Outpost down, the parent back: containerd falls back from the mirror to the parent
+    // itself, over plain HTTP as the connection string says (ParentEndpointProtocol=http).
+    parent.start_again();
+    let (code, body) = api.patch(
+        &format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{RELEASE}-registry"),
+        &json!({"spec": {"replicas": 0}}),
+    );
+    assert_eq!(code, 200, "scale the registry to 0: {body}");
+    wait_until("the registry pod gone", Duration::from_secs(90), || {
+        pods(&api, NAMESPACE, &component("registry")).is_empty()
+    });
+    remove_app_images(node);
+    api.delete("/api/v1/namespaces/plain/pods/plain");
+    wait_until("the plain pod gone", Duration::from_secs(60), || {
+        api.get("/api/v1/namespaces/plain/pods/plain").0 == 404
+    });
+    create(&api, "/api/v1/namespaces/plain/pods", plain_pod);
+    wait_ready(&api, "plain", "app%3Dplain", 1, Duration::from_secs(120));
+    eprintln!("fallback to the parent done after {:?}", started.elapsed());
 
     // Uninstall: the node agent removes its files and the label.
     helm(
@@ -516,6 +536,28 @@ fn scenario(
     let copies = api
         .get_ok("/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doutpost-webhook");
     assert_eq!(copies["items"], json!([]), "left after uninstall: {copies}");
+}
+
+/// Removes every reference to the app's manifest from the node (names and the CRI's sha256
+/// ID), so its blobs go and the next pod must pull again.
+fn remove_app_images(node: &Node) {
+    // Every reference to the app's manifest (names and the CRI's sha256 ID), so the blobs go.
+    let refs = node.image_refs();
+    let app_digests: Vec<&String> = refs
+        .iter()
+        .filter(|(r, _)| r.contains(APP_REPO))
+        .map(|(_, d)| d)
+        .collect();
+    for (r, d) in &refs {
+        if app_digests.contains(&d) {
+            node.remove_image(r);
+        }
+    }
+    assert!(
+        !node.images().iter().any(|i| i.contains(APP_REPO)),
+        "{:?}",
+        node.images()
+    );
 }
 
 /// The chart's pods Ready as rendered: PVC bound, non-root with a read-only root where the
@@ -564,4 +606,158 @@ fn check_chart_pods(cp: &ControlPlane, node: &mut Node) {
             "{name}: capabilities {caps}"
         );
     }
+}
+
+/// The commands of the chart README's install guide: the first ```sh block under
+/// "## Install", comments and blank lines dropped, continuation lines joined.
+fn readme_install_commands() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("charts/outpost/README.md"))
+        .expect("charts/outpost/README.md");
+    let section = text
+        .split("\n## Install")
+        .nth(1)
+        .expect("an Install section in the chart README");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a ```sh block in the Install section");
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in block.lines() {
+        let l = line.trim();
+        if current.is_empty() && (l.is_empty() || l.starts_with('#')) {
+            continue;
+        }
+        match l.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(l);
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    commands
+}
+
+/// Words of a command line as a POSIX shell splits them (single and double quotes, backslash
+/// escapes outside single quotes); no expansions.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                for c in chars.by_ref() {
+                    if c == '\'' {
+                        break;
+                    }
+                    w.push(c);
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => w.extend(chars.next()),
+                        c => w.push(c),
+                    }
+                }
+            }
+            '\\' => word.get_or_insert_with(String::new).extend(chars.next()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
+/// `helm install` words as helm_cluster.py arguments (`-n`/`--namespace`,
+/// `--create-namespace`, `--set`; anything else is refused), each `<placeholder>` replaced by
+/// its value from `placeholders` (an unknown one is refused).
+fn helm_install_args(words: &[String], placeholders: &[(&str, String)]) -> Vec<String> {
+    assert!(
+        words.len() >= 4 && words[0] == "helm" && words[1] == "install",
+        "not a helm install command: {words:?}"
+    );
+    let substitute = |v: &str| -> String {
+        let mut out = v.to_string();
+        for (name, value) in placeholders {
+            out = out.replace(name, value);
+        }
+        assert!(
+            !(out.contains('<') && out.contains('>')),
+            "an undocumented placeholder in {v:?}"
+        );
+        out
+    };
+    let mut args = vec![
+        "install".to_string(),
+        "--release".to_string(),
+        words[2].clone(),
+        "--chart".to_string(),
+        repo_root().join(&words[3]).display().to_string(),
+    ];
+    let mut rest = words[4..].iter();
+    while let Some(w) = rest.next() {
+        let mut value = |flag: &str| {
+            rest.next()
+                .unwrap_or_else(|| panic!("{flag} without a value"))
+                .clone()
+        };
+        match w.as_str() {
+            "-n" | "--namespace" => {
+                let ns = value(w);
+                args.extend(["--namespace".to_string(), ns]);
+            }
+            "--create-namespace" => args.push(w.clone()),
+            "--set" => {
+                let kv = value(w);
+                args.extend(["--set".to_string(), substitute(&kv)]);
+            }
+            other => match other.strip_prefix("--set=") {
+                Some(kv) => args.extend(["--set".to_string(), substitute(kv)]),
+                None => {
+                    panic!("the README's helm install uses {other}, which this test cannot replay")
+                }
+            },
+        }
+    }
+    args
+}
+
+#[test]
+fn readme_install_words_map_to_helm_arguments() {
+    let words = shell_words(
+        r#"helm install outpost charts/outpost -n outpost --create-namespace --set connectionString='<connection string>' --set "a.b=x y" --set=c=1"#,
+    );
+    assert_eq!(words[8], "connectionString=<connection string>");
+    let args = helm_install_args(&words, &[("<connection string>", "A=1;B=2".to_string())]);
+    assert_eq!(&args[..3], ["install", "--release", "outpost"]);
+    assert!(args[4].ends_with("/charts/outpost"));
+    assert_eq!(
+        &args[5..],
+        [
+            "--namespace",
+            "outpost",
+            "--create-namespace",
+            "--set",
+            "connectionString=A=1;B=2",
+            "--set",
+            "a.b=x y",
+            "--set",
+            "c=1"
+        ]
+    );
 }
