@@ -497,8 +497,8 @@ fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
     assert_eq!(status, 404, "the pull secret's copy left after uninstall");
 }
 
-/// The lab: plain HTTP (`httpsEnabled=false`), no trust distribution, the webhook with own
-/// certificates.
+/// The lab: plain HTTP (`httpsEnabled=false`), the node agent writing a plain-HTTP mirror,
+/// the webhook with own certificates.
 #[test]
 fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
     let (ns, release) = ("http-lab", "outpost-http");
@@ -511,13 +511,12 @@ fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         values: json!({
             "connectionString": CONN,
             "httpsEnabled": false,
-            "trustDistribution": {"enabled": false},
             "cert-manager": {"enabled": false},
             "service": {"port": 80, "clusterIP": "10.96.100.12"},
             "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
         }),
         webhook: true,
-        trust: false,
+        trust: true,
         parent: true,
     };
     install_upgrade_uninstall(s, &[], || {
@@ -526,6 +525,25 @@ fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         ));
         assert_eq!(svc["spec"]["ports"][0]["name"], "http", "{svc}");
         assert_eq!(svc["spec"]["ports"][0]["port"], 80, "{svc}");
+        // The node agent writes a plain-HTTP mirror: no CA to distribute.
+        let admin = cp().admin();
+        let config = admin.get_ok(&format!(
+            "/api/v1/namespaces/{ns}/configmaps/{release}-node-agent"
+        ))["data"]["config.toml"]
+            .as_str()
+            .expect("config.toml")
+            .to_string();
+        assert!(config.contains("registry_plain_http = true"), "{config}");
+        let ds = admin.get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/daemonsets/{release}-node-agent"
+        ));
+        let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert!(
+            args.as_array().is_some_and(|a| !a
+                .iter()
+                .any(|x| x.as_str().is_some_and(|x| x.starts_with("--ca-file")))),
+            "{args}"
+        );
     });
 }
 
