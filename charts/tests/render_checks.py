@@ -439,7 +439,7 @@ SCENARIOS = {
                             "OUTPOST_HOSTS_DIR": "/var/snap/microk8s/current/args/certs.d",
                             "OUTPOST_CONTAINERD_CONFIG": "/var/snap/microk8s/current/args/containerd.toml"})),
     "k0s-layout": ({"trustDistribution": {"runtime": "k0s"}}, check_layout("containerd", "/etc/k0s", {
-        "OUTPOST_HOSTS_DIR": "/etc/k0s/containerd.d/certs.d",
+        "OUTPOST_HOSTS_DIR": "/etc/k0s/certs.d",
         "OUTPOST_CONTAINERD_CONFIG": "/etc/k0s/containerd.toml"})),
     "custom-host-config-dir": ({"trustDistribution": {"hostConfigDir": "/opt/containerd/"}},
                                check_layout("containerd", "/opt/containerd", {

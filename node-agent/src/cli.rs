@@ -60,7 +60,7 @@ pub struct TargetArgs {
     pub runtime: Runtime,
     /// containerd's hosts directory (its CRI registry `config_path`) as the node sees it;
     /// written under --root. MicroK8s: /var/snap/microk8s/current/args/certs.d; k0s: the
-    /// config_path its containerd.d drop-in names, e.g. /etc/k0s/containerd.d/certs.d.
+    /// config_path its containerd.d drop-in names, e.g. /etc/k0s/certs.d.
     #[arg(
         long,
         env = "OUTPOST_HOSTS_DIR",

@@ -469,12 +469,12 @@ fn each_distribution_gets_its_files_where_it_reads_them() {
             "k0s",
             Runtime::Containerd,
             Layout {
-                hosts_dir: "etc/k0s/containerd.d/certs.d".into(),
+                hosts_dir: "etc/k0s/certs.d".into(),
                 ..Default::default()
             },
             &[
-                "etc/k0s/containerd.d/certs.d/outpost.local:5000/hosts.toml",
-                "etc/k0s/containerd.d/certs.d/ghcr.io/hosts.toml",
+                "etc/k0s/certs.d/outpost.local:5000/hosts.toml",
+                "etc/k0s/certs.d/ghcr.io/hosts.toml",
             ],
         ),
     ];

@@ -1129,3 +1129,70 @@ fn containerd_pulls_through_a_plain_http_outpost_without_a_ca() {
     assert!(agent.terminate().success(), "{}", agent.log_text());
     assert_eq!(tree(root.path()), before);
 }
+
+/// MicroK8s: its containerd.toml names the snap revision's directory
+/// (`/var/snap/microk8s/<rev>/args/certs.d`) while the agent writes through the `current`
+/// symlink: the same directory, so the node is trusted; a config naming another directory is not.
+#[test]
+fn microk8s_revision_paths_are_the_hosts_directory_through_current() {
+    let (work, root, pki, config, _) = node("version = 2\n");
+    let snap = root.path().join("var/snap/microk8s");
+    std::fs::create_dir_all(snap.join("6089/args/certs.d")).unwrap();
+    std::os::unix::fs::symlink("6089", snap.join("current")).unwrap();
+    let containerd_toml = snap.join("6089/args/containerd.toml");
+    let write_config = |path: &str| {
+        std::fs::write(
+            &containerd_toml,
+            format!(
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{path}\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_config("/var/snap/microk8s/6089/args/certs.d");
+    let before = tree(root.path());
+    let mut agent = Agent::spawn(
+        work.path(),
+        &config,
+        &pki.ca_cert,
+        root.path(),
+        &["--no-label", "--cleanup-on-exit", "--interval", "100ms"],
+        &[
+            (
+                "OUTPOST_HOSTS_DIR",
+                Path::new("/var/snap/microk8s/current/args/certs.d"),
+            ),
+            (
+                "OUTPOST_CONTAINERD_CONFIG",
+                Path::new("/var/snap/microk8s/current/args/containerd.toml"),
+            ),
+        ],
+    );
+    let wait_for = |trusted: f64, elsewhere: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = agent.metrics();
+            if sample(&m, "outpost_node_agent_registry_trusted") == Some(trusted)
+                && sample(
+                    &m,
+                    "outpost_node_agent_config_warnings{check=\"config_path_elsewhere\"}",
+                ) == Some(elsewhere)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{m}\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(1.0, 0.0);
+    assert!(
+        snap.join("6089/args/certs.d/ghcr.io/hosts.toml").is_file(),
+        "{:?}",
+        tree(root.path())
+    );
+    write_config("/var/snap/microk8s/6089/args/other.d");
+    wait_for(0.0, 1.0);
+    write_config("/var/snap/microk8s/6089/args/certs.d");
+    assert!(agent.terminate().success(), "{}", agent.log_text());
+    assert_eq!(tree(root.path()), before);
+}

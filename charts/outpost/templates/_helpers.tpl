@@ -140,7 +140,7 @@ files it writes and checks. JSON {"runtime", "dir", "hostsDir", "containerdConfi
 {{- $_ := set $out "hostsDir" (printf "%s/current/args/certs.d" $dir) -}}
 {{- $_ := set $out "containerdConfig" (printf "%s/current/args/containerd.toml" $dir) -}}
 {{- else if eq $rt "k0s" -}}
-{{- $_ := set $out "hostsDir" (printf "%s/containerd.d/certs.d" $dir) -}}
+{{- $_ := set $out "hostsDir" (printf "%s/certs.d" $dir) -}}
 {{- $_ := set $out "containerdConfig" (printf "%s/containerd.toml" $dir) -}}
 {{- end -}}
 {{- toJson $out -}}
