@@ -55,6 +55,9 @@ pub struct NetNs {
     pub node_ip: Ipv4Addr,
     /// The thread's network namespace before: restored on drop.
     home: File,
+    /// Deletes the namespace if this process dies without dropping it (EOF on its stdin);
+    /// killed first on drop.
+    guard: Option<(Child, ChildStdin)>,
 }
 
 impl NetNs {
@@ -66,10 +69,22 @@ impl NetNs {
         let home = File::open("/proc/thread-self/ns/net").expect("this thread's network namespace");
         let name = format!("outpost-{}", random_hex(4));
         ip(&["netns", "add", &name]);
+        let mut guard = Command::new("sh")
+            .arg("-c")
+            .arg("read _ignored; ip netns del \"$1\" 2>/dev/null")
+            .arg("outpost-netns-guard")
+            .arg(&name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the namespace's guard");
+        let stdin = guard.stdin.take().expect("guard stdin");
         let ns = NetNs {
             name: name.clone(),
             node_ip,
             home,
+            guard: Some((guard, stdin)),
         };
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         ip(&[
@@ -108,6 +123,10 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if let Some((mut g, _stdin)) = self.guard.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
         if let Err(e) = setns_net(&self.home) {
             eprintln!("cannot return to the original network namespace: {e}");
         }
