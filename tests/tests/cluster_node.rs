@@ -408,6 +408,11 @@ fn scenario(
     let hosts = std::fs::read_to_string(&mirror_hosts).expect("hosts.toml");
     eprintln!("{}:\n{hosts}", mirror_hosts.display());
     assert!(hosts.contains(&format!("https://{OUTPOST_IP}")), "{hosts}");
+    // The fallback is the parent as the connection string names it: plain HTTP.
+    assert!(
+        hosts.contains(&format!("server = \"http://{parent_host}\"")),
+        "{hosts}"
+    );
     wait_until("the node label", Duration::from_secs(60), || {
         node_label(&api).as_deref() == Some("true")
     });
