@@ -179,7 +179,7 @@ read _ignored
 dir=$1; cg=$2; mnt=$3; netns=$4
 for round in 1 2 3 4 5 6 7 8 9 10; do
   left=0
-  for f in $(find /sys/fs/cgroup/*/"$cg" -name cgroup.procs 2>/dev/null); do
+  for f in $(find /sys/fs/cgroup/"$cg" /sys/fs/cgroup/*/"$cg" -name cgroup.procs 2>/dev/null); do
     for p in $(cat "$f"); do kill -KILL "$p" 2>/dev/null; left=1; done
   done
   for d in /proc/[0-9]*; do
@@ -188,13 +188,18 @@ for round in 1 2 3 4 5 6 7 8 9 10; do
   [ $left = 0 ] && break
   sleep 0.3
 done
-for h in /sys/fs/cgroup/*/"$cg"; do [ -d "$h" ] && find "$h" -depth -type d -exec rmdir {} + 2>/dev/null; done
+for h in /sys/fs/cgroup/"$cg" /sys/fs/cgroup/*/"$cg"; do [ -d "$h" ] && find "$h" -depth -type d -exec rmdir {} + 2>/dev/null; done
 ip netns del "$netns" 2>/dev/null
 rm -rf -- "$dir"
 "#;
 
-/// The cgroup v1 controller hierarchies (`/sys/fs/cgroup/<name>`).
+/// The cgroup hierarchies: `/sys/fs/cgroup/<controller>` on cgroup v1 (this project's
+/// machines), `/sys/fs/cgroup` itself on a unified (v2) host.
 fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_path_buf()];
+    }
     let mut v: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
         .map(|d| {
             d.filter_map(Result::ok)
