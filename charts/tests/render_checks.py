@@ -278,6 +278,22 @@ def check_own_tls(o):
     assert not any(a.startswith("--certificate-secret") for a in check_uninstall_hook(o))
 
 
+def check_mixed(o):
+    """The registry's certificate given, the webhook's managed: each wired its own way."""
+    args = containers(o.one("Deployment", "-webhook"))[0]["args"]
+    assert "--webhook-tls-secret=outpost-webhook-tls" in args, args
+    assert "--registry-ca-file=/etc/outpost-webhook/registry-ca/ca.crt" in args, args
+    assert not any(a.startswith(("--registry-tls-secret", "--tls-cert")) for a in args), args
+    vols = {v["name"]: v for v in o.one("Deployment", "-webhook")["spec"]["template"]["spec"]["volumes"]}
+    assert vols["registry-ca"]["secret"]["secretName"] == "outpost-tls" and "tls" not in vols, vols
+    role = o.one("Role", "-certs")
+    assert sorted(r for rule in role["rules"] for r in rule.get("resourceNames", [])) == \
+        ["outpost-ca", "outpost-webhook-tls"], role
+    reg = o.one("Deployment", "-registry")
+    vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "outpost-tls"
+
+
 def check_http(o):
     args = registry_args(o)
     assert "--http" in args and not any(a.startswith("--tls-") for a in args), args
@@ -406,6 +422,8 @@ SCENARIOS = {
                        check_own_tls),
     "managed-certs": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
                        "webhook": {"rules": RULES}}, check_managed),
+    "own-registry-tls-managed-webhook": ({"connectionString": CONN, "tls": {"secret": "outpost-tls"}},
+                                         check_mixed),
     "http": ({"connectionString": CONN, "httpsEnabled": False,
               "trustDistribution": {"enabled": False}, "service": {"port": 80}}, check_http),
     "trust-distribution-off": ({"connectionString": CONN, "trustDistribution": {"enabled": False}},
