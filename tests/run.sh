@@ -41,6 +41,24 @@ if ! python3 -c "import helm_sdkpy, yaml; assert helm_sdkpy.__version__ == '${he
     || python3 -m pip install -q --break-system-packages --ignore-requires-python "$helm_sdkpy" pyyaml
 fi
 
+# The object-storage backend is tested against real emulators on loopback (started and stopped
+# by the tests): Azurite, Microsoft's Azure Blob emulator, from npm, and moto's S3 server from
+# PyPI. Pinned, installed once into a cache outside the work tree.
+export OUTPOST_EMULATORS="${OUTPOST_EMULATORS:-$HOME/.cache/outpost-emulators}"
+azurite="azurite@3.37.0"
+if [ "$(cat "$OUTPOST_EMULATORS/azurite/.pinned" 2>/dev/null)" != "$azurite" ]; then
+  echo "==> npm install $azurite"
+  npm install -q --prefix "$OUTPOST_EMULATORS/azurite" --no-audit --no-fund "$azurite" >/dev/null
+  echo "$azurite" >"$OUTPOST_EMULATORS/azurite/.pinned"
+fi
+moto="moto[server]==5.2.5"
+if [ "$(cat "$OUTPOST_EMULATORS/moto/.pinned" 2>/dev/null)" != "$moto" ]; then
+  echo "==> pip install $moto (venv)"
+  python3 -m venv "$OUTPOST_EMULATORS/moto"
+  "$OUTPOST_EMULATORS/moto/bin/python" -m pip install -q "$moto"
+  echo "$moto" >"$OUTPOST_EMULATORS/moto/.pinned"
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

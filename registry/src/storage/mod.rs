@@ -2,7 +2,8 @@
 //! links (blobs, manifest revisions, tags, referrers) and upload sessions.
 //!
 //! Storage knows nothing of HTTP, authentication or the parent registry. Every backend must pass
-//! the suite in [`conformance`]; [`fs::FsStore`] is the local-disk backend.
+//! the suite in [`conformance`]: [`fs::FsStore`] is the local-disk backend,
+//! [`object::BucketStore`] the object-storage one (S3, Azure Blob).
 
 use std::io;
 use std::pin::Pin;
@@ -16,9 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod fs;
 pub mod hash;
+pub mod object;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 #[cfg(test)]
 mod tests;
 

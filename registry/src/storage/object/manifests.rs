@@ -1,0 +1,284 @@
+//! Repository links, manifest revisions, tags and referrers: small objects, each written whole.
+
+use std::collections::BTreeSet;
+use std::io;
+
+use bytes::Bytes;
+use object_store::ObjectStore;
+use outpost_core::{Algorithm, Digest, RepositoryName, Tag};
+use serde::{Deserialize, Serialize};
+
+use super::{BucketStore, os_err};
+use crate::storage::{Descriptor, NewManifest, StorageError, StoredManifest};
+
+/// Manifests are small; anything larger than this is not read into memory.
+const MAX_MANIFEST_READ: u64 = 8 * 1024 * 1024;
+/// Tags, revision links and referrer descriptors are tiny.
+const MAX_LINK_READ: u64 = 64 * 1024;
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RevisionLink {
+    media_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<Digest>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Io(io::Error::other(format!("corrupt {what}: {e}")))
+}
+
+pub(super) async fn repo_blob_link(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<(), StorageError> {
+    if store.head(&store.blob_key(digest)).await?.is_none() {
+        return Err(StorageError::BlobUnknown(digest.clone()));
+    }
+    // Writing the empty link again costs one PUT, checking first one HEAD: just write.
+    store
+        .put(&store.layer_key(repo, digest), Bytes::new())
+        .await
+}
+
+pub(super) async fn repo_blob_linked(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<bool, StorageError> {
+    Ok(store.head(&store.layer_key(repo, digest)).await?.is_some()
+        && store.head(&store.blob_key(digest)).await?.is_some())
+}
+
+/// Digests named `<alg>/<hex>` under `rel`, sorted.
+pub(super) async fn digests_under(
+    store: &BucketStore,
+    rel: &str,
+) -> Result<Vec<Digest>, StorageError> {
+    let mut out = Vec::new();
+    for meta in store.list(rel).await? {
+        let Some(tail) = store
+            .rel(&meta.location)
+            .and_then(|r| r.strip_prefix(rel))
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            continue;
+        };
+        let Some((alg, hex)) = tail.split_once('/') else {
+            continue;
+        };
+        let Some(alg) = Algorithm::ALL.into_iter().find(|a| a.as_str() == alg) else {
+            continue;
+        };
+        if let Ok(d) = Digest::new(alg, hex) {
+            out.push(d);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(super) async fn repositories(store: &BucketStore) -> Result<Vec<RepositoryName>, StorageError> {
+    let mut names = BTreeSet::new();
+    for meta in store.list("repositories").await? {
+        let Some(rel) = store
+            .rel(&meta.location)
+            .and_then(|r| r.strip_prefix("repositories/"))
+        else {
+            continue;
+        };
+        // The repository is everything before its first `_manifests` or `_layers` segment.
+        let segs: Vec<&str> = rel.split('/').collect();
+        if let Some(i) = segs
+            .iter()
+            .position(|s| *s == "_manifests" || *s == "_layers")
+            && i > 0
+            && let Ok(name) = segs[..i].join("/").parse::<RepositoryName>()
+        {
+            names.insert(name.as_str().to_owned());
+        }
+    }
+    Ok(names.iter().filter_map(|n| n.parse().ok()).collect())
+}
+
+pub(super) async fn manifest_put(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    m: NewManifest<'_>,
+) -> Result<(), StorageError> {
+    // Held until the links are written, so gc cannot sweep a blob checked below.
+    let _lock = store.maintenance.read().await;
+    for b in m.blobs {
+        if !repo_blob_linked(store, repo, b).await? {
+            return Err(StorageError::ReferencedBlobUnknown(b.clone()));
+        }
+    }
+    for child in m.manifests {
+        if store
+            .head(&store.revision_key(repo, child))
+            .await?
+            .is_none()
+        {
+            return Err(StorageError::ReferencedManifestUnknown(child.clone()));
+        }
+    }
+    let blob = store.blob_key(m.digest);
+    if store.head(&blob).await?.is_none() {
+        store.put(&blob, m.content.clone()).await?;
+    }
+    store
+        .put(&store.layer_key(repo, m.digest), Bytes::new())
+        .await?;
+    let link = RevisionLink {
+        media_type: m.media_type.to_owned(),
+        subject: m.subject.as_ref().map(|(d, _)| (*d).clone()),
+    };
+    let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
+    store
+        .put(&store.revision_key(repo, m.digest), raw.into())
+        .await?;
+    if let Some((subject, desc)) = &m.subject {
+        let raw = serde_json::to_vec(desc).map_err(io::Error::other)?;
+        store
+            .put(&store.referrer_key(repo, subject, m.digest), raw.into())
+            .await?;
+    }
+    // The tag last: it never points at a manifest that is not whole.
+    if let Some(tag) = m.tag {
+        store
+            .put(&store.tag_key(repo, tag), Bytes::from(m.digest.to_string()))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn read_revision(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    d: &Digest,
+) -> Result<RevisionLink, StorageError> {
+    let raw = store
+        .get_small(&store.revision_key(repo, d), MAX_LINK_READ)
+        .await?
+        .ok_or(StorageError::ManifestUnknown)?;
+    serde_json::from_slice(&raw).map_err(|e| corrupt("revision link", e))
+}
+
+pub(super) async fn read_manifest(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    d: &Digest,
+) -> Result<StoredManifest, StorageError> {
+    let link = read_revision(store, repo, d).await?;
+    let content = store
+        .get_small(&store.blob_key(d), MAX_MANIFEST_READ)
+        .await?
+        .ok_or(StorageError::ManifestUnknown)?;
+    Ok(StoredManifest {
+        digest: d.clone(),
+        media_type: link.media_type,
+        content,
+    })
+}
+
+pub(super) async fn manifest_by_tag(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    tag: &Tag,
+) -> Result<StoredManifest, StorageError> {
+    let raw = store
+        .get_small(&store.tag_key(repo, tag), MAX_LINK_READ)
+        .await?
+        .ok_or(StorageError::ManifestUnknown)?;
+    let d: Digest = std::str::from_utf8(&raw)
+        .map_err(|e| corrupt("tag link", e))?
+        .trim()
+        .parse()
+        .map_err(|e| corrupt("tag link", e))?;
+    read_manifest(store, repo, &d).await
+}
+
+pub(super) async fn manifest_delete(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    d: &Digest,
+) -> Result<(), StorageError> {
+    let link = read_revision(store, repo, d).await?;
+    // Tags first: a crash part way leaves a manifest without tags, never a dangling tag.
+    let want = d.to_string();
+    let tags_rel = format!("{}/_manifests/tags", BucketStore::repo_rel(repo));
+    for meta in store.list(&tags_rel).await? {
+        if let Some(raw) = store.get_small(&meta.location, MAX_LINK_READ).await?
+            && std::str::from_utf8(&raw).is_ok_and(|s| s.trim() == want)
+        {
+            store.delete(&meta.location).await?;
+        }
+    }
+    if let Some(subject) = link.subject {
+        store.delete(&store.referrer_key(repo, &subject, d)).await?;
+    }
+    store.delete(&store.revision_key(repo, d)).await
+}
+
+pub(super) async fn tags(
+    store: &BucketStore,
+    repo: &RepositoryName,
+) -> Result<Vec<String>, StorageError> {
+    let repo_rel = BucketStore::repo_rel(repo);
+    // One LIST with a delimiter tells whether the repository exists at all.
+    let top = store
+        .store
+        .list_with_delimiter(Some(&store.key(&repo_rel)))
+        .await
+        .map_err(os_err)?;
+    if top.common_prefixes.is_empty() && top.objects.is_empty() {
+        return Err(StorageError::RepositoryUnknown);
+    }
+    let listed = store
+        .store
+        .list_with_delimiter(Some(&store.key(&format!("{repo_rel}/_manifests/tags"))))
+        .await
+        .map_err(os_err)?;
+    let mut names: Vec<String> = listed
+        .objects
+        .iter()
+        .filter_map(|m| m.location.filename().map(str::to_owned))
+        .filter(|n| n.parse::<Tag>().is_ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+pub(super) async fn referrers(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    subject: &Digest,
+) -> Result<Vec<Descriptor>, StorageError> {
+    let rel = format!(
+        "{}/_referrers/{}/{}",
+        BucketStore::repo_rel(repo),
+        subject.algorithm().as_str(),
+        subject.hex()
+    );
+    let mut out = Vec::new();
+    for meta in store.list(&rel).await? {
+        let Some(raw) = store.get_small(&meta.location, MAX_LINK_READ).await? else {
+            continue;
+        };
+        let Ok(desc) = serde_json::from_slice::<Descriptor>(&raw) else {
+            tracing::warn!(key = %meta.location, "skipping unreadable referrer link");
+            continue;
+        };
+        // A referrer whose manifest was deleted concurrently is not listed.
+        if store
+            .head(&store.revision_key(repo, &desc.digest))
+            .await?
+            .is_some()
+        {
+            out.push(desc);
+        }
+    }
+    out.sort_by(|a, b| a.digest.cmp(&b.digest));
+    Ok(out)
+}

@@ -1,0 +1,392 @@
+//! The object-storage backend: S3 (and S3-compatible servers) and Azure Blob Storage through
+//! Apache Arrow's `object_store` crate.
+//!
+//! Layout under the prefix, the same names as on disk:
+//! ```text
+//! blobs/<alg>/<hex[..2]>/<hex>                          immutable content, shared by all repositories
+//! repositories/<name>/_layers/<alg>/<hex>               empty: the blob is available in <name>
+//! repositories/<name>/_manifests/revisions/<alg>/<hex>  JSON: media type and subject of a manifest
+//! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
+//! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
+//! uploads/<id>/state.json, uploads/<id>/parts/<start>   upload sessions
+//! ```
+//! An object store has no rename and no partial object: a PUT or a completed multipart upload
+//! is visible whole or not at all. So a blob object is written only once its content hashed
+//! to its digest (the multipart upload is aborted otherwise), a manifest only after every blob
+//! it needs is linked, and a tag last. Upload sessions are objects too, so another process can
+//! continue one.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
+use outpost_core::{Digest, RepositoryName, Tag};
+
+use super::{
+    BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, MaintenanceGuard, NewManifest,
+    RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+};
+
+mod blobs;
+mod manifests;
+mod uploads;
+
+#[cfg(test)]
+mod tests;
+
+/// A [`Store`] in a bucket or container, under an optional prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct BucketStore {
+    store: Arc<dyn ObjectStore>,
+    /// Empty, or the prefix without slashes at either end.
+    prefix: String,
+    /// One lock per upload session this process works on (other processes are not locked
+    /// out: the client drives one session one request at a time).
+    uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<uploads::Progress>>>>>,
+    /// Shared by manifest writes, exclusive for gc (within this process).
+    maintenance: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// An error of the object store, without the request's credentials (object_store's messages
+/// name the path and the HTTP status, never keys or signatures).
+fn os_err(e: object_store::Error) -> StorageError {
+    StorageError::Io(io::Error::other(e))
+}
+
+fn age_of(meta: &ObjectMeta) -> Duration {
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let then_ms = u128::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+    Duration::from_millis(u64::try_from(now_ms.saturating_sub(then_ms)).unwrap_or(u64::MAX))
+}
+
+impl BucketStore {
+    /// A store over `store` (a bucket or container), under `prefix` ("" for its root).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        BucketStore {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            uploads: Arc::default(),
+            maintenance: Arc::default(),
+        }
+    }
+
+    /// The key of `rel` (a path relative to the prefix, `/`-separated).
+    fn key(&self, rel: &str) -> Key {
+        if self.prefix.is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// `key` relative to the prefix.
+    fn rel<'a>(&self, key: &'a Key) -> Option<&'a str> {
+        let k = key.as_ref();
+        if self.prefix.is_empty() {
+            Some(k)
+        } else {
+            k.strip_prefix(self.prefix.as_str())?.strip_prefix('/')
+        }
+    }
+
+    fn blob_key(&self, d: &Digest) -> Key {
+        self.key(&format!(
+            "blobs/{}/{}/{}",
+            d.algorithm().as_str(),
+            &d.hex()[..2],
+            d.hex()
+        ))
+    }
+
+    fn repo_rel(repo: &RepositoryName) -> String {
+        format!("repositories/{}", repo.as_str())
+    }
+
+    fn layer_key(&self, repo: &RepositoryName, d: &Digest) -> Key {
+        self.key(&format!(
+            "{}/_layers/{}/{}",
+            Self::repo_rel(repo),
+            d.algorithm().as_str(),
+            d.hex()
+        ))
+    }
+
+    fn revision_key(&self, repo: &RepositoryName, d: &Digest) -> Key {
+        self.key(&format!(
+            "{}/_manifests/revisions/{}/{}",
+            Self::repo_rel(repo),
+            d.algorithm().as_str(),
+            d.hex()
+        ))
+    }
+
+    fn tag_key(&self, repo: &RepositoryName, tag: &Tag) -> Key {
+        self.key(&format!(
+            "{}/_manifests/tags/{}",
+            Self::repo_rel(repo),
+            tag.as_str()
+        ))
+    }
+
+    fn referrer_key(&self, repo: &RepositoryName, subject: &Digest, d: &Digest) -> Key {
+        self.key(&format!(
+            "{}/_referrers/{}/{}/{}-{}",
+            Self::repo_rel(repo),
+            subject.algorithm().as_str(),
+            subject.hex(),
+            d.algorithm().as_str(),
+            d.hex()
+        ))
+    }
+
+    /// Metadata of an object, `None` if there is none (one HEAD request).
+    async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>, StorageError> {
+        match self.store.head(key).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    /// A whole small object, `None` if there is none.
+    async fn get_small(&self, key: &Key, max: u64) -> Result<Option<Bytes>, StorageError> {
+        let r = match self.store.get(key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(os_err(e)),
+        };
+        if r.meta.size > max {
+            return Err(StorageError::Io(io::Error::other(format!(
+                "{key} is larger than {max} bytes"
+            ))));
+        }
+        r.bytes().await.map(Some).map_err(os_err)
+    }
+
+    async fn put(&self, key: &Key, data: Bytes) -> Result<(), StorageError> {
+        self.store
+            .put(key, PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(os_err)
+    }
+
+    /// Deletes an object; false if there was none (a HEAD first: S3 answers a delete of
+    /// nothing as a success).
+    async fn delete_existing(&self, key: &Key) -> Result<bool, StorageError> {
+        if self.head(key).await?.is_none() {
+            return Ok(false);
+        }
+        self.delete(key).await?;
+        Ok(true)
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), StorageError> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    /// Every object under `rel` (a directory: its keys start with `rel/`).
+    async fn list(&self, rel: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let prefix = self.key(rel);
+        let mut stream = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(m) = stream.next().await {
+            out.push(m.map_err(os_err)?);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Store for BucketStore {
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        blobs::blob_size(self, digest).await
+    }
+
+    async fn blob_open(
+        &self,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<(BlobReader, Option<ByteRange>), StorageError> {
+        blobs::blob_open(self, digest, range).await
+    }
+
+    async fn blob_put(
+        &self,
+        digest: &Digest,
+        body: ByteStream,
+        declared_len: Option<u64>,
+    ) -> Result<u64, StorageError> {
+        blobs::blob_put(self, digest, body, declared_len).await
+    }
+
+    async fn blob_list(&self) -> Result<Vec<BlobInfo>, StorageError> {
+        blobs::blob_list(self).await
+    }
+
+    async fn blob_remove(&self, digest: &Digest, min_age: Duration) -> Result<bool, StorageError> {
+        blobs::blob_remove(self, digest, min_age).await
+    }
+
+    async fn blob_verify(&self, digest: &Digest) -> Result<bool, StorageError> {
+        blobs::blob_verify(self, digest).await
+    }
+
+    async fn repo_blob_link(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<(), StorageError> {
+        manifests::repo_blob_link(self, repo, digest).await
+    }
+
+    async fn repo_blob_linked(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError> {
+        manifests::repo_blob_linked(self, repo, digest).await
+    }
+
+    async fn repo_blob_unlink(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError> {
+        self.delete_existing(&self.layer_key(repo, digest)).await
+    }
+
+    async fn repo_blob_links(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError> {
+        manifests::digests_under(self, &format!("{}/_layers", Self::repo_rel(repo))).await
+    }
+
+    async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError> {
+        manifests::repositories(self).await
+    }
+
+    async fn manifest_put(
+        &self,
+        repo: &RepositoryName,
+        m: NewManifest<'_>,
+    ) -> Result<(), StorageError> {
+        manifests::manifest_put(self, repo, m).await
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        repo: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<StoredManifest, StorageError> {
+        manifests::manifest_by_tag(self, repo, tag).await
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<StoredManifest, StorageError> {
+        manifests::read_manifest(self, repo, digest).await
+    }
+
+    async fn manifest_delete(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<(), StorageError> {
+        manifests::manifest_delete(self, repo, digest).await
+    }
+
+    async fn manifest_list(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError> {
+        manifests::digests_under(
+            self,
+            &format!("{}/_manifests/revisions", Self::repo_rel(repo)),
+        )
+        .await
+    }
+
+    async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError> {
+        if self.delete_existing(&self.tag_key(repo, tag)).await? {
+            Ok(())
+        } else {
+            Err(StorageError::ManifestUnknown)
+        }
+    }
+
+    async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError> {
+        manifests::tags(self, repo).await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepositoryName,
+        subject: &Digest,
+    ) -> Result<Vec<Descriptor>, StorageError> {
+        manifests::referrers(self, repo, subject).await
+    }
+
+    async fn upload_start(&self, repo: &RepositoryName) -> Result<String, StorageError> {
+        uploads::upload_start(self, repo).await
+    }
+
+    async fn upload_status(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+    ) -> Result<UploadStatus, StorageError> {
+        let st = uploads::load(self, repo, id).await?;
+        Ok(UploadStatus { offset: st.offset })
+    }
+
+    async fn upload_append(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        start: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadStatus, StorageError> {
+        uploads::upload_append(self, repo, id, start, body).await
+    }
+
+    async fn upload_finish(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        digest: &Digest,
+    ) -> Result<u64, StorageError> {
+        uploads::upload_finish(self, repo, id, digest).await
+    }
+
+    async fn upload_cancel(&self, repo: &RepositoryName, id: &str) -> Result<(), StorageError> {
+        uploads::upload_cancel(self, repo, id).await
+    }
+
+    async fn upload_read(
+        &self,
+        repo: &RepositoryName,
+        id: &str,
+        offset: u64,
+    ) -> Result<ByteStream, StorageError> {
+        uploads::upload_read(self, repo, id, offset).await
+    }
+
+    async fn upload_expire(&self, idle: Duration) -> Result<usize, StorageError> {
+        uploads::upload_expire(self, idle).await
+    }
+
+    async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError> {
+        let guard = self.maintenance.clone().write_owned().await;
+        Ok(Box::new(guard))
+    }
+}

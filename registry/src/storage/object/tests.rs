@@ -1,0 +1,311 @@
+//! The object-storage backend against real peers: Azurite (Microsoft's Azure Blob emulator,
+//! from npm) and moto's S3 server (from PyPI), each started on loopback for the test and
+//! stopped by PID. tests/run.sh installs both under `$OUTPOST_EMULATORS` (default
+//! `~/.cache/outpost-emulators`); a missing emulator fails the test, it is never skipped.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::hmac;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use outpost_core::{Algorithm, RepositoryName};
+
+use super::BucketStore;
+use crate::storage::hash::digest_of;
+use crate::storage::{ByteStream, StorageError, Store, conformance};
+
+/// Azurite's well-known development account (public, documented by Microsoft).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn emulators_dir() -> PathBuf {
+    std::env::var_os("OUTPOST_EMULATORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/outpost-emulators")
+        })
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+/// An emulator process; killed (by its PID) and reaped when dropped, also on a panic.
+pub(crate) struct Emulator {
+    child: Child,
+    pub(crate) port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    fn start(program: PathBuf, args: &[String], port: u16, dir: tempfile::TempDir) -> Self {
+        assert!(
+            program.exists(),
+            "{} is missing: tests/run.sh installs the storage emulators (Azurite from npm, \
+             moto[server] from PyPI) under $OUTPOST_EMULATORS (default ~/.cache/outpost-emulators)",
+            program.display()
+        );
+        let log = std::fs::File::create(dir.path().join("emulator.log")).expect("log file");
+        let child = Command::new(&program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut em = Emulator {
+            child,
+            port,
+            _dir: dir,
+        };
+        // Bounded: an emulator that is not listening within a minute fails the test.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return em;
+            }
+            if let Ok(Some(status)) = em.child.try_wait() {
+                let log = std::fs::read_to_string(em._dir.path().join("emulator.log"))
+                    .unwrap_or_default();
+                panic!("{} exited with {status}: {log}", program.display());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} is not listening on port {port} after 60 s",
+                program.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Azurite's blob service, with one container `outpost`.
+    pub(crate) async fn azurite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let program = emulators_dir().join("azurite/node_modules/.bin/azurite-blob");
+        let args = [
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+            &dir.path().display().to_string(),
+            "--skipApiVersionCheck",
+        ]
+        .map(String::from);
+        let em = Self::start(program, &args, port, dir);
+        em.create_azure_container("outpost").await;
+        em
+    }
+
+    /// moto's S3 server, with one bucket `outpost`.
+    pub(crate) async fn moto() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let program = emulators_dir().join("moto/bin/moto_server");
+        let args = ["-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
+        let em = Self::start(program, &args, port, dir);
+        // moto does not check signatures: a plain PUT creates the bucket.
+        let resp = reqwest::Client::new()
+            .put(format!("http://127.0.0.1:{}/outpost", em.port))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(
+            resp.status().is_success(),
+            "create bucket: {}",
+            resp.status()
+        );
+        em
+    }
+
+    /// Creates a container through the Blob REST API, signed with the account's shared key.
+    async fn create_azure_container(&self, name: &str) {
+        let date = jiff::fmt::rfc2822::DateTimePrinter::new()
+            .timestamp_to_rfc9110_string(&jiff::Timestamp::now())
+            .expect("date");
+        let version = "2021-08-06";
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n\
+             /{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{name}\nrestype:container"
+        );
+        let key_bytes = base64::engine::general_purpose::STANDARD
+            .decode(AZURITE_KEY)
+            .expect("key");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &key_bytes);
+        let sig = base64::engine::general_purpose::STANDARD
+            .encode(hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let resp = reqwest::Client::new()
+            .put(format!(
+                "http://127.0.0.1:{}/{AZURITE_ACCOUNT}/{name}?restype=container",
+                self.port
+            ))
+            .header("x-ms-date", &date)
+            .header("x-ms-version", version)
+            .header("content-length", "0")
+            .header(
+                "authorization",
+                format!("SharedKey {AZURITE_ACCOUNT}:{sig}"),
+            )
+            .send()
+            .await
+            .expect("create container");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(status.is_success(), "create container: {status} {text}");
+    }
+
+    pub(crate) fn azure_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            MicrosoftAzureBuilder::new()
+                .with_account(AZURITE_ACCOUNT)
+                .with_access_key(AZURITE_KEY)
+                .with_container_name("outpost")
+                .with_endpoint(format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port))
+                .with_allow_http(true)
+                .build()
+                .expect("azure client"),
+        )
+    }
+
+    pub(crate) fn s3_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_bucket_name("outpost")
+                .with_region("us-east-1")
+                .with_endpoint(format!("http://127.0.0.1:{}", self.port))
+                .with_allow_http(true)
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .build()
+                .expect("s3 client"),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blob_store_conforms() {
+    let em = Emulator::azurite().await;
+    conformance::check(&BucketStore::new(em.azure_store(), "conformance")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_conforms() {
+    let em = Emulator::moto().await;
+    conformance::check(&BucketStore::new(em.s3_store(), "")).await;
+}
+
+fn stream_of(parts: Vec<Bytes>) -> ByteStream {
+    Box::pin(futures_util::stream::iter(parts.into_iter().map(Ok)))
+}
+
+async fn collect(mut s: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.expect("read"));
+    }
+    out
+}
+
+/// A session begun by one process goes on in another (a second client over the same
+/// container, with nothing shared in memory), across several parts, and its blob appears only
+/// when finished.
+async fn sessions_continue_elsewhere(a: BucketStore, b: BucketStore) {
+    let r: RepositoryName = "cross/process".parse().expect("name");
+    let mib = 1024 * 1024;
+    let data: Vec<u8> = (0..(13 * mib + 123)).map(|i| (i % 251) as u8).collect();
+    let d = digest_of(Algorithm::Sha256, &data);
+    let id = a.upload_start(&r).await.expect("start");
+    // Small chunks first (merged into one part), then one chunk larger than a part.
+    for (i, piece) in data[..3 * mib].chunks(mib).enumerate() {
+        let store = if i % 2 == 0 { &a } else { &b };
+        store
+            .upload_append(
+                &r,
+                &id,
+                None,
+                stream_of(vec![Bytes::copy_from_slice(piece)]),
+            )
+            .await
+            .expect("append");
+    }
+    let st = b
+        .upload_append(
+            &r,
+            &id,
+            Some(3 * mib as u64),
+            stream_of(
+                data[3 * mib..]
+                    .chunks(64 * 1024)
+                    .map(Bytes::copy_from_slice)
+                    .collect(),
+            ),
+        )
+        .await
+        .expect("append");
+    assert_eq!(st.offset, data.len() as u64);
+    assert_eq!(
+        a.upload_status(&r, &id).await.expect("status").offset,
+        data.len() as u64
+    );
+    // Readable from any offset, across parts.
+    let from = 2 * mib as u64 + 7;
+    let tail = collect(a.upload_read(&r, &id, from).await.expect("read")).await;
+    assert_eq!(tail, &data[from as usize..]);
+    // Nothing is visible before the finish, and a wrong digest leaves nothing either.
+    assert_eq!(a.blob_size(&d).await.expect("size"), None);
+    let wrong = digest_of(Algorithm::Sha256, b"wrong");
+    assert!(matches!(
+        b.upload_finish(&r, &id, &wrong).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    assert_eq!(b.blob_size(&wrong).await.expect("size"), None);
+    assert_eq!(
+        a.upload_finish(&r, &id, &d).await.expect("finish"),
+        data.len() as u64
+    );
+    let (reader, _) = b.blob_open(&d, None).await.expect("open");
+    assert_eq!(reader.size, data.len() as u64);
+    assert_eq!(collect(reader.body).await, data);
+    assert!(b.repo_blob_linked(&r, &d).await.expect("linked"));
+    // The session's objects are gone.
+    assert_eq!(a.upload_expire(Duration::ZERO).await.expect("expire"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_sessions_continue_in_another_process() {
+    let em = Emulator::azurite().await;
+    sessions_continue_elsewhere(
+        BucketStore::new(em.azure_store(), "x"),
+        BucketStore::new(em.azure_store(), "x"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_sessions_continue_in_another_process() {
+    let em = Emulator::moto().await;
+    sessions_continue_elsewhere(
+        BucketStore::new(em.s3_store(), "x"),
+        BucketStore::new(em.s3_store(), "x"),
+    )
+    .await;
+}
