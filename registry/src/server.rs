@@ -31,7 +31,10 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    /// A directory, or an object store URL (`s3://`, `azblob://`).
     pub storage: PathBuf,
+    /// `KEY=VALUE` options of the object store client.
+    pub storage_options: Vec<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub http: bool,
@@ -213,16 +216,38 @@ fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Dur
 /// Serves until SIGTERM or SIGINT, then drains in-flight requests for up to 30 s.
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     opts.validate()?;
-    let store = FsStore::open(&opts.storage).map_err(io_err(format!(
-        "cannot open storage {}",
-        opts.storage.display()
-    )))?;
-    let _serve_lock = store
-        .lock_for_serving()
-        .map_err(io_err("cannot lock storage"))?;
-    store
-        .clean_tmp()
-        .map_err(io_err("cannot clean storage tmp/"))?;
+    let storage = opts.storage.to_string_lossy().into_owned();
+    // The store, the local directory of sync state, staging and retention, and the lock that
+    // keeps a second server off a directory.
+    let (store, root, _serve_lock): (Arc<dyn Store>, PathBuf, Option<std::fs::File>) =
+        if crate::storage::object::is_object_url(&storage) {
+            if opts.sync.is_some() || opts.max_storage.is_some() {
+                return Err(ServeError::Config(
+                    "a parent (--connection-string) and --max-storage are not supported on \
+                     object storage yet: their state still lives in a local directory"
+                        .into(),
+                ));
+            }
+            let s = crate::storage::object::open(&storage, &opts.storage_options)
+                .await
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+            tracing::info!(storage = %storage, "object storage");
+            // No parent, so nothing uses the local directory.
+            (Arc::new(s), PathBuf::new(), None)
+        } else {
+            let store = FsStore::open(&opts.storage).map_err(io_err(format!(
+                "cannot open storage {}",
+                opts.storage.display()
+            )))?;
+            let lock = store
+                .lock_for_serving()
+                .map_err(io_err("cannot lock storage"))?;
+            store
+                .clean_tmp()
+                .map_err(io_err("cannot clean storage tmp/"))?;
+            let root = store.root().to_path_buf();
+            (Arc::new(store), root, Some(lock))
+        };
 
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(tls::load_and_watch(c.clone(), k.clone())?),
@@ -258,8 +283,6 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     tracing::info!(?anonymous, readonly, "access policy");
 
     let metrics = Arc::new(Metrics::new());
-    let root = store.root().to_path_buf();
-    let store: Arc<dyn Store> = Arc::new(store);
     let syncer = match &opts.sync {
         Some(s) => {
             let syncer = Syncer::new(

@@ -72,9 +72,19 @@ pub struct ServeArgs {
     /// Where /metrics is served; by default on the registry API's listener.
     #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Storage directory (content-addressed blobs, repositories, upload sessions).
+    /// Storage: a directory (content-addressed blobs, repositories, upload sessions), or an
+    /// object store: s3://BUCKET[/PREFIX] or azblob://CONTAINER[/PREFIX], configured from
+    /// object_store's own environment variables (AWS_*, AZURE_STORAGE_*) and --storage-option.
     #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
     pub storage: PathBuf,
+    /// KEY=VALUE option of the object store client (object_store's keys, e.g. endpoint,
+    /// region, allow_http, account_name); repeatable, comma-separated in the environment.
+    #[arg(
+        long = "storage-option",
+        env = "OUTPOST_STORAGE_OPTION",
+        value_delimiter = ','
+    )]
+    pub storage_option: Vec<String>,
     /// PEM certificate chain for HTTPS; re-read when the file changes.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -301,6 +311,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 admin_listen: a.admin_listen,
                 metrics_listen: a.metrics_listen,
                 storage: a.storage,
+                storage_options: a.storage_option,
                 tls_cert: a.tls_cert,
                 tls_key: a.tls_key,
                 http: a.http,

@@ -35,7 +35,10 @@ use super::{
 
 mod blobs;
 mod manifests;
+mod open;
 mod uploads;
+
+pub use open::{OpenError, is_object_url, open};
 
 #[cfg(test)]
 mod tests;

@@ -309,3 +309,54 @@ async fn s3_sessions_continue_in_another_process() {
     )
     .await;
 }
+
+fn azurite_options(em: &Emulator, key: &str) -> Vec<String> {
+    vec![
+        format!("account_name={AZURITE_ACCOUNT}"),
+        format!("access_key={key}"),
+        format!("endpoint=http://127.0.0.1:{}/{AZURITE_ACCOUNT}", em.port),
+        "allow_http=true".to_owned(),
+    ]
+}
+
+/// `--storage` URLs: a good one opens, and each kind of bad configuration is one clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_urls_open_or_say_why_not() {
+    use super::{OpenError, open};
+    let em = Emulator::azurite().await;
+    let store = open(
+        "azblob://outpost/some/prefix",
+        &azurite_options(&em, AZURITE_KEY),
+    )
+    .await
+    .expect("open");
+    assert_eq!(store.prefix, "some/prefix");
+    let err = open(
+        "azblob://nosuchcontainer",
+        &azurite_options(&em, AZURITE_KEY),
+    )
+    .await
+    .err()
+    .expect("missing container");
+    assert!(matches!(err, OpenError::Missing { .. }), "{err}");
+    // A wrong key (valid base64, not the account's).
+    let wrong = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let err = open("azblob://outpost", &azurite_options(&em, &wrong))
+        .await
+        .err()
+        .expect("wrong key");
+    assert!(matches!(err, OpenError::Credentials { .. }), "{err}");
+    assert!(!err.to_string().contains(&wrong), "{err}");
+    let err = open("ftp://x", &[]).await.err().expect("scheme");
+    assert!(matches!(err, OpenError::UnknownScheme(_)), "{err}");
+    let err = open("azblob://outpost", &["no_such_option=1".to_owned()])
+        .await
+        .err()
+        .expect("option");
+    assert!(matches!(err, OpenError::UnknownOption { .. }), "{err}");
+    let err = open("azblob://outpost", &["novalue".to_owned()])
+        .await
+        .err()
+        .expect("option");
+    assert!(matches!(err, OpenError::BadOption(_)), "{err}");
+}

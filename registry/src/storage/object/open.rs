@@ -1,0 +1,141 @@
+//! `--storage s3://BUCKET[/PREFIX]` and `azblob://CONTAINER[/PREFIX]`: building the client from
+//! the environment (object_store's own variables) and `--storage-option KEY=VALUE` (its own
+//! option keys), then one request to prove the bucket is there and the credentials work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+
+use super::BucketStore;
+
+/// Why an object store cannot be used; one line each, without secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "unknown storage scheme in {0:?}: use a directory, s3://BUCKET[/PREFIX] or azblob://CONTAINER[/PREFIX]"
+    )]
+    UnknownScheme(String),
+    #[error("{0:?} names no bucket or container")]
+    NoBucket(String),
+    #[error("--storage-option {0:?} is not KEY=VALUE")]
+    BadOption(String),
+    #[error("--storage-option {key}: not an option of the {backend} client")]
+    UnknownOption { backend: &'static str, key: String },
+    #[error("storage {url}: {message}")]
+    Config { url: String, message: String },
+    #[error("storage {url}: the bucket or container does not exist")]
+    Missing { url: String },
+    #[error("storage {url}: credentials refused ({message})")]
+    Credentials { url: String, message: String },
+    #[error("storage {url}: cannot reach the object store: {message}")]
+    Unreachable { url: String, message: String },
+}
+
+/// True if `storage` is an object-store URL rather than a directory.
+pub fn is_object_url(storage: &str) -> bool {
+    storage.contains("://")
+}
+
+/// How long the start-up check may take before the endpoint counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens the bucket or container `url` names and checks it with one LIST request.
+pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| OpenError::UnknownScheme(url.to_owned()))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(OpenError::NoBucket(url.to_owned()));
+    }
+    let mut pairs = Vec::new();
+    for o in options {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| OpenError::BadOption(o.split('=').next().unwrap_or("").to_owned()))?;
+        pairs.push((k.trim().to_ascii_lowercase(), v.to_owned()));
+    }
+    let config = |e: object_store::Error| OpenError::Config {
+        url: url.to_owned(),
+        message: e.to_string(),
+    };
+    let store: Arc<dyn ObjectStore> = match scheme {
+        "s3" => {
+            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            for (k, v) in pairs {
+                let key: AmazonS3ConfigKey = k.parse().map_err(|_| OpenError::UnknownOption {
+                    backend: "S3",
+                    key: k.clone(),
+                })?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(config)?)
+        }
+        "azblob" => {
+            let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+            for (k, v) in pairs {
+                let key: AzureConfigKey = k.parse().map_err(|_| OpenError::UnknownOption {
+                    backend: "Azure Blob",
+                    key: k.clone(),
+                })?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(config)?)
+        }
+        _ => return Err(OpenError::UnknownScheme(url.to_owned())),
+    };
+    let store = BucketStore::new(store, prefix);
+    probe(&store, url).await?;
+    Ok(store)
+}
+
+/// The first line of an object-store error, with the query of any URL in it cut off (a SAS
+/// token travels in the query).
+fn one_line(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("");
+    first
+        .split(' ')
+        .map(|w| match (w.contains("://"), w.split_once('?')) {
+            (true, Some((base, _))) => format!("{base}?…"),
+            _ => w.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn probe(store: &BucketStore, url: &str) -> Result<(), OpenError> {
+    let prefix = store.key("repositories");
+    let res = tokio::time::timeout(
+        PROBE_TIMEOUT,
+        store.store.list_with_delimiter(Some(&prefix)),
+    )
+    .await;
+    let url = url.to_owned();
+    let e = match res {
+        Ok(Ok(_)) => return Ok(()),
+        Err(_) => {
+            return Err(OpenError::Unreachable {
+                url,
+                message: format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
+            });
+        }
+        Ok(Err(e)) => e,
+    };
+    let message = one_line(&e);
+    // The HTTP clients report a refused request as a generic error naming the status.
+    let status = |code: &str| message.contains(&format!("status code: {code}"));
+    match e {
+        object_store::Error::NotFound { .. } => Err(OpenError::Missing { url }),
+        _ if status("404") => Err(OpenError::Missing { url }),
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
+            Err(OpenError::Credentials { url, message })
+        }
+        _ if status("401") || status("403") => Err(OpenError::Credentials { url, message }),
+        _ => Err(OpenError::Unreachable { url, message }),
+    }
+}
