@@ -258,6 +258,15 @@ pub enum CliError {
 }
 
 fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
+    if crate::storage::object::is_object_url(&path.to_string_lossy()) {
+        return Err(CliError::Storage {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "gc and fsck work on a storage directory only (object storage: not yet)",
+            ),
+        });
+    }
     if !path.is_dir() {
         return Err(CliError::Storage {
             path: path.display().to_string(),
