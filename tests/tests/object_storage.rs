@@ -44,14 +44,65 @@ fn wait_listening(p: &mut Proc, port: u16, what: &str, log: &std::path::Path) {
     }
 }
 
-fn azurite(dir: &std::path::Path) -> (Proc, u16) {
-    let root = std::env::var_os("OUTPOST_EMULATORS")
+fn emulators_dir() -> PathBuf {
+    std::env::var_os("OUTPOST_EMULATORS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
                 .join(".cache/outpost-emulators")
-        });
-    let program = root.join("azurite/node_modules/.bin/azurite-blob");
+        })
+}
+
+/// moto's S3 server (PyPI), with one bucket `outpost`.
+fn moto(dir: &std::path::Path) -> (Proc, u16) {
+    let program = emulators_dir().join("moto/bin/moto_server");
+    assert!(
+        program.exists(),
+        "{} is missing: tests/run.sh installs moto[server]",
+        program.display()
+    );
+    let port = free_port();
+    let log = dir.join("moto.log");
+    let f = std::fs::File::create(&log).expect("log");
+    let child = Command::new(&program)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .spawn()
+        .expect("start moto_server");
+    let mut p = Proc(child);
+    wait_listening(&mut p, port, "moto_server", &log);
+    // moto does not check signatures: a plain PUT creates the bucket.
+    let resp = reqwest::blocking::Client::new()
+        .put(format!("http://127.0.0.1:{port}/outpost"))
+        .send()
+        .expect("create bucket");
+    assert!(
+        resp.status().is_success(),
+        "create bucket: {}",
+        resp.status()
+    );
+    (p, port)
+}
+
+fn s3_args(port: u16, url: &str) -> Vec<String> {
+    let mut args = vec!["--storage".to_owned(), url.to_owned()];
+    for o in [
+        format!("endpoint=http://127.0.0.1:{port}"),
+        "allow_http=true".to_owned(),
+        "region=us-east-1".to_owned(),
+        "access_key_id=test".to_owned(),
+        "secret_access_key=test".to_owned(),
+    ] {
+        args.push("--storage-option".to_owned());
+        args.push(o);
+    }
+    args
+}
+
+fn azurite(dir: &std::path::Path) -> (Proc, u16) {
+    let program = emulators_dir().join("azurite/node_modules/.bin/azurite-blob");
     assert!(
         program.exists(),
         "{} is missing: tests/run.sh installs Azurite",
@@ -123,15 +174,27 @@ fn storage_args(port: u16, url: &str) -> Vec<String> {
 fn skopeo_round_trip_through_azure_blob_storage() {
     let dir = tempfile::tempdir().unwrap();
     let (_azurite, az_port) = azurite(dir.path());
+    round_trip(dir.path(), &storage_args(az_port, "azblob://outpost/e2e"));
+}
 
+#[test]
+fn skopeo_round_trip_through_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_moto, s3_port) = moto(dir.path());
+    round_trip(dir.path(), &s3_args(s3_port, "s3://outpost/e2e"));
+}
+
+/// skopeo pushes an image with a layer larger than one upload part through a registry on
+/// `storage` and pulls it back byte for byte.
+fn round_trip(dir: &std::path::Path, storage: &[String]) {
     let port = free_port();
-    let log = dir.path().join("registry.log");
+    let log = dir.join("registry.log");
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(bin("outpost-registry"))
         .arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(storage_args(az_port, "azblob://outpost/e2e"))
+        .args(storage)
         .stdin(Stdio::null())
         .stdout(f.try_clone().unwrap())
         .stderr(f)
@@ -140,8 +203,7 @@ fn skopeo_round_trip_through_azure_blob_storage() {
     let mut registry = Proc(child);
     wait_listening(&mut registry, port, "outpost-registry", &log);
 
-    // An image with a layer larger than one upload part, pushed and pulled back.
-    let layout = Layout::new(dir.path());
+    let layout = Layout::new(dir);
     layout.add_image("v1", "amd64", &[("data/big", pseudo_random(15, 12 << 20))]);
     let dest = format!("docker://127.0.0.1:{port}/object/store:v1");
     skopeo(&[
@@ -150,7 +212,7 @@ fn skopeo_round_trip_through_azure_blob_storage() {
         &format!("oci:{}:v1", layout.path.display()),
         &dest,
     ]);
-    let back = dir.path().join("back");
+    let back = dir.join("back");
     skopeo(&[
         "copy",
         "--src-tls-verify=false",
