@@ -21,25 +21,34 @@ use crate::storage::{BlobInfo, BlobReader, ByteRange, ByteStream, RangeRequest, 
 pub(super) const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// A writer whose object appears only when [`Self::commit`] is called after a good digest.
+/// Dropped before that (a client gone mid-push drops the request's future), it aborts the
+/// multipart upload in the background, so no incomplete upload is left billing the user.
 pub(super) struct BlobWriter {
-    w: BufWriter,
-    hasher: Hasher,
+    w: Option<BufWriter>,
+    hasher: Option<Hasher>,
     written: u64,
 }
 
 impl BlobWriter {
     pub(super) fn new(store: &BucketStore, key: Key, algorithm: Algorithm) -> Self {
         BlobWriter {
-            w: BufWriter::with_capacity(store.store.clone(), key, PART_SIZE),
-            hasher: Hasher::new(algorithm),
+            w: Some(BufWriter::with_capacity(
+                store.store.clone(),
+                key,
+                PART_SIZE,
+            )),
+            hasher: Some(Hasher::new(algorithm)),
             written: 0,
         }
     }
 
     pub(super) async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), StorageError> {
-        self.hasher.update(&chunk);
+        let (Some(w), Some(h)) = (self.w.as_mut(), self.hasher.as_mut()) else {
+            return Err(StorageError::Io(io::Error::other("upload already ended")));
+        };
+        h.update(&chunk);
         self.written += chunk.len() as u64;
-        self.w.put(chunk).await.map_err(os_err)
+        w.put(chunk).await.map_err(os_err)
     }
 
     pub(super) fn written(&self) -> u64 {
@@ -48,20 +57,47 @@ impl BlobWriter {
 
     /// Completes the upload if the content hashed to `expected`, aborts it otherwise.
     pub(super) async fn commit(mut self, expected: &Digest) -> Result<u64, StorageError> {
-        let actual = self.hasher.finish();
-        if &actual != expected {
-            let _ = self.w.abort().await;
+        let actual = self.hasher.take().map(Hasher::finish);
+        if actual.as_ref() != Some(expected) {
+            self.abort_now().await;
             return Err(StorageError::DigestMismatch {
                 expected: expected.clone(),
             });
         }
-        self.w.shutdown().await?;
+        let Some(mut w) = self.w.take() else {
+            return Err(StorageError::Io(io::Error::other("upload already ended")));
+        };
+        if let Err(e) = w.shutdown().await {
+            // A failed completion may leave the multipart upload open.
+            let _ = w.abort().await;
+            return Err(e.into());
+        }
         Ok(self.written)
     }
 
     pub(super) async fn abort(mut self) {
-        if let Err(e) = self.w.abort().await {
+        self.abort_now().await;
+    }
+
+    async fn abort_now(&mut self) {
+        if let Some(mut w) = self.w.take()
+            && let Err(e) = w.abort().await
+        {
             tracing::warn!(error = %e, "could not abort an object upload");
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.w.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(error = %e, "could not abort an abandoned object upload");
+                }
+            });
         }
     }
 }

@@ -360,3 +360,46 @@ async fn storage_urls_open_or_say_why_not() {
         .expect("option");
     assert!(matches!(err, OpenError::BadOption(_)), "{err}");
 }
+
+/// Multipart uploads open in moto's bucket (ListMultipartUploads).
+async fn open_multipart_uploads(port: u16) -> usize {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/outpost?uploads"))
+        .send()
+        .await
+        .expect("list uploads")
+        .text()
+        .await
+        .expect("list body");
+    text.matches("<UploadId>").count()
+}
+
+/// A push whose client goes away mid-blob (its future dropped) leaves no multipart upload open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_blob_upload_is_aborted() {
+    let em = Emulator::moto().await;
+    let store = BucketStore::new(em.s3_store(), "abandoned");
+    let d = digest_of(Algorithm::Sha256, b"never completed");
+    // More than one part, then a body that never ends.
+    let first: Vec<Result<Bytes, std::io::Error>> = (0..10)
+        .map(|_| Ok(Bytes::from(vec![1u8; 1024 * 1024])))
+        .collect();
+    let body: ByteStream =
+        Box::pin(futures_util::stream::iter(first).chain(futures_util::stream::pending()));
+    let task = tokio::spawn(async move { store.blob_put(&d, body, None).await });
+    // Bounded polling: the multipart upload exists once the first part is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_multipart_uploads(em.port).await == 0 {
+        assert!(Instant::now() < deadline, "no multipart upload was started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    task.abort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_multipart_uploads(em.port).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned multipart upload is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
