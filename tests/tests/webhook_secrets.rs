@@ -1,0 +1,602 @@
+//! The webhook's pull-secret copy controller (`outpost_webhook::secrets`) against the real
+//! kube-apiserver of this binary's shared control plane: single passes (copies follow the
+//! source and the namespace labels, a foreign secret of that name is left alone), a renamed
+//! pull secret read only by its name (a ServiceAccount whose RBAC grants Secrets by that name
+//! alone), the create race lost to another replica, and the running controller following
+//! watch events.
+//!
+//! The copier lists namespaces and copies cluster-wide, so every test names its namespaces
+//! and its pull secret with a fresh prefix and looks only at its own namespaces in the
+//! reports: the tests share the control plane and may run at once.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use outpost_e2e::k8s::{ControlPlane, random_hex};
+use outpost_webhook::config::ConfigSource;
+use outpost_webhook::metrics::Metrics;
+use outpost_webhook::secrets::{
+    self, COPIED_FROM, INJECT_ENABLED, INJECT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, reconcile,
+};
+use serde_json::{Value, json};
+
+fn cp() -> &'static ControlPlane {
+    ControlPlane::shared()
+}
+
+/// Starts the shared control plane first (it blocks), then runs `f` on a runtime of its own.
+fn run<F: Future>(f: F) -> F::Output {
+    cp();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// One test's names: a fresh prefix for its namespaces and its pull secret.
+struct Names(String);
+
+impl Names {
+    fn new() -> Names {
+        Names(format!("ws{}-", random_hex(4)))
+    }
+    fn of(&self, n: &str) -> String {
+        format!("{}{n}", self.0)
+    }
+    /// The report's namespaces of this test, prefix stripped (other tests' left out).
+    fn mine(&self, v: &[String]) -> Vec<String> {
+        v.iter()
+            .filter_map(|n| n.strip_prefix(&self.0))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// What a `hooked` client saw, and the writes it makes land first.
+#[derive(Default)]
+struct Hook {
+    /// Every request, as "METHOD path?query".
+    log: Mutex<Vec<String>>,
+    /// Per namespace: another writer's Secret, created through the API server (as the admin)
+    /// just before our create in that namespace reaches it, so our create loses the race.
+    racers: Mutex<BTreeMap<String, Secret>>,
+}
+
+impl Hook {
+    fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+    fn clear(&self) {
+        self.log.lock().expect("log").clear();
+    }
+}
+
+/// A `kube::Client` for `token` (the admin's if None) to the real API server, every request
+/// passing through `hook` first.
+async fn hooked(hook: &Arc<Hook>, token: Option<&str>) -> kube::Client {
+    let inner = cp().client(token).await;
+    let admin = cp().client(None).await;
+    let hook = Arc::clone(hook);
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let (inner, admin, hook) = (inner.clone(), admin.clone(), Arc::clone(&hook));
+        async move {
+            hook.log
+                .lock()
+                .expect("log")
+                .push(format!("{} {}", req.method(), req.uri()));
+            let create_in = (req.method() == http::Method::POST)
+                .then(|| {
+                    req.uri()
+                        .path()
+                        .strip_prefix("/api/v1/namespaces/")?
+                        .strip_suffix("/secrets")
+                        .map(str::to_owned)
+                })
+                .flatten();
+            if let Some(ns) = create_in {
+                let racer = hook.racers.lock().expect("racers").remove(&ns);
+                if let Some(racer) = racer {
+                    Api::<Secret>::namespaced(admin, &ns)
+                        .create(&PostParams::default(), &racer)
+                        .await?;
+                }
+            }
+            inner.send(req).await
+        }
+    });
+    kube::Client::new(svc, "default")
+}
+
+/// A `.dockerconfigjson` (the API server checks it is JSON) whose one credential is `token`,
+/// base64 as Secret data.
+fn docker_config(token: &str) -> String {
+    let text = json!({"auths": {"r.local": {"auth": token}}}).to_string();
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A dockerconfigjson Secret with credential `token`.
+fn secret(name: &str, token: &str, labels: Value) -> Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "labels": labels},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": docker_config(token)},
+    }))
+    .expect("secret")
+}
+
+/// A copy as the copier makes it (another replica's), from `from` ("ns/name").
+fn ours(name: &str, token: &str, from: &str) -> Secret {
+    let mut s = secret(name, token, json!({MANAGED_BY_LABEL: MANAGED_BY}));
+    s.metadata.annotations = Some(BTreeMap::from([(COPIED_FROM.to_owned(), from.to_owned())]));
+    s
+}
+
+async fn create_secret(c: &kube::Client, ns: &str, s: &Secret) {
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), s)
+        .await
+        .unwrap_or_else(|e| panic!("create secret in {ns}: {e}"));
+}
+
+async fn delete_secret(c: &kube::Client, ns: &str, name: &str) {
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete secret {ns}/{name}: {e}"));
+}
+
+async fn copy_in(c: &kube::Client, ns: &str, name: &str) -> Option<Secret> {
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap_or_else(|e| panic!("get secret {ns}/{name}: {e}"))
+}
+
+/// The credential in the `.dockerconfigjson` of `ns/name`, if that Secret exists.
+async fn data_in(c: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    let s = copy_in(c, ns, name).await?;
+    let raw = s.data?.get(".dockerconfigjson")?.0.clone();
+    let config: Value = serde_json::from_slice(&raw).expect("dockerconfigjson");
+    Some(config["auths"]["r.local"]["auth"].as_str()?.to_owned())
+}
+
+async fn resource_version(c: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    copy_in(c, ns, name).await?.metadata.resource_version
+}
+
+/// Creates namespace `name`, opted in or not.
+async fn namespace(c: &kube::Client, name: &str, inject: bool) {
+    let labels = if inject {
+        json!({INJECT_LABEL: INJECT_ENABLED})
+    } else {
+        json!({})
+    };
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+            .expect("namespace");
+    Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+}
+
+/// Opts namespace `name` in or out.
+async fn set_inject(c: &kube::Client, name: &str, inject: bool) {
+    let value = if inject {
+        json!(INJECT_ENABLED)
+    } else {
+        Value::Null
+    };
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {INJECT_LABEL: value}}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("label namespace {name}: {e}"));
+}
+
+/// Sets the source's credential to `token`, as a token rotation does.
+async fn rotate(c: &kube::Client, ns: &str, name: &str, token: &str) {
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {".dockerconfigjson": docker_config(token)}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("update source {ns}/{name}: {e}"));
+}
+
+/// Writes in the log that touch this test's namespaces (other tests' namespaces are opted in
+/// too, and new ones legitimately get copies).
+fn my_writes(hook: &Hook, names: &Names) -> Vec<String> {
+    hook.log()
+        .into_iter()
+        .filter(|l| !l.starts_with("GET ") && l.contains(&format!("/namespaces/{}", names.0)))
+        .collect()
+}
+
+/// Polls `cond` every 100 ms for 30 s at most; panics naming `what` when it never holds.
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn copies_follow_the_source_and_the_namespace_labels() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("pull"));
+    let from = format!("{sys}/{name}");
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, true).await;
+        for (x, inject) in [
+            ("shop", true),
+            ("lab", true),
+            ("other", false),
+            ("theirs", true),
+        ] {
+            namespace(&admin, &n.of(x), inject).await;
+        }
+        create_secret(&admin, &sys, &secret(&name, "v1", json!({}))).await;
+        // A secret of the same name that someone else made: never touched.
+        create_secret(
+            &admin,
+            &n.of("theirs"),
+            &secret(&name, "mine", json!({"app": "mine"})),
+        )
+        .await;
+        let hook = Arc::new(Hook::default());
+        let c = hooked(&hook, None).await;
+
+        // Create: one copy per opted-in namespace (not the source's own, not "other").
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert_eq!(n.mine(&r.created), ["lab", "shop"], "{r:?}");
+        assert_eq!(n.mine(&r.foreign), ["theirs"], "{r:?}");
+        assert!(
+            n.mine(&r.updated).is_empty() && n.mine(&r.deleted).is_empty(),
+            "{r:?}"
+        );
+        for x in ["lab", "shop"] {
+            let copy = copy_in(&admin, &n.of(x), &name).await.expect("a copy");
+            assert_eq!(
+                data_in(&admin, &n.of(x), &name).await.as_deref(),
+                Some("v1")
+            );
+            assert_eq!(
+                copy.type_.as_deref(),
+                Some("kubernetes.io/dockerconfigjson")
+            );
+            let labels = copy.metadata.labels.expect("labels");
+            assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
+            let annotations = copy.metadata.annotations.expect("annotations");
+            assert_eq!(annotations[COPIED_FROM], from);
+        }
+        assert!(copy_in(&admin, &n.of("other"), &name).await.is_none());
+        assert!(copy_in(&admin, &sys, &name).await.is_some());
+        assert_eq!(
+            data_in(&admin, &n.of("theirs"), &name).await.as_deref(),
+            Some("mine")
+        );
+
+        // Nothing changed: nothing written (the copies keep their resourceVersions).
+        let before = [
+            resource_version(&admin, &n.of("lab"), &name).await,
+            resource_version(&admin, &n.of("shop"), &name).await,
+        ];
+        hook.clear();
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert!(
+            n.mine(&r.created).is_empty()
+                && n.mine(&r.updated).is_empty()
+                && n.mine(&r.deleted).is_empty(),
+            "{r:?}"
+        );
+        assert_eq!(my_writes(&hook, &n), Vec::<String>::new());
+        let after = [
+            resource_version(&admin, &n.of("lab"), &name).await,
+            resource_version(&admin, &n.of("shop"), &name).await,
+        ];
+        assert_eq!(before, after);
+
+        // Update on source change (a rotated token).
+        rotate(&admin, &sys, &name, "v2").await;
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert_eq!(n.mine(&r.updated), ["lab", "shop"], "{r:?}");
+        for x in ["lab", "shop"] {
+            assert_eq!(
+                data_in(&admin, &n.of(x), &name).await.as_deref(),
+                Some("v2")
+            );
+        }
+        assert_eq!(
+            data_in(&admin, &n.of("theirs"), &name).await.as_deref(),
+            Some("mine")
+        );
+
+        // Removal when a namespace opts out; other copies and foreign secrets stay.
+        set_inject(&admin, &n.of("lab"), false).await;
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert_eq!(n.mine(&r.deleted), ["lab"], "{r:?}");
+        assert!(copy_in(&admin, &n.of("lab"), &name).await.is_none());
+        assert!(copy_in(&admin, &n.of("shop"), &name).await.is_some());
+        assert!(copy_in(&admin, &n.of("theirs"), &name).await.is_some());
+
+        // A deleted copy is recreated.
+        delete_secret(&admin, &n.of("shop"), &name).await;
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert_eq!(n.mine(&r.created), ["shop"], "{r:?}");
+
+        // Source gone: copies are kept (a re-created source will update them), nothing created.
+        delete_secret(&admin, &sys, &name).await;
+        namespace(&admin, &n.of("new"), true).await;
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert!(r.source_missing, "{r:?}");
+        assert!(
+            n.mine(&r.deleted).is_empty() && n.mine(&r.created).is_empty(),
+            "{r:?}"
+        );
+        assert!(copy_in(&admin, &n.of("shop"), &name).await.is_some());
+        assert!(copy_in(&admin, &n.of("new"), &name).await.is_none());
+    });
+}
+
+/// A renamed pull secret gets its own copies; copies under the old name are no longer read
+/// (every read names the pull secret, so RBAC can grant that name only) and stay. The second
+/// pass runs with a ServiceAccount token whose RBAC grants Secrets by the new name alone, as
+/// the chart's does: the real authorizer accepts every request it makes.
+#[test]
+fn renamed_pull_secret_gets_new_copies_and_reads_only_its_name() {
+    let n = Names::new();
+    let (sys, old, new) = (n.of("system"), n.of("pull"), n.of("pull-2"));
+    // RBAC by name: namespaces read, Secrets created unnamed (a create cannot be named),
+    // everything else on Secrets by the pull secret's name only.
+    let role = n.of("copier");
+    let admin_rest = cp().admin();
+    let rules = json!([
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [new],
+         "verbs": ["get", "list", "watch", "update", "delete"]},
+    ]);
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+        namespace(&admin, &n.of("shop"), true).await;
+        create_secret(&admin, &sys, &secret(&old, "v1", json!({}))).await;
+        create_secret(&admin, &sys, &secret(&new, "v2", json!({}))).await;
+        reconcile(&admin, &sys, &old).await.expect("reconcile");
+        assert!(copy_in(&admin, &n.of("shop"), &old).await.is_some());
+    });
+    // The blocking REST client outside the runtime.
+    for (path, body) in [
+        (
+            format!("/api/v1/namespaces/{sys}/serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "copier"}}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": role}, "rules": rules}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": role},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                               "name": role},
+                   "subjects": [{"kind": "ServiceAccount", "name": "copier",
+                                 "namespace": sys}]}),
+        ),
+    ] {
+        let (status, body) = admin_rest.post(&path, &body);
+        assert_eq!(status, 201, "POST {path}: {body}");
+    }
+    let token = cp().service_account_token(&sys, "copier");
+    run(async {
+        let admin = cp().client(None).await;
+        let sa = cp().client(Some(&token)).await;
+        // The binding reaches the authorizer's cache.
+        let (sa_r, sys_r, new_r) = (&sa, sys.as_str(), new.as_str());
+        eventually("RBAC for the copier's token", || async move {
+            Api::<Secret>::namespaced(sa_r.clone(), sys_r)
+                .get_opt(new_r)
+                .await
+                .is_ok_and(|s| s.is_some())
+        })
+        .await;
+        // The grant is by name: the old name is forbidden to this token.
+        match Api::<Secret>::namespaced(sa.clone(), &n.of("shop"))
+            .get_opt(&old)
+            .await
+        {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+            other => panic!("the copier's token read a Secret by another name: {other:?}"),
+        }
+
+        let hook = Arc::new(Hook::default());
+        let c = hooked(&hook, Some(&token)).await;
+        let r = reconcile(&c, &sys, &new).await.expect("reconcile by name");
+        assert_eq!(n.mine(&r.created), ["shop"], "{r:?}");
+        assert!(n.mine(&r.deleted).is_empty(), "{r:?}");
+        assert_eq!(
+            data_in(&admin, &n.of("shop"), &new).await.as_deref(),
+            Some("v2")
+        );
+        // The copy under the old name stays.
+        assert_eq!(
+            data_in(&admin, &n.of("shop"), &old).await.as_deref(),
+            Some("v1")
+        );
+        // Every Secret read named it: a get of that name, or a list by that name (a create
+        // cannot name it in the path; RBAC grants create unnamed).
+        for l in hook
+            .log()
+            .iter()
+            .filter(|l| l.contains("/secrets") && !l.starts_with("POST "))
+        {
+            assert!(
+                l.contains(&format!("/secrets/{new}"))
+                    || l.contains(&format!("fieldSelector=metadata.name%3D{new}")),
+                "a Secret request not by name: {l}"
+            );
+        }
+    });
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{role}"
+    ));
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
+    ));
+}
+
+/// Two replicas race to create a namespace's copy: the one that loses reads what the winner
+/// made, sees its own kind of copy and leaves it (or brings it up to date) instead of calling
+/// it foreign; a genuinely foreign secret that appears in the gap is still left alone. The
+/// winner's create is made through the real API server by a hook in our client's request
+/// path, between our read and our create.
+#[test]
+fn a_lost_create_race_rereads_and_recognises_our_copy() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("pull"));
+    let from = format!("{sys}/{name}");
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+        for x in ["same", "stale", "theirs"] {
+            namespace(&admin, &n.of(x), true).await;
+        }
+        create_secret(&admin, &sys, &secret(&name, "v1", json!({}))).await;
+        let hook = Arc::new(Hook::default());
+        {
+            let mut racers = hook.racers.lock().expect("racers");
+            // The other replica's copy, current.
+            racers.insert(n.of("same"), ours(&name, "v1", &from));
+            // The other replica's copy, made from the source before a rotation.
+            racers.insert(n.of("stale"), ours(&name, "v0", &from));
+            // Someone else's secret of that name.
+            racers.insert(
+                n.of("theirs"),
+                secret(&name, "mine", json!({"app": "mine"})),
+            );
+        }
+        let c = hooked(&hook, None).await;
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert!(
+            hook.racers.lock().expect("racers").is_empty(),
+            "every race was run"
+        );
+        assert!(n.mine(&r.created).is_empty(), "{r:?}");
+        assert_eq!(n.mine(&r.updated), ["stale"], "{r:?}");
+        assert_eq!(n.mine(&r.foreign), ["theirs"], "{r:?}");
+        for x in ["same", "stale"] {
+            assert_eq!(
+                data_in(&admin, &n.of(x), &name).await.as_deref(),
+                Some("v1"),
+                "{x}"
+            );
+        }
+        assert_eq!(
+            data_in(&admin, &n.of("theirs"), &name).await.as_deref(),
+            Some("mine")
+        );
+        // The race is over: the next pass writes nothing.
+        let before = [
+            resource_version(&admin, &n.of("same"), &name).await,
+            resource_version(&admin, &n.of("stale"), &name).await,
+        ];
+        hook.clear();
+        let r = reconcile(&c, &sys, &name).await.expect("reconcile");
+        assert!(
+            n.mine(&r.created).is_empty() && n.mine(&r.updated).is_empty(),
+            "{r:?}"
+        );
+        assert_eq!(my_writes(&hook, &n), Vec::<String>::new());
+        let after = [
+            resource_version(&admin, &n.of("same"), &name).await,
+            resource_version(&admin, &n.of("stale"), &name).await,
+        ];
+        assert_eq!(before, after);
+    });
+}
+
+/// The running controller, driven by the API server's watch events alone (the periodic
+/// resync is an hour).
+#[test]
+fn the_running_controller_follows_watch_events() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("pull"));
+    let (shop, lab) = (n.of("shop"), n.of("lab"));
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+        namespace(&admin, &shop, true).await;
+        create_secret(&admin, &sys, &secret(&name, "v1", json!({}))).await;
+        let config = ConfigSource::fixed(
+            format!("registry = \"r.local\"\npull_secret = \"{name}\"")
+                .parse()
+                .expect("config"),
+        );
+        let hook = Arc::new(Hook::default());
+        let task = tokio::spawn(secrets::run(
+            hooked(&hook, None).await,
+            sys.clone(),
+            config,
+            Arc::new(Metrics::new()),
+            Duration::from_secs(3600),
+        ));
+        let (a, name, shop, lab, h) = (&admin, name.as_str(), shop.as_str(), lab.as_str(), &hook);
+        eventually("first copy", || async move {
+            copy_in(a, shop, name).await.is_some()
+        })
+        .await;
+        // The watches are open once each kind has been watched.
+        eventually("watches open", || async move {
+            h.log().iter().filter(|l| l.contains("watch=true")).count() >= 3
+        })
+        .await;
+        // A namespace opts in.
+        namespace(&admin, lab, true).await;
+        eventually("copy in lab", || async move {
+            copy_in(a, lab, name).await.is_some()
+        })
+        .await;
+        // The source changes.
+        rotate(&admin, &sys, name, "v2").await;
+        eventually("copies updated", || async move {
+            data_in(a, shop, name).await.as_deref() == Some("v2")
+                && data_in(a, lab, name).await.as_deref() == Some("v2")
+        })
+        .await;
+        // A namespace opts out.
+        set_inject(&admin, lab, false).await;
+        eventually("copy removed", || async move {
+            copy_in(a, lab, name).await.is_none()
+        })
+        .await;
+        // Someone deletes a copy: it comes back.
+        delete_secret(&admin, shop, name).await;
+        eventually("copy restored", || async move {
+            copy_in(a, shop, name).await.is_some()
+        })
+        .await;
+        task.abort();
+    });
+}
