@@ -628,8 +628,15 @@ fn hostile_authorization_is_a_clear_4xx() {
     for h in &headers {
         let r = c.get(&url).header("authorization", h).send().unwrap();
         let status = r.status();
+        // Over HTTP/2 (reqwest negotiates it when its `http2` feature is on, which object_store
+        // turns on in the workspace build) the 20 KB header exceeds the server's 16 KiB header
+        // list limit and hyper answers 431 before auth sees it: as clear a 4xx, never a pass.
+        let too_large =
+            h.len() > 16 * 1024 && status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
         assert!(
-            status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS,
+            status == StatusCode::UNAUTHORIZED
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || too_large,
             "{}: {status}",
             &h[..h.len().min(40)]
         );
