@@ -96,6 +96,22 @@ impl BucketStore {
         self.put(&self.state_key(id), raw.into()).await
     }
 
+    /// Stores `data` as the part starting at `start`, then records it in the session state:
+    /// the part counts only once the state naming it is saved.
+    async fn save_part(
+        &self,
+        id: &str,
+        st: &mut UploadState,
+        start: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), StorageError> {
+        let len = data.len() as u64;
+        self.put(&self.part_key(id, start), data).await?;
+        st.parts.push(Part { start, len });
+        st.offset = start + len;
+        self.save(id, st).await
+    }
+
     /// Removes every object of a session, the state first (the session ends there).
     async fn remove_session(&self, id: &str) -> Result<(), StorageError> {
         self.delete(&self.state_key(id)).await?;
@@ -224,15 +240,8 @@ pub(super) async fn upload_append(
         reread = None;
         if buf.len() >= PART_SIZE {
             let data = std::mem::take(&mut buf).freeze();
-            let len = data.len() as u64;
-            store.put(&store.part_key(id, buf_start), data).await?;
-            st.parts.push(Part {
-                start: buf_start,
-                len,
-            });
-            st.offset = buf_start + len;
             // Durable from here: a crash or a cut body later keeps these bytes.
-            store.save(id, &st).await?;
+            store.save_part(id, &mut st, buf_start, data).await?;
             progress.offset = st.offset;
             buf_start = st.offset;
         }
@@ -242,15 +251,9 @@ pub(super) async fn upload_append(
         st.parts.push(p);
     } else if !buf.is_empty() {
         // Whatever arrived is kept, even from a chunk cut short, so a client can resume.
-        let data = buf.freeze();
-        let len = data.len() as u64;
-        store.put(&store.part_key(id, buf_start), data).await?;
-        st.parts.push(Part {
-            start: buf_start,
-            len,
-        });
-        st.offset = buf_start + len;
-        store.save(id, &st).await?;
+        store
+            .save_part(id, &mut st, buf_start, buf.freeze())
+            .await?;
     }
     progress.offset = st.offset;
     result?;
