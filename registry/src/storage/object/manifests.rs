@@ -9,6 +9,7 @@ use outpost_core::{Algorithm, Digest, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
 
 use super::{BucketStore, os_err};
+use crate::storage::hash::digest_of;
 use crate::storage::{Descriptor, NewManifest, StorageError, StoredManifest};
 
 /// Manifests are small; anything larger than this is not read into memory.
@@ -144,12 +145,16 @@ pub(super) async fn manifest_put(
             .put(&store.referrer_key(repo, subject, m.digest), raw.into())
             .await?;
     }
-    // The tag last: it never points at a manifest that is not whole.
+    // The tag last: it never points at a manifest that is not whole. It carries the media
+    // type too, so a GET by tag needs no revision read (a tag exists only while its revision
+    // does: written after it, deleted before it).
     if let Some(tag) = m.tag {
+        let link = format!("{}\n{}", m.digest, m.media_type);
         store
-            .put(&store.tag_key(repo, tag), Bytes::from(m.digest.to_string()))
+            .put(&store.tag_key(repo, tag), Bytes::from(link))
             .await?;
     }
+    store.manifests.insert(m.digest, &m.content);
     Ok(())
 }
 
@@ -165,21 +170,51 @@ async fn read_revision(
     serde_json::from_slice(&raw).map_err(|e| corrupt("revision link", e))
 }
 
+/// The content of manifest `d`, from memory when this process has seen it.
+async fn manifest_content(store: &BucketStore, d: &Digest) -> Result<Bytes, StorageError> {
+    if let Some(c) = store.manifests.get(d) {
+        return Ok(c);
+    }
+    let content = store
+        .get_small(&store.blob_key(d), MAX_MANIFEST_READ)
+        .await?
+        .ok_or(StorageError::ManifestUnknown)?;
+    // Only verified content is kept: a damaged object must not outlive its repair.
+    if digest_of(d.algorithm(), &content) == *d {
+        store.manifests.insert(d, &content);
+    }
+    Ok(content)
+}
+
 pub(super) async fn read_manifest(
     store: &BucketStore,
     repo: &RepositoryName,
     d: &Digest,
 ) -> Result<StoredManifest, StorageError> {
     let link = read_revision(store, repo, d).await?;
-    let content = store
-        .get_small(&store.blob_key(d), MAX_MANIFEST_READ)
-        .await?
-        .ok_or(StorageError::ManifestUnknown)?;
     Ok(StoredManifest {
         digest: d.clone(),
         media_type: link.media_type,
-        content,
+        content: manifest_content(store, d).await?,
     })
+}
+
+/// A tag object: the digest, then (since tags carry it) the manifest's media type.
+fn parse_tag_link(raw: &[u8]) -> Result<(Digest, Option<String>), StorageError> {
+    let text = std::str::from_utf8(raw).map_err(|e| corrupt("tag link", e))?;
+    let mut lines = text.lines();
+    let d = lines
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .map_err(|e| corrupt("tag link", e))?;
+    let media_type = lines
+        .next()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned);
+    Ok((d, media_type))
 }
 
 pub(super) async fn manifest_by_tag(
@@ -191,12 +226,15 @@ pub(super) async fn manifest_by_tag(
         .get_small(&store.tag_key(repo, tag), MAX_LINK_READ)
         .await?
         .ok_or(StorageError::ManifestUnknown)?;
-    let d: Digest = std::str::from_utf8(&raw)
-        .map_err(|e| corrupt("tag link", e))?
-        .trim()
-        .parse()
-        .map_err(|e| corrupt("tag link", e))?;
-    read_manifest(store, repo, &d).await
+    match parse_tag_link(&raw)? {
+        (d, Some(media_type)) => Ok(StoredManifest {
+            content: manifest_content(store, &d).await?,
+            digest: d,
+            media_type,
+        }),
+        // Written before tags carried the media type.
+        (d, None) => read_manifest(store, repo, &d).await,
+    }
 }
 
 pub(super) async fn manifest_delete(
@@ -206,11 +244,10 @@ pub(super) async fn manifest_delete(
 ) -> Result<(), StorageError> {
     let link = read_revision(store, repo, d).await?;
     // Tags first: a crash part way leaves a manifest without tags, never a dangling tag.
-    let want = d.to_string();
     let tags_rel = format!("{}/_manifests/tags", BucketStore::repo_rel(repo));
     for meta in store.list(&tags_rel).await? {
         if let Some(raw) = store.get_small(&meta.location, MAX_LINK_READ).await?
-            && std::str::from_utf8(&raw).is_ok_and(|s| s.trim() == want)
+            && parse_tag_link(&raw).is_ok_and(|(t, _)| t == *d)
         {
             store.delete(&meta.location).await?;
         }
@@ -281,4 +318,73 @@ pub(super) async fn referrers(
     }
     out.sort_by(|a, b| a.digest.cmp(&b.digest));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use object_store::memory::InMemory;
+    use outpost_core::Algorithm;
+
+    use super::*;
+    use crate::storage::Store;
+
+    const MEDIA: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    async fn stored(store: &BucketStore, repo: &RepositoryName, tag: &Tag) -> Digest {
+        let content = Bytes::from_static(br#"{"schemaVersion":2}"#);
+        let digest = digest_of(Algorithm::Sha256, &content);
+        let m = NewManifest {
+            digest: &digest,
+            media_type: MEDIA,
+            content,
+            blobs: &[],
+            manifests: &[],
+            tag: Some(tag),
+            subject: None,
+        };
+        store.manifest_put(repo, m).await.expect("put");
+        digest
+    }
+
+    #[tokio::test]
+    async fn tags_written_before_they_carried_the_media_type_still_resolve() {
+        let store = BucketStore::new(Arc::new(InMemory::new()), "p");
+        let repo: RepositoryName = "a/b".parse().expect("repo");
+        let tag: Tag = "v1".parse().expect("tag");
+        let d = stored(&store, &repo, &tag).await;
+        let got = store.manifest_by_tag(&repo, &tag).await.expect("by tag");
+        assert_eq!(
+            (got.digest.clone(), got.media_type.as_str()),
+            (d.clone(), MEDIA)
+        );
+
+        // The stage-1 format: the digest alone; the media type comes from the revision, and a
+        // fresh process (empty cache) reads the content from the store.
+        let old = BucketStore::new(store.store.clone(), "p");
+        old.put(&old.tag_key(&repo, &tag), Bytes::from(d.to_string()))
+            .await
+            .expect("put old tag");
+        let got = old.manifest_by_tag(&repo, &tag).await.expect("old tag");
+        assert_eq!((got.digest, got.media_type.as_str()), (d.clone(), MEDIA));
+        assert_eq!(got.content, Bytes::from_static(br#"{"schemaVersion":2}"#));
+
+        // Deleting the manifest removes the old-format tag too.
+        old.manifest_delete(&repo, &d).await.expect("delete");
+        assert!(matches!(
+            old.manifest_by_tag(&repo, &tag).await,
+            Err(StorageError::ManifestUnknown)
+        ));
+    }
+
+    #[test]
+    fn damaged_tag_links_are_errors_not_panics() {
+        for raw in [&b""[..], b"\n", b"sha256:zz", b"\xff\xfe"] {
+            assert!(parse_tag_link(raw).is_err(), "{raw:?}");
+        }
+        let (d, m) = parse_tag_link(format!("sha256:{}\n", "a".repeat(64)).as_bytes())
+            .expect("digest alone");
+        assert_eq!((d.hex().len(), m), (64, None));
+    }
 }

@@ -34,6 +34,7 @@ use super::{
 };
 
 mod blobs;
+mod cache;
 mod manifests;
 mod open;
 mod uploads;
@@ -54,6 +55,8 @@ pub struct BucketStore {
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<uploads::Progress>>>>>,
     /// Shared by manifest writes, exclusive for gc (within this process).
     maintenance: Arc<tokio::sync::RwLock<()>>,
+    /// Manifest contents by digest (immutable, so never stale).
+    manifests: Arc<cache::ManifestCache>,
 }
 
 /// An error of the object store, without the request's credentials (object_store's messages
@@ -79,6 +82,7 @@ impl BucketStore {
             prefix: prefix.trim_matches('/').to_owned(),
             uploads: Arc::default(),
             maintenance: Arc::default(),
+            manifests: Arc::default(),
         }
     }
 
