@@ -13,30 +13,10 @@ use serde_json::{Value, json};
 
 use crate::availability::Checker;
 use crate::config::ConfigSource;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::mutate::{self, Candidate, Scope};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
-
-/// How an admission ended, as the metric labels it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Rewritten,
-    Unchanged,
-    Skipped,
-    Error,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Rewritten => "rewritten",
-            Outcome::Unchanged => "unchanged",
-            Outcome::Skipped => "skipped",
-            Outcome::Error => "error",
-        }
-    }
-}
 
 pub struct Admission {
     pub config: Arc<ConfigSource>,

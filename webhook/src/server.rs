@@ -15,9 +15,9 @@ use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use http_body_util::{BodyExt, Limited};
 
-use crate::admission::{self, Admission, Outcome};
+use crate::admission::{self, Admission};
 use crate::config::ConfigSource;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 
 /// How long in-flight admissions may take to finish after SIGTERM.
 pub const DRAIN: Duration = Duration::from_secs(30);
