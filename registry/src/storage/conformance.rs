@@ -48,6 +48,7 @@ pub async fn check(store: &dyn Store) {
     uploads(store).await;
     manifests(store).await;
     maintenance(store).await;
+    documents(store).await;
 }
 
 async fn blobs(store: &dyn Store) {
@@ -423,4 +424,116 @@ async fn fs_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = super::fs::FsStore::open(dir.path()).unwrap();
     check(&store).await;
+}
+
+fn invalid_key(r: Result<impl std::fmt::Debug, StorageError>) -> bool {
+    matches!(r, Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidInput)
+}
+
+async fn documents(store: &dyn Store) {
+    assert_eq!(store.doc_get("state.json").await.unwrap(), None);
+    assert!(store.doc_list("").await.unwrap().is_empty());
+    assert!(store.doc_list("outbox").await.unwrap().is_empty());
+
+    // Whole replacement, empty and larger documents.
+    store
+        .doc_put("state.json", Bytes::from_static(b"{\"a\":1}"))
+        .await
+        .unwrap();
+    store
+        .doc_put("state.json", Bytes::from_static(b"{\"a\":2}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.doc_get("state.json").await.unwrap().unwrap(),
+        Bytes::from_static(b"{\"a\":2}")
+    );
+    store.doc_put("empty", Bytes::new()).await.unwrap();
+    assert_eq!(store.doc_get("empty").await.unwrap().unwrap().len(), 0);
+    let big: Bytes = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    store.doc_put("big.bin", big.clone()).await.unwrap();
+    assert_eq!(store.doc_get("big.bin").await.unwrap().unwrap(), big);
+
+    // Listing: one folder, sorted by name, without its sub-folders.
+    for k in [
+        "outbox/00000000000000000002.json",
+        "outbox/00000000000000000010.json",
+        "outbox/00000000000000000001.json",
+        "outbox/failed/00000000000000000003.json",
+    ] {
+        store.doc_put(k, Bytes::from_static(b"{}")).await.unwrap();
+    }
+    assert_eq!(
+        store.doc_list("outbox").await.unwrap(),
+        vec![
+            "outbox/00000000000000000001.json",
+            "outbox/00000000000000000002.json",
+            "outbox/00000000000000000010.json",
+        ]
+    );
+    assert_eq!(
+        store.doc_list("outbox/failed").await.unwrap(),
+        vec!["outbox/failed/00000000000000000003.json"]
+    );
+    assert_eq!(
+        store.doc_list("").await.unwrap(),
+        vec!["big.bin", "empty", "state.json"]
+    );
+    assert!(store.doc_list("outbox/none").await.unwrap().is_empty());
+
+    // Removal; removing again is no error.
+    store
+        .doc_delete("outbox/00000000000000000002.json")
+        .await
+        .unwrap();
+    store
+        .doc_delete("outbox/00000000000000000002.json")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .doc_get("outbox/00000000000000000002.json")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.doc_list("outbox").await.unwrap().len(), 2);
+
+    // Keys never leave the documents' folder.
+    for bad in ["../blobs/x", "/etc/passwd", "a/../../b", "a//b", ".x", ""] {
+        assert!(invalid_key(store.doc_get(bad).await), "{bad}");
+        assert!(invalid_key(store.doc_put(bad, Bytes::new()).await), "{bad}");
+        assert!(invalid_key(store.doc_delete(bad).await), "{bad}");
+    }
+    assert!(invalid_key(store.doc_list("../repositories").await));
+
+    // Documents named like content are not content.
+    let blobs_before = store.blob_list().await.unwrap().len();
+    let repos_before = store.repositories().await.unwrap();
+    let hex = "ab".repeat(32);
+    store
+        .doc_put(&format!("blobs/sha256/ab/{hex}"), Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    store
+        .doc_put(
+            &format!("repositories/doc/_layers/sha256/{hex}"),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    store
+        .doc_put("uploads/x/state.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    assert_eq!(store.blob_list().await.unwrap().len(), blobs_before);
+    assert_eq!(store.repositories().await.unwrap(), repos_before);
+    store.upload_expire(Duration::ZERO).await.unwrap();
+    assert!(
+        store
+            .doc_get("uploads/x/state.json")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

@@ -15,6 +15,7 @@ use futures_util::Stream;
 use outpost_core::{Digest, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
 
+pub mod docs;
 pub mod fs;
 pub mod hash;
 pub mod object;
@@ -314,4 +315,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Blocks manifest writes until the guard is dropped.
     async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError>;
+
+    // --- documents beside the content (see [`docs`] for keys) ---
+
+    /// A whole document, `None` if there is none (one GET on object storage).
+    async fn doc_get(&self, key: &str) -> Result<Option<Bytes>, StorageError>;
+    /// Replaces a document whole: a reader sees the old or the new content, never a mix, and
+    /// the new one is durable when this returns (one PUT on object storage).
+    async fn doc_put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+    /// Removes a document; removing one that is not there is no error (one DELETE).
+    async fn doc_delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Keys of the documents directly in folder `dir` ("" for the top), sorted; not those
+    /// in its sub-folders (one LIST on object storage, per 1000 keys).
+    async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
 }

@@ -56,3 +56,36 @@ fn ranges_resolve_against_size() {
         None
     );
 }
+
+/// Documents stay where these files lived before they went through the store (`sync/` under
+/// the root), so a store written by an older version keeps its state; a write's temp file is
+/// never listed.
+#[tokio::test]
+async fn fs_documents_keep_the_old_layout() {
+    use super::Store;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sync/staging")).unwrap();
+    std::fs::write(dir.path().join("sync/state.json"), b"old state").unwrap();
+    std::fs::write(dir.path().join("sync/staging/stg-01.json"), b"{}").unwrap();
+    std::fs::write(dir.path().join("sync/staging/.stg-02.json.1.ab.tmp"), b"{").unwrap();
+    let store = super::fs::FsStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.doc_get("state.json").await.unwrap().unwrap(),
+        bytes::Bytes::from_static(b"old state")
+    );
+    assert_eq!(
+        store.doc_list("staging").await.unwrap(),
+        vec!["staging/stg-01.json"]
+    );
+    store
+        .doc_put("outbox/1.json", bytes::Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    assert!(dir.path().join("sync/outbox/1.json").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("sync/outbox/1.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "documents are private to the registry");
+}

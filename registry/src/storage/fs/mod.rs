@@ -10,8 +10,8 @@
 //! uploads/<id>/data, uploads/<id>/state.json            upload sessions
 //! tmp/                                                  files being written; never read
 //! maintenance.lock                                      shared by manifest writes, exclusive for gc
-//! sync/                                                 sync state and the readwrite outbox (not
-//!                                                       the store's: written by `crate::sync`)
+//! sync/                                                 documents: sync state, the readwrite
+//!                                                       outbox, staging requests, pull times
 //! ```
 //! Every file that becomes visible is first written whole under `tmp/` (or `uploads/`),
 //! fsynced, then renamed into place and its directory fsynced, so a crash at any instant leaves
@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
@@ -34,6 +35,7 @@ use super::{
 };
 
 mod blobs;
+mod docs;
 mod files;
 mod locks;
 mod manifests;
@@ -340,5 +342,21 @@ impl Store for FsStore {
 
     async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError> {
         locks::maintenance_lock(self).await
+    }
+
+    async fn doc_get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        docs::doc_get(self, key).await
+    }
+
+    async fn doc_put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        docs::doc_put(self, key, data).await
+    }
+
+    async fn doc_delete(&self, key: &str) -> Result<(), StorageError> {
+        docs::doc_delete(self, key).await
+    }
+
+    async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
+        docs::doc_list(self, dir).await
     }
 }

@@ -9,6 +9,8 @@
 //! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
 //! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
 //! uploads/<id>/state.json, uploads/<id>/parts/<start>   upload sessions
+//! sync/                                                 documents: sync state, the readwrite
+//!                                                       outbox, staging requests, pull times
 //! ```
 //! An object store has no rename and no partial object: a PUT or a completed multipart upload
 //! is visible whole or not at all. So a blob object is written only once its content hashed
@@ -35,6 +37,7 @@ use super::{
 
 mod blobs;
 mod cache;
+mod docs;
 mod manifests;
 mod open;
 mod uploads;
@@ -395,5 +398,21 @@ impl Store for BucketStore {
     async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError> {
         let guard = self.maintenance.clone().write_owned().await;
         Ok(Box::new(guard))
+    }
+
+    async fn doc_get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        docs::doc_get(self, key).await
+    }
+
+    async fn doc_put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        docs::doc_put(self, key, data).await
+    }
+
+    async fn doc_delete(&self, key: &str) -> Result<(), StorageError> {
+        docs::doc_delete(self, key).await
+    }
+
+    async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
+        docs::doc_list(self, dir).await
     }
 }
