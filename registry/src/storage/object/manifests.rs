@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::io;
 
 use bytes::Bytes;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use outpost_core::{Algorithm, Digest, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
 
@@ -124,9 +124,23 @@ pub(super) async fn manifest_put(
             return Err(StorageError::ReferencedManifestUnknown(child.clone()));
         }
     }
+    // Content-addressed: a conditional create is one request where HEAD-then-PUT is two, and
+    // an existing object (the same bytes) is left alone.
     let blob = store.blob_key(m.digest);
-    if store.head(&blob).await?.is_none() {
-        store.put(&blob, m.content.clone()).await?;
+    let create = PutOptions::from(PutMode::Create);
+    match store
+        .store
+        .put_opts(&blob, PutPayload::from_bytes(m.content.clone()), create)
+        .await
+    {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+        // A store without conditional writes (an S3 server with them switched off).
+        Err(object_store::Error::NotImplemented { .. }) => {
+            if store.head(&blob).await?.is_none() {
+                store.put(&blob, m.content.clone()).await?;
+            }
+        }
+        Err(e) => return Err(os_err(e)),
     }
     store
         .put(&store.layer_key(repo, m.digest), Bytes::new())
