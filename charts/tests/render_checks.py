@@ -21,6 +21,9 @@ NS = "edge"
 CONN = ("ConnectedRegistryName=edge;SyncTokenName=edge-sync;SyncTokenPassword=s3cr3t-p4ss;"
         "ParentGatewayEndpoint=myacr.westeurope.data.azurecr.io;ParentEndpointProtocol=https")
 RULES = [{"upstream": "myacr.azurecr.io", "repositories": ["hello-world"]}]
+AWS_CREDENTIALS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+AZURE_CREDENTIALS = ["AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_CLIENT_SECRET"]
+CREDENTIALS = AWS_CREDENTIALS + AZURE_CREDENTIALS
 
 
 class Objects:
@@ -83,6 +86,12 @@ def check_common(o):
         text = json.dumps(cm["data"])
         for secret in ("s3cr3t-p4ss", "edge-sync", "SyncToken"):
             assert secret not in text, f"{cm['metadata']['name']} holds {secret}"
+    # Object-store credentials only by reference to a Secret, never as a value.
+    for w in o.workloads():
+        for c in containers(w):
+            for env in c.get("env", []):
+                if env["name"] in CREDENTIALS:
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"], env
     check_uninstall_hook(o)
 
 
@@ -407,6 +416,108 @@ def check_standalone(o):
     args = registry_args(o)
     assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
     assert "standalone" in o.notes
+    # storage.type pvc (the default): the PVC mounted where --storage points, one pod at a time.
+    assert "--storage=/var/lib/outpost" in args and not any(a.startswith("--storage-option") for a in args)
+    reg = o.one("Deployment", "-registry")
+    assert reg["spec"]["strategy"] == {"type": "Recreate"}, reg["spec"]["strategy"]
+    pvc = o.one("PersistentVolumeClaim", "-data")
+    pod = reg["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}} in pod["volumes"]
+    assert {"name": "data", "mountPath": "/var/lib/outpost"} in containers(reg)[0]["volumeMounts"]
+    env = [e["name"] for e in containers(reg)[0]["env"]]
+    assert not [e for e in env if e.startswith(("AWS_", "AZURE"))], env
+    assert "annotations" not in o.one("ServiceAccount", "-registry")["metadata"] or \
+        set(o.one("ServiceAccount", "-registry")["metadata"]["annotations"]) <= {
+            "meta.helm.sh/release-name", "meta.helm.sh/release-namespace"}
+
+
+def registry_env(o):
+    """The registry container's env by name: a value, or ("secret", name, key, optional)."""
+    out = {}
+    for e in containers(o.one("Deployment", "-registry"))[0]["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = ("secret", ref["name"], ref["key"], ref.get("optional", False))
+        else:
+            out[e["name"]] = e["value"]
+    return out
+
+
+def check_object_storage_pod(o):
+    """Any object store: no PVC, no data volume, a rolling update of the one replica."""
+    assert not o.of("PersistentVolumeClaim"), "object storage needs no PVC"
+    reg = o.one("Deployment", "-registry")
+    assert reg["spec"]["replicas"] == 1
+    assert reg["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, reg["spec"]
+    pod = reg["spec"]["template"]["spec"]
+    assert not [v for v in pod.get("volumes") or [] if v["name"] == "data"], pod["volumes"]
+    assert not [m for m in containers(reg)[0].get("volumeMounts") or [] if m["name"] == "data"]
+    assert pod["automountServiceAccountToken"] is False
+    # The chart makes no Secret for the object store: credentials stay in the user's.
+    assert not [s for s in o.of("Secret") if "storage" in s["metadata"]["name"] or "s3" in s["metadata"]["name"]]
+    assert "no PersistentVolumeClaim" in o.notes, o.notes
+
+
+def check_s3(o):
+    check_object_storage_pod(o)
+    args = registry_args(o)
+    assert "--storage=s3://outpost-images/edge/site-1" in args, args
+    opts = [a for a in args if a.startswith("--storage-option")]
+    assert opts == ["--storage-option=aws_conditional_put=etag",
+                    "--storage-option=http1_only=true",
+                    "--storage-option=pool_max_idle_per_host=12500000",
+                    '--storage-option=user_agent=outpost "edge": #1 \\ end'], opts
+    # What the values ask for is rendered, parent and retention included.
+    assert "--max-storage=400Gi" in args and "--connection-string-file=/etc/outpost/connection/connection-string" in args
+    env = registry_env(o)
+    assert env["AWS_ACCESS_KEY_ID"] == ("secret", "outpost-s3", "rootUser", False), env
+    assert env["AWS_SECRET_ACCESS_KEY"] == ("secret", "outpost-s3", "rootPassword", False), env
+    assert env["AWS_SESSION_TOKEN"] == ("secret", "outpost-s3", "AWS_SESSION_TOKEN", True), env
+    assert env["AWS_REGION"] == "eu-central-1" and env["AWS_ENDPOINT"] == "http://minio.storage:9000", env
+    assert env["AWS_ALLOW_HTTP"] == "true", env
+    assert "AWS_VIRTUAL_HOSTED_STYLE_REQUEST" not in env, "path-style is object_store's default"
+    assert not [k for k in env if k.startswith("AZURE")], env
+    sa = o.one("ServiceAccount", "-registry")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == \
+        "arn:aws:iam::123456789012:role/outpost", sa
+    assert "credentials must come from" not in o.notes
+
+
+def check_azblob_emulator(o):
+    check_object_storage_pod(o)
+    args = registry_args(o)
+    assert "--storage=azblob://outpost" in args and not any(a.startswith("--storage-option") for a in args)
+    env = registry_env(o)
+    for name in AZURE_CREDENTIALS:
+        assert env[name] == ("secret", "azurite-key", name, True), env
+    assert env["AZURE_STORAGE_USE_EMULATOR"] == "true", env
+    assert env["AZURITE_BLOB_STORAGE_URL"] == "http://azurite.storage:10000", env
+    assert "AZURE_STORAGE_ENDPOINT" not in env and "AZURE_STORAGE_ACCOUNT_NAME" not in env, env
+    assert not [k for k in env if k.startswith("AWS_")], env
+
+
+def check_azblob_workload_identity(o):
+    check_object_storage_pod(o)
+    args = registry_args(o)
+    assert "--storage=azblob://images/sites/edge-1" in args, args
+    assert "--storage-option=azure_credential_type=workload_identity" in args, args
+    env = registry_env(o)
+    assert env["AZURE_STORAGE_ACCOUNT_NAME"] == "outpoststore", env
+    assert env["AZURE_STORAGE_ENDPOINT"] == "https://outpoststore.blob.core.chinacloudapi.cn", env
+    assert not [k for k, v in env.items() if isinstance(v, tuple)], "no Secret: no secretKeyRef"
+    assert "AZURE_STORAGE_USE_EMULATOR" not in env, env
+    reg = o.one("Deployment", "-registry")
+    labels = reg["spec"]["template"]["metadata"]["labels"]
+    assert labels["azure.workload.identity/use"] == "true", labels
+    # The selector labels are the chart's, whatever podLabels adds.
+    for k, v in reg["spec"]["selector"]["matchLabels"].items():
+        assert labels[k] == v, (k, labels)
+    assert reg["spec"]["template"]["metadata"]["annotations"] == {
+        "azure.workload.identity/proxy-sidecar-port": "8000"}, reg["spec"]["template"]["metadata"]
+    sa = o.one("ServiceAccount", "-registry")
+    assert sa["metadata"]["annotations"]["azure.workload.identity/client-id"] == \
+        "00000000-0000-0000-0000-000000000001", sa
 
 
 SCENARIOS = {
@@ -430,6 +541,30 @@ SCENARIOS = {
                                check_trust_off),
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, check_webhook_off),
     "standalone-defaults": ({}, check_standalone),
+    "s3-existing-secret": ({"connectionString": CONN, "maxStorage": "400Gi", "storage": {
+        "type": "s3", "existingSecret": "outpost-s3",
+        "secretKeys": {"AWS_ACCESS_KEY_ID": "rootUser", "AWS_SECRET_ACCESS_KEY": "rootPassword"},
+        "s3": {"bucket": "outpost-images", "prefix": "/edge/site-1/", "region": "eu-central-1",
+               "endpoint": "http://minio.storage:9000", "virtualHostedStyleRequest": False,
+               "allowHttp": True},
+        "options": {"aws_conditional_put": "etag", "pool_max_idle_per_host": 12500000,
+                    "http1_only": True, "user_agent": 'outpost "edge": #1 \\ end'}},
+        "registry": {"serviceAccount": {"annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/outpost"}}}}, check_s3),
+    "azblob-emulator": ({"storage": {"type": "azblob", "existingSecret": "azurite-key",
+                                     "azblob": {"container": "outpost", "useEmulator": True,
+                                                "endpoint": "http://azurite.storage:10000"}}},
+                        check_azblob_emulator),
+    "azblob-workload-identity": ({"storage": {
+        "type": "azblob", "azblob": {"account": "outpoststore", "container": "images",
+                                     "prefix": "sites/edge-1",
+                                     "endpoint": "https://outpoststore.blob.core.chinacloudapi.cn"},
+        "options": {"azure_credential_type": "workload_identity"}},
+        "registry": {"serviceAccount": {"annotations": {
+            "azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000001"}},
+            "podLabels": {"azure.workload.identity/use": "true"},
+            "podAnnotations": {"azure.workload.identity/proxy-sidecar-port": "8000"}}},
+        check_azblob_workload_identity),
     "parent-rules-by-default": ({"connectionString": CONN, "repositories": ["hello-world", "team-a/**"]},
                                 check_parent_rules),
     "parent-over-http": ({"connectionString": CONN.replace(

@@ -31,7 +31,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 22 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 38 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -124,7 +124,8 @@ fn template_flags(template: &str, binary: &str) -> Vec<(String, String)> {
             continue;
         }
         if in_args {
-            match t.strip_prefix("- ") {
+            // A quoted item ("--storage-option=..." with an escaped value) is a flag too.
+            match t.strip_prefix("- ").map(|i| i.trim_start_matches('"')) {
                 Some(item) if item.starts_with("--") => {
                     let sub = sub.clone().expect("args start with a subcommand");
                     out.push((sub, flag_name(item)));
@@ -193,7 +194,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 20 passed, 0 failed"),
+        text.contains("render checks: 23 passed, 0 failed"),
         "{text}"
     );
 }
@@ -655,4 +656,261 @@ fn the_node_agent_writes_where_microk8s_reads() {
         hosts.contains("[host.\"https://10.96.100.100\"]"),
         "{hosts}"
     );
+}
+
+/// Azurite's well-known development account (public, documented by Microsoft).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob service (npm, installed by tests/run.sh under `$OUTPOST_EMULATORS`) on a free
+/// loopback port, killed by its PID when dropped.
+struct Azurite {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Azurite {
+    fn start(dir: &Path) -> Self {
+        let emulators = std::env::var_os("OUTPOST_EMULATORS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/outpost-emulators")
+            });
+        let program = emulators.join("azurite/node_modules/.bin/azurite-blob");
+        assert!(
+            program.exists(),
+            "{} is missing: tests/run.sh installs Azurite",
+            program.display()
+        );
+        let port = free_port();
+        let log = dir.join("azurite.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&program)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(dir.join("azurite"))
+            .arg("--skipApiVersionCheck")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let mut azurite = Azurite { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = azurite.child.try_wait() {
+                panic!(
+                    "azurite exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "azurite not listening after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        azurite
+    }
+
+    /// A Blob REST request on `container`, signed with the account's shared key; `query` sorted
+    /// by name. Returns the status and body.
+    fn request(&self, method: &str, container: &str, query: &[(&str, &str)]) -> (u16, String) {
+        use aws_lc_rs::hmac;
+        use base64::Engine;
+        let date = run_ok(Command::new("date").args(["-u", "+%a, %d %b %Y %H:%M:%S GMT"]));
+        let date = date.trim();
+        let version = "2021-08-06";
+        let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}");
+        for (k, v) in query {
+            resource.push_str(&format!("\n{k}:{v}"));
+        }
+        // Content-Length is signed empty when zero (API version 2015-02-21 and later).
+        let to_sign = format!(
+            "{method}\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
+        let sig = b64.encode(hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let url = format!(
+            "http://127.0.0.1:{}/{AZURITE_ACCOUNT}/{container}?{}",
+            self.port,
+            query.join("&")
+        );
+        let mut req = http()
+            .request(method.parse().unwrap(), url)
+            .header("x-ms-date", date)
+            .header("x-ms-version", version)
+            .header(
+                "authorization",
+                format!("SharedKey {AZURITE_ACCOUNT}:{sig}"),
+            );
+        if method == "PUT" {
+            req = req.header("content-length", "0");
+        }
+        let resp = req.send().unwrap();
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A container's environment as the kubelet builds it: literal values as they are, and each
+/// `secretKeyRef` from `secrets` ((Secret, key) -> value): an optional key the Secret lacks
+/// leaves the variable unset, a required one stops the pod (here: the test).
+fn kubelet_env(workload: &Value, secrets: &[(&str, &str, &str)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+    {
+        let name = e["name"].as_str().unwrap().to_string();
+        if let Some(value) = e["value"].as_str() {
+            out.push((name, value.to_string()));
+            continue;
+        }
+        let r = &e["valueFrom"]["secretKeyRef"];
+        let found = secrets
+            .iter()
+            .find(|(s, k, _)| r["name"] == *s && r["key"] == *k);
+        match found {
+            Some((_, _, v)) => out.push((name, v.to_string())),
+            None => assert!(
+                r["optional"] == true,
+                "{name}: required key {r} missing: the pod would not start"
+            ),
+        }
+    }
+    out
+}
+
+/// storage.type=azblob on Azurite through the chart: the registry started with exactly the
+/// rendered arguments and the rendered environment (object_store's variables; the account key
+/// from the Secret by reference, resolved as the kubelet would). A wrong key in the Secret
+/// stops the start with one line about credentials; the right one serves, and a pushed blob
+/// lands in the container under the prefix, readable by a second registry started the same way.
+#[test]
+fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let azurite = Azurite::start(root);
+    let (status, body) = azurite.request("PUT", "outpost", &[("restype", "container")]);
+    assert!(status == 201, "create container: {status} {body}");
+    let rendered = render(&format!(
+        r#"{{"httpsEnabled": false, "trustDistribution": {{"enabled": false}}, "webhook": {{"enabled": false}},
+            "storage": {{"type": "azblob", "existingSecret": "outpost-azurite",
+                        "azblob": {{"container": "outpost", "prefix": "site-1", "useEmulator": true,
+                                    "endpoint": "http://127.0.0.1:{}"}}}}}}"#,
+        azurite.port
+    ));
+    assert!(
+        !rendered["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["kind"] == "PersistentVolumeClaim"),
+        "no PVC on object storage"
+    );
+    let registry = object(&rendered, "Deployment", "outpost-registry");
+    let (args, ports) = local_args(registry, root);
+    assert!(
+        args.iter()
+            .any(|a| a == "--storage=azblob://outpost/site-1"),
+        "{args:?}"
+    );
+
+    // A Secret whose account key Azurite refuses (valid base64, wrong bytes).
+    let wrong = "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkgd3Jvbmcga2V5IHdyb25nIGtleQ==";
+    let env = kubelet_env(
+        registry,
+        &[("outpost-azurite", "AZURE_STORAGE_ACCOUNT_KEY", wrong)],
+    );
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "AZURE_STORAGE_ACCOUNT_KEY" && v == wrong),
+        "{env:?}"
+    );
+    let mut refused =
+        Running::start_with_env("outpost-registry", &args, &env, root.join("refused.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = refused.0.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running with a wrong key:\n{}",
+            refused.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = refused.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("credentials refused"), "{log}");
+    assert!(!log.contains(wrong), "the key is never logged: {log}");
+    drop(refused);
+
+    // The right key: ready, and a blob pushed through the registry is stored in Azurite.
+    let env = kubelet_env(
+        registry,
+        &[("outpost-azurite", "AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+    );
+    let mut serving =
+        Running::start_with_env("outpost-registry", &args, &env, root.join("registry.log"));
+    let api = port(&ports, "--listen");
+    serving.wait_ready(&http(), &format!("http://127.0.0.1:{api}/readyz"));
+    let blob = b"stored in the blob container, not on a volume".to_vec();
+    let digest = format!(
+        "sha256:{}",
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &blob)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let r = http()
+        .post(format!(
+            "http://127.0.0.1:{api}/v2/chart/blobs/uploads/?digest={digest}"
+        ))
+        .header("content-type", "application/octet-stream")
+        .body(blob.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", serving.log());
+    drop(serving);
+    let (status, listing) = azurite.request(
+        "GET",
+        "outpost",
+        &[("comp", "list"), ("restype", "container")],
+    );
+    assert_eq!(status, 200, "{listing}");
+    let hex = digest.trim_start_matches("sha256:");
+    let names: Vec<&str> = listing
+        .split("<Name>")
+        .skip(1)
+        .filter_map(|n| n.split("</Name>").next())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("site-1/blobs/sha256/") && n.ends_with(hex)),
+        "the blob under the prefix: {names:?}"
+    );
+    let mut again =
+        Running::start_with_env("outpost-registry", &args, &env, root.join("again.log"));
+    again.wait_ready(&http(), &format!("http://127.0.0.1:{api}/readyz"));
+    let r = http()
+        .get(format!("http://127.0.0.1:{api}/v2/chart/blobs/{digest}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", again.log());
+    assert_eq!(r.bytes().unwrap().as_ref(), blob.as_slice());
 }

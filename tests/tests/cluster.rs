@@ -182,6 +182,8 @@ struct Scenario {
     webhook: bool,
     trust: bool,
     parent: bool,
+    /// storage.type=pvc: the data PVC, kept on uninstall (object storage has none).
+    pvc: bool,
 }
 
 fn write_values(dir: &Path, name: &str, values: &Value) -> PathBuf {
@@ -218,14 +220,10 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
         );
     }
     let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
-    for kind in [
-        "Deployment",
-        "Service",
-        "PersistentVolumeClaim",
-        "ServiceAccount",
-    ] {
+    for kind in ["Deployment", "Service", "ServiceAccount"] {
         assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
     }
+    assert_eq!(kinds.contains(&"PersistentVolumeClaim"), s.pvc, "{kinds:?}");
     assert_eq!(kinds.contains(&"DaemonSet"), s.trust, "{kinds:?}");
     assert_eq!(
         kinds.contains(&"MutatingWebhookConfiguration"),
@@ -318,7 +316,7 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
     }
 
     // Uninstall (waiting for the deletions, hooks run): nothing Helm created is left but the
-    // PVC.
+    // PVC (if any).
     let hooks = uninstall(s.release, ns);
     for h in &hooks {
         assert!(h.success, "hook job {} failed:\n{}", h.job, h.log);
@@ -342,9 +340,14 @@ fn install_upgrade_uninstall(s: Scenario, install_args: &[&str], after_install: 
             );
         }
     }
-    assert_eq!(kept, vec![format!("{}-data", s.release)]);
+    let want_kept: Vec<String> = s
+        .pvc
+        .then(|| format!("{}-data", s.release))
+        .into_iter()
+        .collect();
+    assert_eq!(kept, want_kept);
     // Nor anything the controllers made for it (ReplicaSets, pods: garbage-collected), nor
-    // Helm's release records; the only labelled thing left is the PVC.
+    // Helm's release records; the only labelled thing left is the PVC (if any).
     let selector = format!("labelSelector=app.kubernetes.io/instance%3D{}", s.release);
     for (prefix, plural) in [
         ("/api/v1", "pods"),
@@ -405,6 +408,7 @@ fn own_tls_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         webhook: true,
         trust: true,
         parent: true,
+        pvc: true,
     };
     install_upgrade_uninstall(s, &[], || {
         let admin = cp().admin();
@@ -439,6 +443,7 @@ fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
         webhook: true,
         trust: true,
         parent: true,
+        pvc: true,
     };
     let managed = ["outpost-ca", "outpost-registry-tls", "outpost-webhook-tls"];
     let dir = tempfile::tempdir().expect("temp dir");
@@ -518,6 +523,7 @@ fn http_lab_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         webhook: true,
         trust: true,
         parent: true,
+        pvc: true,
     };
     install_upgrade_uninstall(s, &[], || {
         let svc = cp().admin().get_ok(&format!(
@@ -562,6 +568,7 @@ fn webhook_off_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         webhook: false,
         trust: true,
         parent: true,
+        pvc: true,
     };
     install_upgrade_uninstall(s, &["--create-namespace"], || {
         let admin = cp().admin();
@@ -593,6 +600,7 @@ fn k3s_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
         webhook: true,
         trust: true,
         parent: false,
+        pvc: true,
     };
     install_upgrade_uninstall(s, &[], || {
         let ds = cp().admin().get_ok(&format!(
@@ -614,6 +622,118 @@ fn k3s_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
             "{spec}"
         );
     });
+}
+
+/// Object storage (`storage.type=azblob`), credentials in a Secret the user made beforehand,
+/// Azure workload identity on the ServiceAccount and pod: as the API server stored them, the
+/// registry's Deployment has no volume for data and a rolling update, and its pod (made by the
+/// controllers) takes the account key from the Secret by reference, never by value; no PVC is
+/// made, so the uninstall leaves nothing of the release (the user's Secret stays).
+#[test]
+fn azblob_installs_upgrades_and_uninstalls_leaving_nothing() {
+    let (ns, release) = ("azblob", "outpost-azblob");
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_bundle = own_tls_secrets(ns, dir.path());
+    let (status, body) = cp().admin().post(
+        &format!("/api/v1/namespaces/{ns}/secrets"),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "outpost-azurite"},
+                "data": {"AZURE_STORAGE_ACCOUNT_KEY": b64(b"a-key-kept-in-its-Secret")}}),
+    );
+    assert_eq!(status, 201, "create storage secret: {body}");
+    let s = Scenario {
+        release,
+        namespace: ns,
+        values: json!({
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "service": {"clusterIP": "10.96.100.14"},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
+            "storage": {"type": "azblob", "existingSecret": "outpost-azurite",
+                        "azblob": {"account": "outpoststore", "container": "outpost",
+                                   "prefix": "site-1",
+                                   "endpoint": "https://outpoststore.blob.core.windows.net"}},
+            "registry": {"serviceAccount": {"annotations": {
+                             "azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000001"}},
+                         "podLabels": {"azure.workload.identity/use": "true"}},
+        }),
+        webhook: true,
+        trust: true,
+        parent: false,
+        pvc: false,
+    };
+    install_upgrade_uninstall(s, &[], || {
+        let admin = cp().admin();
+        let d = admin.get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/deployments/{release}-registry"
+        ));
+        assert_eq!(d["spec"]["replicas"], 1, "{d}");
+        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate", "{d}");
+        assert_eq!(
+            d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+            "{d}"
+        );
+        let pod_spec = &d["spec"]["template"]["spec"];
+        assert!(
+            pod_spec["volumes"]
+                .as_array()
+                .is_some_and(|v| !v.iter().any(|v| v.get("persistentVolumeClaim").is_some())),
+            "{pod_spec}"
+        );
+        let args = &pod_spec["containers"][0]["args"];
+        assert!(
+            args.as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "--storage=azblob://outpost/site-1")),
+            "{args}"
+        );
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"], "true",
+            "{d}"
+        );
+        let sa = admin.get_ok(&format!(
+            "/api/v1/namespaces/{ns}/serviceaccounts/{release}-registry"
+        ));
+        assert_eq!(
+            sa["metadata"]["annotations"]["azure.workload.identity/client-id"],
+            "00000000-0000-0000-0000-000000000001",
+            "{sa}"
+        );
+        let pvcs = admin.get_ok(&format!("/api/v1/namespaces/{ns}/persistentvolumeclaims"));
+        assert!(names(&pvcs).is_empty(), "{pvcs}");
+        // The pod the controllers made: the key by reference to the Secret, nowhere by value.
+        let pods_path = format!(
+            "/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io/instance%3D{release},\
+             app.kubernetes.io/component%3Dregistry"
+        );
+        eventually(
+            || format!("registry pod: {}", admin.get(&pods_path).1),
+            || names(&admin.get(&pods_path).1).len() == 1,
+        );
+        let pod = admin.get_ok(&pods_path)["items"][0].clone();
+        let env = pod["spec"]["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let by_name = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+        let account_key = by_name("AZURE_STORAGE_ACCOUNT_KEY").expect("AZURE_STORAGE_ACCOUNT_KEY");
+        assert_eq!(
+            account_key["valueFrom"]["secretKeyRef"],
+            json!({"name": "outpost-azurite", "key": "AZURE_STORAGE_ACCOUNT_KEY", "optional": true}),
+            "{account_key}"
+        );
+        assert!(account_key.get("value").is_none(), "{account_key}");
+        assert_eq!(
+            by_name("AZURE_STORAGE_ACCOUNT_NAME").map(|e| e["value"].clone()),
+            Some(json!("outpoststore"))
+        );
+        assert_eq!(
+            by_name("AZURE_STORAGE_ENDPOINT").map(|e| e["value"].clone()),
+            Some(json!("https://outpoststore.blob.core.windows.net"))
+        );
+    });
+    // The user's Secret is theirs: the release never owned it.
+    cp().admin()
+        .get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-azurite"));
 }
 
 /// A binary started as the chart's pod would run it, outside the cluster; killed when dropped.

@@ -146,6 +146,64 @@ files it writes and checks. JSON {"runtime", "dir", "hostsDir", "containerdConfi
 {{- toJson $out -}}
 {{- end -}}
 
+{{/*
+--storage: the PVC's mount point, or s3://BUCKET[/PREFIX] / azblob://CONTAINER[/PREFIX].
+*/}}
+{{- define "outpost.storageUrl" -}}
+{{- $s := .Values.storage -}}
+{{- if eq $s.type "s3" -}}
+{{- $prefix := trimAll "/" $s.s3.prefix -}}
+s3://{{ $s.s3.bucket }}{{ with $prefix }}/{{ . }}{{ end }}
+{{- else if eq $s.type "azblob" -}}
+{{- $prefix := trimAll "/" $s.azblob.prefix -}}
+azblob://{{ $s.azblob.container }}{{ with $prefix }}/{{ . }}{{ end }}
+{{- else -}}
+/var/lib/outpost
+{{- end -}}
+{{- end -}}
+
+{{/*
+The object store's environment, in object_store's own variable names: credentials by reference
+to storage.existingSecret (each variable from the key of its own name unless storage.secretKeys
+maps it; a default key the Secret lacks is skipped, a mapped one must exist), then the
+non-secret settings. Only for storage.type s3 or azblob.
+*/}}
+{{- define "outpost.storageEnv" -}}
+{{- $s := .Values.storage -}}
+{{- $credentials := list "AZURE_STORAGE_ACCOUNT_KEY" "AZURE_STORAGE_SAS_KEY" "AZURE_STORAGE_CLIENT_SECRET" -}}
+{{- $settings := dict -}}
+{{- if eq $s.type "s3" -}}
+{{- $credentials = list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN" -}}
+{{- with $s.s3.region }}{{ $_ := set $settings "AWS_REGION" . }}{{ end -}}
+{{- with $s.s3.endpoint }}{{ $_ := set $settings "AWS_ENDPOINT" . }}{{ end -}}
+{{- if $s.s3.virtualHostedStyleRequest }}{{ $_ := set $settings "AWS_VIRTUAL_HOSTED_STYLE_REQUEST" "true" }}{{ end -}}
+{{- if $s.s3.allowHttp }}{{ $_ := set $settings "AWS_ALLOW_HTTP" "true" }}{{ end -}}
+{{- else -}}
+{{- with $s.azblob.account }}{{ $_ := set $settings "AZURE_STORAGE_ACCOUNT_NAME" . }}{{ end -}}
+{{- if $s.azblob.useEmulator -}}
+{{- $_ := set $settings "AZURE_STORAGE_USE_EMULATOR" "true" -}}
+{{- with $s.azblob.endpoint }}{{ $_ := set $settings "AZURITE_BLOB_STORAGE_URL" . }}{{ end -}}
+{{- else -}}
+{{- with $s.azblob.endpoint }}{{ $_ := set $settings "AZURE_STORAGE_ENDPOINT" . }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- $keys := $s.secretKeys | default dict -}}
+{{- with $s.existingSecret }}
+{{- range $credentials }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.existingSecret | quote }}
+      key: {{ get $keys . | default . | quote }}
+      optional: {{ not (hasKey $keys .) }}
+{{- end }}
+{{- end }}
+{{- range $name, $value := $settings }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "outpost.checks" -}}
 {{- include "outpost.tlsChecks" . -}}
 {{- end -}}
