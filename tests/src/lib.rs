@@ -2,6 +2,7 @@
 //! containerd) on loopback and temp dirs, and stop every one of them when a test ends.
 
 pub mod cri;
+pub mod emulators;
 pub mod k8s;
 pub mod metrics;
 pub mod oci;
@@ -170,7 +171,10 @@ pub struct Registry {
     child: Option<Child>,
     pub port: u16,
     pub admin_port: u16,
+    /// The storage directory; unused when `object` is set.
     pub storage: PathBuf,
+    /// The container or bucket the registry uses instead of a directory.
+    pub object: Option<emulators::ObjectStorage>,
     pub log: PathBuf,
     extra: Vec<String>,
     _dir: TempDir,
@@ -183,6 +187,16 @@ impl Registry {
     }
 
     pub fn start_with_args(extra: &[&str]) -> Self {
+        Self::start_on_storage(None, extra)
+    }
+
+    /// A registry on fresh storage of `backend` (a directory, or a fresh container or bucket).
+    pub fn start_on(backend: emulators::Backend, extra: &[&str]) -> Self {
+        Self::start_on_storage(backend.object_storage(), extra)
+    }
+
+    /// A registry on `object` storage (a container or bucket), or on a fresh directory.
+    pub fn start_on_storage(object: Option<emulators::ObjectStorage>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = dir.path().join("data");
         let mut r = Registry {
@@ -190,6 +204,7 @@ impl Registry {
             port: free_port(),
             admin_port: free_port(),
             storage,
+            object,
             log: dir.path().join("registry.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
@@ -216,14 +231,14 @@ impl Registry {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin("outpost-registry"))
-            .arg("serve")
+        let mut cmd = Command::new(bin("outpost-registry"));
+        cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--admin-listen")
-            .arg(format!("127.0.0.1:{}", self.admin_port))
-            .arg("--storage")
-            .arg(&self.storage)
+            .arg(format!("127.0.0.1:{}", self.admin_port));
+        self.storage_args(&mut cmd);
+        let child = cmd
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -234,8 +249,21 @@ impl Registry {
         self.wait_ready();
     }
 
+    /// `--storage` (and on object storage its options and credentials) for `cmd`.
+    fn storage_args(&self, cmd: &mut Command) {
+        match &self.object {
+            Some(o) => {
+                o.configure(cmd);
+            }
+            None => {
+                cmd.arg("--storage").arg(&self.storage);
+            }
+        }
+    }
+
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: on object storage the start includes a request to the emulator.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
@@ -305,15 +333,13 @@ impl Registry {
         self.spawn();
     }
 
-    /// Runs `outpost-registry <args> --storage <this storage>` to completion.
+    /// Runs `outpost-registry <args> --storage <this storage>` (with its options and
+    /// credentials on object storage) to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
-        run_timeout(
-            Command::new(bin("outpost-registry"))
-                .args(args)
-                .arg("--storage")
-                .arg(&self.storage),
-            Duration::from_secs(300),
-        )
+        let mut cmd = Command::new(bin("outpost-registry"));
+        cmd.args(args);
+        self.storage_args(&mut cmd);
+        run_timeout(&mut cmd, Duration::from_secs(300))
     }
 }
 
