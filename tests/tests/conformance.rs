@@ -1,6 +1,9 @@
 //! Walks every endpoint of the OCI Distribution v1.1 API and the spec's error codes against a
-//! running outpost-registry, over real HTTP.
+//! running outpost-registry, over real HTTP: every case once on a storage directory (module
+//! `fs`) and once on Azure Blob Storage through Azurite (module `azblob`, a fresh container per
+//! case).
 
+use outpost_e2e::emulators::Backend;
 use outpost_e2e::{Registry, header, http, pseudo_random, raw_request, sha256, sha512};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
@@ -19,9 +22,9 @@ struct T {
 }
 
 impl T {
-    fn new() -> Self {
+    fn new(backend: Backend) -> Self {
         T {
-            reg: Registry::start(),
+            reg: Registry::start_on(backend, &[]),
             c: http(),
         }
     }
@@ -92,9 +95,45 @@ fn expect_error(r: Response, status: StatusCode, code: &str) {
     assert!(errors[0]["message"].is_string(), "{body}");
 }
 
-#[test]
-fn base_endpoint() {
-    let t = T::new();
+/// Each case is a function of a running registry; this makes one test of it per backend.
+macro_rules! on_every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod fs {
+            $(#[test]
+            fn $case() {
+                super::$case(super::T::new(super::Backend::Fs));
+            })*
+        }
+        mod azblob {
+            $(#[test]
+            fn $case() {
+                super::$case(super::T::new(super::Backend::Azurite));
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    base_endpoint,
+    blob_get_head_and_range_edges,
+    monolithic_and_empty_uploads,
+    chunked_uploads_in_order_only,
+    upload_sessions_cancel_and_isolation,
+    cross_repository_mount,
+    manifests_push_pull_and_negotiation,
+    manifest_refusals,
+    invalid_references,
+    truncated_blob_upload_is_never_visible,
+    indexes_need_their_children,
+    tags_list_paginates,
+    catalog_paginates,
+    deletes,
+    referrers_and_subject,
+    bad_names_and_paths,
+    health_and_metrics,
+);
+
+fn base_endpoint(t: T) {
     let r = t.get("/v2/");
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
@@ -108,9 +147,7 @@ fn base_endpoint() {
     assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
 }
 
-#[test]
-fn blob_get_head_and_range_edges() {
-    let t = T::new();
+fn blob_get_head_and_range_edges(t: T) {
     let data = pseudo_random(1, 10_000);
     let d = t.push_blob("r/blob", &data);
     let r =
@@ -190,9 +227,7 @@ fn blob_get_head_and_range_edges() {
     );
 }
 
-#[test]
-fn monolithic_and_empty_uploads() {
-    let t = T::new();
+fn monolithic_and_empty_uploads(t: T) {
     let r =
         t.c.post(t.u(&format!("/v2/m/blobs/uploads/?digest={EMPTY_SHA256}")))
             .send()
@@ -276,9 +311,7 @@ fn monolithic_and_empty_uploads() {
     );
 }
 
-#[test]
-fn chunked_uploads_in_order_only() {
-    let t = T::new();
+fn chunked_uploads_in_order_only(t: T) {
     let data = pseudo_random(3, 3 * 4096 + 17);
     let d = sha256(&data);
     let r = t.c.post(t.u("/v2/c/blobs/uploads/")).send().unwrap();
@@ -360,9 +393,7 @@ fn chunked_uploads_in_order_only() {
     );
 }
 
-#[test]
-fn upload_sessions_cancel_and_isolation() {
-    let t = T::new();
+fn upload_sessions_cancel_and_isolation(t: T) {
     let r = t.c.post(t.u("/v2/s/blobs/uploads/")).send().unwrap();
     let loc = header(&r, "location");
     let id = loc.rsplit('/').next().unwrap().to_owned();
@@ -389,9 +420,7 @@ fn upload_sessions_cancel_and_isolation() {
     );
 }
 
-#[test]
-fn cross_repository_mount() {
-    let t = T::new();
+fn cross_repository_mount(t: T) {
     let data = pseudo_random(4, 2048);
     let d = t.push_blob("src/app", &data);
     expect_error(
@@ -447,9 +476,7 @@ fn cross_repository_mount() {
     );
 }
 
-#[test]
-fn manifests_push_pull_and_negotiation() {
-    let t = T::new();
+fn manifests_push_pull_and_negotiation(t: T) {
     let body = t.image("app/web", 5, OCI_MANIFEST);
     let d = sha256(&body);
     let r = t.put_manifest("app/web", "v1", OCI_MANIFEST, &body);
@@ -546,9 +573,7 @@ fn with_accept_tag(t: &T, tag: &str, accept: &str) -> Response {
         .unwrap()
 }
 
-#[test]
-fn manifest_refusals() {
-    let t = T::new();
+fn manifest_refusals(t: T) {
     let good = t.image("bad/input", 7, OCI_MANIFEST);
     let v: Value = serde_json::from_slice(&good).unwrap();
 
@@ -667,9 +692,7 @@ fn manifest_refusals() {
 /// The spec's endpoint table allows only 200 and 404 for GET and HEAD of a manifest (end-3), so
 /// a reference that is not a valid tag or digest is unknown there; on PUT it is the client's
 /// error (TAG_INVALID).
-#[test]
-fn invalid_references() {
-    let t = T::new();
+fn invalid_references(t: T) {
     let body = t.image("conf/badref", 7, OCI_MANIFEST);
     for reference in [".INVALID_MANIFEST_NAME", "-dash", "sha256:zz"] {
         let r = t.get(&format!("/v2/conf/badref/manifests/{reference}"));
@@ -686,9 +709,7 @@ fn invalid_references() {
     expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
 }
 
-#[test]
-fn truncated_blob_upload_is_never_visible() {
-    let t = T::new();
+fn truncated_blob_upload_is_never_visible(t: T) {
     let data = pseudo_random(8, 100_000);
     let d = sha256(&data);
     let req = format!(
@@ -707,9 +728,7 @@ fn truncated_blob_upload_is_never_visible() {
     );
 }
 
-#[test]
-fn indexes_need_their_children() {
-    let t = T::new();
+fn indexes_need_their_children(t: T) {
     let a = t.image("multi", 10, OCI_MANIFEST);
     let b = t.image("multi", 11, OCI_MANIFEST);
     let index = |children: &[&[u8]], media: &str| {
@@ -763,9 +782,7 @@ fn indexes_need_their_children() {
     assert_eq!(header(&r, "content-type"), DOCKER_LIST);
 }
 
-#[test]
-fn tags_list_paginates() {
-    let t = T::new();
+fn tags_list_paginates(t: T) {
     let body = t.image("paged", 20, OCI_MANIFEST);
     let mut tags: Vec<String> = (0..12).map(|i| format!("t{i:02}")).collect();
     tags.push("Latest".into());
@@ -821,9 +838,7 @@ fn tags_list_paginates() {
     );
 }
 
-#[test]
-fn catalog_paginates() {
-    let t = T::new();
+fn catalog_paginates(t: T) {
     let names = ["a/one", "a/two", "b", "c/d/e/f", "zed"];
     for (i, n) in names.iter().enumerate() {
         let body = t.image(n, 30 + i as u64, OCI_MANIFEST);
@@ -855,9 +870,7 @@ fn catalog_paginates() {
     );
 }
 
-#[test]
-fn deletes() {
-    let t = T::new();
+fn deletes(t: T) {
     let body = t.image("del", 40, OCI_MANIFEST);
     let d = sha256(&body);
     t.put_manifest("del", "v1", OCI_MANIFEST, &body);
@@ -923,9 +936,7 @@ fn deletes() {
     );
 }
 
-#[test]
-fn referrers_and_subject() {
-    let t = T::new();
+fn referrers_and_subject(t: T) {
     let subject = t.image("ref", 50, OCI_MANIFEST);
     let sd = sha256(&subject);
     t.put_manifest("ref", "v1", OCI_MANIFEST, &subject);
@@ -1024,9 +1035,7 @@ fn referrers_and_subject() {
     );
 }
 
-#[test]
-fn bad_names_and_paths() {
-    let t = T::new();
+fn bad_names_and_paths(t: T) {
     // Sent raw: an HTTP library would normalise these paths before sending.
     for path in [
         "/v2/../manifests/latest",
@@ -1087,9 +1096,7 @@ fn bad_names_and_paths() {
     assert!(!metrics.contains("status=\"500\""), "{metrics}");
 }
 
-#[test]
-fn health_and_metrics() {
-    let t = T::new();
+fn health_and_metrics(t: T) {
     assert_eq!(t.get("/healthz").status(), StatusCode::OK);
     assert_eq!(t.get("/readyz").status(), StatusCode::OK);
     let data = pseudo_random(60, 4321);
