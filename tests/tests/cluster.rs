@@ -2,7 +2,7 @@
 //! from shared/k8s; no node, so pods stay Pending): for every chart scenario installed,
 //! upgraded and uninstalled through the real Helm library (helm-sdkpy, charts/tests/
 //! helm_cluster.py), every object accepted, the changed values applied, nothing left but the
-//! PVC; and the chart's RBAC proven by running the real binaries outside the cluster with the
+//! PVC (none on object storage); and the chart's RBAC proven by running the real binaries outside the cluster with the
 //! chart's own ServiceAccount tokens (TokenRequest): enough for their work, and no more.
 //!
 //! Helm's uninstall waits for the chart's pre-delete hook Job, whose pod no kubelet runs here:

@@ -13,6 +13,7 @@ use crate::admission::Admission;
 use crate::availability::{self, Checker};
 use crate::certs::{self, Leaf, Role, Snapshot, Spec, Timings, pki::Sans};
 use crate::config::ConfigSource;
+use crate::duration::parse_duration;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState};
 use crate::{secrets, tls, uninstall};
@@ -270,25 +271,6 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// `500ms`, `2s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} needs a unit: ms, s, m or h"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!("unknown unit {unit:?} in {s:?}: use ms, s, m or h")),
-    }
 }
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {

@@ -7,6 +7,7 @@ pub mod availability;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod duration;
 pub mod metrics;
 pub mod mutate;
 pub mod secrets;

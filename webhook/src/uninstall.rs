@@ -14,7 +14,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use crate::certs::CERTIFICATE_LABEL;
-use crate::cli::parse_duration;
+use crate::duration::parse_duration;
 use crate::secrets::{COPIED_FROM, MANAGED_BY, MANAGED_BY_LABEL};
 
 #[derive(clap::Args, Debug)]
