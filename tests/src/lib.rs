@@ -338,7 +338,19 @@ impl Registry {
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("outpost-registry"));
         cmd.args(args);
-        self.storage_args(&mut cmd);
+        match &self.object {
+            // The options through serve's variable, so a subcommand that takes no
+            // --storage-option flag still gets them once it reads that variable.
+            Some(o) => {
+                cmd.arg("--storage")
+                    .arg(&o.url)
+                    .env("OUTPOST_STORAGE_OPTION", o.options.join(","))
+                    .envs(o.env.iter().map(|(k, v)| (k, v)));
+            }
+            None => {
+                cmd.arg("--storage").arg(&self.storage);
+            }
+        }
         run_timeout(&mut cmd, Duration::from_secs(300))
     }
 }

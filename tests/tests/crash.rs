@@ -1,6 +1,7 @@
 //! Crash safety: kill -9 the server while it receives a large chunked upload, a monolithic
 //! upload and manifest pushes, at many points. After each restart `fsck` is clean, no partial
-//! blob is readable, and the interrupted work can be resumed or retried.
+//! blob is readable, and the interrupted work can be resumed or retried. The upload cases run
+//! on a storage directory and on Azure Blob Storage through Azurite (`azblob_*`).
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use outpost_e2e::emulators::Backend;
 use outpost_e2e::{Registry, http, pseudo_random, run_seed, sha256};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -29,6 +31,13 @@ impl Lcg {
 
 fn fsck_clean(reg: &Registry) {
     let out = reg.cli(&["fsck"]);
+    // Until fsck works on object storage it refuses an object URL with this line; the checks
+    // of `nothing_partial` stand in for it there. Any other outcome is judged as on a directory.
+    if reg.object.is_some()
+        && String::from_utf8_lossy(&out.stderr).contains("(object storage: not yet)")
+    {
+        return;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains(", 0 problems"),
@@ -60,13 +69,52 @@ fn upload_offset(reg: &Registry, location: &str) -> u64 {
     if end == 0 { 0 } else { end + 1 }
 }
 
+/// Nothing of the blob `digest` is readable in `repo`, no manifest or tag of `repo` exists, and
+/// on object storage no object holds the blob.
+fn nothing_partial(reg: &Registry, repo: &str, digest: &str) {
+    let c = http();
+    let g = c
+        .get(format!("{}/v2/{repo}/blobs/{digest}", reg.url()))
+        .send()
+        .unwrap();
+    assert_eq!(g.status(), StatusCode::NOT_FOUND, "no partial blob");
+    let t = c
+        .get(format!("{}/v2/{repo}/tags/list", reg.url()))
+        .send()
+        .unwrap();
+    assert_eq!(t.status(), StatusCode::NOT_FOUND, "no manifest in {repo}");
+    if let Some(o) = &reg.object {
+        let hex = digest.trim_start_matches("sha256:");
+        let keys = o.keys();
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k.starts_with("blobs/") && k.ends_with(hex)),
+            "a blob object for {digest} exists: {keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|k| k.contains("/_manifests/")),
+            "a manifest object exists: {keys:?}"
+        );
+    }
+}
+
 #[test]
 fn kill_during_chunked_upload_at_many_points() {
+    chunked_upload_kills(Backend::Fs);
+}
+
+#[test]
+fn azblob_kill_during_chunked_upload_at_many_points() {
+    chunked_upload_kills(Backend::Azurite);
+}
+
+fn chunked_upload_kills(backend: Backend) {
     let seed = run_seed();
     let mut rng = Lcg(seed);
     let data = pseudo_random(seed, 48 * MIB + 12345);
     let digest = sha256(&data);
-    let mut reg = Registry::start();
+    let mut reg = Registry::start_on(backend, &[]);
     let c = http();
     let r = c
         .post(format!("{}/v2/crash/big/blobs/uploads/", reg.url()))
@@ -106,11 +154,15 @@ fn kill_during_chunked_upload_at_many_points() {
             reg.restart();
             // Nothing of the unfinished blob is visible, the store is consistent, and the
             // upload resumes from what was durably received.
-            let g = c
-                .get(format!("{}/v2/crash/big/blobs/{digest}", reg.url()))
-                .send()
-                .unwrap();
-            assert_eq!(g.status(), StatusCode::NOT_FOUND);
+            nothing_partial(&reg, "crash/big", &digest);
+            if let Some(o) = &reg.object {
+                // The session lives in the container, not in the killed process.
+                let keys = o.keys();
+                assert!(
+                    keys.iter().any(|k| k.starts_with("uploads/")),
+                    "no upload session object: {keys:?}"
+                );
+            }
             fsck_clean(&reg);
             let durable = upload_offset(&reg, &location) as usize;
             assert!(
@@ -152,11 +204,20 @@ fn kill_during_chunked_upload_at_many_points() {
 
 #[test]
 fn kill_during_monolithic_upload_and_retry() {
+    monolithic_upload_kills(Backend::Fs);
+}
+
+#[test]
+fn azblob_kill_during_monolithic_upload_and_retry() {
+    monolithic_upload_kills(Backend::Azurite);
+}
+
+fn monolithic_upload_kills(backend: Backend) {
     let seed = run_seed();
     let mut rng = Lcg(seed ^ 0xabc);
     let data = pseudo_random(seed ^ 1, 16 * MIB);
     let digest = sha256(&data);
-    let mut reg = Registry::start();
+    let mut reg = Registry::start_on(backend, &[]);
     for _ in 0..4 {
         let head = format!(
             "POST /v2/crash/mono/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\n\
@@ -170,20 +231,14 @@ fn kill_during_monolithic_upload_and_retry() {
         reg.kill9();
         drop(s);
         reg.restart();
-        let g = http()
-            .get(format!("{}/v2/crash/mono/blobs/{digest}", reg.url()))
-            .send()
-            .unwrap();
-        assert_eq!(
-            g.status(),
-            StatusCode::NOT_FOUND,
-            "no partial blob after a crash"
-        );
-        // Interrupted writes leave nothing behind in tmp/ once the server is back.
-        assert_eq!(
-            std::fs::read_dir(reg.storage.join("tmp")).unwrap().count(),
-            0
-        );
+        nothing_partial(&reg, "crash/mono", &digest);
+        if reg.object.is_none() {
+            // Interrupted writes leave nothing behind in tmp/ once the server is back.
+            assert_eq!(
+                std::fs::read_dir(reg.storage.join("tmp")).unwrap().count(),
+                0
+            );
+        }
         fsck_clean(&reg);
     }
     let r = http()
