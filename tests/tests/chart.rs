@@ -658,111 +658,6 @@ fn the_node_agent_writes_where_microk8s_reads() {
     );
 }
 
-/// Azurite's well-known development account (public, documented by Microsoft).
-const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-const AZURITE_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-/// Azurite's blob service (npm, installed by tests/run.sh under `$OUTPOST_EMULATORS`) on a free
-/// loopback port, killed by its PID when dropped.
-struct Azurite {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Azurite {
-    fn start(dir: &Path) -> Self {
-        let emulators = std::env::var_os("OUTPOST_EMULATORS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/outpost-emulators")
-            });
-        let program = emulators.join("azurite/node_modules/.bin/azurite-blob");
-        assert!(
-            program.exists(),
-            "{} is missing: tests/run.sh installs Azurite",
-            program.display()
-        );
-        let port = free_port();
-        let log = dir.join("azurite.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&program)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .arg("--location")
-            .arg(dir.join("azurite"))
-            .arg("--skipApiVersionCheck")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let mut azurite = Azurite { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = azurite.child.try_wait() {
-                panic!(
-                    "azurite exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "azurite not listening after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        azurite
-    }
-
-    /// A Blob REST request on `container`, signed with the account's shared key; `query` sorted
-    /// by name. Returns the status and body.
-    fn request(&self, method: &str, container: &str, query: &[(&str, &str)]) -> (u16, String) {
-        use aws_lc_rs::hmac;
-        use base64::Engine;
-        let date = run_ok(Command::new("date").args(["-u", "+%a, %d %b %Y %H:%M:%S GMT"]));
-        let date = date.trim();
-        let version = "2021-08-06";
-        let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}");
-        for (k, v) in query {
-            resource.push_str(&format!("\n{k}:{v}"));
-        }
-        // Content-Length is signed empty when zero (API version 2015-02-21 and later).
-        let to_sign = format!(
-            "{method}\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
-        );
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
-        let sig = b64.encode(hmac::sign(&key, to_sign.as_bytes()).as_ref());
-        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let url = format!(
-            "http://127.0.0.1:{}/{AZURITE_ACCOUNT}/{container}?{}",
-            self.port,
-            query.join("&")
-        );
-        let mut req = http()
-            .request(method.parse().unwrap(), url)
-            .header("x-ms-date", date)
-            .header("x-ms-version", version)
-            .header(
-                "authorization",
-                format!("SharedKey {AZURITE_ACCOUNT}:{sig}"),
-            );
-        if method == "PUT" {
-            req = req.header("content-length", "0");
-        }
-        let resp = req.send().unwrap();
-        (resp.status().as_u16(), resp.text().unwrap_or_default())
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A container's environment as the kubelet builds it: literal values as they are, and each
 /// `secretKeyRef` from `secrets` ((Secret, key) -> value): an optional key the Secret lacks
 /// leaves the variable unset, a required one stops the pod (here: the test).
@@ -801,15 +696,15 @@ fn kubelet_env(workload: &Value, secrets: &[(&str, &str, &str)]) -> Vec<(String,
 fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let azurite = Azurite::start(root);
-    let (status, body) = azurite.request("PUT", "outpost", &[("restype", "container")]);
-    assert!(status == 201, "create container: {status} {body}");
+    // A fresh container on the shared Azurite; the chart's own prefix instead of the helper's.
+    let storage = outpost_e2e::emulators::azurite();
     let rendered = render(&format!(
         r#"{{"httpsEnabled": false, "trustDistribution": {{"enabled": false}}, "webhook": {{"enabled": false}},
             "storage": {{"type": "azblob", "existingSecret": "outpost-azurite",
-                        "azblob": {{"container": "outpost", "prefix": "site-1", "useEmulator": true,
+                        "azblob": {{"container": "{}", "prefix": "site-1", "useEmulator": true,
                                     "endpoint": "http://127.0.0.1:{}"}}}}}}"#,
-        azurite.port
+        storage.bucket,
+        storage.emulator().port()
     ));
     assert!(
         !rendered["objects"]
@@ -823,7 +718,7 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
     let (args, ports) = local_args(registry, root);
     assert!(
         args.iter()
-            .any(|a| a == "--storage=azblob://outpost/site-1"),
+            .any(|a| *a == format!("--storage=azblob://{}/site-1", storage.bucket)),
         "{args:?}"
     );
 
@@ -861,7 +756,11 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
     // The right key: ready, and a blob pushed through the registry is stored in Azurite.
     let env = kubelet_env(
         registry,
-        &[("outpost-azurite", "AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+        &[(
+            "outpost-azurite",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            outpost_e2e::emulators::AZURITE_KEY,
+        )],
     );
     let mut serving =
         Running::start_with_env("outpost-registry", &args, &env, root.join("registry.log"));
@@ -886,18 +785,8 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{}", serving.log());
     drop(serving);
-    let (status, listing) = azurite.request(
-        "GET",
-        "outpost",
-        &[("comp", "list"), ("restype", "container")],
-    );
-    assert_eq!(status, 200, "{listing}");
+    let names = storage.keys();
     let hex = digest.trim_start_matches("sha256:");
-    let names: Vec<&str> = listing
-        .split("<Name>")
-        .skip(1)
-        .filter_map(|n| n.split("</Name>").next())
-        .collect();
     assert!(
         names
             .iter()
