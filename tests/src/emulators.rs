@@ -48,16 +48,18 @@ pub fn emulators_dir() -> PathBuf {
 /// One emulator process on loopback; killed by its PID and reaped when dropped.
 pub struct Emulator {
     kind: Kind,
-    child: Child,
+    /// Behind a lock so a test sharing the handle can stop and restart it.
+    child: Mutex<Child>,
+    program: PathBuf,
+    args: Vec<String>,
     port: u16,
     log: PathBuf,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -99,35 +101,59 @@ impl Emulator {
             program.display()
         );
         let log = dir.path().join("emulator.log");
-        let f = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(&program)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("log file"))
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let mut em = Emulator {
+        let child = spawn(&program, &args, &log);
+        let em = Emulator {
             kind,
-            child,
+            child: Mutex::new(child),
+            program,
+            args,
             port,
             log,
-            _dir: dir,
+            dir,
         };
+        em.wait_listening();
+        em
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_listening(&self) {
+        let (kind, port) = (self.kind, self.port);
         // Bounded: an emulator that is not listening within a minute fails the test.
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = em.child.try_wait() {
-                panic!("{kind:?} exited with {status}: {}", em.log_text());
+            if let Ok(Some(status)) = self.child().try_wait() {
+                panic!("{kind:?} exited with {status}: {}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
                 "{kind:?} is not listening on port {port} after 60 s: {}",
-                em.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        em
+    }
+
+    /// Kills the process by its PID (SIGKILL) and reaps it: the store is gone.
+    pub fn kill(&self) {
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the emulator again on the same port, over the same data directory (Azurite
+    /// finds what it had saved; moto starts empty).
+    pub fn restart(&self) {
+        self.kill();
+        *self.child() = spawn(&self.program, &self.args, &self.log);
+        self.wait_listening();
+    }
+
+    /// Where Azurite keeps its data (`--location`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// The running emulator of `kind` other tests of this binary use, or a new one. It stops
@@ -155,7 +181,7 @@ impl Emulator {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child().id()
     }
 
     pub fn log_text(&self) -> String {
@@ -173,42 +199,31 @@ impl Emulator {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let port = self.port;
+        self.create(&bucket);
         let (url, options, env) = match self.kind {
-            Kind::Azurite => {
-                azure_request(port, "PUT", &bucket, &[("restype", "container")])
-                    .unwrap_or_else(|e| panic!("create container {bucket}: {e}"));
-                (
-                    format!("azblob://{bucket}/e2e"),
-                    vec![
-                        format!("endpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
-                        "allow_http=true".to_owned(),
-                    ],
-                    vec![
-                        ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT),
-                        ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY),
-                    ],
-                )
-            }
-            Kind::Moto => {
-                // moto does not check signatures: a plain PUT creates the bucket.
-                let r = http()
-                    .put(format!("http://127.0.0.1:{port}/{bucket}"))
-                    .send()
-                    .expect("create bucket");
-                assert!(r.status().is_success(), "create bucket: {}", r.status());
-                (
-                    format!("s3://{bucket}/e2e"),
-                    vec![
-                        format!("endpoint=http://127.0.0.1:{port}"),
-                        "allow_http=true".to_owned(),
-                        "region=us-east-1".to_owned(),
-                    ],
-                    vec![
-                        ("AWS_ACCESS_KEY_ID", MOTO_KEY_ID),
-                        ("AWS_SECRET_ACCESS_KEY", MOTO_SECRET),
-                    ],
-                )
-            }
+            Kind::Azurite => (
+                format!("azblob://{bucket}/e2e"),
+                vec![
+                    format!("endpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+                    "allow_http=true".to_owned(),
+                ],
+                vec![
+                    ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT),
+                    ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY),
+                ],
+            ),
+            Kind::Moto => (
+                format!("s3://{bucket}/e2e"),
+                vec![
+                    format!("endpoint=http://127.0.0.1:{port}"),
+                    "allow_http=true".to_owned(),
+                    "region=us-east-1".to_owned(),
+                ],
+                vec![
+                    ("AWS_ACCESS_KEY_ID", MOTO_KEY_ID),
+                    ("AWS_SECRET_ACCESS_KEY", MOTO_SECRET),
+                ],
+            ),
         };
         ObjectStorage {
             url,
@@ -221,6 +236,41 @@ impl Emulator {
             emulator: self.clone(),
         }
     }
+
+    /// Creates the container (Azurite) or bucket (moto) `bucket`.
+    pub fn create(&self, bucket: &str) {
+        let port = self.port;
+        match self.kind {
+            Kind::Azurite => {
+                azure_request(port, "PUT", bucket, &[("restype", "container")])
+                    .unwrap_or_else(|e| panic!("create container {bucket}: {e}"));
+            }
+            Kind::Moto => {
+                // moto does not check signatures: a plain PUT creates the bucket.
+                let r = http()
+                    .put(format!("http://127.0.0.1:{port}/{bucket}"))
+                    .send()
+                    .expect("create bucket");
+                assert!(r.status().is_success(), "create bucket: {}", r.status());
+            }
+        }
+    }
+}
+
+/// Starts `program`, its output appended to `log`.
+fn spawn(program: &std::path::Path, args: &[String], log: &std::path::Path) -> Child {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("log file"))
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()))
 }
 
 /// Where a registry under test keeps its data: a directory, or a fresh container or bucket.

@@ -5,10 +5,13 @@
 //! one clear line.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_e2e::emulators::{self, AZURITE_KEY, ObjectStorage};
-use outpost_e2e::{Layout, Registry, bin, free_port, pseudo_random, run_timeout, skopeo};
+use outpost_e2e::{
+    Layout, Registry, bin, free_port, header, http, pseudo_random, run_timeout, skopeo,
+};
 
 #[test]
 fn skopeo_round_trip_through_azure_blob_storage() {
@@ -111,4 +114,137 @@ fn bad_storage_configuration_fails_at_start_with_one_line() {
             "the key is never printed: {stderr}"
         );
     }
+}
+
+/// Polls `ok` every 200 ms until it holds, for at most `limit`.
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const MANIFEST_TYPES: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+/// The object store goes away while the registry serves (the emulator killed by its PID):
+/// blob and manifest GETs are answered 503 `UNAVAILABLE` with a `Retry-After` (the test
+/// client's 120 s timeout bounds how long that may take: the object-store client's retries are
+/// bounded to seconds), and readiness turns false. Once the emulator runs again on the same
+/// port, the registry answers by itself, without a restart; Azurite restarted on the same data
+/// gives the same content back, moto (in memory) comes back empty and takes a push again.
+fn outage(kind: emulators::Kind) {
+    let em = Arc::new(emulators::Emulator::start(kind));
+    let storage = em.fresh();
+    let registry = Registry::start_on_storage(Some(storage.clone()), &[]);
+    let port = registry.port;
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image(
+        "v1",
+        "amd64",
+        &[("data/small", pseudo_random(17, 64 << 10))],
+    );
+    let push = || {
+        skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:v1", layout.path.display()),
+            &format!("docker://127.0.0.1:{port}/outage/app:v1"),
+        ])
+    };
+    push();
+    let base = registry.url();
+    let manifest_url = format!("{base}/v2/outage/app/manifests/v1");
+    let ready_url = format!("{base}/readyz");
+    let c = http();
+    let get = |url: &str| {
+        c.get(url)
+            .header("accept", MANIFEST_TYPES)
+            .send()
+            .expect("an answer within the client's timeout")
+    };
+    let r = get(&manifest_url);
+    assert_eq!(r.status(), 200);
+    let manifest: serde_json::Value = r.json().unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let blob_url = format!("{base}/v2/outage/app/blobs/{layer}");
+    let r = get(&blob_url);
+    assert_eq!(r.status(), 200);
+    let layer_bytes = r.bytes().unwrap();
+    assert_eq!(get(&ready_url).status(), 200);
+
+    if kind == emulators::Kind::Azurite {
+        // Azurite keeps blob metadata in a LokiJS database saved every few seconds: wait
+        // until it holds the tag, the push's last object, before killing it.
+        let db = em.data_dir().join("__azurite_db_blob__.json");
+        let tag_key = "e2e/repositories/outage/app/_manifests/tags/v1";
+        wait_for(Duration::from_secs(60), "Azurite saved the push", || {
+            std::fs::read_to_string(&db).is_ok_and(|t| t.contains(tag_key))
+        });
+    }
+    em.kill();
+
+    for url in [&blob_url, &manifest_url] {
+        let r = get(url);
+        assert_eq!(r.status(), 503, "GET {url} with the store gone");
+        let retry: u64 = header(&r, "retry-after")
+            .parse()
+            .expect("Retry-After in seconds");
+        assert!(retry >= 1);
+        let body: serde_json::Value = r.json().expect("an OCI error body");
+        assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "not ready while the store is gone",
+        || get(&ready_url).status() == 503,
+    );
+
+    em.restart();
+    if kind == emulators::Kind::Moto {
+        em.create(&storage.bucket);
+    }
+    wait_for(Duration::from_secs(60), "ready again", || {
+        get(&ready_url).status() == 200
+    });
+    if kind == emulators::Kind::Azurite {
+        let r = get(&blob_url);
+        assert_eq!(
+            r.status(),
+            200,
+            "the blob again, without a registry restart"
+        );
+        assert!(r.bytes().unwrap() == layer_bytes);
+        let r = get(&manifest_url);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<serde_json::Value>().unwrap(), manifest);
+    } else {
+        assert_eq!(
+            get(&blob_url).status(),
+            404,
+            "answered from the empty bucket"
+        );
+        push();
+        let r = get(&blob_url);
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().unwrap() == layer_bytes);
+    }
+    let log = registry.log_text();
+    assert!(log.contains("storage unavailable"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn azure_blob_storage_outage_gives_503_and_recovers() {
+    outage(emulators::Kind::Azurite);
+}
+
+#[test]
+fn s3_outage_gives_503_and_recovers() {
+    outage(emulators::Kind::Moto);
 }

@@ -27,6 +27,8 @@ pub enum Code {
     Unsupported,
     TooManyRequests,
     PaginationNumberInvalid,
+    /// The CNCF registry's code for a 503: the service cannot answer now.
+    Unavailable,
     Unknown,
 }
 
@@ -49,6 +51,7 @@ impl Code {
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            Code::Unavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -115,6 +118,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `Retry-After` of a 503 while storage does not answer: about as long as readiness keeps a
+/// verdict before asking the store again.
+const STORAGE_RETRY_AFTER_SECS: u64 = 5;
+
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         use StorageError as S;
@@ -168,6 +175,15 @@ impl From<StorageError> for ApiError {
                     Code::Unknown,
                     "internal storage error",
                 )
+            }
+            S::Unavailable(err) => {
+                tracing::warn!(error = %err, "storage unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    "storage is unavailable, retry later",
+                )
+                .header(header::RETRY_AFTER, STORAGE_RETRY_AFTER_SECS.to_string())
             }
         }
     }

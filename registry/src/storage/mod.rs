@@ -54,6 +54,10 @@ pub enum StorageError {
     Body(io::Error),
     #[error("storage I/O: {0}")]
     Io(#[from] io::Error),
+    /// The backend did not answer (connection refused or dropped, timeout, a 5xx or throttling
+    /// answer after the client's own retries): the same request may succeed later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(io::Error),
 }
 
 /// A byte range of a blob, both ends inclusive, already checked against the blob's size.
@@ -328,4 +332,10 @@ pub trait Store: Send + Sync + 'static {
     /// Keys of the documents directly in folder `dir` ("" for the top), sorted; not those
     /// in its sub-folders (one LIST on object storage, per 1000 keys).
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
+
+    /// Whether the backend answers (readiness). The default asks for the empty blob's size.
+    async fn check_ready(&self) -> Result<(), StorageError> {
+        let empty = hash::digest_of(outpost_core::Algorithm::Sha256, b"");
+        self.blob_size(&empty).await.map(|_| ())
+    }
 }

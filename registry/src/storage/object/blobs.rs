@@ -12,7 +12,7 @@ use object_store::{GetOptions, GetRange, ObjectStore};
 use outpost_core::{Algorithm, Digest};
 use tokio::io::AsyncWriteExt;
 
-use super::{BucketStore, age_of, os_err};
+use super::{BucketStore, age_of, os_err, os_io_err};
 use crate::storage::hash::Hasher;
 use crate::storage::{BlobInfo, BlobReader, ByteRange, ByteStream, RangeRequest, StorageError};
 
@@ -70,7 +70,7 @@ impl BlobWriter {
         if let Err(e) = w.shutdown().await {
             // A failed completion may leave the multipart upload open.
             let _ = w.abort().await;
-            return Err(e.into());
+            return Err(os_io_err(e));
         }
         Ok(self.written)
     }

@@ -38,6 +38,7 @@ use super::{
 mod blobs;
 mod cache;
 mod docs;
+mod instrument;
 mod manifests;
 mod open;
 mod uploads;
@@ -60,12 +61,34 @@ pub struct BucketStore {
     maintenance: Arc<tokio::sync::RwLock<()>>,
     /// Manifest contents by digest (immutable, so never stale).
     manifests: Arc<cache::ManifestCache>,
+    /// What the last requests said about the store (readiness).
+    health: Arc<instrument::Health>,
 }
 
-/// An error of the object store, without the request's credentials (object_store's messages
-/// name the path and the HTTP status, never keys or signatures).
+/// How long the outcome of the last request stands for the store's readiness before a probe
+/// asks again: readiness checks cost at most one request per interval.
+const READY_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// An error of the object store: `Unavailable` when the store did not answer, `Io` otherwise.
+/// The text keeps no credentials: object_store's messages name the path and the HTTP status,
+/// never keys or signatures, and the query of any URL (where a SAS token travels) is cut.
 fn os_err(e: object_store::Error) -> StorageError {
-    StorageError::Io(io::Error::other(e))
+    let text = open::redact_queries(&e.to_string());
+    if instrument::is_unavailable(&e) {
+        StorageError::Unavailable(io::Error::other(text))
+    } else {
+        StorageError::Io(io::Error::other(text))
+    }
+}
+
+/// An I/O error from object_store's buffered writer (it carries the object_store error).
+fn os_io_err(e: io::Error) -> StorageError {
+    let text = open::redact_queries(&e.to_string());
+    if instrument::is_unavailable(&e) {
+        StorageError::Unavailable(io::Error::new(e.kind(), text))
+    } else {
+        StorageError::Io(io::Error::new(e.kind(), text))
+    }
 }
 
 fn age_of(meta: &ObjectMeta) -> Duration {
@@ -80,12 +103,14 @@ fn age_of(meta: &ObjectMeta) -> Duration {
 impl BucketStore {
     /// A store over `store` (a bucket or container), under `prefix` ("" for its root).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        let health = Arc::new(instrument::Health::default());
         BucketStore {
-            store,
+            store: Arc::new(instrument::Instrumented::new(store, health.clone())),
             prefix: prefix.trim_matches('/').to_owned(),
             uploads: Arc::default(),
             maintenance: Arc::default(),
             manifests: Arc::default(),
+            health,
         }
     }
 
@@ -414,5 +439,27 @@ impl Store for BucketStore {
 
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         docs::doc_list(self, dir).await
+    }
+
+    /// Ready while requests are answered. Recent traffic decides without a request; otherwise
+    /// one HEAD (of a key that need not exist), shared by concurrent checks.
+    async fn check_ready(&self) -> Result<(), StorageError> {
+        let verdict = |answered: bool| {
+            if answered {
+                Ok(())
+            } else {
+                Err(StorageError::Unavailable(io::Error::other(
+                    "the object store did not answer the last request",
+                )))
+            }
+        };
+        if let Some(answered) = self.health.recent(READY_PROBE_INTERVAL) {
+            return verdict(answered);
+        }
+        let _probing = self.health.probing.lock().await;
+        if let Some(answered) = self.health.recent(READY_PROBE_INTERVAL) {
+            return verdict(answered);
+        }
+        self.head(&self.key("blobs")).await.map(|_| ())
     }
 }

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use super::BucketStore;
 
@@ -24,6 +24,8 @@ pub enum OpenError {
     BadOption(String),
     #[error("--storage-option {key}: not an option of the {backend} client")]
     UnknownOption { backend: &'static str, key: String },
+    #[error("--storage-option {key}: {message}")]
+    BadValue { key: String, message: String },
     #[error("storage {url}: {message}")]
     Config { url: String, message: String },
     #[error("storage {url}: the bucket or container does not exist")]
@@ -42,6 +44,67 @@ pub fn is_object_url(storage: &str) -> bool {
 /// How long the start-up check may take before the endpoint counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Client defaults under which a request to a store that went away fails within seconds
+/// (refused: about one; unroutable: about ten; silent: `read_timeout`) rather than minutes.
+/// The same keys in `--storage-option` override them.
+const CLIENT_DEFAULTS: [(&str, &str); 3] = [
+    ("connect_timeout", "3s"),
+    // A store that stops answering, also while a part is being uploaded to it.
+    ("read_timeout", "30s"),
+    // The whole transfer: a long blob download that keeps moving is not cut (the library's
+    // 30 s cut it and relied on resuming it within its retry budget).
+    ("timeout", "1h"),
+];
+
+/// The client's retries of a failed request (connection errors, 5xx, throttling): the
+/// library's default is 10 over up to 3 minutes, which holds a client's request that long.
+/// `--storage-option max_retries=N` and `retry_timeout=DURATION` override them.
+fn default_retry() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Splits Outpost's own retry keys from the library's options and puts the client defaults
+/// before the latter (so a user's value wins).
+fn client_settings(
+    pairs: Vec<(String, String)>,
+) -> Result<(RetryConfig, Vec<(String, String)>), OpenError> {
+    let mut retry = default_retry();
+    let mut rest = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "max_retries" => {
+                retry.max_retries = v.trim().parse().map_err(|_| OpenError::BadValue {
+                    key: k.clone(),
+                    message: "not a number".into(),
+                })?;
+            }
+            "retry_timeout" => {
+                retry.retry_timeout =
+                    humantime::parse_duration(v.trim()).map_err(|e| OpenError::BadValue {
+                        key: k.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+            _ => rest.push((k, v)),
+        }
+    }
+    let mut all: Vec<(String, String)> = CLIENT_DEFAULTS
+        .iter()
+        .filter(|(d, _)| !rest.iter().any(|(k, _)| k == d))
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    all.extend(rest);
+    Ok((retry, all))
+}
+
 /// Opens the bucket or container `url` names and checks it with one LIST request.
 pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenError> {
     let (scheme, rest) = url
@@ -58,13 +121,16 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
             .ok_or_else(|| OpenError::BadOption(o.split('=').next().unwrap_or("").to_owned()))?;
         pairs.push((k.trim().to_ascii_lowercase(), v.to_owned()));
     }
+    let (retry, pairs) = client_settings(pairs)?;
     let config = |e: object_store::Error| OpenError::Config {
         url: url.to_owned(),
         message: e.to_string(),
     };
     let store: Arc<dyn ObjectStore> = match scheme {
         "s3" => {
-            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry);
             for (k, v) in pairs {
                 let key: AmazonS3ConfigKey = k.parse().map_err(|_| OpenError::UnknownOption {
                     backend: "S3",
@@ -75,7 +141,9 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
             Arc::new(b.build().map_err(config)?)
         }
         "azblob" => {
-            let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+            let mut b = MicrosoftAzureBuilder::from_env()
+                .with_container_name(bucket)
+                .with_retry(retry);
             for (k, v) in pairs {
                 let key: AzureConfigKey = k.parse().map_err(|_| OpenError::UnknownOption {
                     backend: "Azure Blob",
@@ -96,9 +164,12 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
 /// token travels in the query).
 fn one_line(e: &object_store::Error) -> String {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("");
-    first
-        .split(' ')
+    redact_queries(text.lines().next().unwrap_or(""))
+}
+
+/// `text` with the query of every URL in it cut off.
+pub(super) fn redact_queries(text: &str) -> String {
+    text.split(' ')
         .map(|w| match (w.contains("://"), w.split_once('?')) {
             (true, Some((base, _))) => format!("{base}?…"),
             _ => w.to_owned(),
