@@ -1,7 +1,7 @@
 //! Walks every endpoint of the OCI Distribution v1.1 API and the spec's error codes against a
-//! running outpost-registry, over real HTTP: every case once on a storage directory (module
-//! `fs`) and once on Azure Blob Storage through Azurite (module `azblob`, a fresh container per
-//! case).
+//! running outpost-registry, over real HTTP: every case on a storage directory (module `fs`),
+//! on Azure Blob Storage through Azurite (module `azblob`) and on S3 through moto (module `s3`),
+//! a fresh container or bucket per case.
 
 use outpost_e2e::emulators::Backend;
 use outpost_e2e::{Registry, header, http, pseudo_random, raw_request, sha256, sha512};
@@ -108,6 +108,12 @@ macro_rules! on_every_backend {
             $(#[test]
             fn $case() {
                 super::$case(super::T::new(super::Backend::Azurite));
+            })*
+        }
+        mod s3 {
+            $(#[test]
+            fn $case() {
+                super::$case(super::T::new(super::Backend::Moto));
             })*
         }
     };

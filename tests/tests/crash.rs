@@ -1,7 +1,8 @@
 //! Crash safety: kill -9 the server while it receives a large chunked upload, a monolithic
 //! upload and manifest pushes, at many points. After each restart `fsck` is clean, no partial
 //! blob is readable, and the interrupted work can be resumed or retried. The upload cases run
-//! on a storage directory and on Azure Blob Storage through Azurite (`azblob_*`).
+//! on a storage directory and on Azure Blob Storage through Azurite (`azblob_*`), the chunked
+//! one also on S3 through moto (`s3_*`).
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -107,6 +108,11 @@ fn kill_during_chunked_upload_at_many_points() {
 #[test]
 fn azblob_kill_during_chunked_upload_at_many_points() {
     chunked_upload_kills(Backend::Azurite);
+}
+
+#[test]
+fn s3_kill_during_chunked_upload_at_many_points() {
+    chunked_upload_kills(Backend::Moto);
 }
 
 fn chunked_upload_kills(backend: Backend) {
