@@ -1,14 +1,20 @@
 //! Prometheus metrics (prefix `outpost_`), encoded in the OpenMetrics text format.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::storage::RequestCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -173,10 +179,41 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Also exposes `storage_requests_total{backend,operation}`, read from `counts` (the
+    /// object store's) on each scrape.
+    pub fn with_storage_requests(mut self, counts: Option<Arc<RequestCounts>>) -> Self {
+        if let Some(counts) = counts {
+            self.registry
+                .register_collector(Box::new(StorageRequests(counts)));
+        }
+        self
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// `outpost_storage_requests_total{backend,operation}`: the object store's request counters.
+#[derive(Debug)]
+struct StorageRequests(Arc<RequestCounts>);
+
+impl Collector for StorageRequests {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "storage_requests",
+            "Requests sent to the object store, by operation (each is billed)",
+            None,
+            MetricType::Counter,
+        )?;
+        let backend = self.0.backend();
+        for (operation, n) in self.0.snapshot() {
+            let labels = [("backend", backend), ("operation", operation)];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

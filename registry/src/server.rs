@@ -282,7 +282,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     auth.spawn_watcher();
     tracing::info!(?anonymous, readonly, "access policy");
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_storage_requests(store.request_counts()));
     let syncer = match &opts.sync {
         Some(s) => {
             let syncer = Syncer::new(

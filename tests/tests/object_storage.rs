@@ -248,3 +248,80 @@ fn azure_blob_storage_outage_gives_503_and_recovers() {
 fn s3_outage_gives_503_and_recovers() {
     outage(emulators::Kind::Moto);
 }
+
+/// `outpost_storage_requests_total` by operation, from the registry's metrics page.
+fn storage_requests(registry: &Registry) -> std::collections::BTreeMap<String, f64> {
+    let text = http()
+        .get(format!("{}/metrics", registry.url()))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("metrics body");
+    outpost_e2e::metrics::samples(&text)
+        .into_iter()
+        .filter(|s| s.name == "outpost_storage_requests_total")
+        .map(|s| {
+            assert_eq!(s.labels["backend"], "azblob");
+            (s.labels["operation"].clone(), s.value)
+        })
+        .collect()
+}
+
+fn spent(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(op, n)| (op.clone(), n - before.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n != 0.0)
+        .collect()
+}
+
+/// What one push and one pull of a small image (one 64 KiB layer and a config) cost in
+/// object-store requests, counted by the registry (`outpost_storage_requests_total`); the
+/// figures are printed for the README.
+#[test]
+fn request_counts_of_a_push_and_a_pull_on_azure_blob_storage() {
+    let registry = Registry::start_on_storage(Some(emulators::azurite()), &[]);
+    let port = registry.port;
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.add_image(
+        "v1",
+        "amd64",
+        &[("data/small", pseudo_random(18, 64 << 10))],
+    );
+    let image = format!("docker://127.0.0.1:{port}/counted/app:v1");
+
+    let start = storage_requests(&registry);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.path.display()),
+        &image,
+    ]);
+    let pushed = storage_requests(&registry);
+    let back = dir.path().join("back");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &image,
+        &format!("oci:{}:v1", back.display()),
+    ]);
+    let pulled = storage_requests(&registry);
+
+    let push = spent(&start, &pushed);
+    let pull = spent(&pushed, &pulled);
+    eprintln!("object-store requests, push of one small image: {push:?}");
+    eprintln!("object-store requests, pull of one small image: {pull:?}");
+    let of =
+        |m: &std::collections::BTreeMap<String, f64>, op: &str| m.get(op).copied().unwrap_or(0.0);
+    // Pushed: the layer, the config and the manifest, each stored as an object.
+    assert!(of(&push, "put") >= 3.0, "{push:?}");
+    // A pull reads: it writes and deletes nothing, and reads the manifest and both blobs.
+    for op in ["put", "put_multipart", "put_part", "delete", "copy"] {
+        assert_eq!(of(&pull, op), 0.0, "a pull sent {op}: {pull:?}");
+    }
+    assert!(of(&pull, "get") >= 3.0, "{pull:?}");
+}

@@ -20,6 +20,8 @@ pub mod fs;
 pub mod hash;
 pub mod object;
 
+pub use object::RequestCounts;
+
 #[cfg(test)]
 pub(crate) mod conformance;
 #[cfg(test)]
@@ -332,6 +334,11 @@ pub trait Store: Send + Sync + 'static {
     /// Keys of the documents directly in folder `dir` ("" for the top), sorted; not those
     /// in its sub-folders (one LIST on object storage, per 1000 keys).
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
+
+    /// Requests sent to the backend by operation, where each is billed (object stores).
+    fn request_counts(&self) -> Option<std::sync::Arc<RequestCounts>> {
+        None
+    }
 
     /// Whether the backend answers (readiness). The default asks for the empty blob's size.
     async fn check_ready(&self) -> Result<(), StorageError> {

@@ -1,10 +1,12 @@
-//! The object store as the backend's code sees it: a wrapper that watches every request's
-//! outcome, so readiness knows whether the store answered lately without asking it again (each
-//! request is billed), and the errors that mean "the store is unavailable" from the others.
+//! The object store as the backend's code sees it: a wrapper that counts every request by
+//! operation (object stores bill per request) and watches its outcome, so readiness knows
+//! whether the store answered lately without asking it again; and the errors that mean "the
+//! store is unavailable" from the others.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +77,73 @@ fn unavailable_text(text: &str) -> bool {
     status || text.contains("<Code>SlowDown</Code>")
 }
 
+/// The operations counted, as named in `outpost_storage_requests_total{operation}`.
+const OPERATIONS: [&str; 10] = [
+    "get",
+    "head",
+    "put",
+    "put_multipart",
+    "put_part",
+    "complete_multipart",
+    "abort_multipart",
+    "list",
+    "delete",
+    "copy",
+];
+
+#[derive(Clone, Copy)]
+enum Op {
+    Get,
+    Head,
+    Put,
+    PutMultipart,
+    PutPart,
+    CompleteMultipart,
+    AbortMultipart,
+    List,
+    Delete,
+    Copy,
+}
+
+/// Keys a LIST page holds at most (S3's limit; Azure's pages may hold more, so a long Azure
+/// listing is counted high).
+const LIST_PAGE: u64 = 1000;
+
+/// Requests sent to an object store since start, by operation (each is billed). Storage
+/// exposes them; the metrics layer reads them on each scrape.
+#[derive(Debug)]
+pub struct RequestCounts {
+    backend: &'static str,
+    counts: [AtomicU64; OPERATIONS.len()],
+}
+
+impl RequestCounts {
+    fn new(backend: &'static str) -> Self {
+        RequestCounts {
+            backend,
+            counts: Default::default(),
+        }
+    }
+
+    /// `s3` or `azblob`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Every operation with its count, in a fixed order.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        OPERATIONS
+            .iter()
+            .zip(&self.counts)
+            .map(|(op, n)| (*op, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn add(&self, op: Op) {
+        self.counts[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What the last requests said about the store.
 #[derive(Debug, Default)]
 pub(super) struct Health {
@@ -107,11 +176,29 @@ impl Health {
 pub(super) struct Instrumented {
     inner: Arc<dyn ObjectStore>,
     health: Arc<Health>,
+    counts: Arc<RequestCounts>,
 }
 
 impl Instrumented {
     pub(super) fn new(inner: Arc<dyn ObjectStore>, health: Arc<Health>) -> Self {
-        Instrumented { inner, health }
+        // object_store's clients name themselves in Display ("AmazonS3(bucket)", …).
+        let name = inner.to_string();
+        let backend = if name.starts_with("AmazonS3") {
+            "s3"
+        } else if name.starts_with("MicrosoftAzure") {
+            "azblob"
+        } else {
+            "other"
+        };
+        Instrumented {
+            inner,
+            health,
+            counts: Arc::new(RequestCounts::new(backend)),
+        }
+    }
+
+    pub(super) fn counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
     }
 
     fn watch<T>(&self, r: object_store::Result<T>) -> object_store::Result<T> {
@@ -148,6 +235,7 @@ impl ObjectStore for Instrumented {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        self.counts.add(Op::Put);
         self.watch(self.inner.put_opts(location, payload, opts).await)
     }
 
@@ -156,10 +244,12 @@ impl ObjectStore for Instrumented {
         location: &Key,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.counts.add(Op::PutMultipart);
         let upload = self.watch(self.inner.put_multipart_opts(location, opts).await)?;
         Ok(Box::new(Upload {
             inner: upload,
             health: self.health.clone(),
+            counts: self.counts.clone(),
         }))
     }
 
@@ -168,6 +258,8 @@ impl ObjectStore for Instrumented {
         location: &Key,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        self.counts
+            .add(if options.head { Op::Head } else { Op::Get });
         self.watch(self.inner.get_opts(location, options).await)
     }
 
@@ -175,14 +267,40 @@ impl ObjectStore for Instrumented {
         &self,
         locations: BoxStream<'static, object_store::Result<Key>>,
     ) -> BoxStream<'static, object_store::Result<Key>> {
-        self.watch_stream(self.inner.delete_stream(locations))
+        // One request per key as this backend deletes (one at a time; S3 could batch).
+        let counts = self.counts.clone();
+        self.watch_stream(
+            self.inner
+                .delete_stream(locations)
+                .map(move |r| {
+                    counts.add(Op::Delete);
+                    r
+                })
+                .boxed(),
+        )
     }
 
     fn list(&self, prefix: Option<&Key>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.watch_stream(self.inner.list(prefix))
+        // One request per page: the first now, one more per full page of keys.
+        self.counts.add(Op::List);
+        let counts = self.counts.clone();
+        let mut seen = 0u64;
+        self.watch_stream(
+            self.inner
+                .list(prefix)
+                .map(move |r| {
+                    seen += 1;
+                    if seen.is_multiple_of(LIST_PAGE) {
+                        counts.add(Op::List);
+                    }
+                    r
+                })
+                .boxed(),
+        )
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Key>) -> object_store::Result<ListResult> {
+        self.counts.add(Op::List);
         self.watch(self.inner.list_with_delimiter(prefix).await)
     }
 
@@ -192,6 +310,7 @@ impl ObjectStore for Instrumented {
         to: &Key,
         options: CopyOptions,
     ) -> object_store::Result<()> {
+        self.counts.add(Op::Copy);
         self.watch(self.inner.copy_opts(from, to, options).await)
     }
 }
@@ -201,11 +320,13 @@ impl ObjectStore for Instrumented {
 struct Upload {
     inner: Box<dyn MultipartUpload>,
     health: Arc<Health>,
+    counts: Arc<RequestCounts>,
 }
 
 #[async_trait]
 impl MultipartUpload for Upload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.counts.add(Op::PutPart);
         let part = self.inner.put_part(data);
         let health = self.health.clone();
         Box::pin(async move {
@@ -216,12 +337,14 @@ impl MultipartUpload for Upload {
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
+        self.counts.add(Op::CompleteMultipart);
         let r = self.inner.complete().await;
         self.health.observe(&r);
         r
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
+        self.counts.add(Op::AbortMultipart);
         let r = self.inner.abort().await;
         self.health.observe(&r);
         r

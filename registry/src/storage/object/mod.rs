@@ -43,6 +43,7 @@ mod manifests;
 mod open;
 mod uploads;
 
+pub use instrument::RequestCounts;
 pub use open::{OpenError, is_object_url, open};
 
 #[cfg(test)]
@@ -63,6 +64,8 @@ pub struct BucketStore {
     manifests: Arc<cache::ManifestCache>,
     /// What the last requests said about the store (readiness).
     health: Arc<instrument::Health>,
+    /// Requests sent, by operation.
+    requests: Arc<RequestCounts>,
 }
 
 /// How long the outcome of the last request stands for the store's readiness before a probe
@@ -104,8 +107,11 @@ impl BucketStore {
     /// A store over `store` (a bucket or container), under `prefix` ("" for its root).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
         let health = Arc::new(instrument::Health::default());
+        let store = instrument::Instrumented::new(store, health.clone());
+        let requests = store.counts();
         BucketStore {
-            store: Arc::new(instrument::Instrumented::new(store, health.clone())),
+            store: Arc::new(store),
+            requests,
             prefix: prefix.trim_matches('/').to_owned(),
             uploads: Arc::default(),
             maintenance: Arc::default(),
@@ -439,6 +445,10 @@ impl Store for BucketStore {
 
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         docs::doc_list(self, dir).await
+    }
+
+    fn request_counts(&self) -> Option<Arc<RequestCounts>> {
+        Some(self.requests.clone())
     }
 
     /// Ready while requests are answered. Recent traffic decides without a request; otherwise
