@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub storage: PathBuf,
     /// `KEY=VALUE` options of the object store client.
     pub storage_options: Vec<String>,
+    /// Blob GETs redirected to the object store with URLs valid this long.
+    pub storage_redirect: Option<Duration>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub http: bool,
@@ -230,11 +232,19 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             }
             let s = crate::storage::object::open(&storage, &opts.storage_options)
                 .await
-                .map_err(|e| ServeError::Config(e.to_string()))?;
+                .map_err(|e| ServeError::Config(e.to_string()))?
+                .with_redirect(opts.storage_redirect);
             tracing::info!(storage = %storage, "object storage");
             // No parent, so nothing uses the local directory.
             (Arc::new(s), PathBuf::new(), None)
         } else {
+            if opts.storage_redirect.is_some() {
+                return Err(ServeError::Config(
+                    "--storage-redirect needs object storage (s3:// or azblob://): a directory \
+                     has no URL to redirect clients to"
+                        .into(),
+                ));
+            }
             let store = FsStore::open(&opts.storage).map_err(io_err(format!(
                 "cannot open storage {}",
                 opts.storage.display()

@@ -83,6 +83,18 @@ pub async fn get(
             .insert(header::CONTENT_LENGTH, size.into());
         return Ok(resp);
     }
+    // --storage-redirect: the client fetches the bytes (also a Range of them) from the object
+    // store with a short-lived signed URL; access was checked before this handler ran.
+    if let Some(url) = app.store.blob_redirect(&digest).await? {
+        let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+        set_header(resp.headers_mut(), "location", url);
+        set_header(
+            resp.headers_mut(),
+            "docker-content-digest",
+            digest.to_string(),
+        );
+        return Ok(resp);
+    }
     if etag_matches(headers, &digest) {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
         set_header(resp.headers_mut(), "etag", format!("\"{digest}\""));

@@ -85,6 +85,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub storage_option: Vec<String>,
+    /// Answer blob GETs with a 307 to a presigned S3 URL or an Azure SAS URL, so clients
+    /// download straight from the object store (they must be able to reach it). Object
+    /// storage only; HEAD and manifests stay local.
+    #[arg(long, env = "OUTPOST_STORAGE_REDIRECT")]
+    pub storage_redirect: bool,
+    /// How long a redirect URL stays valid (s, m, h or d suffix).
+    #[arg(long, env = "OUTPOST_STORAGE_REDIRECT_EXPIRY", default_value = "10m", value_parser = parse_duration)]
+    pub storage_redirect_expiry: Duration,
     /// PEM certificate chain for HTTPS; re-read when the file changes.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -321,6 +329,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 metrics_listen: a.metrics_listen,
                 storage: a.storage,
                 storage_options: a.storage_option,
+                storage_redirect: a.storage_redirect.then_some(a.storage_redirect_expiry),
                 tls_cert: a.tls_cert,
                 tls_key: a.tls_key,
                 http: a.http,

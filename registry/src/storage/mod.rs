@@ -335,6 +335,12 @@ pub trait Store: Send + Sync + 'static {
     /// in its sub-folders (one LIST on object storage, per 1000 keys).
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
 
+    /// A URL the client may fetch the blob from directly for a while (a presigned or SAS
+    /// URL), when the store is set to redirect blob downloads; `None` otherwise.
+    async fn blob_redirect(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+
     /// Requests sent to the backend by operation, where each is billed (object stores).
     fn request_counts(&self) -> Option<std::sync::Arc<RequestCounts>> {
         None

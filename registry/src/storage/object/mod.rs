@@ -66,6 +66,10 @@ pub struct BucketStore {
     health: Arc<instrument::Health>,
     /// Requests sent, by operation.
     requests: Arc<RequestCounts>,
+    /// Signs URLs to objects (S3 presigned, Azure SAS), without a request.
+    signer: Option<Arc<dyn object_store::signer::Signer>>,
+    /// With `signer`: blob GETs are redirected with URLs valid this long.
+    redirect: Option<Duration>,
 }
 
 /// How long the outcome of the last request stands for the store's readiness before a probe
@@ -112,12 +116,26 @@ impl BucketStore {
         BucketStore {
             store: Arc::new(store),
             requests,
+            signer: None,
+            redirect: None,
             prefix: prefix.trim_matches('/').to_owned(),
             uploads: Arc::default(),
             maintenance: Arc::default(),
             manifests: Arc::default(),
             health,
         }
+    }
+
+    /// Signs blob URLs with `signer` (the client `store` was built from).
+    pub(crate) fn with_signer(mut self, signer: Arc<dyn object_store::signer::Signer>) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// Redirects blob GETs to the store with URLs valid for `expiry` (None: serve them).
+    pub fn with_redirect(mut self, expiry: Option<Duration>) -> Self {
+        self.redirect = expiry;
+        self
     }
 
     /// The key of `rel` (a path relative to the prefix, `/`-separated).
@@ -445,6 +463,17 @@ impl Store for BucketStore {
 
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         docs::doc_list(self, dir).await
+    }
+
+    async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
+        let (Some(signer), Some(expiry)) = (&self.signer, self.redirect) else {
+            return Ok(None);
+        };
+        let url = signer
+            .signed_url(http::Method::GET, &self.blob_key(digest), expiry)
+            .await
+            .map_err(os_err)?;
+        Ok(Some(url.to_string()))
     }
 
     fn request_counts(&self) -> Option<Arc<RequestCounts>> {

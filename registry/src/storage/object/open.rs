@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::signer::Signer;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use super::BucketStore;
@@ -126,7 +127,7 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
         url: url.to_owned(),
         message: e.to_string(),
     };
-    let store: Arc<dyn ObjectStore> = match scheme {
+    let (store, signer) = match scheme {
         "s3" => {
             let mut b = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
@@ -138,7 +139,8 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
                 })?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(config)?)
+            let s = Arc::new(b.build().map_err(config)?);
+            (s.clone() as Arc<dyn ObjectStore>, s as Arc<dyn Signer>)
         }
         "azblob" => {
             let mut b = MicrosoftAzureBuilder::from_env()
@@ -151,11 +153,12 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
                 })?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(config)?)
+            let s = Arc::new(b.build().map_err(config)?);
+            (s.clone() as Arc<dyn ObjectStore>, s as Arc<dyn Signer>)
         }
         _ => return Err(OpenError::UnknownScheme(url.to_owned())),
     };
-    let store = BucketStore::new(store, prefix);
+    let store = BucketStore::new(store, prefix).with_signer(signer);
     probe(&store, url).await?;
     Ok(store)
 }
