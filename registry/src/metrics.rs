@@ -179,6 +179,22 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// A blob of `bytes` was stored: the running total `outpost_storage_bytes` grows at once
+    /// instead of waiting for the next listing of the store (hourly; one LIST per 1000 blobs
+    /// on object storage).
+    pub fn storage_added(&self, bytes: u64) {
+        self.storage_bytes.inc_by(bytes);
+    }
+
+    /// Blobs of `bytes` in all were removed.
+    pub fn storage_removed(&self, bytes: u64) {
+        let _ = self.storage_bytes.inner().fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| Some(n.saturating_sub(bytes)),
+        );
+    }
+
     /// Also exposes `storage_requests_total{backend,operation}`, read from `counts` (the
     /// object store's) on each scrape.
     pub fn with_storage_requests(mut self, counts: Option<Arc<RequestCounts>>) -> Self {

@@ -24,7 +24,10 @@ use crate::tls;
 /// In-flight requests get this long to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(30);
 /// How often the storage size gauge is recomputed from disk.
-const STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the store is listed to correct the running total of its size (pushes,
+/// downloads and evictions keep it current in between; on object storage a listing costs one
+/// LIST per 1000 blobs).
+const STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -219,24 +222,16 @@ fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Dur
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     opts.validate()?;
     let storage = opts.storage.to_string_lossy().into_owned();
-    // The store, the local directory of sync state, staging and retention, and the lock that
-    // keeps a second server off a directory.
-    let (store, root, _serve_lock): (Arc<dyn Store>, PathBuf, Option<std::fs::File>) =
+    // The store, and on a directory the lock that keeps a second server off it. Sync state,
+    // the outbox, staging requests and pull times are documents in the store itself.
+    let (store, _serve_lock): (Arc<dyn Store>, Option<std::fs::File>) =
         if crate::storage::object::is_object_url(&storage) {
-            if opts.sync.is_some() || opts.max_storage.is_some() {
-                return Err(ServeError::Config(
-                    "a parent (--connection-string) and --max-storage are not supported on \
-                     object storage yet: their state still lives in a local directory"
-                        .into(),
-                ));
-            }
             let s = crate::storage::object::open(&storage, &opts.storage_options)
                 .await
                 .map_err(|e| ServeError::Config(e.to_string()))?
                 .with_redirect(opts.storage_redirect);
             tracing::info!(storage = %storage, "object storage");
-            // No parent, so nothing uses the local directory.
-            (Arc::new(s), PathBuf::new(), None)
+            (Arc::new(s), None)
         } else {
             if opts.storage_redirect.is_some() {
                 return Err(ServeError::Config(
@@ -255,8 +250,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             store
                 .clean_tmp()
                 .map_err(io_err("cannot clean storage tmp/"))?;
-            let root = store.root().to_path_buf();
-            (Arc::new(store), root, Some(lock))
+            (Arc::new(store), Some(lock))
         };
 
     let tls = match (&opts.tls_cert, &opts.tls_key) {
@@ -308,8 +302,8 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 },
                 store.clone(),
                 metrics.clone(),
-                &root,
-            )?;
+            )
+            .await?;
             let st = syncer.status(0);
             tracing::info!(
                 name = %st.name, parent = %st.login_server, mode = %st.mode,
@@ -320,11 +314,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
     let retention = match (opts.max_storage, &syncer) {
-        (Some(max), Some(s)) => Some(crate::service::retention::Retention::new(
-            s.clone(),
-            max,
-            &root,
-        )),
+        (Some(max), Some(s)) => Some(
+            crate::service::retention::Retention::new(s.clone(), max)
+                .await
+                .map_err(|e| ServeError::Config(format!("cannot read pull times: {e}")))?,
+        ),
         (Some(_), None) => {
             return Err(ServeError::Config(
                 "--max-storage needs a parent (--connection-string): eviction on a standalone \
@@ -338,9 +332,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         Some(s) => {
             let st = crate::service::staging::Staging::open(
                 s.clone(),
-                &root,
                 opts.sync.as_ref().is_some_and(|x| x.respect_window),
             )
+            .await
             .map_err(|e| ServeError::Config(format!("cannot open staging requests: {e}")))?;
             s.set_pins(st.clone());
             if let Some(r) = &retention {
@@ -389,7 +383,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .map(|s| s.stage.clone())
             .unwrap_or_default();
         if !wanted.is_empty() {
-            match st.submit_once(wanted) {
+            match st.submit_once(wanted).await {
                 Ok((id, true)) => tracing::info!(id = %id, "staging the --stage images"),
                 Ok((id, false)) => {
                     tracing::info!(id = %id, "the --stage images were staged by an earlier request")
@@ -447,6 +441,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         if let Ok(Err(e)) = res {
             tracing::warn!(error = %e, "listener ended with an error during shutdown");
         }
+    }
+    if let Some(s) = &syncer
+        && let Err(e) = s.state().save().await
+    {
+        tracing::warn!(error = %e, "cannot save sync state at shutdown");
     }
     tracing::info!("stopped");
     Ok(())

@@ -93,7 +93,7 @@ async fn stage(State(app): State<Shared>, body: axum::body::Bytes) -> Response {
             );
         }
     };
-    match st.submit(req.images) {
+    match st.submit(req.images).await {
         Ok(id) => json_response(StatusCode::ACCEPTED, &json!({ "id": id })),
         Err(StagingError::Invalid(m)) => {
             json_response(StatusCode::BAD_REQUEST, &json!({ "error": m }))
@@ -134,7 +134,7 @@ async fn staging_delete(State(app): State<Shared>, Path(id): Path<String>) -> Re
     let Some(st) = &app.staging else {
         return no_staging();
     };
-    match st.remove(&id) {
+    match st.remove(&id).await {
         Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": id })),
         Ok(false) => json_response(
             StatusCode::CONFLICT,

@@ -215,7 +215,7 @@ pub async fn put(
             Reference::Tag(t) => Some(t),
             Reference::Digest(_) => None,
         };
-        if let Err(e) = outbox.push(repo, tag, &pushed.digest) {
+        if let Err(e) = outbox.push(repo, tag, &pushed.digest).await {
             tracing::error!(repository = %repo, digest = %pushed.digest, error = %e, "cannot queue push for the parent");
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

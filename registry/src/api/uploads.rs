@@ -59,9 +59,11 @@ pub async fn start(
         // Not mountable: the spec says to fall back to a new upload session.
     } else if let Some(d) = q.get("digest") {
         let digest = parse_digest(d)?;
-        app.store
+        let size = app
+            .store
             .blob_put(&digest, body_stream(body), content_length(headers))
             .await?;
+        app.metrics.storage_added(size);
         app.store.repo_blob_link(repo, &digest).await?;
         return Ok(created(repo, &digest));
     }
@@ -177,7 +179,8 @@ pub async fn finish(
     } else {
         app.store.upload_status(repo, id).await?;
     }
-    app.store.upload_finish(repo, id, &digest).await?;
+    let size = app.store.upload_finish(repo, id, &digest).await?;
+    app.metrics.storage_added(size);
     Ok(created(repo, &digest))
 }
 

@@ -5,7 +5,6 @@
 //! again (pull-through); a standalone registry would lose data.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -16,8 +15,12 @@ use crate::content::manifest;
 use crate::storage::{StorageError, Store};
 use crate::sync::Syncer;
 
-/// How often the store's size is checked against the limit.
+/// How often the store's size is checked against the limit. The check reads the running
+/// total (`outpost_storage_bytes`, kept up to date by pushes, downloads and evictions); only
+/// a total over the limit makes it list the store, to measure exactly before evicting.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// The pull times among the store's documents (`<storage>/sync/access.json` on disk).
+const ACCESS_KEY: &str = "access.json";
 /// Eviction stops once the store is under this share of the limit, so it does not run again
 /// at the next write.
 const LOW_WATER_PERCENT: u64 = 90;
@@ -34,7 +37,6 @@ pub struct Retention {
     /// (repository, manifest digest) -> unix seconds of the last pull.
     access: Mutex<HashMap<(String, String), u64>>,
     dirty: AtomicBool,
-    path: PathBuf,
     /// One eviction at a time.
     running: tokio::sync::Mutex<()>,
 }
@@ -56,10 +58,13 @@ fn unix_now() -> u64 {
 }
 
 impl Retention {
-    pub fn new(syncer: Arc<Syncer>, max_bytes: u64, storage_root: &std::path::Path) -> Arc<Self> {
-        let path = storage_root.join("sync").join("access.json");
-        let access: HashMap<(String, String), u64> = std::fs::read(&path)
-            .ok()
+    /// Loads the pull times kept in the store (unreadable ones start afresh: the cost is
+    /// evicting in a less useful order once).
+    pub async fn new(syncer: Arc<Syncer>, max_bytes: u64) -> Result<Arc<Self>, StorageError> {
+        let access: HashMap<(String, String), u64> = syncer
+            .store()
+            .doc_get(ACCESS_KEY)
+            .await?
             .and_then(|b| serde_json::from_slice::<HashMap<String, u64>>(&b).ok())
             .map(|m| {
                 m.into_iter()
@@ -70,15 +75,14 @@ impl Retention {
                     .collect()
             })
             .unwrap_or_default();
-        Arc::new(Retention {
+        Ok(Arc::new(Retention {
             syncer,
             max_bytes,
             pins: OnceLock::new(),
             access: Mutex::new(access),
             dirty: AtomicBool::new(false),
-            path,
             running: tokio::sync::Mutex::new(()),
-        })
+        }))
     }
 
     pub fn set_pins(&self, pins: Arc<dyn PinSource>) {
@@ -94,7 +98,7 @@ impl Retention {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    fn save_access(&self) {
+    async fn save_access(&self) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
@@ -105,11 +109,12 @@ impl Retention {
             .iter()
             .map(|((r, d), t)| (format!("{r}@{d}"), *t))
             .collect();
-        let res = serde_json::to_vec(&map)
-            .map_err(std::io::Error::other)
-            .and_then(|b| crate::storage::fs::write_file_atomic(&self.path, &b, 0o600));
+        let res = match serde_json::to_vec(&map) {
+            Ok(b) => self.syncer.store().doc_put(ACCESS_KEY, b.into()).await,
+            Err(e) => Err(StorageError::Io(std::io::Error::other(e))),
+        };
         if let Err(e) = res {
-            tracing::warn!(error = %e, path = %self.path.display(), "cannot save pull times");
+            tracing::warn!(error = %e, "cannot save pull times");
             self.dirty.store(true, Ordering::Relaxed);
         }
     }
@@ -124,7 +129,7 @@ impl Retention {
                 if let Err(e) = me.enforce().await {
                     tracing::warn!(error = %e, "eviction failed");
                 }
-                me.save_access();
+                me.save_access().await;
             }
         });
     }
@@ -132,15 +137,27 @@ impl Retention {
     /// Evicts until the store is back under the low-water mark, if it is over the limit.
     pub async fn enforce(&self) -> Result<EvictionReport, StorageError> {
         let _one = self.running.lock().await;
+        let metrics = self.syncer.metrics();
+        if metrics.storage_bytes.get() <= self.max_bytes {
+            return Ok(EvictionReport::default());
+        }
+        // Over by the running total: measure exactly (it may have counted a blob twice).
         let store = self.syncer.store().clone();
-        let size: u64 = store.blob_list().await?.iter().map(|b| b.size).sum();
-        self.syncer.metrics().storage_bytes.set(size);
+        let sizes: HashMap<Digest, u64> = store
+            .blob_list()
+            .await?
+            .into_iter()
+            .map(|b| (b.digest, b.size))
+            .collect();
+        let size: u64 = sizes.values().sum();
+        metrics.storage_bytes.set(size);
         if size <= self.max_bytes {
             return Ok(EvictionReport::default());
         }
         let target = self.max_bytes / 100 * LOW_WATER_PERCENT;
         let excess = size - target;
-        let report = self.evict(&*store, excess).await?;
+        let report = self.evict(&*store, excess, &sizes).await?;
+        metrics.storage_removed(report.bytes);
         tracing::info!(
             limit = self.max_bytes,
             before = size,
@@ -160,13 +177,17 @@ impl Retention {
         Ok(report)
     }
 
-    async fn evict(&self, store: &dyn Store, excess: u64) -> Result<EvictionReport, StorageError> {
+    async fn evict(
+        &self,
+        store: &dyn Store,
+        excess: u64,
+        sizes: &HashMap<Digest, u64>,
+    ) -> Result<EvictionReport, StorageError> {
         let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
-        let waiting: HashSet<(String, String)> = self
-            .syncer
-            .outbox()
-            .map(|o| o.pending_digests())
-            .unwrap_or_default();
+        let waiting: HashSet<(String, String)> = match self.syncer.outbox() {
+            Some(o) => o.pending_digests().await,
+            None => HashSet::new(),
+        };
         let access = self
             .access
             .lock()
@@ -176,12 +197,6 @@ impl Retention {
         // Every image: a manifest that is neither an index child nor a referrer, with the
         // manifests under it and the blobs they name.
         let mut candidates: Vec<Candidate> = Vec::new();
-        let sizes: HashMap<Digest, u64> = store
-            .blob_list()
-            .await?
-            .into_iter()
-            .map(|b| (b.digest, b.size))
-            .collect();
         for repo in store.repositories().await? {
             let mut parsed: HashMap<Digest, manifest::ParsedManifest> = HashMap::new();
             for d in store.manifest_list(&repo).await? {

@@ -5,7 +5,6 @@
 //! neither eviction nor a tag deleted at the parent removes it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +12,7 @@ use outpost_core::{Digest, Reference, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::StateLabels;
+use crate::storage::{StorageError, Store};
 use crate::sync::Syncer;
 use crate::sync::flight::End;
 use crate::sync::image::{self, PlanError, Planner};
@@ -94,12 +94,11 @@ pub enum StagingError {
     #[error("{0}")]
     Invalid(String),
     #[error("cannot save the staging request: {0}")]
-    Io(#[from] std::io::Error),
+    Store(#[from] StorageError),
 }
 
 pub struct Staging {
     syncer: Arc<Syncer>,
-    dir: PathBuf,
     requests: Mutex<BTreeMap<String, StagingRequest>>,
     respect_window: bool,
 }
@@ -146,44 +145,44 @@ fn new_id() -> String {
     format!("stg-{hex}")
 }
 
+/// Where a request is kept among the store's documents (`<storage>/sync/staging/` on disk).
+const DIR: &str = "staging";
+
+fn key(id: &str) -> String {
+    format!("{DIR}/{id}.json")
+}
+
 fn valid_id(id: &str) -> bool {
     id.len() <= 64 && id.starts_with("stg-") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 impl Staging {
-    /// Loads the requests kept under `<storage>/sync/staging/`.
-    pub fn open(
+    /// Loads the requests kept in the store.
+    pub async fn open(
         syncer: Arc<Syncer>,
-        storage_root: &std::path::Path,
         respect_window: bool,
-    ) -> std::io::Result<Arc<Self>> {
-        let dir = storage_root.join("sync").join("staging");
-        std::fs::create_dir_all(&dir)?;
+    ) -> Result<Arc<Self>, StorageError> {
+        let store = syncer.store().clone();
         let mut requests = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+        for k in store.doc_list(DIR).await? {
+            if !k.ends_with(".json") {
                 continue;
             }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<StagingRequest>(&b).map_err(|e| e.to_string())
-                }) {
-                Ok(r) if valid_id(&r.id) => {
+            let Some(raw) = store.doc_get(&k).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<StagingRequest>(&raw) {
+                Ok(r) if valid_id(&r.id) && k == key(&r.id) => {
                     requests.insert(r.id.clone(), r);
                 }
-                Ok(_) => {
-                    tracing::warn!(path = %path.display(), "staging request with a bad id; ignored")
-                }
+                Ok(_) => tracing::warn!(request = %k, "staging request with a bad id; ignored"),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "unreadable staging request; ignored")
+                    tracing::warn!(request = %k, error = %e, "unreadable staging request; ignored")
                 }
             }
         }
         let s = Arc::new(Staging {
             syncer,
-            dir,
             requests: Mutex::new(requests),
             respect_window,
         });
@@ -208,7 +207,7 @@ impl Staging {
     }
 
     /// Accepts a request; it runs in the background.
-    pub fn submit(self: &Arc<Self>, images: Vec<String>) -> Result<String, StagingError> {
+    pub async fn submit(self: &Arc<Self>, images: Vec<String>) -> Result<String, StagingError> {
         if images.is_empty() {
             return Err(StagingError::Invalid("\"images\" is empty".into()));
         }
@@ -245,7 +244,7 @@ impl Staging {
                 })
                 .collect(),
         };
-        self.write(&req)?;
+        self.write(&req).await?;
         self.requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -258,7 +257,7 @@ impl Staging {
 
     /// Submits `images` unless a request for the same set exists (start-up staging, which
     /// runs at every restart). The id, and whether a new request was made.
-    pub fn submit_once(
+    pub async fn submit_once(
         self: &Arc<Self>,
         images: Vec<String>,
     ) -> Result<(String, bool), StagingError> {
@@ -279,7 +278,7 @@ impl Staging {
             .map(|r| r.id.clone());
         match existing {
             Some(id) => Ok((id, false)),
-            None => Ok((self.submit(want)?, true)),
+            None => Ok((self.submit(want).await?, true)),
         }
     }
 
@@ -301,21 +300,23 @@ impl Staging {
     }
 
     /// Forgets a finished request, which unpins its images. False if unknown or still running.
-    pub fn remove(&self, id: &str) -> Result<bool, StagingError> {
-        let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        match reqs.get(id) {
-            Some(r) if r.done() => {}
-            _ => return Ok(false),
+    pub async fn remove(&self, id: &str) -> Result<bool, StagingError> {
+        let done = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|r| r.done());
+        if !done {
+            return Ok(false);
         }
         if valid_id(id) {
-            match std::fs::remove_file(self.dir.join(format!("{id}.json"))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.store().doc_delete(&key(id)).await?;
         }
-        reqs.remove(id);
-        drop(reqs);
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.publish_metrics();
         Ok(true)
     }
@@ -330,13 +331,14 @@ impl Staging {
             .into_iter()
     }
 
-    fn write(&self, req: &StagingRequest) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(req).map_err(std::io::Error::other)?;
-        crate::storage::fs::write_file_atomic(
-            &self.dir.join(format!("{}.json", req.id)),
-            &data,
-            0o600,
-        )
+    async fn write(&self, req: &StagingRequest) -> Result<(), StorageError> {
+        let data = serde_json::to_vec_pretty(req)
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))?;
+        self.store().doc_put(&key(&req.id), data.into()).await
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        self.syncer.store()
     }
 
     fn publish_metrics(&self) {
@@ -366,7 +368,7 @@ impl Staging {
     }
 
     /// Changes image `idx` of request `id`; saves when `save` (progress is saved less often).
-    fn update(&self, id: &str, idx: usize, save: bool, f: impl FnOnce(&mut ImageStatus)) {
+    async fn update(&self, id: &str, idx: usize, save: bool, f: impl FnOnce(&mut ImageStatus)) {
         let snapshot = {
             let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             let Some(r) = reqs.get_mut(id) else { return };
@@ -387,7 +389,7 @@ impl Staging {
             (save || changed).then(|| r.clone())
         };
         if let Some(r) = snapshot {
-            if let Err(e) = self.write(&r) {
+            if let Err(e) = self.write(&r).await {
                 tracing::warn!(id = %id, error = %e, "cannot save staging progress");
             }
             self.publish_metrics();
@@ -411,23 +413,28 @@ impl Staging {
                     continue;
                 }
                 match self.validate(&img.image).await {
-                    Ok((repo, reference, digest)) => self.update(id, idx, true, |i| {
-                        i.repository = Some(repo.to_string());
-                        i.reference = Some(reference.to_string());
-                        i.digest = Some(digest.to_string());
-                        i.error = None;
-                    }),
+                    Ok((repo, reference, digest)) => {
+                        self.update(id, idx, true, |i| {
+                            i.repository = Some(repo.to_string());
+                            i.reference = Some(reference.to_string());
+                            i.digest = Some(digest.to_string());
+                            i.error = None;
+                        })
+                        .await
+                    }
                     Err(Check::Fail(why)) => {
                         tracing::warn!(id = %id, image = %img.image, reason = %why, "staging image refused");
                         self.update(id, idx, true, |i| {
                             i.state = ImageState::Failed;
                             i.error = Some(why);
                         })
+                        .await
                     }
                     Err(Check::Wait(why)) => {
                         self.update(id, idx, true, |i| {
                             i.error = Some(format!("waiting for the parent: {why}"))
-                        });
+                        })
+                        .await;
                         waiting = Some(why);
                     }
                 }
@@ -464,20 +471,23 @@ impl Staging {
                             i.state = ImageState::Staged;
                             i.bytes_done = i.bytes_total;
                             i.error = None;
-                        });
+                        })
+                        .await;
                         break;
                     }
                     Err(Step::Paused) => {
                         self.update(id, idx, true, |i| {
                             i.state = ImageState::Pending;
                             i.error = Some("sync window closed; continues in the next one".into());
-                        });
+                        })
+                        .await;
                     }
                     Err(Step::Wait(why)) => {
                         tracing::info!(id = %id, image = %img.image, error = %why, ?retry, "staging download interrupted; retrying");
                         self.update(id, idx, true, |i| {
                             i.error = Some(format!("waiting for the parent: {why}"));
-                        });
+                        })
+                        .await;
                         tokio::time::sleep(retry).await;
                         retry = (retry * 2).min(RETRY_CAP);
                     }
@@ -486,7 +496,8 @@ impl Staging {
                         self.update(id, idx, true, |i| {
                             i.state = ImageState::Failed;
                             i.error = Some(why);
-                        });
+                        })
+                        .await;
                         break;
                     }
                 }
@@ -595,7 +606,8 @@ impl Staging {
             i.bytes_total = total;
             i.bytes_done = present;
             i.error = None;
-        });
+        })
+        .await;
         let flights = self.syncer.flights().clone();
         // Progress of this image: what its flights have stored so far.
         let progress = {
@@ -621,7 +633,7 @@ impl Staging {
                 ends = &mut work => break ends,
                 _ = tokio::time::sleep(SAVE_EVERY) => {
                     let now = present + progress();
-                    self.update(id, idx, true, |i| i.bytes_done = now.min(total));
+                    self.update(id, idx, true, |i| i.bytes_done = now.min(total)).await;
                 }
             }
         };
@@ -640,7 +652,8 @@ impl Staging {
         }
         self.update(id, idx, true, |i| {
             i.bytes_done = (present + done_bytes).min(total)
-        });
+        })
+        .await;
         if paused {
             return Err(Step::Paused);
         }

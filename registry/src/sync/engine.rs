@@ -133,12 +133,10 @@ impl Run {
                 return self.report;
             }
         };
-        let pending = self
-            .syncer
-            .outbox
-            .as_ref()
-            .map(|o| o.pending_tags())
-            .unwrap_or_default();
+        let pending = match &self.syncer.outbox {
+            Some(o) => o.pending_tags().await,
+            None => Default::default(),
+        };
 
         // Tags of every repository.
         let mut listed: Vec<(RepositoryName, Vec<Tag>)> = Vec::new();
@@ -536,6 +534,7 @@ impl Run {
         };
         let entries = outbox
             .entries()
+            .await
             .map_err(|e| ParentError::Protocol(format!("outbox unreadable: {e}")))?;
         for (path, e) in entries {
             if self.window_closed() {
@@ -548,7 +547,7 @@ impl Run {
                 e.tag.as_deref().map(str::parse::<Tag>).transpose(),
             );
             let (Ok(repo), Ok(digest), Ok(tag)) = parsed else {
-                let _ = outbox.set_aside(&path, "invalid entry");
+                let _ = outbox.set_aside(&path, "invalid entry").await;
                 continue;
             };
             match self.push_up(&repo, tag.as_ref(), &digest).await {
@@ -566,6 +565,7 @@ impl Run {
                     }
                     outbox
                         .done(&path)
+                        .await
                         .map_err(|e| ParentError::Protocol(format!("outbox: {e}")))?;
                 }
                 Ok(PushUp::Conflict(theirs)) => {
@@ -575,6 +575,7 @@ impl Run {
                     );
                     outbox
                         .done(&path)
+                        .await
                         .map_err(|e| ParentError::Protocol(format!("outbox: {e}")))?;
                 }
                 Err(UpError::Parent(pe)) if pe.is_transient() || pe.is_contact_failure() => {
@@ -585,7 +586,7 @@ impl Run {
                     self.report
                         .errors
                         .push(format!("outbox {repo}@{digest}: {err}"));
-                    let _ = outbox.set_aside(&path, &err.to_string());
+                    let _ = outbox.set_aside(&path, &err.to_string()).await;
                 }
             }
         }

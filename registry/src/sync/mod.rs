@@ -52,11 +52,8 @@ pub enum SyncError {
     Connection(#[from] connection::ConnectionStringError),
     #[error(transparent)]
     Parent(#[from] ParentError),
-    #[error("cannot open sync state in {path}: {source}")]
-    State {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot open sync state in the store: {0}")]
+    State(#[source] crate::storage::StorageError),
 }
 
 impl ConnectionSource {
@@ -166,11 +163,11 @@ pub struct RepoStatus {
 }
 
 impl Syncer {
-    pub fn new(
+    /// Opens the sync state (and the readwrite outbox) kept among the store's documents.
+    pub async fn new(
         opts: SyncOptions,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        storage_root: &std::path::Path,
     ) -> Result<Arc<Self>, SyncError> {
         let conn = opts.connection.load()?;
         for k in &conn.unknown_keys {
@@ -184,15 +181,14 @@ impl Syncer {
             );
         }
         let parent = Parent::new(&conn, opts.ca_file.as_ref())?;
-        let dir = storage_root.join("sync");
-        let state_err = |source| SyncError::State {
-            path: dir.display().to_string(),
-            source,
-        };
-        let state = Arc::new(StateFile::open(dir.clone()).map_err(state_err)?);
+        let state = StateFile::open(store.clone())
+            .await
+            .map_err(SyncError::State)?;
         let outbox = match opts.mode {
             Mode::Readwrite => Some(Arc::new(
-                Outbox::open(dir.join("outbox")).map_err(state_err)?,
+                Outbox::open(store.clone())
+                    .await
+                    .map_err(SyncError::State)?,
             )),
             Mode::Readonly => None,
         };

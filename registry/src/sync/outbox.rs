@@ -1,16 +1,18 @@
 //! Readwrite mode's durable queue of client pushes waiting to go up to the parent: one small
-//! JSON file per pushed manifest under `<storage>/sync/outbox/`, named so that listing order
-//! is push order. An entry leaves the queue only once the parent has the manifest (or it is
+//! JSON document per pushed manifest under `outbox/` among the store's documents
+//! (`<storage>/sync/outbox/` on disk), keyed so that listing order is push order. An entry leaves the queue only once the parent has the manifest (or it is
 //! dropped as a conflict the parent wins, or set aside under `failed/` when the parent refuses
 //! it for good).
 
 use std::collections::HashSet;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use outpost_core::{Digest, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
+
+use crate::storage::{StorageError, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -23,82 +25,92 @@ pub struct Entry {
 }
 
 pub struct Outbox {
-    dir: PathBuf,
-    /// Next sequence number; guarded so concurrent pushes get distinct, ordered names.
-    next: Mutex<u64>,
+    store: Arc<dyn Store>,
+    /// Next sequence number; guarded so concurrent pushes get distinct, ordered keys.
+    next: tokio::sync::Mutex<u64>,
+    /// Entries queued, kept beside the documents so status need not list the store.
+    len: AtomicUsize,
 }
 
-fn seq_of(name: &str) -> Option<u64> {
-    name.strip_suffix(".json")?.parse().ok()
+const DIR: &str = "outbox";
+const FAILED: &str = "outbox/failed";
+
+fn seq_of(key: &str) -> Option<u64> {
+    key.strip_prefix("outbox/")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
 
-fn names(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for e in rd {
-        let e = e?;
-        if let Some(n) = e.file_name().to_str().and_then(seq_of) {
-            out.push((n, e.path()));
-        }
-    }
+/// Keys of the queued entries, oldest first.
+async fn keys(store: &dyn Store) -> Result<Vec<(u64, String)>, StorageError> {
+    let mut out: Vec<(u64, String)> = store
+        .doc_list(DIR)
+        .await?
+        .into_iter()
+        .filter_map(|k| Some((seq_of(&k)?, k)))
+        .collect();
     out.sort();
     Ok(out)
 }
 
 impl Outbox {
-    pub fn open(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        let next = names(&dir)?.last().map_or(1, |(n, _)| n + 1);
+    pub async fn open(store: Arc<dyn Store>) -> Result<Self, StorageError> {
+        let queued = keys(store.as_ref()).await?;
+        let next = queued.last().map_or(1, |(n, _)| n + 1);
         Ok(Outbox {
-            dir,
-            next: Mutex::new(next),
+            store,
+            next: tokio::sync::Mutex::new(next),
+            len: AtomicUsize::new(queued.len()),
         })
     }
 
     /// Queues a pushed manifest; durable when this returns.
-    pub fn push(
+    pub async fn push(
         &self,
         repo: &RepositoryName,
         tag: Option<&Tag>,
         digest: &Digest,
-    ) -> io::Result<()> {
+    ) -> Result<(), StorageError> {
         let entry = Entry {
             repo: repo.as_str().to_owned(),
             tag: tag.map(|t| t.as_str().to_owned()),
             digest: digest.to_string(),
             queued_utc: super::schedule::rfc3339(std::time::SystemTime::now()),
         };
-        let raw = serde_json::to_vec(&entry).map_err(io::Error::other)?;
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.dir.join(format!("{:020}.json", *next));
-        crate::storage::fs::write_file_atomic(&path, &raw, 0o644)?;
+        let raw = serde_json::to_vec(&entry).map_err(|e| StorageError::Io(io::Error::other(e)))?;
+        let mut next = self.next.lock().await;
+        self.store
+            .doc_put(&format!("{DIR}/{:020}.json", *next), raw.into())
+            .await?;
         *next += 1;
+        self.len.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Queued entries, oldest first. Unreadable files are set aside, not retried forever.
-    pub fn entries(&self) -> io::Result<Vec<(PathBuf, Entry)>> {
+    /// Queued entries with their keys, oldest first. Unreadable ones are set aside, not
+    /// retried forever.
+    pub async fn entries(&self) -> Result<Vec<(String, Entry)>, StorageError> {
         let mut out = Vec::new();
-        for (_, path) in names(&self.dir)? {
-            match std::fs::read(&path).map(|raw| serde_json::from_slice::<Entry>(&raw)) {
-                Ok(Ok(e)) => out.push((path, e)),
-                Ok(Err(e)) => {
-                    tracing::warn!(file = %path.display(), error = %e, "unreadable outbox entry set aside");
-                    self.set_aside(&path, &e.to_string())?;
+        let queued = keys(self.store.as_ref()).await?;
+        self.len.store(queued.len(), Ordering::SeqCst);
+        for (_, key) in queued {
+            let Some(raw) = self.store.doc_get(&key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<Entry>(&raw) {
+                Ok(e) => out.push((key, e)),
+                Err(e) => {
+                    tracing::warn!(entry = %key, error = %e, "unreadable outbox entry set aside");
+                    self.set_aside(&key, &e.to_string()).await?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
             }
         }
         Ok(out)
     }
 
     pub fn len(&self) -> usize {
-        names(&self.dir).map(|n| n.len()).unwrap_or(0)
+        self.len.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -106,8 +118,9 @@ impl Outbox {
     }
 
     /// (repository, tag) of every queued tag push: sync leaves these tags alone.
-    pub fn pending_tags(&self) -> HashSet<(String, String)> {
+    pub async fn pending_tags(&self) -> HashSet<(String, String)> {
         self.entries()
+            .await
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(_, e)| e.tag.map(|t| (e.repo, t)))
@@ -115,32 +128,44 @@ impl Outbox {
     }
 
     /// (repository, digest) of every queued push: never evicted before the parent has it.
-    pub fn pending_digests(&self) -> HashSet<(String, String)> {
+    pub async fn pending_digests(&self) -> HashSet<(String, String)> {
         self.entries()
+            .await
             .unwrap_or_default()
             .into_iter()
             .map(|(_, e)| (e.repo, e.digest))
             .collect()
     }
 
-    pub fn done(&self, path: &Path) -> io::Result<()> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+    pub async fn done(&self, key: &str) -> Result<(), StorageError> {
+        self.store.doc_delete(key).await?;
+        self.forget_one();
+        Ok(())
+    }
+
+    fn forget_one(&self) {
+        let _ = self
+            .len
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 
     /// Moves an entry the parent refuses for good to `failed/`, with the reason beside it.
-    pub fn set_aside(&self, path: &Path, reason: &str) -> io::Result<()> {
-        let failed = self.dir.join("failed");
-        std::fs::create_dir_all(&failed)?;
-        if let Some(name) = path.file_name() {
-            std::fs::rename(path, failed.join(name))?;
-            std::fs::write(
-                failed.join(Path::new(name).with_extension("reason")),
-                reason,
-            )?;
+    pub async fn set_aside(&self, key: &str, reason: &str) -> Result<(), StorageError> {
+        let Some(name) = key.rsplit('/').next() else {
+            return Ok(());
+        };
+        if let Some(raw) = self.store.doc_get(key).await? {
+            self.store.doc_put(&format!("{FAILED}/{name}"), raw).await?;
         }
+        let stem = name.strip_suffix(".json").unwrap_or(name);
+        self.store
+            .doc_put(
+                &format!("{FAILED}/{stem}.reason"),
+                bytes::Bytes::from(reason.to_owned()),
+            )
+            .await?;
+        self.store.doc_delete(key).await?;
+        self.forget_one();
         Ok(())
     }
 }
@@ -148,10 +173,12 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::fs::FsStore;
 
-    #[test]
-    fn keeps_order_across_reopen() {
+    #[tokio::test]
+    async fn keeps_order_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FsStore::open(dir.path()).unwrap());
         let repo: RepositoryName = "team/app".parse().unwrap();
         let d = |c: char| -> Digest {
             format!("sha256:{}", c.to_string().repeat(64))
@@ -159,21 +186,41 @@ mod tests {
                 .unwrap()
         };
         let tag: Tag = "v1".parse().unwrap();
-        let o = Outbox::open(dir.path().join("outbox")).unwrap();
-        o.push(&repo, Some(&tag), &d('a')).unwrap();
-        o.push(&repo, None, &d('b')).unwrap();
-        let o = Outbox::open(dir.path().join("outbox")).unwrap();
-        o.push(&repo, None, &d('c')).unwrap();
-        let e = o.entries().unwrap();
+        let o = Outbox::open(store.clone()).await.unwrap();
+        o.push(&repo, Some(&tag), &d('a')).await.unwrap();
+        o.push(&repo, None, &d('b')).await.unwrap();
+        let o = Outbox::open(store.clone()).await.unwrap();
+        assert_eq!(o.len(), 2);
+        o.push(&repo, None, &d('c')).await.unwrap();
+        let e = o.entries().await.unwrap();
         let digests: Vec<_> = e.iter().map(|(_, e)| e.digest.clone()).collect();
         assert_eq!(
             digests,
             vec![d('a').to_string(), d('b').to_string(), d('c').to_string()]
         );
-        assert!(o.pending_tags().contains(&("team/app".into(), "v1".into())));
-        o.done(&e[0].0).unwrap();
-        o.set_aside(&e[1].0, "denied").unwrap();
+        assert!(
+            o.pending_tags()
+                .await
+                .contains(&("team/app".into(), "v1".into()))
+        );
+        o.done(&e[0].0).await.unwrap();
+        o.set_aside(&e[1].0, "denied").await.unwrap();
         assert_eq!(o.len(), 1);
-        assert!(o.pending_tags().is_empty());
+        assert!(o.pending_tags().await.is_empty());
+        // On disk where the files always were.
+        assert!(
+            dir.path()
+                .join("sync/outbox/failed/00000000000000000002.json")
+                .exists()
+        );
+        assert_eq!(
+            std::fs::read_to_string(
+                dir.path()
+                    .join("sync/outbox/failed/00000000000000000002.reason")
+            )
+            .unwrap(),
+            "denied"
+        );
+        assert_eq!(Outbox::open(store).await.unwrap().len(), 1);
     }
 }

@@ -1,13 +1,19 @@
 //! What sync knows between runs and across restarts: connection state, the last successful
 //! sync, the last error, per-repository progress, the tags as last seen at the parent, and the
-//! upload sessions holding partly downloaded blobs. Kept in `<storage>/sync/state.json`.
+//! upload sessions holding partly downloaded blobs. Kept in the store's document `state.json`
+//! (`<storage>/sync/state.json` on disk), so a process started anywhere on the same store
+//! sees it.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::storage::{StorageError, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -127,34 +133,72 @@ impl SyncState {
     }
 }
 
-/// The state and the file it lives in. Every change goes through [`StateFile::update`].
+/// The key of the state among the store's documents (`<storage>/sync/state.json` on disk).
+const STATE_KEY: &str = "state.json";
+/// Where an unreadable state is set aside.
+const CORRUPT_KEY: &str = "state.json.corrupt";
+/// Pause after a failed save before the writer tries again.
+const SAVE_RETRY: Duration = Duration::from_secs(5);
+/// Shortest time between two background saves: progress changes many times a second and on
+/// object storage each save is a PUT.
+const SAVE_EVERY: Duration = Duration::from_millis(500);
+
+/// The state and the document it lives in. Every change goes through [`StateFile::update`],
+/// which changes memory at once; a background writer stores the latest version soon after
+/// (coalescing bursts), and [`StateFile::save`] stores it now where a change must be durable.
 pub struct StateFile {
-    path: PathBuf,
+    store: Arc<dyn Store>,
     state: Mutex<SyncState>,
+    /// Bumped by every update, under the state's lock.
+    version: AtomicU64,
+    /// The version last stored; held across a write so two writes never reorder.
+    saved: tokio::sync::Mutex<u64>,
+    dirty: Arc<Notify>,
 }
 
 impl StateFile {
-    /// Loads `<dir>/state.json`; a missing file starts empty, an unreadable one is set aside
-    /// (renamed `.corrupt`) so sync can go on from scratch rather than refuse to start.
-    pub fn open(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("state.json");
-        let state = match std::fs::read(&path) {
-            Ok(raw) => match serde_json::from_slice(&raw) {
+    /// Loads the state from the store; none starts empty, an unreadable one is set aside
+    /// (`state.json.corrupt`) so sync can go on from scratch rather than refuse to start.
+    /// Must be called within a Tokio runtime (it starts the writer).
+    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StorageError> {
+        let state = match store.doc_get(STATE_KEY).await? {
+            Some(raw) => match serde_json::from_slice(&raw) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "sync state unreadable; starting afresh");
-                    std::fs::rename(&path, path.with_extension("json.corrupt"))?;
+                    tracing::warn!(error = %e, "sync state unreadable; starting afresh");
+                    store.doc_put(CORRUPT_KEY, raw).await?;
                     SyncState::default()
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => SyncState::default(),
-            Err(e) => return Err(e),
+            None => SyncState::default(),
         };
-        Ok(StateFile {
-            path,
+        let file = Arc::new(StateFile {
+            store,
             state: Mutex::new(state),
-        })
+            version: AtomicU64::new(0),
+            saved: tokio::sync::Mutex::new(0),
+            dirty: Arc::new(Notify::new()),
+        });
+        let weak = Arc::downgrade(&file);
+        let dirty = file.dirty.clone();
+        tokio::spawn(async move {
+            loop {
+                dirty.notified().await;
+                // Gone (dropped, which notifies once more): nothing left to save.
+                let Some(file) = weak.upgrade() else { return };
+                let pause = match file.save().await {
+                    Ok(()) => SAVE_EVERY,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot save sync state; retrying");
+                        dirty.notify_one();
+                        SAVE_RETRY
+                    }
+                };
+                drop(file);
+                tokio::time::sleep(pause).await;
+            }
+        });
+        Ok(file)
     }
 
     pub fn snapshot(&self) -> SyncState {
@@ -171,31 +215,57 @@ impl StateFile {
         f(&self.lock())
     }
 
-    /// Changes the state and writes it durably. A failed write is logged and the change kept
-    /// in memory: losing it costs at most some repeated work after a restart.
+    /// Changes the state in memory; the writer stores it within a moment. A lost write costs
+    /// at most some repeated work after a restart; where it would cost more, call
+    /// [`StateFile::save`] too.
     pub fn update<T>(&self, f: impl FnOnce(&mut SyncState) -> T) -> T {
-        let mut s = self.lock();
-        let out = f(&mut s);
-        match serde_json::to_vec_pretty(&*s) {
-            Ok(raw) => {
-                if let Err(e) = crate::storage::fs::write_file_atomic(&self.path, &raw, 0o644) {
-                    tracing::warn!(file = %self.path.display(), error = %e, "cannot save sync state");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot encode sync state"),
-        }
+        let out = {
+            let mut s = self.lock();
+            let out = f(&mut s);
+            self.version.fetch_add(1, Ordering::SeqCst);
+            out
+        };
+        self.dirty.notify_one();
         out
+    }
+
+    /// Stores the current state now, unless it is stored already.
+    pub async fn save(&self) -> Result<(), StorageError> {
+        let mut saved = self.saved.lock().await;
+        let (version, raw) = {
+            let s = self.lock();
+            (
+                self.version.load(Ordering::SeqCst),
+                serde_json::to_vec_pretty(&*s),
+            )
+        };
+        if version == *saved {
+            return Ok(());
+        }
+        let raw = raw.map_err(|e| StorageError::Io(io::Error::other(e)))?;
+        self.store.doc_put(STATE_KEY, raw.into()).await?;
+        *saved = version;
+        Ok(())
+    }
+}
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        // Wakes the writer so it sees the state is gone and ends.
+        self.dirty.notify_one();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::fs::FsStore;
 
-    #[test]
-    fn survives_reopen_and_sets_aside_garbage() {
+    #[tokio::test]
+    async fn survives_reopen_and_sets_aside_garbage() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::open(dir.path().join("sync")).unwrap();
+        let store: Arc<dyn Store> = Arc::new(FsStore::open(dir.path()).unwrap());
+        let f = StateFile::open(store.clone()).await.unwrap();
         f.update(|s| {
             s.connection_state = ConnectionState::Online;
             s.repositories
@@ -204,10 +274,22 @@ mod tests {
                 .tags
                 .insert("v1".into(), "sha256:00".into());
         });
-        let again = StateFile::open(dir.path().join("sync")).unwrap();
+        f.save().await.unwrap();
+        let again = StateFile::open(store.clone()).await.unwrap();
         assert_eq!(again.snapshot(), f.snapshot());
+        // The background writer stores an update without an explicit save.
+        f.update(|s| s.last_error = Some("x".into()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored = StateFile::open(store.clone()).await.unwrap().snapshot();
+            if stored.last_error.as_deref() == Some("x") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never saved");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         std::fs::write(dir.path().join("sync/state.json"), b"{nope").unwrap();
-        let fresh = StateFile::open(dir.path().join("sync")).unwrap();
+        let fresh = StateFile::open(store.clone()).await.unwrap();
         assert_eq!(fresh.snapshot(), SyncState::default());
         assert!(dir.path().join("sync/state.json.corrupt").exists());
     }

@@ -227,6 +227,10 @@ async fn session(
             },
         )
     });
+    // Durable before any byte lands in the session, so a crash resumes rather than restarts.
+    if let Err(e) = ctx.state.save().await {
+        tracing::warn!(error = %e, "cannot save sync state");
+    }
     Ok((repo.clone(), id, 0))
 }
 
@@ -356,7 +360,8 @@ pub async fn fetch_blob(
         }
     }
     match ctx.store.upload_finish(&session_repo, &id, digest).await {
-        Ok(_) => {
+        Ok(size) => {
+            ctx.metrics.storage_added(size);
             forget_partial(&ctx, digest);
             Ok((session_repo, Outcome::Done))
         }
