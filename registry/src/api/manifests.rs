@@ -29,6 +29,10 @@ pub fn pull_error(e: PullError, unknown: Code) -> ApiError {
             Code::Unknown,
             e.to_string(),
         ),
+        // As for a local read with the store down: 503 and Retry-After, the cause in the log.
+        PullError::StorageUnavailable(why) => {
+            crate::storage::StorageError::Unavailable(std::io::Error::other(why)).into()
+        }
     }
 }
 

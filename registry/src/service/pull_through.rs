@@ -43,6 +43,9 @@ pub enum PullError {
     Invalid(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// The store itself is unreachable (object storage down): the client should retry here.
+    #[error("storage is unavailable: {0}")]
+    StorageUnavailable(String),
 }
 
 impl PullError {
@@ -368,12 +371,12 @@ impl PullThrough {
                         Ok(true) => {
                             image::link(&*store, repo, digest)
                                 .await
-                                .map_err(|e| PullError::Storage(e.to_string()))?;
+                                .map_err(PullError::from)?;
                             self.count("hit");
                             let (r, _) = store
                                 .blob_open(digest, None)
                                 .await
-                                .map_err(|e| PullError::Storage(e.to_string()))?;
+                                .map_err(PullError::from)?;
                             Ok((r.size, r.body))
                         }
                         Ok(false) => Err(PullError::NotFound(format!("blob {digest}"))),
@@ -456,13 +459,16 @@ impl PullThrough {
         match self.syncer.store().blob_size(&flight.digest).await {
             Ok(Some(n)) => Ok(n),
             Ok(None) => Err(PullError::Storage("blob vanished after download".into())),
-            Err(e) => Err(PullError::Storage(e.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 }
 
 impl From<StorageError> for PullError {
     fn from(e: StorageError) -> Self {
-        PullError::Storage(e.to_string())
+        match e {
+            StorageError::Unavailable(_) => PullError::StorageUnavailable(e.to_string()),
+            e => PullError::Storage(e.to_string()),
+        }
     }
 }
