@@ -418,6 +418,7 @@ def check_standalone(o):
     assert "standalone" in o.notes
     # storage.type pvc (the default): the PVC mounted where --storage points, one pod at a time.
     assert "--storage=/var/lib/outpost" in args and not any(a.startswith("--storage-option") for a in args)
+    assert not any(a.startswith("--storage-redirect") for a in args), args
     reg = o.one("Deployment", "-registry")
     assert reg["spec"]["strategy"] == {"type": "Recreate"}, reg["spec"]["strategy"]
     pvc = o.one("PersistentVolumeClaim", "-data")
@@ -463,6 +464,7 @@ def check_s3(o):
     check_object_storage_pod(o)
     args = registry_args(o)
     assert "--storage=s3://outpost-images/edge/site-1" in args, args
+    assert "--storage-redirect" in args and "--storage-redirect-expiry=30m" in args, args
     opts = [a for a in args if a.startswith("--storage-option")]
     assert opts == ["--storage-option=aws_conditional_put=etag",
                     "--storage-option=http1_only=true",
@@ -488,6 +490,7 @@ def check_azblob_emulator(o):
     check_object_storage_pod(o)
     args = registry_args(o)
     assert "--storage=azblob://outpost" in args and not any(a.startswith("--storage-option") for a in args)
+    assert not any(a.startswith("--storage-redirect") for a in args), args
     env = registry_env(o)
     for name in AZURE_CREDENTIALS:
         assert env[name] == ("secret", "azurite-key", name, True), env
@@ -548,7 +551,8 @@ SCENARIOS = {
                "endpoint": "http://minio.storage:9000", "virtualHostedStyleRequest": False,
                "allowHttp": True},
         "options": {"aws_conditional_put": "etag", "pool_max_idle_per_host": 12500000,
-                    "http1_only": True, "user_agent": 'outpost "edge": #1 \\ end'}},
+                    "http1_only": True, "user_agent": 'outpost "edge": #1 \\ end'},
+        "redirect": True, "redirectExpiry": "30m"},
         "registry": {"serviceAccount": {"annotations": {
             "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/outpost"}}}}, check_s3),
     "azblob-emulator": ({"storage": {"type": "azblob", "existingSecret": "azurite-key",

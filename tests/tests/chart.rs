@@ -31,7 +31,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 38 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 41 passed, 0 failed"), "{text}");
 }
 
 #[test]
