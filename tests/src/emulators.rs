@@ -339,6 +339,55 @@ impl ObjectStorage {
         &self.emulator
     }
 
+    /// Replaces (or creates) the object `key` (relative to the prefix `e2e/`) with `data`,
+    /// behind the registry's back: to damage what it stored.
+    pub fn put_object(&self, key: &str, data: Vec<u8>) {
+        let port = self.emulator.port;
+        let path = format!("{}/e2e/{key}", self.bucket);
+        match self.emulator.kind {
+            Kind::Azurite => {
+                azure_request_with(
+                    port,
+                    "PUT",
+                    &path,
+                    &[],
+                    &[("x-ms-blob-type", "BlockBlob")],
+                    data,
+                )
+                .unwrap_or_else(|e| panic!("put {path}: {e}"));
+            }
+            Kind::Moto => {
+                let r = http()
+                    .put(format!("http://127.0.0.1:{port}/{path}"))
+                    .header("authorization", moto_authorization())
+                    .body(data)
+                    .send()
+                    .expect("put object");
+                assert!(r.status().is_success(), "put {path}: {}", r.status());
+            }
+        }
+    }
+
+    /// Deletes the object `key` (relative to the prefix `e2e/`) behind the registry's back.
+    pub fn delete_object(&self, key: &str) {
+        let port = self.emulator.port;
+        let path = format!("{}/e2e/{key}", self.bucket);
+        match self.emulator.kind {
+            Kind::Azurite => {
+                azure_request_with(port, "DELETE", &path, &[], &[], Vec::new())
+                    .unwrap_or_else(|e| panic!("delete {path}: {e}"));
+            }
+            Kind::Moto => {
+                let r = http()
+                    .delete(format!("http://127.0.0.1:{port}/{path}"))
+                    .header("authorization", moto_authorization())
+                    .send()
+                    .expect("delete object");
+                assert!(r.status().is_success(), "delete {path}: {}", r.status());
+            }
+        }
+    }
+
     /// Every object key in the container or bucket (committed objects only: a multipart upload
     /// or uncommitted blocks are not listed), relative to the prefix `e2e/`.
     pub fn keys(&self) -> Vec<String> {
@@ -394,6 +443,16 @@ impl ObjectStorage {
     }
 }
 
+/// An `Authorization` header naming the test account. moto does not check signatures, but it
+/// takes an unsigned request as anonymous, and anonymous may not change an object the account
+/// wrote (403).
+fn moto_authorization() -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential={MOTO_KEY_ID}/20250101/us-east-1/s3/aws4_request, \
+         SignedHeaders=host, Signature=00"
+    )
+}
+
 /// The texts of the elements `<tag>…</tag>` in an XML listing, XML entities decoded.
 fn elements(xml: &str, tag: &str) -> Vec<String> {
     let open = format!("<{tag}>");
@@ -424,6 +483,20 @@ fn azure_request(
     container: &str,
     query: &[(&str, &str)],
 ) -> Result<String, String> {
+    azure_request_with(port, method, container, query, &[], Vec::new())
+}
+
+/// A request to Azurite's Blob REST API on `/{account}/{path}` (a container, or
+/// `container/blob`) with `x-ms-` headers and a body, signed with the development account's
+/// shared key; the response body, or why it failed.
+fn azure_request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    ms_headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<String, String> {
     let date = run_ok(Command::new("date").args(["-u", "+%a, %d %b %Y %H:%M:%S GMT"]));
     let date = date.trim();
     let version = "2021-08-06";
@@ -433,14 +506,31 @@ fn azure_request(
         .map(|(k, v)| (k.to_ascii_lowercase(), *v))
         .collect();
     q.sort();
-    let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}");
+    let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{path}");
     for (k, v) in &q {
         resource.push_str(&format!("\n{k}:{v}"));
     }
-    // VERB, eleven empty standard headers (no body), the x-ms- headers, the resource.
+    // The x-ms- headers, lower-case and sorted, one per line.
+    let mut headers: Vec<(String, String)> = ms_headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+        .chain([
+            ("x-ms-date".to_owned(), date.to_owned()),
+            ("x-ms-version".to_owned(), version.to_owned()),
+        ])
+        .collect();
+    headers.sort();
+    let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
+    // VERB, then eleven standard headers of which only Content-Length is set (empty for no
+    // body), the x-ms- headers, the resource.
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        body.len().to_string()
+    };
     let to_sign = format!(
-        "{method}\n{}x-ms-date:{date}\nx-ms-version:{version}\n{resource}",
-        "\n".repeat(11)
+        "{method}\n\n\n{length}\n{}{canonical_headers}{resource}",
+        "\n".repeat(8)
     );
     let b64 = base64::engine::general_purpose::STANDARD;
     let key = hmac::Key::new(
@@ -449,19 +539,22 @@ fn azure_request(
     );
     let sig = b64.encode(hmac::sign(&key, to_sign.as_bytes()).as_ref());
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-    let r = http()
+    let mut req = http()
         .request(
             method,
-            format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}/{container}"),
+            format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}/{path}"),
         )
-        .query(query)
-        .header("x-ms-date", date)
-        .header("x-ms-version", version)
-        .header("content-length", "0")
+        .query(query);
+    for (k, v) in &headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let r = req
+        .header("content-length", body.len().to_string())
         .header(
             "authorization",
             format!("SharedKey {AZURITE_ACCOUNT}:{sig}"),
         )
+        .body(body)
         .send()
         .map_err(|e| e.to_string())?;
     let status = r.status();

@@ -3,7 +3,10 @@
 //! on Azure Blob Storage through Azurite (module `azblob`) and on S3 through moto (module `s3`),
 //! a fresh container or bucket per case.
 
+use std::collections::BTreeMap;
+
 use outpost_e2e::emulators::Backend;
+use outpost_e2e::metrics::{Sample, samples};
 use outpost_e2e::{Registry, header, http, pseudo_random, raw_request, sha256, sha512};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
@@ -1099,7 +1102,14 @@ fn bad_names_and_paths(t: T) {
     );
     // Nothing above was a server error.
     let metrics = t.get("/metrics").text().unwrap();
-    assert!(!metrics.contains("status=\"500\""), "{metrics}");
+    let errors: Vec<Sample> = samples(&metrics)
+        .into_iter()
+        .filter(|s| {
+            s.name == "outpost_http_requests_total"
+                && s.labels.get("status").is_some_and(|c| c.starts_with('5'))
+        })
+        .collect();
+    assert!(errors.is_empty(), "server errors: {errors:?}");
 }
 
 fn health_and_metrics(t: T) {
@@ -1111,15 +1121,46 @@ fn health_and_metrics(t: T) {
     let r = t.get("/metrics");
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().unwrap();
-    for needle in [
-        "outpost_http_requests_total{method=\"GET\",route=\"blobs\",status=\"200\"} 1",
-        "outpost_http_requests_total{method=\"POST\",route=\"uploads\",status=\"201\"} 1",
-        "outpost_http_request_duration_seconds_bucket",
-        "outpost_blob_bytes_served_total 4321",
-        "outpost_storage_bytes",
-    ] {
-        assert!(text.contains(needle), "missing {needle} in\n{text}");
-    }
+    let all = samples(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        let wanted: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        all.iter()
+            .find(|s| s.name == name && s.labels == wanted)
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in\n{text}"))
+    };
+    let get = [("method", "GET"), ("route", "blobs")];
+    assert_eq!(
+        value(
+            "outpost_http_requests_total",
+            &[get[0], get[1], ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "outpost_http_requests_total",
+            &[("method", "POST"), ("route", "uploads"), ("status", "201")]
+        ),
+        1.0
+    );
+    // The blob GET is in the histogram: counted once, and in the +Inf bucket.
+    assert_eq!(
+        value("outpost_http_request_duration_seconds_count", &get),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "outpost_http_request_duration_seconds_bucket",
+            &[get[0], get[1], ("le", "+Inf")]
+        ),
+        1.0
+    );
+    assert_eq!(value("outpost_blob_bytes_served_total", &[]), 4321.0);
+    assert!(value("outpost_storage_bytes", &[]) >= 0.0);
     // The admin listener answers health too.
     let admin = format!("http://127.0.0.1:{}", t.reg.admin_port);
     assert_eq!(

@@ -1,37 +1,46 @@
-//! `outpost-registry gc` and `fsck` on a running store.
+//! `outpost-registry gc` and `fsck` on a running store: every case on a storage directory
+//! (module `fs`), on Azure Blob Storage through Azurite (module `azblob`) and on S3 through
+//! moto (module `s3`), a fresh container or bucket per case.
 
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use outpost_e2e::{Registry, http, pseudo_random, sha256};
+use outpost_e2e::emulators::{Backend, ObjectStorage};
+use outpost_e2e::{Registry, bin, http, pseudo_random, run_timeout, sha256};
 use reqwest::StatusCode;
 use serde_json::json;
 
 struct Pushed {
     manifest: String,
+    manifest_bytes: Vec<u8>,
     config: String,
+    config_bytes: Vec<u8>,
     layer: String,
+    layer_bytes: Vec<u8>,
 }
 
 fn push(reg: &Registry, repo: &str, tag: &str, seed: u64) -> Pushed {
     let c = http();
-    let blob = |data: Vec<u8>| {
-        let d = sha256(&data);
+    let blob = |data: &[u8]| {
+        let d = sha256(data);
         let r = c
             .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", reg.url()))
-            .body(data)
+            .body(data.to_vec())
             .send()
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
         d
     };
-    let config = blob(format!("{{\"seed\":{seed}}}").into_bytes());
-    let layer = blob(pseudo_random(seed, 50_000));
+    let config_bytes = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer_bytes = pseudo_random(seed, 50_000);
+    let config = blob(&config_bytes);
+    let layer = blob(&layer_bytes);
     let m = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 1},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_bytes.len()},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 50_000}],
     }))
     .unwrap();
@@ -44,8 +53,11 @@ fn push(reg: &Registry, repo: &str, tag: &str, seed: u64) -> Pushed {
     assert_eq!(r.status(), StatusCode::CREATED);
     Pushed {
         manifest: sha256(&m),
+        manifest_bytes: m,
         config,
+        config_bytes,
         layer,
+        layer_bytes,
     }
 }
 
@@ -57,9 +69,35 @@ fn status(reg: &Registry, repo: &str, digest: &str) -> StatusCode {
         .status()
 }
 
-fn blob_file(reg: &Registry, digest: &str) -> std::path::PathBuf {
+/// A blob's path under the storage root: `blobs/sha256/<hex[..2]>/<hex>`, the same on disk
+/// and as an object key under the prefix.
+fn blob_rel(digest: &str) -> String {
     let hex = digest.trim_start_matches("sha256:");
-    reg.storage.join("blobs/sha256").join(&hex[..2]).join(hex)
+    format!("blobs/sha256/{}/{hex}", &hex[..2])
+}
+
+/// Whether the blob's content is in the store (a file, or an object in the bucket).
+fn blob_stored(reg: &Registry, digest: &str) -> bool {
+    match &reg.object {
+        Some(o) => o.keys().contains(&blob_rel(digest)),
+        None => reg.storage.join(blob_rel(digest)).exists(),
+    }
+}
+
+/// Replaces a blob's content behind the registry's back.
+fn overwrite_blob(reg: &Registry, digest: &str, data: Vec<u8>) {
+    match &reg.object {
+        Some(o) => o.put_object(&blob_rel(digest), data),
+        None => std::fs::write(reg.storage.join(blob_rel(digest)), data).unwrap(),
+    }
+}
+
+/// Removes a blob's content behind the registry's back.
+fn lose_blob(reg: &Registry, digest: &str) {
+    match &reg.object {
+        Some(o) => o.delete_object(&blob_rel(digest)),
+        None => std::fs::remove_file(reg.storage.join(blob_rel(digest))).unwrap(),
+    }
 }
 
 fn cli_ok(reg: &Registry, args: &[&str]) -> String {
@@ -73,9 +111,72 @@ fn cli_ok(reg: &Registry, args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn gc_removes_only_unreferenced_blobs() {
-    let reg = Registry::start();
+/// The counts of the `store requests: N (op n, …)` line: the total and each operation. `None`
+/// if there is no such line (a directory); panics if the parts do not add up to the total.
+fn store_requests(out: &str) -> Option<(u64, Vec<(String, u64)>)> {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("store requests: "))?;
+    let (total, parts) = line
+        .split_once(" (")
+        .unwrap_or_else(|| panic!("requests line: {line}"));
+    let total: u64 = total.parse().unwrap_or_else(|_| panic!("total: {line}"));
+    let parts: Vec<(String, u64)> = parts
+        .strip_suffix(')')
+        .unwrap_or_else(|| panic!("requests line: {line}"))
+        .split(", ")
+        .map(|p| {
+            let (op, n) = p.split_once(' ').unwrap_or_else(|| panic!("part {p}"));
+            (
+                op.to_owned(),
+                n.parse().unwrap_or_else(|_| panic!("part {p}")),
+            )
+        })
+        .collect();
+    assert_eq!(
+        parts.iter().map(|(_, n)| n).sum::<u64>(),
+        total,
+        "operations add up to the total: {line}"
+    );
+    Some((total, parts))
+}
+
+fn count(parts: &[(String, u64)], op: &str) -> u64 {
+    parts.iter().find(|(o, _)| o == op).map_or(0, |(_, n)| *n)
+}
+
+/// Each case is a function of a backend; this makes one test of it per backend.
+macro_rules! on_every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod fs {
+            $(#[test]
+            fn $case() {
+                super::$case(super::Backend::Fs);
+            })*
+        }
+        mod azblob {
+            $(#[test]
+            fn $case() {
+                super::$case(super::Backend::Azurite);
+            })*
+        }
+        mod s3 {
+            $(#[test]
+            fn $case() {
+                super::$case(super::Backend::Moto);
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    gc_removes_only_unreferenced_blobs,
+    gc_while_pushing_keeps_every_pushed_image,
+    fsck_reports_corruption_and_missing_blobs,
+);
+
+fn gc_removes_only_unreferenced_blobs(backend: Backend) {
+    let reg = Registry::start_on(backend, &[]);
     let kept = push(&reg, "gc/kept", "v1", 1);
     let dropped = push(&reg, "gc/dropped", "v1", 2);
     // An orphan blob with no manifest.
@@ -107,31 +208,78 @@ fn gc_removes_only_unreferenced_blobs() {
     let out = cli_ok(&reg, &["gc", "--grace", "0", "--dry-run"]);
     assert!(out.contains("would remove 4 blobs"), "{out}");
     assert_eq!(status(&reg, "gc/orphan", &orphan), StatusCode::OK);
+    match store_requests(&out) {
+        // A dry run only reads.
+        Some((_, parts)) => {
+            assert!(reg.object.is_some(), "{out}");
+            assert!(count(&parts, "list") > 0, "{out}");
+            for op in ["delete", "put"] {
+                assert_eq!(count(&parts, op), 0, "{op} in a dry run: {out}");
+            }
+        }
+        None => assert!(
+            reg.object.is_none(),
+            "no request count on object storage: {out}"
+        ),
+    }
+    for d in [&dropped.config, &dropped.layer, &dropped.manifest, &orphan] {
+        assert!(blob_stored(&reg, d), "{d} still stored after a dry run");
+    }
 
     let out = cli_ok(&reg, &["gc", "--grace", "0"]);
-    assert!(out.contains("removed 4 blobs"), "{out}");
-    for d in [&dropped.config, &dropped.layer, &dropped.manifest] {
-        assert!(!blob_file(&reg, d).exists(), "{d} removed");
+    // The links of gc/dropped's config, layer and manifest, and gc/orphan's, went with them.
+    assert!(
+        out.contains("removed 4 blobs") && out.contains("removed 4 stale repository links"),
+        "{out}"
+    );
+    if reg.object.is_some() {
+        let (_, parts) = store_requests(&out).expect("request count on object storage");
+        assert!(count(&parts, "delete") >= 4, "one delete per blob: {out}");
+    }
+    // With nothing to remove, a run costs listings and manifest reads, nothing per blob.
+    let out = cli_ok(&reg, &["gc", "--grace", "0"]);
+    assert!(out.contains("removed 0 blobs"), "{out}");
+    if reg.object.is_some() {
+        let (_, parts) = store_requests(&out).expect("request count on object storage");
+        for op in ["head", "delete", "put"] {
+            assert_eq!(count(&parts, op), 0, "{op} with nothing to remove: {out}");
+        }
+    }
+    for d in [&dropped.config, &dropped.layer, &dropped.manifest, &orphan] {
+        assert!(!blob_stored(&reg, d), "{d} removed");
     }
     assert_eq!(status(&reg, "gc/orphan", &orphan), StatusCode::NOT_FOUND);
     assert_eq!(
         status(&reg, "gc/dropped", &dropped.layer),
         StatusCode::NOT_FOUND
     );
-    for d in [&kept.config, &kept.layer, &kept.manifest] {
-        assert_eq!(status(&reg, "gc/kept", d), StatusCode::OK, "{d} kept");
-    }
-    let r = http()
+    // The kept image pulls whole and unchanged.
+    let c = http();
+    let r = c
         .get(format!("{}/v2/gc/kept/manifests/v1", reg.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(cli_ok(&reg, &["fsck"]).contains(", 0 problems"));
+    assert_eq!(r.bytes().unwrap().as_ref(), kept.manifest_bytes.as_slice());
+    for (d, data) in [
+        (&kept.config, &kept.config_bytes),
+        (&kept.layer, &kept.layer_bytes),
+    ] {
+        assert!(blob_stored(&reg, d), "{d} kept");
+        let r = c
+            .get(format!("{}/v2/gc/kept/blobs/{d}", reg.url()))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{d} kept");
+        assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice(), "{d} intact");
+    }
+    let out = cli_ok(&reg, &["fsck"]);
+    assert!(out.contains(", 0 problems"), "{out}");
 }
 
-#[test]
-fn gc_while_pushing_keeps_every_pushed_image() {
-    let reg = Arc::new(Registry::start());
+fn gc_while_pushing_keeps_every_pushed_image(backend: Backend) {
+    let reg = Arc::new(Registry::start_on(backend, &[]));
     let stop = Arc::new(AtomicBool::new(false));
     let (r2, s2) = (reg.clone(), stop.clone());
     let pusher = std::thread::spawn(move || {
@@ -162,23 +310,27 @@ fn gc_while_pushing_keeps_every_pushed_image() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
-#[test]
-fn fsck_reports_corruption_and_missing_blobs() {
-    let reg = Registry::start();
+fn fsck_reports_corruption_and_missing_blobs(backend: Backend) {
+    let reg = Registry::start_on(backend, &[]);
     let a = push(&reg, "fsck/a", "v1", 7);
     let b = push(&reg, "fsck/b", "v1", 8);
-    assert!(cli_ok(&reg, &["fsck"]).contains(", 0 problems"));
+    let out = cli_ok(&reg, &["fsck"]);
+    assert!(out.contains(", 0 problems"), "{out}");
+    assert_eq!(
+        store_requests(&out).is_some(),
+        reg.object.is_some(),
+        "{out}"
+    );
 
     // Flip one byte of a layer, and lose another image's config.
-    let path = blob_file(&reg, &a.layer);
-    let mut content = std::fs::read(&path).unwrap();
+    let mut content = a.layer_bytes.clone();
     content[100] ^= 0xff;
-    std::fs::write(&path, content).unwrap();
-    std::fs::remove_file(blob_file(&reg, &b.config)).unwrap();
+    overwrite_blob(&reg, &a.layer, content);
+    lose_blob(&reg, &b.config);
 
     let out = reg.cli(&["fsck"]);
-    assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
         text.contains(&format!("corrupt blob {}", a.layer)),
         "{text}"
@@ -193,20 +345,90 @@ fn fsck_reports_corruption_and_missing_blobs() {
     assert!(text.contains(", 2 problems"), "{text}");
 }
 
+/// `outpost-registry <sub> <args>` with `env`.
+fn run_sub(sub: &str, args: &[String], env: &[(String, String)]) -> Output {
+    run_timeout(
+        Command::new(bin("outpost-registry"))
+            .arg(sub)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v))),
+        Duration::from_secs(120),
+    )
+}
+
+/// A failed run ended with one line naming the problem, not a panic.
+fn refused_with(out: &Output, wanted: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains(wanted),
+        "wanted one error line with {wanted:?}: {err}"
+    );
+}
+
 #[test]
 fn gc_and_fsck_refuse_a_missing_store() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
     for cmd in ["gc", "fsck"] {
-        let out = outpost_e2e::run_timeout(
-            std::process::Command::new(outpost_e2e::bin("outpost-registry"))
-                .arg(cmd)
-                .arg("--storage")
-                .arg(&missing),
-            Duration::from_secs(30),
+        let out = run_sub(
+            cmd,
+            &["--storage".into(), missing.display().to_string()],
+            &[],
         );
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open storage"));
+        refused_with(&out, "cannot open storage");
         assert!(!missing.exists(), "{cmd} must not create a store");
+    }
+}
+
+/// A container or bucket that was never created, on the same emulator as `o`.
+fn never_created(o: &ObjectStorage) -> ObjectStorage {
+    let mut m = o.clone();
+    m.bucket = format!("{}-never", o.bucket);
+    let (scheme, _) = o.url.split_once("://").expect("url");
+    m.url = format!("{scheme}://{}/e2e", m.bucket);
+    m
+}
+
+#[test]
+fn gc_and_fsck_refuse_a_missing_container_or_bucket() {
+    for backend in [Backend::Azurite, Backend::Moto] {
+        let o = backend.object_storage().expect("object storage");
+        let missing = never_created(&o);
+        for cmd in ["gc", "fsck"] {
+            // Options as flags here (the Registry helper passes them in the environment).
+            let out = run_sub(cmd, &missing.args(), &missing.env);
+            refused_with(&out, "does not exist");
+        }
+        assert!(o.keys().is_empty(), "nothing written");
+    }
+}
+
+#[test]
+fn gc_and_fsck_refuse_bad_credentials() {
+    // moto takes any credentials; Azurite checks the shared key.
+    let o = outpost_e2e::emulators::azurite();
+    let env: Vec<(String, String)> = o
+        .env
+        .iter()
+        .map(|(k, v)| {
+            if k == "AZURE_STORAGE_ACCOUNT_KEY" {
+                // Valid base64, wrong key.
+                (
+                    k.clone(),
+                    "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmc=".into(),
+                )
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect();
+    for cmd in ["gc", "fsck"] {
+        let out = run_sub(cmd, &o.args(), &env);
+        refused_with(&out, "credentials refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("d3Jvbmcta2V5"), "no secret in errors: {err}");
     }
 }

@@ -8,6 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +17,7 @@ use crate::config::Mode;
 use crate::config::parse_duration;
 use crate::server::{self, ServeError, ServeOptions, SyncSettings};
 use crate::service::{fsck, gc};
+use crate::storage::Store;
 use crate::storage::fs::FsStore;
 use crate::sync::ConnectionSource;
 use crate::sync::schedule::Schedule;
@@ -41,7 +43,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry API, the admin API and metrics.
     Serve(Box<ServeArgs>),
-    /// Remove blobs that no manifest references. Safe while the registry is serving.
+    /// Remove blobs that no manifest references. Safe while the registry is serving on a
+    /// directory. On object storage manifest pushes of another process are not held off:
+    /// --grace keeps recent uploads, but a push re-using an older unreferenced blob while gc
+    /// runs can lose it (fsck reports that).
     Gc(GcArgs),
     /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
     Fsck(FsckArgs),
@@ -60,18 +65,9 @@ pub enum Command {
     Stage(admin::StageArgs),
 }
 
+/// Where the content is: the same flags for serve, gc and fsck.
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {
-    /// Address of the registry API (OCI Distribution v1.1).
-    #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:5000")]
-    pub listen: SocketAddr,
-    /// Address of the admin API (GET /outpost/v1/status, POST /outpost/v1/sync, health). It
-    /// has no authentication: keep it off the network.
-    #[arg(long, env = "OUTPOST_ADMIN_LISTEN", default_value = "127.0.0.1:5050")]
-    pub admin_listen: SocketAddr,
-    /// Where /metrics is served; by default on the registry API's listener.
-    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+pub struct StorageArgs {
     /// Storage: a directory (content-addressed blobs, repositories, upload sessions), or an
     /// object store: s3://BUCKET[/PREFIX] or azblob://CONTAINER[/PREFIX], configured from
     /// object_store's own environment variables (AWS_*, AZURE_STORAGE_*) and --storage-option.
@@ -85,6 +81,22 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub storage_option: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the registry API (OCI Distribution v1.1).
+    #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// Address of the admin API (GET /outpost/v1/status, POST /outpost/v1/sync, health). It
+    /// has no authentication: keep it off the network.
+    #[arg(long, env = "OUTPOST_ADMIN_LISTEN", default_value = "127.0.0.1:5050")]
+    pub admin_listen: SocketAddr,
+    /// Where /metrics is served; by default on the registry API's listener.
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub store: StorageArgs,
     /// Answer blob GETs with a 307 to a presigned S3 URL or an Azure SAS URL, so clients
     /// download straight from the object store (they must be able to reach it). Object
     /// storage only; HEAD and manifests stay local.
@@ -224,9 +236,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[derive(clap::Args, Debug)]
 pub struct GcArgs {
-    /// Storage directory to collect.
-    #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
-    pub storage: PathBuf,
+    #[command(flatten)]
+    pub store: StorageArgs,
     /// Blobs written more recently than this are kept, so pushes in progress are safe.
     #[arg(long, env = "OUTPOST_GC_GRACE", default_value = "1h", value_parser = parse_duration)]
     pub grace: Duration,
@@ -237,9 +248,8 @@ pub struct GcArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct FsckArgs {
-    /// Storage directory to check.
-    #[arg(long, env = "OUTPOST_STORAGE", default_value = "./outpost-data")]
-    pub storage: PathBuf,
+    #[command(flatten)]
+    pub store: StorageArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +261,8 @@ pub enum CliError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ObjectStorage(#[from] crate::storage::object::OpenError),
     #[error(transparent)]
     Gc(#[from] gc::GcError),
     #[error(transparent)]
@@ -265,15 +277,14 @@ pub enum CliError {
     Admin(String),
 }
 
-fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
-    if crate::storage::object::is_object_url(&path.to_string_lossy()) {
-        return Err(CliError::Storage {
-            path: path.display().to_string(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "gc and fsck work on a storage directory only (object storage: not yet)",
-            ),
-        });
+/// The store `--storage` names: a directory that must exist (gc and fsck never create one),
+/// or a bucket or container, checked with one request as `serve` checks it.
+async fn open_store(a: &StorageArgs) -> Result<Arc<dyn Store>, CliError> {
+    let path = &a.storage;
+    let url = path.to_string_lossy();
+    if crate::storage::object::is_object_url(&url) {
+        let store = crate::storage::object::open(&url, &a.storage_option).await?;
+        return Ok(Arc::new(store));
     }
     if !path.is_dir() {
         return Err(CliError::Storage {
@@ -281,10 +292,24 @@ fn open_store(path: &PathBuf) -> Result<FsStore, CliError> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
         });
     }
-    FsStore::open(path).map_err(|source| CliError::Storage {
+    let store = FsStore::open(path).map_err(|source| CliError::Storage {
         path: path.display().to_string(),
         source,
-    })
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// `store requests: 12 (list 3, get 5, head 2, delete 2)`: what a run cost on an object store
+/// (each request is billed), operations sent at least once; `None` on a directory.
+fn requests_line(store: &dyn Store) -> Option<String> {
+    let counts = store.request_counts()?.snapshot();
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    let parts: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    Some(format!("store requests: {total} ({})", parts.join(", ")))
 }
 
 /// The parent and sync settings from serve's flags; `None` without a connection string.
@@ -327,8 +352,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 listen: a.listen,
                 admin_listen: a.admin_listen,
                 metrics_listen: a.metrics_listen,
-                storage: a.storage,
-                storage_options: a.storage_option,
+                storage: a.store.storage,
+                storage_options: a.store.storage_option,
                 storage_redirect: a.storage_redirect.then_some(a.storage_redirect_expiry),
                 tls_cert: a.tls_cert,
                 tls_key: a.tls_key,
@@ -346,13 +371,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc(a) => {
-            let store = open_store(&a.storage)?;
-            let r = gc::run(&store, a.grace, a.dry_run).await?;
+            let store = open_store(&a.store).await?;
+            let r = gc::run(store.as_ref(), a.grace, a.dry_run).await?;
             let verb = if a.dry_run { "would remove" } else { "removed" };
             println!(
                 "gc: {verb} {} blobs ({} bytes), kept {}, removed {} stale repository links",
                 r.blobs_removed, r.bytes_removed, r.blobs_kept, r.links_removed
             );
+            if let Some(line) = requests_line(store.as_ref()) {
+                println!("{line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(a) => admin::status(a).await,
@@ -367,9 +395,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck(a) => {
-            let store = open_store(&a.storage)?;
+            let store = open_store(&a.store).await?;
             let tty = std::io::stderr().is_terminal();
-            let r = fsck::run(&store, |i, n| {
+            let r = fsck::run(store.as_ref(), |i, n| {
                 if tty {
                     eprint!("\rfsck: checking blob {i}/{n}");
                     let _ = std::io::stderr().flush();
@@ -389,6 +417,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 r.manifests_checked,
                 r.problems.len()
             );
+            if let Some(line) = requests_line(store.as_ref()) {
+                println!("{line}");
+            }
             Ok(if r.problems.is_empty() {
                 ExitCode::SUCCESS
             } else {

@@ -1,6 +1,7 @@
 //! Garbage collection: removes blobs no manifest references. Safe on a running store: it holds
 //! the maintenance lock (manifest pushes wait) and spares blobs younger than a grace period, so
-//! an upload whose manifest has not been pushed yet survives.
+//! an upload whose manifest has not been pushed yet survives. On object storage the lock holds
+//! off only this process's manifest writes (there is no lock across processes in a bucket).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -55,9 +56,12 @@ pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<Gc
         }
     }
     let mut report = GcReport::default();
+    // Blobs listed and not removed: their links need no check below.
+    let mut present: HashSet<Digest> = HashSet::new();
     for blob in store.blob_list().await? {
         if live.contains(&blob.digest) || blob.age < grace {
             report.blobs_kept += 1;
+            present.insert(blob.digest);
             continue;
         }
         let removed = if dry_run {
@@ -71,12 +75,18 @@ pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<Gc
             report.bytes_removed += blob.size;
         } else {
             report.blobs_kept += 1;
+            present.insert(blob.digest);
         }
     }
     if !dry_run {
         for repo in &repos {
             for digest in store.repo_blob_links(repo).await? {
-                if store.blob_size(&digest).await?.is_none()
+                // A link is stale once its blob is gone. Blobs listed above and kept are not
+                // (one removed by someone else since is left to the next run: a link to a
+                // missing blob serves nothing), so only the others cost a check, which is a
+                // HEAD request on object storage.
+                if !present.contains(&digest)
+                    && store.blob_size(&digest).await?.is_none()
                     && store.repo_blob_unlink(repo, &digest).await?
                 {
                     report.links_removed += 1;
