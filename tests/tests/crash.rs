@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_e2e::emulators::Backend;
@@ -366,9 +366,10 @@ fn manifest_push_kills(backend: Backend) {
     let mut next = 0u64;
     for round in 0..6 {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
         let url = reg.url();
         let shared2 = shared.clone();
-        let stop2 = stop.clone();
+        let (stop2, done2) = (stop.clone(), done.clone());
         let start = next;
         let pusher = std::thread::spawn(move || {
             let c = http();
@@ -379,10 +380,18 @@ fn manifest_push_kills(backend: Backend) {
                     break;
                 }
                 i += 1;
+                done2.fetch_add(1, Ordering::Relaxed);
             }
             i
         });
-        std::thread::sleep(Duration::from_millis(100 + rng.below(400)));
+        // The kill lands at a random point after one push of this round went through, so
+        // each round makes progress however slow the store is (an emulator under load).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done.load(Ordering::Relaxed) == 0 && !pusher.is_finished() {
+            assert!(Instant::now() < deadline, "round {round}: no push in 60 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
         reg.kill9();
         stop.store(true, Ordering::Relaxed);
         let reached = pusher.join().unwrap();

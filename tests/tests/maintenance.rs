@@ -4,8 +4,8 @@
 
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use outpost_e2e::emulators::{Backend, ObjectStorage};
 use outpost_e2e::{Registry, bin, http, pseudo_random, run_timeout, sha256};
@@ -281,17 +281,25 @@ fn gc_removes_only_unreferenced_blobs(backend: Backend) {
 fn gc_while_pushing_keeps_every_pushed_image(backend: Backend) {
     let reg = Arc::new(Registry::start_on(backend, &[]));
     let stop = Arc::new(AtomicBool::new(false));
-    let (r2, s2) = (reg.clone(), stop.clone());
+    let done = Arc::new(AtomicU64::new(0));
+    let (r2, s2, d2) = (reg.clone(), stop.clone(), done.clone());
     let pusher = std::thread::spawn(move || {
         let mut n = 0u64;
         while !s2.load(Ordering::Relaxed) && n < 2000 {
             push(&r2, "busy/app", &format!("t{n}"), 100 + n);
             n += 1;
+            d2.store(n, Ordering::Relaxed);
         }
         n
     });
-    for _ in 0..5 {
+    // At least five runs, and runs until pushes went on beside them (a slow store under load
+    // may not finish one push within five runs).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut runs = 0;
+    while runs < 5 || (done.load(Ordering::Relaxed) < 3 && !pusher.is_finished()) {
+        assert!(Instant::now() < deadline, "no pushes beside gc in 120 s");
         cli_ok(&reg, &["gc"]);
+        runs += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
