@@ -216,7 +216,7 @@ class ObjectBench(base.Bench):
 
     def outpost_requests(self, server):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/metrics",
+            with urllib.request.urlopen(f"{server.base}/metrics",
                                         timeout=10) as r:
                 text = r.read().decode()
         except OSError:
