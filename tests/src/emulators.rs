@@ -391,6 +391,11 @@ impl ObjectStorage {
     /// Every object key in the container or bucket (committed objects only: a multipart upload
     /// or uncommitted blocks are not listed), relative to the prefix `e2e/`.
     pub fn keys(&self) -> Vec<String> {
+        self.objects().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Every object (as [`ObjectStorage::keys`] lists them) with its size in bytes.
+    pub fn objects(&self) -> Vec<(String, u64)> {
         let port = self.emulator.port;
         let mut keys = Vec::new();
         let mut marker = String::new();
@@ -419,15 +424,19 @@ impl ObjectStorage {
                     r.text().expect("list body")
                 }
             };
-            let tag = match self.emulator.kind {
-                Kind::Azurite => "Name",
-                Kind::Moto => "Key",
+            let (entry, name, size) = match self.emulator.kind {
+                Kind::Azurite => ("Blob", "Name", "Content-Length"),
+                Kind::Moto => ("Contents", "Key", "Size"),
             };
-            keys.extend(
-                elements(&text, tag)
+            for b in blocks(&text, entry) {
+                let k = elements(b, name).into_iter().next().unwrap_or_default();
+                let n = elements(b, size)
                     .into_iter()
-                    .map(|k| k.strip_prefix("e2e/").unwrap_or(&k).to_owned()),
-            );
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no size for {k} in the listing"));
+                keys.push((k.strip_prefix("e2e/").unwrap_or(&k).to_owned(), n));
+            }
             marker = match self.emulator.kind {
                 Kind::Azurite => elements(&text, "NextMarker"),
                 Kind::Moto => elements(&text, "NextContinuationToken"),
@@ -453,8 +462,8 @@ fn moto_authorization() -> String {
     )
 }
 
-/// The texts of the elements `<tag>…</tag>` in an XML listing, XML entities decoded.
-fn elements(xml: &str, tag: &str) -> Vec<String> {
+/// The raw contents of the elements `<tag>…</tag>` in an XML listing.
+fn blocks<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
     let open = format!("<{tag}>");
     let close = format!("</{tag}>");
     let mut out = Vec::new();
@@ -462,17 +471,24 @@ fn elements(xml: &str, tag: &str) -> Vec<String> {
     while let Some(i) = rest.find(&open) {
         let after = &rest[i + open.len()..];
         let Some(j) = after.find(&close) else { break };
-        out.push(
-            after[..j]
-                .replace("&lt;", "<")
-                .replace("&gt;", ">")
-                .replace("&quot;", "\"")
-                .replace("&apos;", "'")
-                .replace("&amp;", "&"),
-        );
+        out.push(&after[..j]);
         rest = &after[j + close.len()..];
     }
     out
+}
+
+/// The texts of the elements `<tag>…</tag>` in an XML listing, XML entities decoded.
+fn elements(xml: &str, tag: &str) -> Vec<String> {
+    blocks(xml, tag)
+        .into_iter()
+        .map(|t| {
+            t.replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&amp;", "&")
+        })
+        .collect()
 }
 
 /// A bodiless request to Azurite's Blob REST API on `/{account}/{container}`, signed with the

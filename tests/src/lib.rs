@@ -3,10 +3,12 @@
 
 pub mod cri;
 pub mod emulators;
+pub mod fixtures;
 pub mod k8s;
 pub mod metrics;
 pub mod oci;
 pub mod parent;
+pub mod scenarios;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

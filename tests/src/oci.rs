@@ -288,3 +288,115 @@ pub fn metrics_text(reg: &Registry) -> String {
         .text()
         .unwrap()
 }
+
+/// Every tag and manifest (children of indexes too) of `repo` is byte-identical at `b`.
+pub fn assert_repo_identical(a: &Endpoint, b: &Endpoint, repo: &str) {
+    let tags = a.tags(repo);
+    assert!(!tags.is_empty(), "{repo} has tags at the parent");
+    assert_eq!(b.tags(repo), tags, "tags of {repo}");
+    for t in &tags {
+        let ma = a.manifest(repo, t).unwrap();
+        let mb = b
+            .manifest(repo, t)
+            .unwrap_or_else(|| panic!("{repo}:{t} missing"));
+        assert_eq!(sha256(&ma), sha256(&mb), "{repo}:{t} differs");
+        assert_eq!(ma, mb);
+        if let Some(children) = manifest_json(&ma)["manifests"].as_array() {
+            for c in children {
+                let d = c["digest"].as_str().unwrap();
+                assert_eq!(b.manifest(repo, d), a.manifest(repo, d), "{repo}@{d}");
+            }
+        }
+    }
+}
+
+/// Digest -> size of the distinct blobs under the given manifests (indexes followed).
+pub fn blob_sizes(ep: &Endpoint, refs: &[(&str, &str)]) -> std::collections::BTreeMap<String, u64> {
+    let mut seen = std::collections::BTreeMap::new();
+    fn walk(
+        ep: &Endpoint,
+        repo: &str,
+        reference: &str,
+        seen: &mut std::collections::BTreeMap<String, u64>,
+    ) {
+        let m = manifest_json(&ep.manifest(repo, reference).unwrap());
+        if let Some(children) = m["manifests"].as_array() {
+            for c in children {
+                walk(ep, repo, c["digest"].as_str().unwrap(), seen);
+            }
+            return;
+        }
+        let mut descs = vec![m["config"].clone()];
+        descs.extend(m["layers"].as_array().unwrap().iter().cloned());
+        for d in descs {
+            seen.insert(
+                d["digest"].as_str().unwrap().to_owned(),
+                d["size"].as_u64().unwrap(),
+            );
+        }
+    }
+    for (repo, r) in refs {
+        walk(ep, repo, r, &mut seen);
+    }
+    seen
+}
+
+/// A registry image whose one layer is `layer` (pushed directly: no tar needed to fetch a
+/// blob); returns the layer's digest.
+pub fn push_raw_image(ep: &Endpoint, repo: &str, tag: &str, layer: &[u8]) -> String {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cfg = ep.push_blob(repo, config);
+    let digest = ep.push_blob(repo, layer);
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": layer.len()}],
+    });
+    let bytes = serde_json::to_vec(&m).unwrap();
+    assert_eq!(ep.push_manifest(repo, tag, OCI_MANIFEST, &bytes), 201);
+    digest
+}
+
+/// Waits until `repo:tag` is stored (listed in the tags, which only happens once whole).
+pub fn wait_stored(reg: &Registry, repo: &str, tag: &str) {
+    let ep = Endpoint::plain(&reg.host());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ep.tags(repo).iter().any(|t| t == tag) {
+        assert!(
+            Instant::now() < deadline,
+            "{repo}:{tag} not stored in time\n{}",
+            reg.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// POSTs a staging request (`body`: `{"images": [...]}`) to the admin API; its id.
+pub fn stage(reg: &Registry, body: &str) -> String {
+    let resp: Value = http()
+        .post(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging",
+            reg.admin_port
+        ))
+        .body(body.to_owned())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    resp["id"].as_str().unwrap().to_owned()
+}
+
+/// GET /outpost/v1/staging/{id}.
+pub fn staging_get(reg: &Registry, id: &str) -> Value {
+    http()
+        .get(format!(
+            "http://127.0.0.1:{}/outpost/v1/staging/{id}",
+            reg.admin_port
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}

@@ -205,6 +205,7 @@ struct ProxyState {
     requests: Vec<ProxiedRequest>,
     cut: Option<(String, u64)>,
     refuse: Option<(String, u16)>,
+    hold: Option<String>,
 }
 
 /// A plain-HTTP/1.1 proxy in front of `upstream` on a free loopback port. Threads end when it
@@ -279,6 +280,18 @@ impl FaultProxy {
         self.state.lock().expect("state").refuse = Some((path_contains.into(), status));
     }
 
+    /// Requests whose path contains `path_contains` wait at the proxy, before they reach the
+    /// parent, until [`FaultProxy::release`] (or the proxy is dropped): a test can look at the
+    /// child while it is certain the request has not been answered.
+    pub fn hold(&self, path_contains: &str) {
+        self.state.lock().expect("state").hold = Some(path_contains.into());
+    }
+
+    /// Lets held requests (and later ones) through.
+    pub fn release(&self) {
+        self.state.lock().expect("state").hold = None;
+    }
+
     pub fn set_offline(&self, offline: bool) {
         self.offline.store(offline, Ordering::SeqCst);
     }
@@ -294,6 +307,30 @@ impl FaultProxy {
             .filter(|r| r.path.contains(path_contains))
             .map(|r| r.body_bytes)
             .sum()
+    }
+
+    /// GET requests whose path contains `path_part`.
+    pub fn gets_for(&self, path_part: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains(path_part))
+            .count()
+    }
+
+    /// Range starts of the GETs of blob `digest`, in order (0 for a request without a range).
+    pub fn range_starts(&self, digest: &str) -> Vec<u64> {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains(&format!("/blobs/{digest}")))
+            .map(|r| {
+                r.range
+                    .as_deref()
+                    .and_then(|h| h.strip_prefix("bytes="))
+                    .and_then(|h| h.split('-').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
     }
 }
 
@@ -422,6 +459,19 @@ fn serve_connection(
                 .filter(|(p, _)| path.contains(p.as_str()))
                 .map(|(_, s)| *s)
         };
+        // Held: wait for the release, checking the stop flag (bounded by the proxy's life).
+        while state
+            .lock()
+            .expect("state")
+            .hold
+            .as_ref()
+            .is_some_and(|p| path.contains(p.as_str()))
+        {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(status) = refused {
             let body =
                 r#"{"errors":[{"code":"UNAUTHORIZED","message":"refused by the test proxy"}]}"#;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_e2e::emulators::Backend;
+use outpost_e2e::scenarios::{fsck_clean, nothing_partial};
 use outpost_e2e::{Registry, http, pseudo_random, run_seed, sha256};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -28,16 +29,6 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n.max(1)
     }
-}
-
-fn fsck_clean(reg: &Registry) {
-    let out = reg.cli(&["fsck"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(", 0 problems"),
-        "fsck after crash:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Starts a request whose body is sent piece by piece, and returns the socket so the caller
@@ -61,36 +52,6 @@ fn upload_offset(reg: &Registry, location: &str) -> u64 {
     let range = r.headers()["range"].to_str().unwrap().to_owned();
     let end: u64 = range.trim_start_matches("0-").parse().unwrap();
     if end == 0 { 0 } else { end + 1 }
-}
-
-/// Nothing of the blob `digest` is readable in `repo`, no manifest or tag of `repo` exists, and
-/// on object storage no object holds the blob.
-fn nothing_partial(reg: &Registry, repo: &str, digest: &str) {
-    let c = http();
-    let g = c
-        .get(format!("{}/v2/{repo}/blobs/{digest}", reg.url()))
-        .send()
-        .unwrap();
-    assert_eq!(g.status(), StatusCode::NOT_FOUND, "no partial blob");
-    let t = c
-        .get(format!("{}/v2/{repo}/tags/list", reg.url()))
-        .send()
-        .unwrap();
-    assert_eq!(t.status(), StatusCode::NOT_FOUND, "no manifest in {repo}");
-    if let Some(o) = &reg.object {
-        let hex = digest.trim_start_matches("sha256:");
-        let keys = o.keys();
-        assert!(
-            !keys
-                .iter()
-                .any(|k| k.starts_with("blobs/") && k.ends_with(hex)),
-            "a blob object for {digest} exists: {keys:?}"
-        );
-        assert!(
-            !keys.iter().any(|k| k.contains("/_manifests/")),
-            "a manifest object exists: {keys:?}"
-        );
-    }
 }
 
 #[test]

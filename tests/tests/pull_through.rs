@@ -2,17 +2,15 @@
 //! behind a proxy that counts what crosses the link), with skopeo and containerd as clients.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outpost_e2e::emulators::Backend;
 use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+use outpost_e2e::scenarios::{NO_SYNC, outpost_on, sixteen_clients_share_one_upstream_get};
 use outpost_e2e::*;
-use serde_json::{Value, json};
-
-/// A schedule that never fires during a test, with a window, so nothing syncs on its own.
-const NO_SYNC: [&str; 4] = ["--sync-schedule", "0 0 1 1 *", "--sync-window", "PT1M"];
+use serde_json::Value;
 
 struct Images {
     _dir: tempfile::TempDir,
@@ -42,36 +40,6 @@ fn images(seed: u64) -> Images {
     Images { _dir: dir, layout }
 }
 
-fn outpost_for(parent_host: &str, extra: &[&str]) -> Registry {
-    let c = conn("edge", "u", "p", parent_host, "http");
-    let mut args = vec!["--connection-string", c.as_str()];
-    args.extend_from_slice(&NO_SYNC);
-    args.extend_from_slice(extra);
-    Registry::start_with_args(&args)
-}
-
-fn gets_for(proxy: &FaultProxy, path_part: &str) -> usize {
-    proxy
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.contains(path_part))
-        .count()
-}
-
-/// Waits until `repo:tag` is stored (listed in the tags, which only happens once whole).
-fn wait_stored(reg: &Registry, repo: &str, tag: &str) {
-    let ep = Endpoint::plain(&reg.host());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ep.tags(repo).iter().any(|t| t == tag) {
-        assert!(
-            Instant::now() < deadline,
-            "{repo}:{tag} not stored in time\n{}",
-            reg.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn skopeo_out(args: &[&str]) -> std::process::Output {
     run_timeout(
         Command::new(require("skopeo")).args(args),
@@ -92,7 +60,7 @@ fn never_synced_images_pull_through_for_skopeo_and_containerd_and_stay_when_the_
         load(&imgs.layout, tag, &parent.host(), dest, &[]);
     }
     let proxy = FaultProxy::start(&parent.host());
-    let outpost = outpost_for(&proxy.host(), &["--repository", "demo/**"]);
+    let outpost = outpost_on(Backend::Fs, &proxy.host(), &["--repository", "demo/**"]);
     let ep = Endpoint::plain(&outpost.host());
     let up = Endpoint::plain(&parent.host());
     assert!(ep.tags("demo/app").is_empty(), "nothing synced yet");
@@ -140,7 +108,7 @@ fn never_synced_images_pull_through_for_skopeo_and_containerd_and_stay_when_the_
     assert_eq!(r.status(), 404);
     assert!(r.text().unwrap().contains("outside"), "says why");
     assert_eq!(
-        gets_for(&proxy, "/outside/"),
+        proxy.gets_for("/outside/"),
         0,
         "no request for out-of-scope"
     );
@@ -202,109 +170,9 @@ fn never_synced_images_pull_through_for_skopeo_and_containerd_and_stay_when_the_
     assert_eq!(sample(&m, "outpost_parent_connected"), Some(0.0), "{m}");
 }
 
-/// A registry image whose one layer is `size` bytes of random data (pushed directly: no tar
-/// needed to fetch a blob).
-fn push_raw_image(ep: &Endpoint, repo: &str, tag: &str, layer: &[u8]) -> String {
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let cfg = ep.push_blob(repo, config);
-    let digest = ep.push_blob(repo, layer);
-    let m = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": layer.len()}],
-    });
-    let bytes = serde_json::to_vec(&m).unwrap();
-    assert_eq!(ep.push_manifest(repo, tag, OCI_MANIFEST, &bytes), 201);
-    digest
-}
-
 #[test]
 fn sixteen_clients_share_one_upstream_get_of_a_256_mib_layer() {
-    const SIZE: usize = 256 * 1024 * 1024;
-    const CLIENTS: usize = 16;
-    let parent = DockerRegistry::builder().start();
-    let layer = pseudo_random(run_seed() + 200, SIZE);
-    let digest = push_raw_image(&Endpoint::plain(&parent.host()), "big/layer", "v1", &layer);
-    drop(layer);
-    let proxy = FaultProxy::start(&parent.host());
-    let outpost = outpost_for(&proxy.host(), &[]);
-    let url = format!("{}/v2/big/layer/blobs/{digest}", outpost.url());
-    let start = Arc::new(std::sync::Barrier::new(CLIENTS));
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (url, start) = (url.clone(), start.clone());
-            std::thread::spawn(move || {
-                start.wait();
-                // Staggered a little: late readers join the download in progress.
-                std::thread::sleep(Duration::from_millis(20 * i as u64));
-                let mut resp = http().get(&url).send().unwrap();
-                assert_eq!(resp.status(), 200, "client {i}");
-                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-                let mut buf = vec![0u8; 1 << 20];
-                let mut n = 0u64;
-                loop {
-                    let k = std::io::Read::read(&mut resp, &mut buf).unwrap();
-                    if k == 0 {
-                        break;
-                    }
-                    ctx.update(&buf[..k]);
-                    n += k as u64;
-                }
-                let hex: String = ctx
-                    .finish()
-                    .as_ref()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                (n, format!("sha256:{hex}"))
-            })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let (n, d) = h.join().unwrap();
-        assert_eq!(n, SIZE as u64, "client {i} got every byte");
-        assert_eq!(d, digest, "client {i} got identical bytes");
-    }
-    let blob_gets = gets_for(&proxy, &format!("/blobs/{digest}"));
-    assert_eq!(blob_gets, 1, "one upstream GET: {:?}", proxy.requests());
-    assert_eq!(
-        proxy.body_bytes_for(&format!("/blobs/{digest}")),
-        SIZE as u64,
-        "one copy crossed the link"
-    );
-    // And it is stored: a later pull is a hit, with no new upstream request.
-    let r = http().head(&url).send().unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(gets_for(&proxy, &format!("/blobs/{digest}")), 1);
-}
-
-/// POSTs a staging request (`body`: `{"images": [...]}`) to the admin API; its id.
-fn stage(reg: &Registry, body: &'static str) -> String {
-    let resp: Value = http()
-        .post(format!(
-            "http://127.0.0.1:{}/outpost/v1/staging",
-            reg.admin_port
-        ))
-        .body(body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    resp["id"].as_str().unwrap().to_owned()
-}
-
-fn staging_get(reg: &Registry, id: &str) -> Value {
-    http()
-        .get(format!(
-            "http://127.0.0.1:{}/outpost/v1/staging/{id}",
-            reg.admin_port
-        ))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    sixteen_clients_share_one_upstream_get(Backend::Fs, 256 * 1024 * 1024, run_seed() + 200);
 }
 
 #[test]
@@ -322,7 +190,7 @@ fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction()
     load(&imgs.layout, "other", &parent.host(), "demo/other:v1", &[]);
     // The same image as the staged demo/app:v1, in another repository: every blob shared.
     load(&imgs.layout, "app", &parent.host(), "demo/twin:v1", &[]);
-    let mut outpost = outpost_for(&parent.host(), &[]);
+    let mut outpost = outpost_on(Backend::Fs, &parent.host(), &[]);
 
     // Validation before download: the bad tag fails with a reason. One image comes from a file.
     let list = tempfile::NamedTempFile::new().unwrap();
@@ -506,19 +374,7 @@ fn staging_interrupted_by_a_crash_resumes_after_restart() {
     // The second process resumed with a Range request from what the first had stored (at
     // most the 2 MiB chunk in flight lost), not from zero.
     let path = format!("/blobs/{digest}");
-    let starts: Vec<u64> = proxy
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.contains(&path))
-        .map(|r| {
-            r.range
-                .as_deref()
-                .and_then(|h| h.strip_prefix("bytes="))
-                .and_then(|h| h.split('-').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        })
-        .collect();
+    let starts = proxy.range_starts(&digest);
     assert_eq!(starts.len(), 2, "{:?}", proxy.requests());
     assert_eq!(starts[0], 0);
     assert!(
@@ -536,7 +392,7 @@ fn images_named_at_start_up_are_staged_once() {
     let imgs = images(run_seed() + 500);
     let parent = DockerRegistry::builder().start();
     load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
-    let mut outpost = outpost_for(&parent.host(), &["--stage", "demo/app:v1"]);
+    let mut outpost = outpost_on(Backend::Fs, &parent.host(), &["--stage", "demo/app:v1"]);
     let list = |reg: &Registry| -> Value {
         http()
             .get(format!(
@@ -571,7 +427,7 @@ fn with_respect_window_staging_validates_at_once_but_downloads_only_in_the_windo
     load(&imgs.layout, "app", &parent.host(), "demo/app:v1", &[]);
     let proxy = FaultProxy::start(&parent.host());
     // The window (one minute after midnight on January 1st) is closed now.
-    let outpost = outpost_for(&proxy.host(), &["--respect-window"]);
+    let outpost = outpost_on(Backend::Fs, &proxy.host(), &["--respect-window"]);
     let id = stage(&outpost, r#"{"images": ["demo/app:v1", "demo/app:nope"]}"#);
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
@@ -587,6 +443,6 @@ fn with_respect_window_staging_validates_at_once_but_downloads_only_in_the_windo
     let r2 = staging_get(&outpost, &id);
     assert_eq!(r2["images"][0]["state"], "pending", "{r:#}");
     assert_eq!(r2["images"][0]["bytesDone"], 0);
-    assert_eq!(gets_for(&proxy, "/blobs/"), 0, "{:?}", proxy.requests());
+    assert_eq!(proxy.gets_for("/blobs/"), 0, "{:?}", proxy.requests());
     assert_eq!(r2["state"], "running");
 }

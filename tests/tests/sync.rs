@@ -4,9 +4,12 @@
 use std::process::Command;
 use std::time::Duration;
 
+use outpost_e2e::emulators::Backend;
+use outpost_e2e::fixtures::{big_image, content};
 use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+use outpost_e2e::scenarios::kill9_mid_sync_resumes;
 use outpost_e2e::*;
 use serde_json::{Value, json};
 
@@ -31,79 +34,6 @@ fn push_signature(ep: &Endpoint, repo: &str, subject: &[u8]) -> (String, Vec<u8>
     let tag = format!("{}.sig", sha256(subject).replace(':', "-"));
     assert_eq!(ep.push_manifest(repo, &tag, OCI_MANIFEST, &bytes), 201);
     (sha256(&bytes), bytes)
-}
-
-/// Every tag and manifest (children of indexes too) of `repo` is byte-identical at `b`.
-fn assert_repo_identical(a: &Endpoint, b: &Endpoint, repo: &str) {
-    let tags = a.tags(repo);
-    assert!(!tags.is_empty(), "{repo} has tags at the parent");
-    assert_eq!(b.tags(repo), tags, "tags of {repo}");
-    for t in &tags {
-        let ma = a.manifest(repo, t).unwrap();
-        let mb = b
-            .manifest(repo, t)
-            .unwrap_or_else(|| panic!("{repo}:{t} missing"));
-        assert_eq!(sha256(&ma), sha256(&mb), "{repo}:{t} differs");
-        assert_eq!(ma, mb);
-        if let Some(children) = manifest_json(&ma)["manifests"].as_array() {
-            for c in children {
-                let d = c["digest"].as_str().unwrap();
-                assert_eq!(b.manifest(repo, d), a.manifest(repo, d), "{repo}@{d}");
-            }
-        }
-    }
-}
-
-struct Content {
-    _dir: tempfile::TempDir,
-    layout: Layout,
-    /// Digest of the image manifest tagged app:v1 in the layout.
-    app_v1: String,
-}
-
-/// A layout with a base image, two images on top of it (sharing its layer), an arm64 image
-/// and a multi-arch index of amd64 + arm64.
-fn content(seed: u64) -> Content {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::new(dir.path());
-    layout.add_image(
-        "base",
-        "amd64",
-        &[("base.bin", pseudo_random(seed, 512 * 1024))],
-    );
-    derive_image(
-        &layout,
-        "base",
-        "v1",
-        &[("app.bin", pseudo_random(seed + 1, 64 * 1024))],
-    );
-    derive_image(
-        &layout,
-        "base",
-        "v2",
-        &[("app.bin", pseudo_random(seed + 2, 64 * 1024))],
-    );
-    derive_image(
-        &layout,
-        "base",
-        "v3",
-        &[("app.bin", pseudo_random(seed + 4, 64 * 1024))],
-    );
-    layout.add_image(
-        "arm",
-        "arm64",
-        &[("arm.bin", pseudo_random(seed + 3, 100 * 1024))],
-    );
-    layout.add_index("multi", &[("base", "amd64"), ("arm", "arm64")]);
-    let app_v1 = layout.descriptor("v1")["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    Content {
-        _dir: dir,
-        layout,
-        app_v1,
-    }
 }
 
 #[test]
@@ -222,7 +152,7 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
         "{metrics}"
     );
     let downloaded: u64 = metric(&metrics, "outpost_sync_bytes_downloaded_total");
-    let unique = unique_blob_bytes(
+    let unique: u64 = blob_sizes(
         &parent_ep,
         &[
             ("team/app", "v1"),
@@ -231,7 +161,9 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
             ("lonely", "1.0"),
             ("team/app", &format!("{}.sig", c.app_v1.replace(':', "-"))),
         ],
-    );
+    )
+    .values()
+    .sum();
     assert_eq!(downloaded, unique, "each blob downloaded exactly once");
 
     // The status table and JSON through the CLI.
@@ -262,37 +194,6 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
     );
     // The password never shows in the log.
     assert!(!outpost.log_text().contains("s3cret-pass"));
-}
-
-/// Sum of the sizes of the distinct blobs under the given manifests (indexes followed).
-fn unique_blob_bytes(ep: &Endpoint, refs: &[(&str, &str)]) -> u64 {
-    let mut seen = std::collections::BTreeMap::new();
-    fn walk(
-        ep: &Endpoint,
-        repo: &str,
-        reference: &str,
-        seen: &mut std::collections::BTreeMap<String, u64>,
-    ) {
-        let m = manifest_json(&ep.manifest(repo, reference).unwrap());
-        if let Some(children) = m["manifests"].as_array() {
-            for c in children {
-                walk(ep, repo, c["digest"].as_str().unwrap(), seen);
-            }
-            return;
-        }
-        let mut descs = vec![m["config"].clone()];
-        descs.extend(m["layers"].as_array().unwrap().iter().cloned());
-        for d in descs {
-            seen.insert(
-                d["digest"].as_str().unwrap().to_owned(),
-                d["size"].as_u64().unwrap(),
-            );
-        }
-    }
-    for (repo, r) in refs {
-        walk(ep, repo, r, &mut seen);
-    }
-    seen.values().sum()
 }
 
 #[test]
@@ -439,46 +340,6 @@ fn offline_parent_keeps_serving_and_comes_back() {
     assert_repo_identical(&top, &local, "team/app");
 }
 
-/// A big single-layer image in a fresh layout; returns (layout dir, layer digest, layer size).
-fn big_image(seed: u64, size: usize) -> (tempfile::TempDir, Layout, String, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::new(dir.path());
-    layout.add_image("big", "amd64", &[("big.bin", pseudo_random(seed, size))]);
-    let m: Value =
-        serde_json::from_slice(&layout.blob(layout.descriptor("big")["digest"].as_str().unwrap()))
-            .unwrap();
-    let biggest = m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap())
-        .unwrap()
-        .clone();
-    (
-        dir,
-        layout,
-        biggest["digest"].as_str().unwrap().to_owned(),
-        biggest["size"].as_u64().unwrap(),
-    )
-}
-
-/// Range starts of the requests for `digest`'s blob through the proxy, in order (0 = none).
-fn range_starts(proxy: &FaultProxy, digest: &str) -> Vec<u64> {
-    proxy
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.contains(&format!("/blobs/{digest}")))
-        .map(|r| {
-            r.range
-                .as_deref()
-                .and_then(|h| h.strip_prefix("bytes="))
-                .and_then(|h| h.split('-').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
-}
-
 #[test]
 fn cut_connection_resumes_from_what_was_stored() {
     let parent = DockerRegistry::builder().start();
@@ -501,7 +362,7 @@ fn cut_connection_resumes_from_what_was_stored() {
         "{s:#}\n{}",
         outpost.log_text()
     );
-    let starts = range_starts(&proxy, &layer);
+    let starts = proxy.range_starts(&layer);
     assert_eq!(starts.len(), 2, "{:?}", proxy.requests());
     assert_eq!(starts[0], 0);
     // Everything that arrived was kept: at least the last complete chunk (4 MiB), here all of it.
@@ -516,61 +377,7 @@ fn cut_connection_resumes_from_what_was_stored() {
 
 #[test]
 fn kill9_mid_layer_resumes_from_last_complete_chunk() {
-    let parent = DockerRegistry::builder().start();
-    let (_d, layout, layer, size) = big_image(run_seed() + 40, 16 * MIB as usize);
-    load(&layout, "big", &parent.host(), "big/image:1", &[]);
-    let proxy = FaultProxy::start(&parent.host());
-    let mut outpost = Registry::start_with_args(&[
-        "--connection-string",
-        &conn("edge", "u", "p", &proxy.host(), "http"),
-        "--chunk-size-mb",
-        "1",
-        "--sync-bandwidth-limit",
-        "3000000",
-        "--sync-schedule",
-        "0 0 1 1 *",
-    ]);
-    let path = format!("/blobs/{layer}");
-    // Killed once Outpost itself has taken in 5 MiB (the proxy is ahead by socket buffers).
-    let s = wait_for(&outpost, "5 MiB downloaded", Duration::from_secs(30), |s| {
-        s["repositories"][0]["bytesDone"].as_u64().unwrap_or(0) >= 5 * MIB
-    });
-    let taken_in = s["repositories"][0]["bytesDone"].as_u64().unwrap();
-    outpost.kill9();
-    let before = proxy.body_bytes_for(&path);
-    outpost.restart();
-    let s = wait_run(&outpost, 1, Duration::from_secs(60));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        outpost.log_text()
-    );
-    let starts = range_starts(&proxy, &layer);
-    assert_eq!(starts.len(), 2, "{starts:?}");
-    // Resumed exactly at a chunk boundary, no later than what had arrived.
-    assert!(
-        starts[1] > 0 && starts[1].is_multiple_of(MIB) && starts[1] <= before,
-        "{starts:?} {before}"
-    );
-    // At most the chunk in flight was lost: Outpost had taken in at least `taken_in` bytes;
-    // the last whole chunk among them may still have been in its fsync at the kill (and the
-    // bytes of the next are not a chunk), so it resumed no more than one chunk before the
-    // last chunk boundary reached. (The proxy's own count also holds what sat unread in
-    // socket buffers at the kill, so it is not the measure of what was fetched.)
-    assert!(
-        starts[1] + MIB >= taken_in / MIB * MIB,
-        "{starts:?} taken in {taken_in}"
-    );
-    let resumed: Vec<_> = proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.contains(&path))
-        .collect();
-    assert_eq!(resumed[1].status, 206);
-    assert_eq!(resumed[1].body_bytes, size - starts[1], "the rest, once");
-    let got = Endpoint::plain(&outpost.host()).blob("big/image", &layer);
-    assert_eq!(sha256(&got), layer);
+    kill9_mid_sync_resumes(Backend::Fs, 16 * MIB as usize, 1, run_seed() + 40);
 }
 
 #[test]
@@ -601,7 +408,7 @@ fn window_closing_pauses_and_next_window_resumes() {
     assert!(last_run(&s) >= 2);
     // Each window resumed where the last one stopped. (Bytes the parent had already pushed
     // into socket buffers when a window closed are fetched again, so no bound on bytes here.)
-    let starts = range_starts(&proxy, &layer);
+    let starts = proxy.range_starts(&layer);
     assert!(
         starts.len() >= 2 && starts[1..].iter().all(|&o| o > 0),
         "{starts:?}"
