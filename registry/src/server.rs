@@ -447,6 +447,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     {
         tracing::warn!(error = %e, "cannot save sync state at shutdown");
     }
+    if let Some(r) = &retention {
+        r.save_access().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -98,7 +98,8 @@ impl Retention {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    async fn save_access(&self) {
+    /// Stores the pull times if they changed (every check, and at shutdown).
+    pub async fn save_access(&self) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
