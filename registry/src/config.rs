@@ -11,6 +11,16 @@ pub enum Mode {
     Readwrite,
 }
 
+/// How the processes sharing one store pick the one that runs the schedule-driven work
+/// (`--leader-election`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeaderElection {
+    /// This process is the only one: it leads.
+    None,
+    /// A Kubernetes Lease object decides.
+    Kubernetes,
+}
+
 /// Parses a duration such as `90s`, `10m`, `24h`, `7d` or `0`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod content;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod service;

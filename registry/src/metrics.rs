@@ -50,6 +50,8 @@ pub struct Metrics {
     http_duration: Family<RouteLabels, Histogram>,
     pub blob_bytes_served: Counter,
     pub storage_bytes: Gauge<u64, AtomicU64>,
+    /// 1 while this process leads (runs sync, staging and retention), else 0.
+    pub leader: Gauge,
     /// 1 while the last contact with the parent succeeded.
     pub parent_connected: Gauge,
     pub sync_runs: Family<ResultLabels, Counter>,
@@ -96,6 +98,13 @@ impl Metrics {
             "storage_bytes",
             "Bytes of blob content in the store",
             storage_bytes.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this process leads the processes sharing its store (runs sync, staging \
+             and retention), else 0",
+            leader.clone(),
         );
         let parent_connected = Gauge::default();
         registry.register(
@@ -150,6 +159,7 @@ impl Metrics {
             pull_through,
             staging_images,
             evictions,
+            leader,
             evicted_bytes,
             registry,
             parent_connected,

@@ -14,6 +14,8 @@ use tokio::task::JoinSet;
 use crate::api::{self, AppState};
 use crate::auth::{Anonymous, Auth, AuthError, AuthOptions};
 use crate::config::Mode;
+use crate::leader::kubernetes::KubeLease;
+use crate::leader::{Leadership, Lease};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::fs::FsStore;
@@ -40,6 +42,8 @@ pub struct ServeOptions {
     pub storage_options: Vec<String>,
     /// Blob GETs redirected to the object store with URLs valid this long.
     pub storage_redirect: Option<Duration>,
+    /// Leader election through a Kubernetes Lease; `None`: this process leads.
+    pub leader: Option<LeaderSettings>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub http: bool,
@@ -55,6 +59,14 @@ pub struct ServeOptions {
     pub sync: Option<SyncSettings>,
     /// Evict least recently pulled, unpinned images above this many bytes.
     pub max_storage: Option<u64>,
+}
+
+/// The Kubernetes Lease processes sharing a store compete for.
+#[derive(Debug, Clone)]
+pub struct LeaderSettings {
+    pub lease: String,
+    pub namespace: Option<String>,
+    pub duration: Duration,
 }
 
 /// Sync settings as given on the command line (the mode is `ServeOptions::mode`).
@@ -287,6 +299,25 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     tracing::info!(?anonymous, readonly, "access policy");
 
     let metrics = Arc::new(Metrics::new().with_storage_requests(store.request_counts()));
+    let leadership = match &opts.leader {
+        None => Leadership::sole(crate::leader::identity()),
+        Some(l) => {
+            let lease = KubeLease::connect(l.namespace.clone(), l.lease.clone())
+                .await
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+            tracing::info!(lease = %lease.describe(), duration = ?l.duration, "electing a leader");
+            Leadership::elect(crate::leader::identity(), Arc::new(lease), l.duration)
+        }
+    };
+    {
+        let (mut rx, gauge) = (leadership.subscribe(), metrics.leader.clone());
+        gauge.set(i64::from(*rx.borrow_and_update()));
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                gauge.set(i64::from(*rx.borrow_and_update()));
+            }
+        });
+    }
     let syncer = match &opts.sync {
         Some(s) => {
             let syncer = Syncer::new(
@@ -302,6 +333,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 },
                 store.clone(),
                 metrics.clone(),
+                leadership.clone(),
             )
             .await?;
             let st = syncer.status(0);
@@ -442,6 +474,8 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             tracing::warn!(error = %e, "listener ended with an error during shutdown");
         }
     }
+    // Hand the lease over at once rather than after it expires.
+    leadership.resign().await;
     if let Some(s) = &syncer
         && let Err(e) = s.state().save().await
     {

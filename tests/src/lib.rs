@@ -179,6 +179,7 @@ pub struct Registry {
     pub object: Option<emulators::ObjectStorage>,
     pub log: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     _dir: TempDir,
 }
 
@@ -199,6 +200,15 @@ impl Registry {
 
     /// A registry on `object` storage (a container or bucket), or on a fresh directory.
     pub fn start_on_storage(object: Option<emulators::ObjectStorage>, extra: &[&str]) -> Self {
+        Self::start_with_env(object, extra, &[])
+    }
+
+    /// As [`Registry::start_on_storage`], with these environment variables set for it.
+    pub fn start_with_env(
+        object: Option<emulators::ObjectStorage>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = dir.path().join("data");
         let mut r = Registry {
@@ -209,6 +219,10 @@ impl Registry {
             object,
             log: dir.path().join("registry.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _dir: dir,
         };
         r.spawn();
@@ -242,6 +256,7 @@ impl Registry {
         self.storage_args(&mut cmd);
         let child = cmd
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

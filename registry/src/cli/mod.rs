@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Mode;
 use crate::config::parse_duration;
+use crate::config::{LeaderElection, Mode};
 use crate::server::{self, ServeError, ServeOptions, SyncSettings};
 use crate::service::{fsck, gc};
 use crate::storage::Store;
@@ -105,6 +105,27 @@ pub struct ServeArgs {
     /// How long a redirect URL stays valid (s, m, h or d suffix).
     #[arg(long, env = "OUTPOST_STORAGE_REDIRECT_EXPIRY", default_value = "10m", value_parser = parse_duration)]
     pub storage_redirect_expiry: Duration,
+    /// How processes sharing one object store pick the one that runs sync, staging and
+    /// retention (the others only serve): kubernetes (a Lease object, as the pod's
+    /// ServiceAccount in a cluster, through KUBECONFIG outside one) or none (this process is
+    /// the only one).
+    #[arg(
+        long,
+        env = "OUTPOST_LEADER_ELECTION",
+        value_enum,
+        default_value = "none"
+    )]
+    pub leader_election: LeaderElection,
+    /// Name of the Lease object (--leader-election kubernetes).
+    #[arg(long, env = "OUTPOST_LEADER_LEASE", default_value = "outpost-registry")]
+    pub leader_lease: String,
+    /// Namespace of the Lease; by default the pod's own (outside a cluster, the kubeconfig's).
+    #[arg(long, env = "OUTPOST_LEADER_LEASE_NAMESPACE")]
+    pub leader_lease_namespace: Option<String>,
+    /// How long a lease lasts unrenewed: the longest the work of a leader that died waits for
+    /// its successor.
+    #[arg(long, env = "OUTPOST_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_lease_duration: Duration,
     /// PEM certificate chain for HTTPS; re-read when the file changes.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -355,6 +376,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 storage: a.store.storage,
                 storage_options: a.store.storage_option,
                 storage_redirect: a.storage_redirect.then_some(a.storage_redirect_expiry),
+                leader: match a.leader_election {
+                    LeaderElection::None => None,
+                    LeaderElection::Kubernetes => Some(server::LeaderSettings {
+                        lease: a.leader_lease.clone(),
+                        namespace: a.leader_lease_namespace.clone(),
+                        duration: a.leader_lease_duration,
+                    }),
+                },
                 tls_cert: a.tls_cert,
                 tls_key: a.tls_key,
                 http: a.http,

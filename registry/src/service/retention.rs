@@ -50,6 +50,20 @@ pub struct EvictionReport {
     pub bytes: u64,
 }
 
+/// `{"repo@digest": unix seconds}` as saved; entries that do not parse are dropped.
+fn parse_access(raw: &[u8]) -> HashMap<(String, String), u64> {
+    serde_json::from_slice::<HashMap<String, u64>>(raw)
+        .map(|m| {
+            m.into_iter()
+                .filter_map(|(k, v)| {
+                    let (r, d) = k.split_once('@')?;
+                    Some(((r.to_owned(), d.to_owned()), v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -61,20 +75,10 @@ impl Retention {
     /// Loads the pull times kept in the store (unreadable ones start afresh: the cost is
     /// evicting in a less useful order once).
     pub async fn new(syncer: Arc<Syncer>, max_bytes: u64) -> Result<Arc<Self>, StorageError> {
-        let access: HashMap<(String, String), u64> = syncer
-            .store()
-            .doc_get(ACCESS_KEY)
-            .await?
-            .and_then(|b| serde_json::from_slice::<HashMap<String, u64>>(&b).ok())
-            .map(|m| {
-                m.into_iter()
-                    .filter_map(|(k, v)| {
-                        let (r, d) = k.split_once('@')?;
-                        Some(((r.to_owned(), d.to_owned()), v))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let access = match syncer.store().doc_get(ACCESS_KEY).await? {
+            Some(b) => parse_access(&b),
+            None => HashMap::new(),
+        };
         Ok(Arc::new(Retention {
             syncer,
             max_bytes,
@@ -98,9 +102,28 @@ impl Retention {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Stores the pull times if they changed (every check, and at shutdown).
+    /// Takes in the pull times other processes on the same store saved (the latest of each).
+    async fn merge_stored(&self) -> Result<(), StorageError> {
+        let Some(raw) = self.syncer.store().doc_get(ACCESS_KEY).await? else {
+            return Ok(());
+        };
+        let mut access = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, t) in parse_access(&raw) {
+            let e = access.entry(k).or_insert(t);
+            *e = (*e).max(t);
+        }
+        Ok(())
+    }
+
+    /// Stores the pull times if they changed (every check, and at shutdown), merged with what
+    /// other processes on the same store saved.
     pub async fn save_access(&self) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.merge_stored().await {
+            tracing::warn!(error = %e, "cannot read pull times");
+            self.dirty.store(true, Ordering::Relaxed);
             return;
         }
         let map: HashMap<String, u64> = self
@@ -127,7 +150,10 @@ impl Retention {
             let mut tick = tokio::time::interval(CHECK_INTERVAL);
             loop {
                 tick.tick().await;
-                if let Err(e) = me.enforce().await {
+                // One process evicts: the leader (the others' pull times are not merged yet).
+                if me.syncer.leadership().is_leader()
+                    && let Err(e) = me.enforce().await
+                {
                     tracing::warn!(error = %e, "eviction failed");
                 }
                 me.save_access().await;
@@ -184,6 +210,7 @@ impl Retention {
         excess: u64,
         sizes: &HashMap<Digest, u64>,
     ) -> Result<EvictionReport, StorageError> {
+        self.merge_stored().await?;
         let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
         let waiting: HashSet<(String, String)> = match self.syncer.outbox() {
             Some(o) => o.pending_digests().await,

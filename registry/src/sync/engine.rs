@@ -97,8 +97,11 @@ impl Run {
         }
     }
 
+    /// The window closed, or this process stopped leading (another one syncs now): the run
+    /// pauses as at the end of a window, keeping what it stored.
     fn window_closed(&self) -> bool {
         self.deadline.is_some_and(|d| SystemTime::now() >= d)
+            || !self.syncer.leadership().is_leader()
     }
 
     /// Notes a parent error; true when it means the parent is unusable for this run.

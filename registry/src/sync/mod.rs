@@ -24,6 +24,7 @@ use outpost_core::{Digest, RepositoryPattern};
 use serde::Serialize;
 
 use crate::config::Mode;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use connection::ConnectionString;
@@ -108,6 +109,8 @@ pub trait PinnedTags: Send + Sync {
 }
 
 pub struct Syncer {
+    /// Only the leader runs syncs (and staging downloads and retention, which ask it).
+    leadership: Arc<Leadership>,
     opts: SyncOptions,
     conn: RwLock<ConnectionString>,
     parent: RwLock<Arc<Parent>>,
@@ -168,6 +171,7 @@ impl Syncer {
         opts: SyncOptions,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
+        leadership: Arc<Leadership>,
     ) -> Result<Arc<Self>, SyncError> {
         let conn = opts.connection.load()?;
         for k in &conn.unknown_keys {
@@ -206,6 +210,7 @@ impl Syncer {
         Ok(Arc::new(Syncer {
             flights,
             pins: std::sync::OnceLock::new(),
+            leadership,
             opts,
             conn: RwLock::new(conn),
             parent: RwLock::new(Arc::new(parent)),
@@ -252,6 +257,10 @@ impl Syncer {
 
     pub fn flights(&self) -> &Arc<flight::Flights> {
         &self.flights
+    }
+
+    pub fn leadership(&self) -> &Arc<Leadership> {
+        &self.leadership
     }
 
     pub fn state(&self) -> &Arc<StateFile> {
@@ -359,6 +368,10 @@ impl Syncer {
             };
             loop {
                 if let Some(deadline) = due.take() {
+                    if !me.leadership.is_leader() {
+                        tracing::info!("sync due; waiting to lead (another process syncs)");
+                        me.leadership.until_leading().await;
+                    }
                     me.run(deadline).await;
                 }
                 let now = SystemTime::now();

@@ -1,0 +1,175 @@
+//! Leader election through a Kubernetes Lease against a real kube-apiserver (the shared
+//! control plane): registry processes on one Azurite container, each with a ServiceAccount
+//! token whose Role grants the one Lease name only (as the chart's RBAC will). Exactly one
+//! leads (`outpost_leader` 1); a SIGTERM hands the lease over at once, a kill -9 within the
+//! lease duration.
+
+use std::time::{Duration, Instant};
+
+use outpost_e2e::Registry;
+use outpost_e2e::emulators::Backend;
+use outpost_e2e::k8s::{ControlPlane, random_hex};
+use serde_json::json;
+
+const LEASE: &str = "outpost-registry";
+/// Short, so the test is quick; the retry period is a third of it.
+const DURATION_S: u64 = 4;
+
+fn cp() -> &'static ControlPlane {
+    ControlPlane::shared()
+}
+
+/// A namespace with a ServiceAccount allowed to create Leases and to get and update the one
+/// named LEASE (create cannot be limited to a name in RBAC); returns (namespace, token).
+fn lease_account() -> (String, String) {
+    let ns = format!("leader-{}", random_hex(4));
+    cp().create_namespace(&ns, &[]);
+    let admin = cp().admin();
+    for (path, body) in [
+        (
+            format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "registry"}}),
+        ),
+        (
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": "registry-lease"},
+                   "rules": [
+                       {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                        "verbs": ["create"]},
+                       {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                        "resourceNames": [LEASE], "verbs": ["get", "update"]}]}),
+        ),
+        (
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "registry-lease"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                               "name": "registry-lease"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "registry", "namespace": ns}]}),
+        ),
+    ] {
+        let (status, body) = admin.post(&path, &body);
+        assert_eq!(status, 201, "POST {path}: {body}");
+    }
+    let token = cp().service_account_token(&ns, "registry");
+    (ns, token)
+}
+
+fn leader_gauge(r: &Registry) -> Option<f64> {
+    let text = outpost_e2e::http()
+        .get(format!("{}/metrics", r.url()))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    outpost_e2e::metrics::sample(&text, "outpost_leader")
+}
+
+/// Waits until exactly one of `rs` reports itself leader; its index.
+fn one_leader(rs: &[&Registry], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let gauges: Vec<Option<f64>> = rs.iter().map(|r| leader_gauge(r)).collect();
+        let leaders: Vec<usize> = (0..rs.len()).filter(|i| gauges[*i] == Some(1.0)).collect();
+        if leaders.len() == 1 && gauges.iter().all(Option::is_some) {
+            return leaders[0];
+        }
+        assert!(
+            leaders.len() <= 1,
+            "two leaders at once: {gauges:?}\n{}",
+            rs.iter()
+                .map(|r| r.log_text())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no single leader within {within:?}: {gauges:?}\n{}",
+            rs.iter()
+                .map(|r| r.log_text())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn holder(ns: &str) -> String {
+    let lease = cp().admin().get_ok(&format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{LEASE}"
+    ));
+    lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn exactly_one_replica_leads_through_a_kubernetes_lease_and_hands_over() {
+    let (ns, token) = lease_account();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cp().kubeconfig_text(Some(&token), Some(&ns)))
+        .expect("write kubeconfig");
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let duration = format!("{DURATION_S}s");
+    let args = [
+        "--leader-election",
+        "kubernetes",
+        "--leader-lease-duration",
+        duration.as_str(),
+    ];
+    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
+    let start = || Registry::start_with_env(Some(storage.clone()), &args, &env);
+    let a = start();
+    let b = start();
+    let lease_time = Duration::from_secs(DURATION_S);
+
+    // Exactly one leads, and it stays so over several renewals.
+    let first = one_leader(&[&a, &b], lease_time * 5);
+    std::thread::sleep(lease_time * 2);
+    assert_eq!(
+        one_leader(&[&a, &b], lease_time),
+        first,
+        "leadership moved while both ran"
+    );
+    let (leader, other) = if first == 0 { (a, b) } else { (b, a) };
+    assert!(
+        leader.log_text().contains(&holder(&ns)),
+        "the Lease names the leader: {}",
+        holder(&ns)
+    );
+
+    // SIGTERM: the leader gives the lease up, the other takes it within one retry period.
+    let handed = Instant::now();
+    leader.sigterm();
+    let mut leader = leader;
+    assert!(leader.wait_exit(Duration::from_secs(40)).success());
+    assert_eq!(one_leader(&[&other], lease_time * 3), 0);
+    assert!(
+        handed.elapsed() < lease_time * 3,
+        "handover took {:?}",
+        handed.elapsed()
+    );
+
+    // kill -9: nobody releases; a new replica takes over once the lease has gone unrenewed
+    // for its duration (observed on its own clock), and never before the old one is gone.
+    let mut old = other;
+    let c = start();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        leader_gauge(&c),
+        Some(0.0),
+        "a newcomer does not take a live lease"
+    );
+    old.kill9();
+    let killed = Instant::now();
+    assert_eq!(one_leader(&[&c], lease_time * 4), 0);
+    // The last renewal was at most a third of the duration before the kill.
+    assert!(
+        killed.elapsed() >= lease_time / 2,
+        "took the lease {:?} after the leader died, before it expired",
+        killed.elapsed()
+    );
+}
