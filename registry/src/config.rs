@@ -19,6 +19,8 @@ pub enum LeaderElection {
     None,
     /// A Kubernetes Lease object decides.
     Kubernetes,
+    /// A lease document in the store itself decides (conditional writes), without Kubernetes.
+    Store,
 }
 
 /// Parses a duration such as `90s`, `10m`, `24h`, `7d` or `0`.

@@ -15,6 +15,7 @@ use crate::api::{self, AppState};
 use crate::auth::{Anonymous, Auth, AuthError, AuthOptions};
 use crate::config::Mode;
 use crate::leader::kubernetes::KubeLease;
+use crate::leader::store::StoreLease;
 use crate::leader::{Leadership, Lease};
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -61,11 +62,11 @@ pub struct ServeOptions {
     pub max_storage: Option<u64>,
 }
 
-/// The Kubernetes Lease processes sharing a store compete for.
+/// The lease processes sharing a store compete for.
 #[derive(Debug, Clone)]
 pub struct LeaderSettings {
-    pub lease: String,
-    pub namespace: Option<String>,
+    /// (Lease name, namespace) of a Kubernetes Lease; `None`: a lease document in the store.
+    pub kubernetes: Option<(String, Option<String>)>,
     pub duration: Duration,
 }
 
@@ -301,12 +302,24 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new().with_storage_requests(store.request_counts()));
     let leadership = match &opts.leader {
         None => Leadership::sole(crate::leader::identity()),
+        Some(_) if _serve_lock.is_some() => {
+            return Err(ServeError::Config(
+                "--leader-election needs object storage (s3:// or azblob://): a directory has \
+                 one serving process, which its lock enforces"
+                    .into(),
+            ));
+        }
         Some(l) => {
-            let lease = KubeLease::connect(l.namespace.clone(), l.lease.clone())
-                .await
-                .map_err(|e| ServeError::Config(e.to_string()))?;
+            let lease: Arc<dyn Lease> = match &l.kubernetes {
+                Some((name, namespace)) => Arc::new(
+                    KubeLease::connect(namespace.clone(), name.clone())
+                        .await
+                        .map_err(|e| ServeError::Config(e.to_string()))?,
+                ),
+                None => Arc::new(StoreLease::new(store.clone())),
+            };
             tracing::info!(lease = %lease.describe(), duration = ?l.duration, "electing a leader");
-            Leadership::elect(crate::leader::identity(), Arc::new(lease), l.duration)
+            Leadership::elect(crate::leader::identity(), lease, l.duration)
         }
     };
     {

@@ -1,8 +1,8 @@
-//! Leader election through a Kubernetes Lease against a real kube-apiserver (the shared
-//! control plane): registry processes on one Azurite container, each with a ServiceAccount
-//! token whose Role grants the one Lease name only (as the chart's RBAC will). Exactly one
-//! leads (`outpost_leader` 1); a SIGTERM hands the lease over at once, a kill -9 within the
-//! lease duration.
+//! Leader election among registry processes on one Azurite container: through a Kubernetes
+//! Lease against a real kube-apiserver (the shared control plane; each process with a
+//! ServiceAccount token whose Role grants the one Lease name only, as the chart's RBAC will),
+//! and through a lease document in the store. Exactly one leads (`outpost_leader` 1); a
+//! SIGTERM hands the lease over at once, a kill -9 within the lease duration.
 
 use std::time::{Duration, Instant};
 
@@ -112,16 +112,59 @@ fn exactly_one_replica_leads_through_a_kubernetes_lease_and_hands_over() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, cp().kubeconfig_text(Some(&token), Some(&ns)))
         .expect("write kubeconfig");
+    let path = kubeconfig.to_str().expect("utf-8 path").to_owned();
+    elect_and_hand_over("kubernetes", &[("KUBECONFIG", path.as_str())], |leader| {
+        assert!(
+            leader.log_text().contains(&holder(&ns)),
+            "the Lease names the leader: {}",
+            holder(&ns)
+        );
+    });
+}
+
+/// Without Kubernetes: the lease is a document in the store, written conditionally.
+#[test]
+fn exactly_one_replica_leads_through_a_lease_in_the_store_and_hands_over() {
+    elect_and_hand_over("store", &[], |_| {});
+}
+
+#[test]
+fn leader_election_is_refused_on_a_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(outpost_e2e::bin("outpost-registry"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--storage")
+        .arg(dir.path())
+        .args(["--leader-election", "store"])
+        .output()
+        .expect("run outpost-registry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--leader-election needs object storage"),
+        "{err}"
+    );
+}
+
+/// Two registries on one Azurite container elect one leader through `--leader-election
+/// <election>`; SIGTERM hands over at once; after a kill -9 a newcomer waits for the lease to
+/// expire. `check_leader` looks at the first leader.
+fn elect_and_hand_over(election: &str, env: &[(&str, &str)], check_leader: impl Fn(&Registry)) {
     let storage = Backend::Azurite.object_storage().expect("Azurite");
     let duration = format!("{DURATION_S}s");
     let args = [
         "--leader-election",
-        "kubernetes",
+        election,
         "--leader-lease-duration",
         duration.as_str(),
     ];
-    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
-    let start = || Registry::start_with_env(Some(storage.clone()), &args, &env);
+    let start = || Registry::start_with_env(Some(storage.clone()), &args, env);
     let a = start();
     let b = start();
     let lease_time = Duration::from_secs(DURATION_S);
@@ -135,11 +178,7 @@ fn exactly_one_replica_leads_through_a_kubernetes_lease_and_hands_over() {
         "leadership moved while both ran"
     );
     let (leader, other) = if first == 0 { (a, b) } else { (b, a) };
-    assert!(
-        leader.log_text().contains(&holder(&ns)),
-        "the Lease names the leader: {}",
-        holder(&ns)
-    );
+    check_leader(&leader);
 
     // SIGTERM: the leader gives the lease up, the other takes it within one retry period.
     let handed = Instant::now();

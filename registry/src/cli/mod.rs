@@ -107,8 +107,8 @@ pub struct ServeArgs {
     pub storage_redirect_expiry: Duration,
     /// How processes sharing one object store pick the one that runs sync, staging and
     /// retention (the others only serve): kubernetes (a Lease object, as the pod's
-    /// ServiceAccount in a cluster, through KUBECONFIG outside one) or none (this process is
-    /// the only one).
+    /// ServiceAccount in a cluster, through KUBECONFIG outside one), store (a lease document
+    /// in the store, written conditionally) or none (this process is the only one).
     #[arg(
         long,
         env = "OUTPOST_LEADER_ELECTION",
@@ -379,8 +379,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 leader: match a.leader_election {
                     LeaderElection::None => None,
                     LeaderElection::Kubernetes => Some(server::LeaderSettings {
-                        lease: a.leader_lease.clone(),
-                        namespace: a.leader_lease_namespace.clone(),
+                        kubernetes: Some((
+                            a.leader_lease.clone(),
+                            a.leader_lease_namespace.clone(),
+                        )),
+                        duration: a.leader_lease_duration,
+                    }),
+                    LeaderElection::Store => Some(server::LeaderSettings {
+                        kubernetes: None,
                         duration: a.leader_lease_duration,
                     }),
                 },

@@ -1,13 +1,14 @@
 //! Leader election: of the processes serving one store, one leads and runs the schedule-driven
 //! work (sync runs, the readwrite outbox, staging downloads, retention); all of them serve.
 //! Leadership is a lease: a Kubernetes `Lease` object ([`kubernetes`]) when running in a
-//! cluster. A leader renews it every third of its duration and steps down by itself when it
+//! cluster, or a document in the store written with conditional writes ([`store`]). A leader renews it every third of its duration and steps down by itself when it
 //! could not renew for two thirds of it, before any other process may take it over.
 //!
 //! Expiry is judged on the observer's own clock, from when it last saw the lease change (as
 //! client-go does), so clocks that disagree between nodes cannot make two leaders.
 
 pub mod kubernetes;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -49,6 +49,7 @@ pub async fn check(store: &dyn Store) {
     manifests(store).await;
     maintenance(store).await;
     documents(store).await;
+    conditional_documents(store).await;
 }
 
 async fn blobs(store: &dyn Store) {
@@ -424,6 +425,57 @@ async fn fs_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = super::fs::FsStore::open(dir.path()).unwrap();
     check(&store).await;
+}
+
+/// Conditional writes (the leader lease): of two writers that read the same version, one wins.
+async fn conditional_documents(store: &dyn Store) {
+    let key = "cas/lease.json";
+    assert_eq!(store.doc_get_versioned(key).await.unwrap(), None);
+    let v1 = store
+        .doc_put_if(key, Bytes::from_static(b"one"), None)
+        .await
+        .unwrap()
+        .expect("created when absent");
+    // A second create loses.
+    assert_eq!(
+        store
+            .doc_put_if(key, Bytes::from_static(b"other"), None)
+            .await
+            .unwrap(),
+        None
+    );
+    let (data, read) = store.doc_get_versioned(key).await.unwrap().unwrap();
+    assert_eq!((&data[..], &read), (&b"one"[..], &v1));
+    // Two writers from the same read: the first wins, the second is refused.
+    let v2 = store
+        .doc_put_if(key, Bytes::from_static(b"two"), Some(&read))
+        .await
+        .unwrap()
+        .expect("update from the current version");
+    assert_ne!(v2, v1);
+    assert_eq!(
+        store
+            .doc_put_if(key, Bytes::from_static(b"late"), Some(&read))
+            .await
+            .unwrap(),
+        None
+    );
+    let (data, now) = store.doc_get_versioned(key).await.unwrap().unwrap();
+    assert_eq!((&data[..], now), (&b"two"[..], v2.clone()));
+    // A plain write moves the version too.
+    store
+        .doc_put(key, Bytes::from_static(b"three"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .doc_put_if(key, Bytes::from_static(b"stale"), Some(&v2))
+            .await
+            .unwrap(),
+        None
+    );
+    store.doc_delete(key).await.unwrap();
+    assert!(invalid_key(store.doc_get_versioned("../x").await));
 }
 
 fn invalid_key(r: Result<impl std::fmt::Debug, StorageError>) -> bool {

@@ -18,6 +18,22 @@ pub const DOC_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 const MAX_KEY_LEN: usize = 512;
 
+/// Which content of a document a conditional write expects to replace: opaque, from
+/// [`super::Store::doc_get_versioned`] (an ETag and version on object storage, a content hash
+/// on disk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocVersion(String);
+
+impl DocVersion {
+    pub fn new(s: String) -> Self {
+        DocVersion(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 fn valid_segment(s: &str) -> bool {
     let mut bytes = s.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric() || b == b'_')

@@ -20,6 +20,7 @@ pub mod fs;
 pub mod hash;
 pub mod object;
 
+pub use docs::DocVersion;
 pub use object::RequestCounts;
 
 #[cfg(test)]
@@ -334,6 +335,21 @@ pub trait Store: Send + Sync + 'static {
     /// Keys of the documents directly in folder `dir` ("" for the top), sorted; not those
     /// in its sub-folders (one LIST on object storage, per 1000 keys).
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
+    /// A document with its version, for a conditional write (one GET on object storage).
+    async fn doc_get_versioned(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Bytes, DocVersion)>, StorageError>;
+    /// Replaces a document only if it is still at `expected` (`None`: only if there is none),
+    /// so of two writers racing from the same read one wins. The new version, or `None` when
+    /// the document changed since (one PUT on object storage; a store without conditional
+    /// writes falls back to reading first, which narrows the race without closing it).
+    async fn doc_put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        expected: Option<&DocVersion>,
+    ) -> Result<Option<DocVersion>, StorageError>;
 
     /// A URL the client may fetch the blob from directly for a while (a presigned or SAS
     /// URL), when the store is set to redirect blob downloads; `None` otherwise.

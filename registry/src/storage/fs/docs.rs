@@ -10,7 +10,8 @@ use bytes::Bytes;
 use super::FsStore;
 use super::files::*;
 use crate::storage::StorageError;
-use crate::storage::docs::{self, DOC_MAX_BYTES, DOC_ROOT};
+use crate::storage::docs::{self, DOC_MAX_BYTES, DOC_ROOT, DocVersion};
+use crate::storage::hash::digest_of;
 
 impl FsStore {
     fn doc_path(&self, key: &str) -> PathBuf {
@@ -98,4 +99,38 @@ pub(super) async fn doc_list(store: &FsStore, dir: &str) -> Result<Vec<String>, 
         Ok(out)
     })
     .await
+}
+
+/// One conditional write at a time in this process: a directory has one serving process (its
+/// lock), so this makes the read-compare-write atomic.
+static CONDITIONAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn version_of(data: &[u8]) -> DocVersion {
+    DocVersion::new(digest_of(outpost_core::Algorithm::Sha256, data).to_string())
+}
+
+pub(super) async fn doc_get_versioned(
+    store: &FsStore,
+    key: &str,
+) -> Result<Option<(Bytes, DocVersion)>, StorageError> {
+    Ok(doc_get(store, key).await?.map(|b| {
+        let v = version_of(&b);
+        (b, v)
+    }))
+}
+
+pub(super) async fn doc_put_if(
+    store: &FsStore,
+    key: &str,
+    data: Bytes,
+    expected: Option<&DocVersion>,
+) -> Result<Option<DocVersion>, StorageError> {
+    let _one = CONDITIONAL.lock().await;
+    let current = doc_get(store, key).await?.map(|b| version_of(&b));
+    if current.as_ref() != expected {
+        return Ok(None);
+    }
+    let version = version_of(&data);
+    doc_put(store, key, data).await?;
+    Ok(Some(version))
 }

@@ -2,12 +2,12 @@
 //! object whole, so there is nothing to stage.
 
 use bytes::Bytes;
-use object_store::ObjectStore;
 use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::{BucketStore, os_err};
 use crate::storage::StorageError;
-use crate::storage::docs::{self, DOC_MAX_BYTES, DOC_ROOT};
+use crate::storage::docs::{self, DOC_MAX_BYTES, DOC_ROOT, DocVersion};
 
 impl BucketStore {
     fn doc_key(&self, key: &str) -> Key {
@@ -60,4 +60,84 @@ pub(super) async fn doc_list(store: &BucketStore, dir: &str) -> Result<Vec<Strin
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// An ETag and, where the store versions objects, the version: what a conditional PUT names.
+fn version_of(e_tag: Option<String>, version: Option<String>) -> DocVersion {
+    DocVersion::new(format!(
+        "{}\n{}",
+        e_tag.unwrap_or_default(),
+        version.unwrap_or_default()
+    ))
+}
+
+fn update_version(v: &DocVersion) -> UpdateVersion {
+    let (e_tag, version) = v.as_str().split_once('\n').unwrap_or((v.as_str(), ""));
+    UpdateVersion {
+        e_tag: Some(e_tag.to_owned()).filter(|s| !s.is_empty()),
+        version: Some(version.to_owned()).filter(|s| !s.is_empty()),
+    }
+}
+
+pub(super) async fn doc_get_versioned(
+    store: &BucketStore,
+    key: &str,
+) -> Result<Option<(Bytes, DocVersion)>, StorageError> {
+    docs::check_key(key)?;
+    let r = match store.store.get(&store.doc_key(key)).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(os_err(e)),
+    };
+    if r.meta.size > DOC_MAX_BYTES {
+        return Err(StorageError::Io(std::io::Error::other(format!(
+            "document {key} is larger than {DOC_MAX_BYTES} bytes"
+        ))));
+    }
+    let version = version_of(r.meta.e_tag.clone(), r.meta.version.clone());
+    Ok(Some((r.bytes().await.map_err(os_err)?, version)))
+}
+
+pub(super) async fn doc_put_if(
+    store: &BucketStore,
+    key: &str,
+    data: Bytes,
+    expected: Option<&DocVersion>,
+) -> Result<Option<DocVersion>, StorageError> {
+    docs::check_key(key)?;
+    let k = store.doc_key(key);
+    let mode = match expected {
+        None => PutMode::Create,
+        Some(v) => PutMode::Update(update_version(v)),
+    };
+    match store
+        .store
+        .put_opts(
+            &k,
+            PutPayload::from_bytes(data.clone()),
+            PutOptions::from(mode),
+        )
+        .await
+    {
+        Ok(r) => Ok(Some(version_of(r.e_tag, r.version))),
+        // Someone else created or changed it since it was read: they won.
+        Err(object_store::Error::AlreadyExists { .. })
+        | Err(object_store::Error::Precondition { .. }) => Ok(None),
+        // A store without conditional writes (S3 without aws_conditional_put): compare the
+        // version read now with the one expected, then write. Best effort: two writers can
+        // still both pass the comparison in the moment between.
+        Err(object_store::Error::NotImplemented { .. }) => {
+            let now = doc_get_versioned(store, key).await?.map(|(_, v)| v);
+            if now.as_ref() != expected {
+                return Ok(None);
+            }
+            let r = store
+                .store
+                .put(&k, PutPayload::from_bytes(data))
+                .await
+                .map_err(os_err)?;
+            Ok(Some(version_of(r.e_tag, r.version)))
+        }
+        Err(e) => Err(os_err(e)),
+    }
 }

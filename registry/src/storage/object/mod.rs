@@ -31,8 +31,8 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
-    BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, MaintenanceGuard, NewManifest,
-    RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+    BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, MaintenanceGuard,
+    NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
 };
 
 mod blobs;
@@ -463,6 +463,22 @@ impl Store for BucketStore {
 
     async fn doc_list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         docs::doc_list(self, dir).await
+    }
+
+    async fn doc_get_versioned(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Bytes, DocVersion)>, StorageError> {
+        docs::doc_get_versioned(self, key).await
+    }
+
+    async fn doc_put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        expected: Option<&DocVersion>,
+    ) -> Result<Option<DocVersion>, StorageError> {
+        docs::doc_put_if(self, key, data, expected).await
     }
 
     async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
