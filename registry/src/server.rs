@@ -4,6 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -26,7 +27,6 @@ use crate::tls;
 
 /// In-flight requests get this long to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(30);
-/// How often the storage size gauge is recomputed from disk.
 /// How often the store is listed to correct the running total of its size (pushes,
 /// downloads and evictions keep it current in between; on object storage a listing costs one
 /// LIST per 1000 blobs).
@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub sync: Option<SyncSettings>,
     /// Evict least recently pulled, unpinned images above this many bytes.
     pub max_storage: Option<u64>,
+    /// Serve on, not ready, this long after SIGTERM/SIGINT before draining.
+    pub shutdown_delay: Duration,
 }
 
 /// The lease processes sharing a store compete for.
@@ -184,21 +186,43 @@ fn limit_slow_clients(
         .header_read_timeout(Duration::from_secs(30));
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+/// SIGTERM and SIGINT, watched from start-up to the end: a second signal (during the shutdown
+/// delay) is told apart from the first, which one listener per wait could not do.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
+                tracing::warn!(error = %e, "cannot watch {name}");
+                None
+            }
+        };
+        Signals {
+            term: watch(SignalKind::terminate(), "SIGTERM"),
+            int: watch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
+        }
     }
 }
 
@@ -231,7 +255,8 @@ fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Dur
     });
 }
 
-/// Serves until SIGTERM or SIGINT, then drains in-flight requests for up to 30 s.
+/// Serves until SIGTERM or SIGINT; then, not ready, for the shutdown delay; then drains
+/// in-flight requests for up to 30 s.
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     opts.validate()?;
     let storage = opts.storage.to_string_lossy().into_owned();
@@ -402,6 +427,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .filter(|_| opts.sync.as_ref().is_some_and(|s| s.pull_through))
             .map(|s| crate::service::pull_through::PullThrough::new(s.clone())),
         syncer: syncer.clone(),
+        shutting_down: AtomicBool::new(false),
     });
 
     let metrics_addr = opts.metrics_listen.filter(|m| *m != opts.listen);
@@ -463,8 +489,23 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         add(l, api::metrics_only_router(app.clone()), "metrics")?;
     }
 
+    // Watched from here, as before: a signal during start-up still ends the process at once.
+    let mut signals = Signals::new();
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = signals.next() => {
+            // Not ready first, listeners still open: load balancers and Kubernetes endpoints
+            // take a few seconds to stop sending new connections to this process.
+            app.shutting_down.store(true, Ordering::SeqCst);
+            if !opts.shutdown_delay.is_zero() {
+                tracing::info!(
+                    delay_seconds = opts.shutdown_delay.as_secs_f64(),
+                    "shutting down: not ready, serving on for the shutdown delay"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(opts.shutdown_delay) => {}
+                    _ = signals.next() => tracing::info!("second signal: shutdown delay cut short"),
+                }
+            }
             tracing::info!("shutting down: draining in-flight requests");
             for h in &handles {
                 h.graceful_shutdown(Some(DRAIN));

@@ -1,5 +1,6 @@
 //! `outpost-registry serve` as an operator meets it: TLS, refusals at start, one server per
-//! store, JSON logs, and a SIGTERM that drains in-flight downloads and exits 0.
+//! store, JSON logs, and a SIGTERM that drains in-flight downloads and exits 0 (after a shutdown
+//! delay, not ready but still serving, when one is set).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -128,6 +129,104 @@ fn sigterm_drains_an_in_flight_download_then_exits_zero() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// `GET url`'s status on a fresh connection (a new client: no pooled keep-alive connection
+/// from before the signal can stand in for the listener), or None when refused.
+fn status_on_new_connection(url: &str) -> Option<u16> {
+    http().get(url).send().ok().map(|r| r.status().as_u16())
+}
+
+/// Polls `url` (fresh connections) until it answers `want`, for `within` at most.
+fn wait_for_status(url: &str, want: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = status_on_new_connection(url);
+        if last == Some(want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{url} did not answer {want} within {within:?} (last: {last:?})");
+}
+
+/// SIGTERM with a shutdown delay: /readyz (API and admin listeners) answers 503 at once while
+/// the listener still takes new connections and serves downloads; a second SIGTERM cuts the
+/// delay short and the process exits 0. (The delay is two minutes, so nothing here depends on
+/// being quick: every step has a bound far inside it.)
+#[test]
+fn sigterm_makes_readyz_503_while_serving_through_the_shutdown_delay() {
+    let mut reg = Registry::start_with_args(&["--shutdown-delay", "120s"]);
+    let data = pseudo_random(21, 256 * 1024);
+    let d = sha256(&data);
+    let r = http()
+        .post(format!("{}/v2/delay/blobs/uploads/?digest={d}", reg.url()))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let ready = format!("{}/readyz", reg.url());
+    let admin_ready = format!("http://127.0.0.1:{}/readyz", reg.admin_port);
+    wait_for_status(&ready, 200, Duration::from_secs(20));
+    assert_eq!(status_on_new_connection(&admin_ready), Some(200));
+
+    let signalled = Instant::now();
+    reg.sigterm();
+    wait_for_status(&ready, 503, Duration::from_secs(10));
+    let r = http().get(&ready).send().unwrap();
+    assert_eq!(r.text().unwrap(), "shutting down\n");
+    assert_eq!(status_on_new_connection(&admin_ready), Some(503));
+    // Not ready, yet serving: a download on a new connection succeeds, whole.
+    let r = http()
+        .get(format!("{}/v2/delay/blobs/{d}", reg.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
+    assert_eq!(
+        status_on_new_connection(&format!("{}/v2/", reg.url())),
+        Some(200)
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(60),
+        "the steps above took too long to prove anything about the delay"
+    );
+
+    // A second SIGTERM: no more waiting, drain and exit 0, long before the delay is over.
+    reg.sigterm();
+    let status = reg.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(110),
+        "exited only when the delay ran out: {:?}",
+        signalled.elapsed()
+    );
+}
+
+/// A short shutdown delay runs out on its own: the process exits 0, never before the delay.
+#[test]
+fn shutdown_delay_runs_out_then_the_process_drains_and_exits_zero() {
+    let mut reg = Registry::start_with_args(&["--shutdown-delay", "3s"]);
+    wait_for_status(
+        &format!("{}/readyz", reg.url()),
+        200,
+        Duration::from_secs(20),
+    );
+    let signalled = Instant::now();
+    reg.sigterm();
+    let status = reg.wait_exit(Duration::from_secs(45));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "exited {:?} after SIGTERM, before the 3 s delay",
+        signalled.elapsed()
+    );
+    let log = reg.log_text();
+    assert!(
+        log.contains("not ready, serving on for the shutdown delay"),
+        "{log}"
+    );
+}
+
 #[test]
 fn https_with_rustls_for_http_clients_and_skopeo() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,6 +338,8 @@ fn help_documents_every_flag() {
         "--tls-key",
         "--http",
         "--upload-expiry",
+        "--shutdown-delay",
+        "OUTPOST_SHUTDOWN_DELAY",
         "--log-level",
         "--log-format",
         "OUTPOST_LISTEN",

@@ -1,5 +1,7 @@
 //! Liveness, readiness and the Prometheus endpoint.
 
+use std::sync::atomic::Ordering;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -16,9 +18,11 @@ async fn healthz() -> Response {
 
 /// Ready when storage answers: a store that cannot be read cannot serve pulls. (Object stores
 /// decide from recent requests and probe at most every few seconds: each request is billed.)
+/// Not ready once shutting down, before the listeners close, so traffic moves elsewhere first.
 async fn readyz(State(app): State<Shared>) -> Response {
-    let ok = app.store.check_ready().await.is_ok();
-    let mut r = if ok {
+    let mut r = if app.shutting_down.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if app.store.check_ready().await.is_ok() {
         "ready\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable\n").into_response()

@@ -52,6 +52,9 @@ pub struct AppState {
     pub retention: Option<Arc<crate::service::retention::Retention>>,
     /// Staging requests; `None` when standalone.
     pub staging: Option<Arc<crate::service::staging::Staging>>,
+    /// Set on SIGTERM/SIGINT: /readyz answers 503 from then on, so load balancers stop
+    /// sending new connections while the listeners still serve (`--shutdown-delay`).
+    pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
 pub type Shared = Arc<AppState>;

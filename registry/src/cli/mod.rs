@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// Serve plain HTTP even on a non-loopback address (without it, that is refused).
     #[arg(long, env = "OUTPOST_HTTP")]
     pub http: bool,
+    /// After SIGTERM/SIGINT, keep serving this long with /readyz answering 503 before the
+    /// listeners close and in-flight requests drain (up to 30 s): time for load balancers and
+    /// Kubernetes endpoints to stop sending new connections (s, m or h suffix; the chart sets
+    /// 5s). A second signal ends the delay early.
+    #[arg(long, env = "OUTPOST_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// Upload sessions idle for longer than this are removed (s, m, h or d suffix).
     #[arg(long, env = "OUTPOST_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration)]
     pub upload_expiry: Duration,
@@ -401,6 +407,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 token_lifetime: a.token_lifetime,
                 sync,
                 max_storage: a.max_storage,
+                shutdown_delay: a.shutdown_delay,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
