@@ -100,9 +100,10 @@ class _Api(BaseHTTPRequestHandler):
         self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
 
-def render(chart, values=None, namespace="outpost", release="outpost"):
+def render(chart, values=None, namespace="outpost", release="outpost", skip_schema=False):
     """Installs `chart` with `values` into the stand-in API. Returns (objects Helm created, the
-    release Install returned: `manifest` is Helm's rendered YAML, `info.notes` the NOTES)."""
+    release Install returned: `manifest` is Helm's rendered YAML, `info.notes` the NOTES).
+    skip_schema: as `helm install --skip-schema-validation` (what the templates refuse alone)."""
     import helm_sdkpy
 
     created = []
@@ -123,7 +124,8 @@ def render(chart, values=None, namespace="outpost", release="outpost"):
             kubeconfig_file.write(kubeconfig)
         config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig_file.name)
         result = asyncio.run(helm_sdkpy.Install(config).run(
-            release, chart, values=values or None, wait=False, timeout=60))
+            release, chart, values=values or None, wait=False, timeout=60,
+            skip_schema_validation=skip_schema))
     finally:
         server.shutdown()
         server.server_close()

@@ -77,6 +77,14 @@ SCENARIOS = {
                                   "registry": {"serviceAccount": {"annotations": {
                                       "azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000001"}},
                                       "podLabels": {"azure.workload.identity/use": "true"}}}, True),
+    # Several registry pods on object storage (a PodDisruptionBudget, spread over nodes).
+    "ha-azblob": ({"connectionString": CONN,
+                   "storage": {"type": "azblob", "existingSecret": "azurite",
+                               "azblob": {"container": "outpost", "useEmulator": True}},
+                   "registry": {"replicas": 3}}, True),
+    "ha-s3-strict-spread": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}},
+                             "registry": {"replicas": 2, "shutdownDelaySeconds": 10,
+                                          "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}}, True),
     # Must fail: the schema rejects unknown keys and wrong types, and contradictory values. The
     # third item is what Helm's own validation must say (checked through an install into the
     # stand-in API, since Lint's messages carry no text through helm-sdkpy).
@@ -133,6 +141,16 @@ SCENARIOS = {
     "secret-keys-without-secret": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"},
                                                 "secretKeys": {"AWS_ACCESS_KEY_ID": "id"}}}, False,
                                    "at '/storage/existingSecret': minLength"),
+    # Replicas: more than one only on object storage (one pod mounts a PVC; one writer per
+    # directory store).
+    "replicas-on-pvc": ({"registry": {"replicas": 2}}, False,
+                        "at '/registry/replicas': maximum: got 2, want 1"),
+    "replicas-zero": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}}, "registry": {"replicas": 0}},
+                      False, "at '/registry/replicas': minimum: got 0, want 1"),
+    "unknown-spread-policy": ({"registry": {"topologySpread": {"whenUnsatisfiable": "Never"}}}, False,
+                              "at '/registry/topologySpread/whenUnsatisfiable': value must be one of"),
+    "shutdown-delay-with-unit": ({"registry": {"shutdownDelaySeconds": "5s"}}, False,
+                                 "at '/registry/shutdownDelaySeconds': got string, want integer"),
     "pod-label-not-a-string": ({"registry": {"podLabels": {"azure.workload.identity/use": True}}}, False,
                                "at '/registry/podLabels/azure.workload.identity~1use': got boolean, want string"),
     "pod-label-overrides-selector": ({"registry": {"podLabels": {"app.kubernetes.io/name": "x"}}}, False,

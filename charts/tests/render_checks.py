@@ -147,9 +147,27 @@ def registry_args(o):
     return containers(o.one("Deployment", "-registry"))[0]["args"]
 
 
+def check_single_registry(o):
+    """One registry pod (the default): no PodDisruptionBudget of its own (it would block every
+    node drain), no spread; not ready and serving for the shutdown delay, within the grace."""
+    reg = o.one("Deployment", "-registry")
+    assert reg["spec"]["replicas"] == 1, reg["spec"]
+    assert not [p for p in o.of("PodDisruptionBudget") if p["metadata"]["name"].endswith("-registry")]
+    pod = reg["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod, pod
+    check_shutdown(reg, 5)
+
+
+def check_shutdown(reg, delay):
+    """--shutdown-delay as the values say, and a grace period that covers it and the drain."""
+    assert f"--shutdown-delay={delay}s" in containers(reg)[0]["args"], containers(reg)[0]["args"]
+    assert reg["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= delay + 30 + 5, reg["spec"]
+
+
 def check_default(o):
     reg = o.one("Deployment", "-registry")
     assert reg["spec"]["replicas"] == 1 and reg["spec"]["strategy"]["type"] == "Recreate"
+    check_single_registry(o)
     args = registry_args(o)
     assert "--connection-string-file=/etc/outpost/connection/connection-string" in args, args
     assert not any(a.startswith("--connection-string=") for a in args), args
@@ -413,6 +431,7 @@ def check_layout(runtime, mount, env):
 
 
 def check_standalone(o):
+    check_single_registry(o)
     args = registry_args(o)
     assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
     assert "standalone" in o.notes
@@ -444,11 +463,11 @@ def registry_env(o):
     return out
 
 
-def check_object_storage_pod(o):
-    """Any object store: no PVC, no data volume, a rolling update of the one replica."""
+def check_object_storage_pod(o, replicas=1):
+    """Any object store: no PVC, no data volume, a rolling update that keeps every replica."""
     assert not o.of("PersistentVolumeClaim"), "object storage needs no PVC"
     reg = o.one("Deployment", "-registry")
-    assert reg["spec"]["replicas"] == 1
+    assert reg["spec"]["replicas"] == replicas
     assert reg["spec"]["strategy"] == {"type": "RollingUpdate",
                                        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, reg["spec"]
     pod = reg["spec"]["template"]["spec"]
@@ -488,6 +507,7 @@ def check_s3(o):
 
 def check_azblob_emulator(o):
     check_object_storage_pod(o)
+    check_single_registry(o)
     args = registry_args(o)
     assert "--storage=azblob://outpost" in args and not any(a.startswith("--storage-option") for a in args)
     assert not any(a.startswith("--storage-redirect") for a in args), args
@@ -521,6 +541,53 @@ def check_azblob_workload_identity(o):
     sa = o.one("ServiceAccount", "-registry")
     assert sa["metadata"]["annotations"]["azure.workload.identity/client-id"] == \
         "00000000-0000-0000-0000-000000000001", sa
+
+
+def check_ha(when_unsatisfiable, delay):
+    """replicas 3 on object storage: a rolling update that never drops below 3, a budget that
+    lets one pod go at a time, spread over nodes, the webhook's budget untouched."""
+    def check(o):
+        check_object_storage_pod(o, replicas=3)
+        reg = o.one("Deployment", "-registry")
+        selector = reg["spec"]["selector"]["matchLabels"]
+        assert selector["app.kubernetes.io/component"] == "registry", selector
+        pdb = o.one("PodDisruptionBudget", "-registry")
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}, pdb["spec"]
+        assert o.one("PodDisruptionBudget", "-webhook")["spec"]["minAvailable"] == 1
+        spread = reg["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                           "whenUnsatisfiable": when_unsatisfiable,
+                           "labelSelector": {"matchLabels": selector}}], spread
+        # The spread's selector finds the registry's pods, and only them.
+        labels = reg["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector.items()), labels
+        for other in o.workloads():
+            if other is not reg:
+                other_labels = other["spec"]["template"]["metadata"]["labels"]
+                assert not all(other_labels.get(k) == v for k, v in selector.items()), other_labels
+        check_shutdown(reg, delay)
+        probe = containers(reg)[0]["readinessProbe"]
+        assert probe["httpGet"]["path"] == "/readyz" and probe["periodSeconds"] <= 5, probe
+    return check
+
+
+def check_ha_two_strict(o):
+    reg = o.one("Deployment", "-registry")
+    assert reg["spec"]["replicas"] == 2, reg["spec"]
+    pod = reg["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule", pod
+    assert o.one("PodDisruptionBudget", "-registry")["spec"]["maxUnavailable"] == 1
+    check_shutdown(reg, 15)
+    assert pod["terminationGracePeriodSeconds"] == 55, pod
+
+
+# Values the schema refuses, refused by the templates too when an install skips the schema
+# (--skip-schema-validation): name -> (values, what the failure must say).
+REFUSALS = {
+    "replicas-on-pvc-without-schema": (
+        {"registry": {"replicas": 2}},
+        "registry.replicas > 1 needs object storage (storage.type s3 or azblob)"),
+}
 
 
 SCENARIOS = {
@@ -569,6 +636,14 @@ SCENARIOS = {
             "podLabels": {"azure.workload.identity/use": "true"},
             "podAnnotations": {"azure.workload.identity/proxy-sidecar-port": "8000"}}},
         check_azblob_workload_identity),
+    "ha-azblob": ({"connectionString": CONN, "storage": {
+        "type": "azblob", "existingSecret": "azurite-key",
+        "azblob": {"container": "outpost", "useEmulator": True, "endpoint": "http://azurite.storage:10000"}},
+        "registry": {"replicas": 3}}, check_ha("ScheduleAnyway", 5)),
+    "ha-s3-strict-spread": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}},
+                             "registry": {"replicas": 2, "shutdownDelaySeconds": 15,
+                                          "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}},
+                            check_ha_two_strict),
     "parent-rules-by-default": ({"connectionString": CONN, "repositories": ["hello-world", "team-a/**"]},
                                 check_parent_rules),
     "parent-over-http": ({"connectionString": CONN.replace(
@@ -617,7 +692,19 @@ def main():
         except Exception as e:  # noqa: BLE001 - report every scenario, then fail
             failures += 1
             print(f"FAIL {name:<24} {type(e).__name__}: {e}")
-    print(f"render checks: {len(SCENARIOS) - failures} passed, {failures} failed")
+    for name, (values, reason) in REFUSALS.items():
+        try:
+            helm_render.render(CHART, values, namespace=NS, release="outpost", skip_schema=True)
+            failures += 1
+            print(f"FAIL {name:<24} rendered; expected: {reason}")
+        except Exception as e:  # noqa: BLE001 - helm_sdkpy.HelmError, reported with its text
+            if reason in str(e):
+                print(f"ok   {name:<24} refused: {reason}")
+            else:
+                failures += 1
+                print(f"FAIL {name:<24} {type(e).__name__}: {e}")
+    total = len(SCENARIOS) + len(REFUSALS)
+    print(f"render checks: {total - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 

@@ -629,9 +629,14 @@ fn k3s_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
 /// registry's Deployment has no volume for data and a rolling update, and its pod (made by the
 /// controllers) takes the account key from the Secret by reference, never by value; no PVC is
 /// made, so the uninstall leaves nothing of the release (the user's Secret stays).
-#[test]
-fn azblob_installs_upgrades_and_uninstalls_leaving_nothing() {
-    let (ns, release) = ("azblob", "outpost-azblob");
+/// An azblob release in a new namespace `ns`, made as a user would: own TLS Secrets and the
+/// storage account key in a Secret beforehand; `registry` is the values' `registry` section.
+fn azblob_scenario(
+    release: &'static str,
+    ns: &'static str,
+    cluster_ip: &str,
+    registry: Value,
+) -> Scenario {
     cp().create_namespace(ns, &[]);
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_bundle = own_tls_secrets(ns, dir.path());
@@ -641,27 +646,38 @@ fn azblob_installs_upgrades_and_uninstalls_leaving_nothing() {
                 "data": {"AZURE_STORAGE_ACCOUNT_KEY": b64(b"a-key-kept-in-its-Secret")}}),
     );
     assert_eq!(status, 201, "create storage secret: {body}");
-    let s = Scenario {
+    Scenario {
         release,
         namespace: ns,
         values: json!({
             "cert-manager": {"enabled": false},
             "tls": {"secret": "own-registry-tls"},
-            "service": {"clusterIP": "10.96.100.14"},
+            "service": {"clusterIP": cluster_ip},
             "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
             "storage": {"type": "azblob", "existingSecret": "outpost-azurite",
                         "azblob": {"account": "outpoststore", "container": "outpost",
                                    "prefix": "site-1",
                                    "endpoint": "https://outpoststore.blob.core.windows.net"}},
-            "registry": {"serviceAccount": {"annotations": {
-                             "azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000001"}},
-                         "podLabels": {"azure.workload.identity/use": "true"}},
+            "registry": registry,
         }),
         webhook: true,
         trust: true,
         parent: false,
         pvc: false,
-    };
+    }
+}
+
+#[test]
+fn azblob_installs_upgrades_and_uninstalls_leaving_nothing() {
+    let (ns, release) = ("azblob", "outpost-azblob");
+    let s = azblob_scenario(
+        release,
+        ns,
+        "10.96.100.14",
+        json!({"serviceAccount": {"annotations": {
+                   "azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000001"}},
+               "podLabels": {"azure.workload.identity/use": "true"}}),
+    );
     install_upgrade_uninstall(s, &[], || {
         let admin = cp().admin();
         let d = admin.get_ok(&format!(
@@ -734,6 +750,61 @@ fn azblob_installs_upgrades_and_uninstalls_leaving_nothing() {
     // The user's Secret is theirs: the release never owned it.
     cp().admin()
         .get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-azurite"));
+}
+
+/// Three registry replicas on azblob: the API server accepts the registry's
+/// PodDisruptionBudget and topology spread as rendered, the controllers make three pods that
+/// carry the spread, and the disruption controller counts them under the budget; the
+/// uninstall leaves nothing (the budget included).
+#[test]
+fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothing() {
+    let (ns, release) = ("azblob-ha", "outpost-azblob-ha");
+    let s = azblob_scenario(release, ns, "10.96.100.15", json!({"replicas": 3}));
+    install_upgrade_uninstall(s, &[], || {
+        let admin = cp().admin();
+        let d = admin.get_ok(&format!(
+            "/apis/apps/v1/namespaces/{ns}/deployments/{release}-registry"
+        ));
+        assert_eq!(d["spec"]["replicas"], 3, "{d}");
+        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate", "{d}");
+        assert_eq!(
+            d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+            "{d}"
+        );
+        let selector = d["spec"]["selector"]["matchLabels"].clone();
+        assert_eq!(selector["app.kubernetes.io/component"], "registry", "{d}");
+        let spread = json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                             "whenUnsatisfiable": "ScheduleAnyway",
+                             "labelSelector": {"matchLabels": selector}}]);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["topologySpreadConstraints"], spread,
+            "{d}"
+        );
+        let pdb = admin.get_ok(&format!(
+            "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{release}-registry"
+        ));
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{pdb}");
+        assert_eq!(pdb["spec"]["selector"]["matchLabels"], selector, "{pdb}");
+        // The pods the controllers made carry the spread; the disruption controller finds the
+        // three of them through the budget's selector (none is ready: no node runs them).
+        let pods_path = format!(
+            "/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io/instance%3D{release},\
+             app.kubernetes.io/component%3Dregistry"
+        );
+        eventually(
+            || format!("3 registry pods: {}", admin.get(&pods_path).1),
+            || names(&admin.get(&pods_path).1).len() == 3,
+        );
+        for pod in admin.get_ok(&pods_path)["items"].as_array().expect("pods") {
+            assert_eq!(pod["spec"]["topologySpreadConstraints"], spread, "{pod}");
+        }
+        let pdb_path =
+            format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{release}-registry");
+        eventually(
+            || format!("budget status: {}", admin.get(&pdb_path).1),
+            || admin.get(&pdb_path).1["status"]["expectedPods"] == 3,
+        );
+    });
 }
 
 /// A binary started as the chart's pod would run it, outside the cluster; killed when dropped.

@@ -206,4 +206,12 @@ non-secret settings. Only for storage.type s3 or azblob.
 
 {{- define "outpost.checks" -}}
 {{- include "outpost.tlsChecks" . -}}
+{{- include "outpost.registryChecks" . -}}
+{{- end -}}
+
+{{/* What the schema refuses, refused again for installs that skip it (--skip-schema-validation). */}}
+{{- define "outpost.registryChecks" -}}
+{{- if and (gt (int .Values.registry.replicas) 1) (eq .Values.storage.type "pvc") -}}
+{{- fail "registry.replicas > 1 needs object storage (storage.type s3 or azblob): a PersistentVolume is mounted by one pod, and the filesystem store allows one writer" -}}
+{{- end -}}
 {{- end -}}
