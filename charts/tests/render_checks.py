@@ -155,6 +155,7 @@ def check_single_registry(o):
     assert not [p for p in o.of("PodDisruptionBudget") if p["metadata"]["name"].endswith("-registry")]
     pod = reg["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in pod, pod
+    assert not [a for a in containers(reg)[0]["args"] if a.startswith("--leader")], "one process: no election"
     check_shutdown(reg, 5)
 
 
@@ -566,6 +567,8 @@ def check_ha(when_unsatisfiable, delay):
                 other_labels = other["spec"]["template"]["metadata"]["labels"]
                 assert not all(other_labels.get(k) == v for k, v in selector.items()), other_labels
         check_shutdown(reg, delay)
+        # One of them runs scheduled syncs and retention: a lease in the bucket, no RBAC.
+        assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
         probe = containers(reg)[0]["readinessProbe"]
         assert probe["httpGet"]["path"] == "/readyz" and probe["periodSeconds"] <= 5, probe
     return check
@@ -577,6 +580,7 @@ def check_ha_two_strict(o):
     pod = reg["spec"]["template"]["spec"]
     assert pod["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule", pod
     assert o.one("PodDisruptionBudget", "-registry")["spec"]["maxUnavailable"] == 1
+    assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
     check_shutdown(reg, 15)
     assert pod["terminationGracePeriodSeconds"] == 55, pod
 

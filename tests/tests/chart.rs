@@ -803,3 +803,75 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
     assert_eq!(r.status().as_u16(), 200, "{}", again.log());
     assert_eq!(r.bytes().unwrap().as_ref(), blob.as_slice());
 }
+
+/// The chart's high-availability wiring run as its pods would: `registry.replicas: 2` on azblob
+/// renders `--leader-election=store`; two registries started with the rendered arguments and
+/// environment on one Azurite container both serve, and exactly one of them leads (never two).
+#[test]
+fn two_rendered_replicas_on_azblob_serve_with_exactly_one_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = outpost_e2e::emulators::azurite();
+    let rendered = render(&format!(
+        r#"{{"httpsEnabled": false, "trustDistribution": {{"enabled": false}}, "webhook": {{"enabled": false}},
+            "registry": {{"replicas": 2}},
+            "storage": {{"type": "azblob", "existingSecret": "outpost-azurite",
+                        "azblob": {{"container": "{}", "prefix": "site-ha", "useEmulator": true,
+                                    "endpoint": "http://127.0.0.1:{}"}}}}}}"#,
+        storage.bucket,
+        storage.emulator().port()
+    ));
+    let registry = object(&rendered, "Deployment", "outpost-registry");
+    assert_eq!(registry["spec"]["replicas"], 2, "{registry}");
+    let env = kubelet_env(
+        registry,
+        &[(
+            "outpost-azurite",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            outpost_e2e::emulators::AZURITE_KEY,
+        )],
+    );
+    let mut pods = Vec::new();
+    let mut apis = Vec::new();
+    for i in 0..2 {
+        let (args, ports) = local_args(registry, &dir.path().join(format!("pod-{i}")));
+        assert!(
+            args.iter().any(|a| a == "--leader-election=store"),
+            "{args:?}"
+        );
+        let mut pod = Running::start_with_env(
+            "outpost-registry",
+            &args,
+            &env,
+            dir.path().join(format!("pod-{i}.log")),
+        );
+        let api = port(&ports, "--listen");
+        pod.wait_ready(&http(), &format!("http://127.0.0.1:{api}/readyz"));
+        pods.push(pod);
+        apis.push(api);
+    }
+    let gauge = |api: u16| {
+        let text = http()
+            .get(format!("http://127.0.0.1:{api}/metrics"))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        outpost_e2e::metrics::sample(&text, "outpost_leader")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let gauges: Vec<Option<f64>> = apis.iter().map(|a| gauge(*a)).collect();
+        let leaders = gauges.iter().filter(|g| **g == Some(1.0)).count();
+        let logs = || format!("{}\n---\n{}", pods[0].log(), pods[1].log());
+        assert!(leaders <= 1, "two leaders at once: {gauges:?}\n{}", logs());
+        if leaders == 1 && gauges.iter().all(Option::is_some) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single leader within 60 s: {gauges:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

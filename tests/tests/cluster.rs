@@ -771,6 +771,12 @@ fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothi
             d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
             "{d}"
         );
+        let args = &d["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert!(
+            args.as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "--leader-election=store")),
+            "{args}"
+        );
         let selector = d["spec"]["selector"]["matchLabels"].clone();
         assert_eq!(selector["app.kubernetes.io/component"], "registry", "{d}");
         let spread = json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
