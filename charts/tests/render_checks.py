@@ -155,7 +155,12 @@ def check_single_registry(o):
     assert not [p for p in o.of("PodDisruptionBudget") if p["metadata"]["name"].endswith("-registry")]
     pod = reg["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in pod, pod
-    assert not [a for a in containers(reg)[0]["args"] if a.startswith("--leader")], "one process: no election"
+    # On a PVC there is one process (the store's lock); on object storage a rolling update
+    # overlaps two pods, so even one replica elects.
+    election = [a for a in containers(reg)[0]["args"] if a.startswith("--leader")]
+    object_storage = any(a.startswith(("--storage=s3://", "--storage=azblob://"))
+                         for a in containers(reg)[0]["args"])
+    assert election == (["--leader-election=store"] if object_storage else []), election
     check_shutdown(reg, 5)
 
 
@@ -438,7 +443,7 @@ def check_standalone(o):
     assert "standalone" in o.notes
     # storage.type pvc (the default): the PVC mounted where --storage points, one pod at a time.
     assert "--storage=/var/lib/outpost" in args and not any(a.startswith("--storage-option") for a in args)
-    assert not any(a.startswith("--storage-redirect") for a in args), args
+    assert not any(a.startswith("--storage-redirect") or a.startswith("--leader") for a in args), args
     reg = o.one("Deployment", "-registry")
     assert reg["spec"]["strategy"] == {"type": "Recreate"}, reg["spec"]["strategy"]
     pvc = o.one("PersistentVolumeClaim", "-data")
@@ -475,6 +480,8 @@ def check_object_storage_pod(o, replicas=1):
     assert not [v for v in pod.get("volumes") or [] if v["name"] == "data"], pod["volumes"]
     assert not [m for m in containers(reg)[0].get("volumeMounts") or [] if m["name"] == "data"]
     assert pod["automountServiceAccountToken"] is False
+    # One pod syncs even while a rolling update runs two: a lease in the bucket, no RBAC.
+    assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
     # The chart makes no Secret for the object store: credentials stay in the user's.
     assert not [s for s in o.of("Secret") if "storage" in s["metadata"]["name"] or "s3" in s["metadata"]["name"]]
     assert "no PersistentVolumeClaim" in o.notes, o.notes
