@@ -225,6 +225,10 @@ impl Emulator {
                 ],
             ),
         };
+        // gc waits this long after taking its lease before it marks (the default, 5 s, would
+        // slow every gc of the tests); serve and the CLI get the same options, as they must.
+        let mut options = options;
+        options.push("maintenance_settle=1s".to_owned());
         ObjectStorage {
             url,
             options,

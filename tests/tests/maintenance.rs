@@ -84,6 +84,13 @@ fn blob_stored(reg: &Registry, digest: &str) -> bool {
     }
 }
 
+/// Whether no maintenance lease is left in the bucket.
+fn no_lease_left(reg: &Registry) -> bool {
+    reg.object
+        .as_ref()
+        .is_none_or(|o| !o.keys().iter().any(|k| k.starts_with("locks/")))
+}
+
 /// Replaces a blob's content behind the registry's back.
 fn overwrite_blob(reg: &Registry, digest: &str, data: Vec<u8>) {
     match &reg.object {
@@ -172,6 +179,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     gc_removes_only_unreferenced_blobs,
     gc_while_pushing_keeps_every_pushed_image,
+    gc_beside_pushes_reusing_old_blobs_leaves_no_dangling_manifest,
     fsck_reports_corruption_and_missing_blobs,
 );
 
@@ -236,14 +244,21 @@ fn gc_removes_only_unreferenced_blobs(backend: Backend) {
         let (_, parts) = store_requests(&out).expect("request count on object storage");
         assert!(count(&parts, "delete") >= 4, "one delete per blob: {out}");
     }
-    // With nothing to remove, a run costs listings and manifest reads, nothing per blob.
+    // With nothing to remove, a run costs listings and manifest reads, nothing per blob: the
+    // only write and delete are the maintenance lease's (created, then deleted).
     let out = cli_ok(&reg, &["gc", "--grace", "0"]);
     assert!(out.contains("removed 0 blobs"), "{out}");
     if reg.object.is_some() {
         let (_, parts) = store_requests(&out).expect("request count on object storage");
-        for op in ["head", "delete", "put"] {
-            assert_eq!(count(&parts, op), 0, "{op} with nothing to remove: {out}");
+        assert_eq!(
+            count(&parts, "head"),
+            0,
+            "head with nothing to remove: {out}"
+        );
+        for op in ["delete", "put"] {
+            assert_eq!(count(&parts, op), 1, "{op}: only the lease's: {out}");
         }
+        assert!(no_lease_left(&reg), "the lease is gone after the run");
     }
     for d in [&dropped.config, &dropped.layer, &dropped.manifest, &orphan] {
         assert!(!blob_stored(&reg, d), "{d} removed");
@@ -316,6 +331,119 @@ fn gc_while_pushing_keeps_every_pushed_image(backend: Backend) {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// Pushes `p`'s manifest again without uploading its blobs first (they are in the store, old
+/// and unreferenced). The registry may refuse (a gc took a blob: the client uploads it again)
+/// or ask to retry (503 while gc holds the lock); returns how many attempts it took.
+fn push_reusing(reg: &Registry, repo: &str, tag: &str, p: &Pushed) -> u32 {
+    let c = http();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for attempt in 1..=40 {
+        assert!(
+            Instant::now() < deadline,
+            "{repo}:{tag} not pushed in 120 s"
+        );
+        let r = c
+            .put(format!("{}/v2/{repo}/manifests/{tag}", reg.url()))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(p.manifest_bytes.clone())
+            .send()
+            .unwrap();
+        let status = r.status();
+        let body = r.text().unwrap_or_default();
+        match status {
+            StatusCode::CREATED => return attempt,
+            StatusCode::BAD_REQUEST if body.contains("MANIFEST_BLOB_UNKNOWN") => {
+                for (d, data) in [(&p.config, &p.config_bytes), (&p.layer, &p.layer_bytes)] {
+                    let r = c
+                        .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", reg.url()))
+                        .body(data.clone())
+                        .send()
+                        .unwrap();
+                    let st = r.status();
+                    let text = r.text().unwrap_or_default();
+                    // --grace 0s spares no upload: a blob found already stored can be swept
+                    // before it is linked (404 BLOB_UNKNOWN); the next attempt uploads again.
+                    assert!(
+                        st == StatusCode::CREATED
+                            || (st == StatusCode::NOT_FOUND && text.contains("BLOB_UNKNOWN")),
+                        "upload {d}: {st} {text}"
+                    );
+                }
+            }
+            StatusCode::SERVICE_UNAVAILABLE => std::thread::sleep(Duration::from_millis(200)),
+            other => panic!("push {repo}:{tag}: {other} {body}"),
+        }
+    }
+    panic!("{repo}:{tag} not pushed in 40 attempts");
+}
+
+/// A separate `gc --grace 0s` process runs again and again beside `serve` while manifests are
+/// pushed that re-use old, unreferenced blobs (their images were deleted): gc must not sweep
+/// a blob a push has just checked. Every push ends up stored with its blobs (refused pushes
+/// upload them again), and fsck finds no dangling manifest.
+fn gc_beside_pushes_reusing_old_blobs_leaves_no_dangling_manifest(backend: Backend) {
+    let reg = Arc::new(Registry::start_on(backend, &[]));
+    const IMAGES: u64 = 12;
+    let images: Vec<Pushed> = (0..IMAGES)
+        .map(|i| push(&reg, "reuse/app", &format!("old{i}"), 500 + i))
+        .collect();
+    for p in &images {
+        let r = http()
+            .delete(format!(
+                "{}/v2/reuse/app/manifests/{}",
+                reg.url(),
+                p.manifest
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let images = Arc::new(images);
+    let (r2, i2) = (reg.clone(), images.clone());
+    let pusher = std::thread::spawn(move || {
+        let mut attempts = 0;
+        for (i, p) in i2.iter().enumerate() {
+            // Spread over the gc runs: before a lease, while it settles, while it sweeps.
+            std::thread::sleep(Duration::from_millis((i as u64 * 137) % 450));
+            attempts += push_reusing(&r2, "reuse/app", &format!("v{i}"), p);
+        }
+        attempts
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut runs = 0;
+    while runs < 3 || !pusher.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "pushes beside gc not done in 240 s"
+        );
+        assert!(runs < 200, "pushes beside gc not done in 200 gc runs");
+        cli_ok(&reg, &["gc", "--grace", "0s"]);
+        runs += 1;
+    }
+    let attempts = pusher.join().unwrap();
+    eprintln!("{IMAGES} pushes took {attempts} attempts beside {runs} gc runs");
+    let out = cli_ok(&reg, &["fsck"]);
+    assert!(out.contains(", 0 problems"), "{out}");
+    let c = http();
+    for (i, p) in images.iter().enumerate() {
+        let r = c
+            .get(format!("{}/v2/reuse/app/manifests/v{i}", reg.url()))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "v{i}");
+        assert_eq!(r.bytes().unwrap().as_ref(), p.manifest_bytes.as_slice());
+        for (d, data) in [(&p.config, &p.config_bytes), (&p.layer, &p.layer_bytes)] {
+            let r = c
+                .get(format!("{}/v2/reuse/app/blobs/{d}", reg.url()))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "v{i}: {d}");
+            assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice(), "v{i}: {d}");
+        }
+    }
 }
 
 fn fsck_reports_corruption_and_missing_blobs(backend: Backend) {

@@ -176,6 +176,15 @@ impl From<StorageError> for ApiError {
                     "internal storage error",
                 )
             }
+            S::MaintenanceLocked(why) => {
+                tracing::warn!(reason = %why, "maintenance lock");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    "storage is under maintenance, retry later",
+                )
+                .header(header::RETRY_AFTER, STORAGE_RETRY_AFTER_SECS.to_string())
+            }
             S::Unavailable(err) => {
                 tracing::warn!(error = %err, "storage unavailable");
                 ApiError::new(

@@ -43,10 +43,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry API, the admin API and metrics.
     Serve(Box<ServeArgs>),
-    /// Remove blobs that no manifest references. Safe while the registry is serving on a
-    /// directory. On object storage manifest pushes of another process are not held off:
-    /// --grace keeps recent uploads, but a push re-using an older unreferenced blob while gc
-    /// runs can lose it (fsck reports that).
+    /// Remove blobs that no manifest references. Safe while the registry is serving: manifest
+    /// pushes wait while gc holds the maintenance lock (an flock on a directory, a lease
+    /// object on object storage), and --grace keeps recent uploads.
     Gc(GcArgs),
     /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
     Fsck(FsckArgs),

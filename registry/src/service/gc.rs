@@ -1,7 +1,9 @@
 //! Garbage collection: removes blobs no manifest references. Safe on a running store: it holds
 //! the maintenance lock (manifest pushes wait) and spares blobs younger than a grace period, so
-//! an upload whose manifest has not been pushed yet survives. On object storage the lock holds
-//! off only this process's manifest writes (there is no lock across processes in a bucket).
+//! an upload whose manifest has not been pushed yet survives. The lock holds off manifest
+//! pushes of every process on the store: an flock on a directory, a lease object on object
+//! storage (see `storage::object::lock`), which gc checks before each removal and stops if it
+//! was lost. A dry run removes nothing and takes no lock.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use outpost_core::Digest;
 
 use crate::content::manifest;
-use crate::storage::{StorageError, Store};
+use crate::storage::{MaintenanceHold, StorageError, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -33,7 +35,26 @@ pub struct GcReport {
 
 /// Runs a mark-and-sweep. With `dry_run` nothing is removed; the report says what would be.
 pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<GcReport, GcError> {
-    let _lock = store.maintenance_lock().await?;
+    if dry_run {
+        return mark_and_sweep(store, grace, None).await;
+    }
+    let lock = store.maintenance_lock().await?;
+    let result = mark_and_sweep(store, grace, Some(lock.as_ref())).await;
+    // Released on every path: on object storage a lease left behind holds pushes up until it
+    // expires.
+    let released = lock.release().await;
+    let report = result?;
+    released?;
+    Ok(report)
+}
+
+/// With `lock` None (a dry run) nothing is removed.
+async fn mark_and_sweep(
+    store: &dyn Store,
+    grace: Duration,
+    lock: Option<&dyn MaintenanceHold>,
+) -> Result<GcReport, GcError> {
+    let dry_run = lock.is_none();
     let mut live: HashSet<Digest> = HashSet::new();
     let repos = store.repositories().await?;
     for repo in &repos {
@@ -64,10 +85,12 @@ pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<Gc
             present.insert(blob.digest);
             continue;
         }
-        let removed = if dry_run {
-            true
-        } else {
-            store.blob_remove(&blob.digest, grace).await?
+        let removed = match lock {
+            None => true,
+            Some(lock) => {
+                lock.check()?;
+                store.blob_remove(&blob.digest, grace).await?
+            }
         };
         if removed {
             tracing::info!(digest = %blob.digest, size = blob.size, dry_run, "removing unreferenced blob");
@@ -78,9 +101,10 @@ pub async fn run(store: &dyn Store, grace: Duration, dry_run: bool) -> Result<Gc
             present.insert(blob.digest);
         }
     }
-    if !dry_run {
+    if let Some(lock) = lock {
         for repo in &repos {
             for digest in store.repo_blob_links(repo).await? {
+                lock.check()?;
                 // A link is stale once its blob is gone. Blobs listed above and kept are not
                 // (one removed by someone else since is left to the next run: a link to a
                 // missing blob serves nothing), so only the others cost a check, which is a

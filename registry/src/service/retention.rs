@@ -294,7 +294,8 @@ impl Retention {
         let mut report = EvictionReport::default();
         let mut planned = 0u64;
         let mut doomed_blobs: HashSet<Digest> = HashSet::new();
-        let _lock = store.maintenance_lock().await?;
+        // Dropped on return; on object storage its lease is then deleted in the background.
+        let lock = store.maintenance_lock().await?;
         for c in candidates {
             if planned >= excess {
                 break;
@@ -350,6 +351,7 @@ impl Retention {
         }
         for b in doomed_blobs.difference(&live) {
             let size = sizes.get(b).copied().unwrap_or(0);
+            lock.check()?;
             if store.blob_remove(b, Duration::ZERO).await? {
                 report.blobs += 1;
                 report.bytes += size;

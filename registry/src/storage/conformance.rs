@@ -1,6 +1,7 @@
 //! The behaviour every [`Store`] backend must show. A new backend adds one test that calls
 //! [`check`] on a fresh, empty instance.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -417,7 +418,17 @@ async fn maintenance(store: &dyn Store) {
     assert!(store.blob_remove(&victim, Duration::ZERO).await.unwrap());
     assert_eq!(store.blob_size(&victim).await.unwrap(), None);
     let guard = store.maintenance_lock().await.unwrap();
-    drop(guard);
+    guard.check().unwrap();
+    guard.release().await.unwrap();
+    // Dropping a guard releases it too.
+    drop(store.maintenance_lock().await.unwrap());
+    tokio::time::timeout(BOUND, store.maintenance_lock())
+        .await
+        .expect("a dropped guard releases the lock")
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,6 +436,65 @@ async fn fs_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = super::fs::FsStore::open(dir.path()).unwrap();
     check(&store).await;
+    let other = super::fs::FsStore::open(dir.path()).unwrap();
+    check_two_handles(Arc::new(store), Arc::new(other)).await;
+}
+
+/// How long a step that must wait for the other handle is watched before it counts as
+/// waiting, and how long it may take once it can go on.
+const WAITING: Duration = Duration::from_millis(700);
+const BOUND: Duration = Duration::from_secs(20);
+
+/// The maintenance lock across two handles on the same store, as two processes see it: `a`
+/// and `b` are opened separately on the same directory, container or bucket.
+pub async fn check_two_handles(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    // (a) While `a` holds the lock exclusively, `b` cannot take it; it gets it after release.
+    let held = a.maintenance_lock().await.unwrap();
+    held.check().unwrap();
+    let b2 = b.clone();
+    let mut second = tokio::spawn(async move { b2.maintenance_lock().await });
+    assert!(
+        tokio::time::timeout(WAITING, &mut second).await.is_err(),
+        "a second handle took the maintenance lock while the first held it"
+    );
+    held.release().await.unwrap();
+    let got = tokio::time::timeout(BOUND, second)
+        .await
+        .expect("the lock is free after release")
+        .unwrap()
+        .unwrap();
+    got.check().unwrap();
+    got.release().await.unwrap();
+
+    // (c) While `a` holds it, a manifest push on `b` waits, and completes after release.
+    let r = repo("conf/lock");
+    let layer = put_blob(b.as_ref(), &r, b"layer under the lock").await;
+    let content = Bytes::from_static(br#"{"schemaVersion":2,"lock":true}"#);
+    let digest = digest_of(Algorithm::Sha256, &content);
+    let held = a.maintenance_lock().await.unwrap();
+    let (b2, r2, d2, c2, l2) = (b.clone(), r.clone(), digest.clone(), content.clone(), layer);
+    let mut push = tokio::spawn(async move {
+        let blobs = [l2];
+        let t = tag("locked");
+        b2.manifest_put(&r2, image(&d2, &c2, &blobs, Some(&t), None))
+            .await
+    });
+    assert!(
+        tokio::time::timeout(WAITING, &mut push).await.is_err(),
+        "a manifest push went on while another handle held the maintenance lock"
+    );
+    assert!(matches!(
+        a.manifest_by_digest(&r, &digest).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+    held.release().await.unwrap();
+    tokio::time::timeout(BOUND, push)
+        .await
+        .expect("the push goes on after release")
+        .unwrap()
+        .unwrap();
+    let got = a.manifest_by_tag(&r, &tag("locked")).await.unwrap();
+    assert_eq!((got.digest, got.content), (digest, content));
 }
 
 /// Conditional writes (the leader lease): of two writers that read the same version, one wins.

@@ -61,6 +61,9 @@ pub enum StorageError {
     /// answer after the client's own retries): the same request may succeed later.
     #[error("storage unavailable: {0}")]
     Unavailable(io::Error),
+    /// The maintenance lock is held elsewhere or was lost (object storage: another `gc`).
+    #[error("{0}")]
+    MaintenanceLocked(String),
 }
 
 /// A byte range of a blob, both ends inclusive, already checked against the blob's size.
@@ -189,8 +192,24 @@ pub struct BlobInfo {
     pub age: Duration,
 }
 
-/// A guard that keeps manifest links from changing (held by `gc` while it marks and sweeps).
-pub type MaintenanceGuard = Box<dyn Send + Sync>;
+/// The maintenance lock held exclusively: manifest links do not change while it is held (by
+/// `gc` while it marks and sweeps).
+#[async_trait]
+pub trait MaintenanceHold: Send + Sync {
+    /// Whether the lock is still held; a holder checks before each removal. A lock across
+    /// processes on object storage is a lease that can be lost; the others cannot.
+    fn check(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Gives the lock up now (dropping the guard does too, except that on object storage
+    /// the lease object is then deleted in the background, or expires).
+    async fn release(self: Box<Self>) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+pub type MaintenanceGuard = Box<dyn MaintenanceHold>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -320,7 +339,8 @@ pub trait Store: Send + Sync + 'static {
 
     // --- maintenance ---
 
-    /// Blocks manifest writes until the guard is dropped.
+    /// Blocks manifest writes (of every process using the store) until the guard is released
+    /// or dropped.
     async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError>;
 
     // --- documents beside the content (see [`docs`] for keys) ---

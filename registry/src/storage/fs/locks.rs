@@ -5,9 +5,12 @@ use std::io;
 
 use super::FsStore;
 use super::files::*;
-use crate::storage::{MaintenanceGuard, StorageError};
+use crate::storage::{MaintenanceGuard, MaintenanceHold, StorageError};
 
 pub(super) struct FileLockGuard(#[allow(dead_code)] File);
+
+/// An flock is held until the file closes, also across a stalled process: nothing to check.
+impl MaintenanceHold for FileLockGuard {}
 
 impl FsStore {
     pub(super) fn lock_file(&self, exclusive: bool) -> io::Result<FileLockGuard> {

@@ -108,8 +108,87 @@ pub(super) async fn manifest_put(
     repo: &RepositoryName,
     m: NewManifest<'_>,
 ) -> Result<(), StorageError> {
-    // Held until the links are written, so gc cannot sweep a blob checked below.
+    // Held until the links are written, so gc in this process cannot sweep a blob checked
+    // below; the lease (see `lock`) does that for gc in other processes.
     let _lock = store.maintenance.read().await;
+    let timing = store.lock.timing;
+    // Bounded: another round only when a gc's lease appeared while the references were checked.
+    let mut rounds = 0;
+    let free = loop {
+        rounds += 1;
+        let (free, _) = store.wait_lock_free(None).await?;
+        check_references(store, repo, &m).await?;
+        write_content(store, &m).await?;
+        // Re-read the lock right before the final write if the reading is older than the TTL.
+        if free.at.elapsed() < timing.cache_ttl {
+            break free;
+        }
+        let (_, waited) = store.wait_lock_free(None).await?;
+        if !waited {
+            break free;
+        }
+        // A gc held the lock meanwhile: what was checked may be gone.
+        if rounds >= 3 {
+            return Err(StorageError::Unavailable(io::Error::other(
+                "gc keeps taking the maintenance lock on this store; retry later",
+            )));
+        }
+    };
+    store
+        .put(&store.layer_key(repo, m.digest), Bytes::new())
+        .await?;
+    let link = RevisionLink {
+        media_type: m.media_type.to_owned(),
+        subject: m.subject.as_ref().map(|(d, _)| (*d).clone()),
+    };
+    let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
+    let revision = store.revision_key(repo, m.digest);
+    store.put(&revision, raw.into()).await?;
+    // A gc that took its lease after `free` marks only after the settle period, so it sees the
+    // revision if it was written by then. Otherwise a gc may have marked before it and swept
+    // since: check again, with a reading of the lock sent now.
+    if free.at.elapsed() >= timing.settle() {
+        let written = std::time::Instant::now();
+        let confirmed = async {
+            store.wait_lock_free(Some(written)).await?;
+            check_references(store, repo, &m).await?;
+            match store.head(&store.blob_key(m.digest)).await? {
+                Some(_) => Ok(()),
+                None => Err(StorageError::ReferencedBlobUnknown(m.digest.clone())),
+            }
+        }
+        .await;
+        if let Err(e) = confirmed {
+            tracing::warn!(repository = %repo, digest = %m.digest, error = %e, "withdrawing a manifest whose blobs a concurrent gc may have removed");
+            store.delete(&revision).await?;
+            return Err(e);
+        }
+    }
+    if let Some((subject, desc)) = &m.subject {
+        let raw = serde_json::to_vec(desc).map_err(io::Error::other)?;
+        store
+            .put(&store.referrer_key(repo, subject, m.digest), raw.into())
+            .await?;
+    }
+    // The tag last: it never points at a manifest that is not whole. It carries the media
+    // type too, so a GET by tag needs no revision read (a tag exists only while its revision
+    // does: written after it, deleted before it).
+    if let Some(tag) = m.tag {
+        let link = format!("{}\n{}", m.digest, m.media_type);
+        store
+            .put(&store.tag_key(repo, tag), Bytes::from(link))
+            .await?;
+    }
+    store.manifests.insert(m.digest, &m.content);
+    Ok(())
+}
+
+/// Every blob and child manifest `m` references is in `repo`.
+async fn check_references(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    m: &NewManifest<'_>,
+) -> Result<(), StorageError> {
     for b in m.blobs {
         if !repo_blob_linked(store, repo, b).await? {
             return Err(StorageError::ReferencedBlobUnknown(b.clone()));
@@ -124,6 +203,11 @@ pub(super) async fn manifest_put(
             return Err(StorageError::ReferencedManifestUnknown(child.clone()));
         }
     }
+    Ok(())
+}
+
+/// Stores the manifest's content as a blob (left alone if it is there: the same bytes).
+async fn write_content(store: &BucketStore, m: &NewManifest<'_>) -> Result<(), StorageError> {
     // Content-addressed: a conditional create is one request where HEAD-then-PUT is two, and
     // an existing object (the same bytes) is left alone.
     let blob = store.blob_key(m.digest);
@@ -142,33 +226,6 @@ pub(super) async fn manifest_put(
         }
         Err(e) => return Err(os_err(e)),
     }
-    store
-        .put(&store.layer_key(repo, m.digest), Bytes::new())
-        .await?;
-    let link = RevisionLink {
-        media_type: m.media_type.to_owned(),
-        subject: m.subject.as_ref().map(|(d, _)| (*d).clone()),
-    };
-    let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
-    store
-        .put(&store.revision_key(repo, m.digest), raw.into())
-        .await?;
-    if let Some((subject, desc)) = &m.subject {
-        let raw = serde_json::to_vec(desc).map_err(io::Error::other)?;
-        store
-            .put(&store.referrer_key(repo, subject, m.digest), raw.into())
-            .await?;
-    }
-    // The tag last: it never points at a manifest that is not whole. It carries the media
-    // type too, so a GET by tag needs no revision read (a tag exists only while its revision
-    // does: written after it, deleted before it).
-    if let Some(tag) = m.tag {
-        let link = format!("{}\n{}", m.digest, m.media_type);
-        store
-            .put(&store.tag_key(repo, tag), Bytes::from(link))
-            .await?;
-    }
-    store.manifests.insert(m.digest, &m.content);
     Ok(())
 }
 

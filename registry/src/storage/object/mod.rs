@@ -9,6 +9,7 @@
 //! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
 //! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
 //! uploads/<id>/state.json, uploads/<id>/parts/<start>   upload sessions
+//! locks/maintenance.json                                the gc lease (see `lock`)
 //! sync/                                                 documents: sync state, the readwrite
 //!                                                       outbox, staging requests, pull times
 //! ```
@@ -39,11 +40,13 @@ mod blobs;
 mod cache;
 mod docs;
 mod instrument;
+mod lock;
 mod manifests;
 mod open;
 mod uploads;
 
 pub use instrument::RequestCounts;
+pub use lock::LockTiming;
 pub use open::{OpenError, is_object_url, open};
 
 #[cfg(test)]
@@ -58,8 +61,11 @@ pub struct BucketStore {
     /// One lock per upload session this process works on (other processes are not locked
     /// out: the client drives one session one request at a time).
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<uploads::Progress>>>>>,
-    /// Shared by manifest writes, exclusive for gc (within this process).
+    /// Shared by manifest writes, exclusive for gc (within this process; `lock` extends it
+    /// to other processes).
     maintenance: Arc<tokio::sync::RwLock<()>>,
+    /// The maintenance lock across processes: its timings, this process's cached reading.
+    lock: Arc<lock::Shared>,
     /// Manifest contents by digest (immutable, so never stale).
     manifests: Arc<cache::ManifestCache>,
     /// What the last requests said about the store (readiness).
@@ -121,6 +127,7 @@ impl BucketStore {
             prefix: prefix.trim_matches('/').to_owned(),
             uploads: Arc::default(),
             maintenance: Arc::default(),
+            lock: Arc::new(lock::Shared::new(LockTiming::default())),
             manifests: Arc::default(),
             health,
         }
@@ -129,6 +136,12 @@ impl BucketStore {
     /// Signs blob URLs with `signer` (the client `store` was built from).
     pub(crate) fn with_signer(mut self, signer: Arc<dyn object_store::signer::Signer>) -> Self {
         self.signer = Some(signer);
+        self
+    }
+
+    /// Uses `timing` for the maintenance lock (every process on the store must agree).
+    pub fn with_lock_timing(mut self, timing: LockTiming) -> Self {
+        self.lock = Arc::new(lock::Shared::new(timing));
         self
     }
 
@@ -445,8 +458,7 @@ impl Store for BucketStore {
     }
 
     async fn maintenance_lock(&self) -> Result<MaintenanceGuard, StorageError> {
-        let guard = self.maintenance.clone().write_owned().await;
-        Ok(Box::new(guard))
+        self.lock_exclusive().await
     }
 
     async fn doc_get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {

@@ -10,7 +10,7 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::signer::Signer;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
-use super::BucketStore;
+use super::{BucketStore, LockTiming};
 
 /// Why an object store cannot be used; one line each, without secrets.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +72,18 @@ fn default_retry() -> RetryConfig {
     }
 }
 
-/// Splits Outpost's own retry keys from the library's options and puts the client defaults
-/// before the latter (so a user's value wins).
-fn client_settings(
-    pairs: Vec<(String, String)>,
-) -> Result<(RetryConfig, Vec<(String, String)>), OpenError> {
+/// Outpost's own keys among `--storage-option`, and the library's options.
+struct ClientSettings {
+    retry: RetryConfig,
+    lock: LockTiming,
+    options: Vec<(String, String)>,
+}
+
+/// Splits Outpost's own keys (retries, the maintenance lock's settle period) from the
+/// library's options and puts the client defaults before the latter (so a user's value wins).
+fn client_settings(pairs: Vec<(String, String)>) -> Result<ClientSettings, OpenError> {
     let mut retry = default_retry();
+    let mut lock = LockTiming::default();
     let mut rest = Vec::new();
     for (k, v) in pairs {
         match k.as_str() {
@@ -94,6 +100,17 @@ fn client_settings(
                         message: e.to_string(),
                     })?;
             }
+            // How long gc waits after taking the maintenance lock before it marks (the
+            // cache age and write time a push may take). For tests; every process on the
+            // store must use the same value.
+            "maintenance_settle" => {
+                let settle =
+                    humantime::parse_duration(v.trim()).map_err(|e| OpenError::BadValue {
+                        key: k.clone(),
+                        message: e.to_string(),
+                    })?;
+                lock = LockTiming::with_settle(settle);
+            }
             _ => rest.push((k, v)),
         }
     }
@@ -103,7 +120,11 @@ fn client_settings(
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     all.extend(rest);
-    Ok((retry, all))
+    Ok(ClientSettings {
+        retry,
+        lock,
+        options: all,
+    })
 }
 
 /// Opens the bucket or container `url` names and checks it with one LIST request.
@@ -122,7 +143,11 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
             .ok_or_else(|| OpenError::BadOption(o.split('=').next().unwrap_or("").to_owned()))?;
         pairs.push((k.trim().to_ascii_lowercase(), v.to_owned()));
     }
-    let (retry, pairs) = client_settings(pairs)?;
+    let ClientSettings {
+        retry,
+        lock,
+        options: pairs,
+    } = client_settings(pairs)?;
     let config = |e: object_store::Error| OpenError::Config {
         url: url.to_owned(),
         message: e.to_string(),
@@ -158,7 +183,9 @@ pub async fn open(url: &str, options: &[String]) -> Result<BucketStore, OpenErro
         }
         _ => return Err(OpenError::UnknownScheme(url.to_owned())),
     };
-    let store = BucketStore::new(store, prefix).with_signer(signer);
+    let store = BucketStore::new(store, prefix)
+        .with_signer(signer)
+        .with_lock_timing(lock);
     probe(&store, url).await?;
     Ok(store)
 }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_lc_rs::hmac;
 use base64::Engine;
@@ -18,7 +18,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use outpost_core::{Algorithm, RepositoryName};
 
-use super::BucketStore;
+use super::{BucketStore, LockTiming};
 use crate::storage::hash::digest_of;
 use crate::storage::{ByteStream, StorageError, Store, conformance};
 
@@ -201,16 +201,189 @@ impl Emulator {
     }
 }
 
+/// Short lock timings, so that waiting for a lease costs the tests little.
+fn quick_lock() -> LockTiming {
+    LockTiming {
+        lease: Duration::from_secs(20),
+        cache_ttl: Duration::from_millis(100),
+        write_bound: Duration::from_millis(200),
+        acquire_wait: Duration::from_secs(30),
+        push_wait: Duration::from_secs(20),
+    }
+}
+
+/// Two handles on the same container or bucket and prefix, sharing nothing in memory.
+fn two_handles(
+    make: impl Fn() -> Arc<dyn ObjectStore>,
+    prefix: &str,
+) -> (BucketStore, BucketStore) {
+    (
+        BucketStore::new(make(), prefix).with_lock_timing(quick_lock()),
+        BucketStore::new(make(), prefix).with_lock_timing(quick_lock()),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_blob_store_conforms() {
     let em = Emulator::azurite().await;
-    conformance::check(&BucketStore::new(em.azure_store(), "conformance")).await;
+    let (a, b) = two_handles(|| em.azure_store(), "conformance");
+    conformance::check(&a).await;
+    conformance::check_two_handles(Arc::new(a), Arc::new(b)).await;
+    let (a, b) = two_handles(|| em.azure_store(), "leases");
+    leases(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_conforms() {
     let em = Emulator::moto().await;
-    conformance::check(&BucketStore::new(em.s3_store(), "")).await;
+    let (a, b) = two_handles(|| em.s3_store(), "");
+    conformance::check(&a).await;
+    conformance::check_two_handles(Arc::new(a), Arc::new(b)).await;
+    let (a, b) = two_handles(|| em.s3_store(), "leases");
+    leases(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_leases() {
+    let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let (a, b) = two_handles(|| mem.clone(), "p");
+    conformance::check_two_handles(Arc::new(a.clone()), Arc::new(b.clone())).await;
+    leases(a, b).await;
+}
+
+/// Writes a lease record directly, as another process would have.
+async fn write_lease(store: &BucketStore, holder: &str, expires_in: i64) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let rec = serde_json::json!({"holder": holder, "expires_ms": now + expires_in});
+    store
+        .put(
+            &store.key("locks/maintenance.json"),
+            Bytes::from(rec.to_string()),
+        )
+        .await
+        .expect("write lease");
+}
+
+async fn lease_present(store: &BucketStore) -> bool {
+    store
+        .head(&store.key("locks/maintenance.json"))
+        .await
+        .expect("head")
+        .is_some()
+}
+
+/// The lease on object storage: expiry, takeover, bounds, loss.
+async fn leases(a: BucketStore, b: BucketStore) {
+    let bound = Duration::from_secs(20);
+    // (b) A lease whose holder crashed (expired a minute ago) is taken over.
+    write_lease(&a, "crashed-gc", -60_000).await;
+    let g = tokio::time::timeout(bound, b.maintenance_lock())
+        .await
+        .expect("takes over within the bound")
+        .expect("takes over");
+    g.check().expect("held");
+    let raw = b
+        .get_small(&b.key("locks/maintenance.json"), 4096)
+        .await
+        .expect("read")
+        .expect("lease");
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("crashed-gc"),
+        "the lease names the new holder"
+    );
+    g.release().await.expect("release");
+    assert!(!lease_present(&a).await, "released leases are deleted");
+
+    // An expired lease holds no push up either.
+    write_lease(&a, "crashed-gc", -60_000).await;
+    let r: RepositoryName = "lease/push".parse().expect("name");
+    let content = Bytes::from_static(br#"{"schemaVersion":2,"lease":1}"#);
+    let d = digest_of(Algorithm::Sha256, &content);
+    let m = crate::storage::NewManifest {
+        digest: &d,
+        media_type: "application/vnd.oci.image.manifest.v1+json",
+        content: content.clone(),
+        blobs: &[],
+        manifests: &[],
+        tag: None,
+        subject: None,
+    };
+    tokio::time::timeout(Duration::from_secs(5), a.manifest_put(&r, m))
+        .await
+        .expect("not held up by an expired lease")
+        .expect("push");
+
+    // A live lease of another process: gc gives up after its bound saying until when; a push
+    // answers Unavailable (503) after its own.
+    write_lease(&a, "busy-gc", 600_000).await;
+    let short = LockTiming {
+        acquire_wait: Duration::from_millis(500),
+        push_wait: Duration::from_millis(500),
+        ..quick_lock()
+    };
+    let c = BucketStore::new(a.store.clone(), &a.prefix).with_lock_timing(short);
+    match tokio::time::timeout(bound, c.maintenance_lock()).await {
+        Ok(Err(StorageError::MaintenanceLocked(why))) => assert!(
+            why.contains("another gc holds the maintenance lock on this store until"),
+            "{why}"
+        ),
+        Ok(Err(e)) => panic!("unexpected error: {e}"),
+        Ok(Ok(_)) => panic!("took a live lease"),
+        Err(_) => panic!("gc waited beyond its bound"),
+    }
+    let content = Bytes::from_static(br#"{"schemaVersion":2,"lease":2}"#);
+    let d = digest_of(Algorithm::Sha256, &content);
+    let m = crate::storage::NewManifest {
+        digest: &d,
+        media_type: "application/vnd.oci.image.manifest.v1+json",
+        content,
+        blobs: &[],
+        manifests: &[],
+        tag: None,
+        subject: None,
+    };
+    assert!(matches!(
+        tokio::time::timeout(bound, c.manifest_put(&r, m))
+            .await
+            .expect("the push waited beyond its bound"),
+        Err(StorageError::Unavailable(_))
+    ));
+    assert!(matches!(
+        c.manifest_by_digest(&r, &d).await,
+        Err(StorageError::ManifestUnknown)
+    ));
+    a.delete(&a.key("locks/maintenance.json"))
+        .await
+        .expect("delete");
+
+    // A lease taken over behind the holder's back (as after a stall past its expiry) is
+    // noticed at the next renewal: the holder must stop.
+    let fast = LockTiming {
+        lease: Duration::from_secs(2),
+        ..quick_lock()
+    };
+    let h = BucketStore::new(a.store.clone(), &a.prefix).with_lock_timing(fast);
+    let g = h.maintenance_lock().await.expect("lock");
+    g.check().expect("held");
+    write_lease(&a, "usurper", 600_000).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.check().is_ok() {
+        assert!(Instant::now() < deadline, "a lost lease went unnoticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(g.check(), Err(StorageError::MaintenanceLocked(_))));
+    // Released without deleting what is no longer ours.
+    g.release().await.expect("release");
+    assert!(
+        lease_present(&a).await,
+        "another holder's lease is left alone"
+    );
+    a.delete(&a.key("locks/maintenance.json"))
+        .await
+        .expect("delete");
 }
 
 fn stream_of(parts: Vec<Bytes>) -> ByteStream {
@@ -401,5 +574,170 @@ async fn abandoned_blob_upload_is_aborted() {
             "the abandoned multipart upload is still open"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An in-memory store that, once armed, pauses a manifest push right after its revision
+/// object is written, until the test lets it go on: a push whose writes took long.
+#[derive(Debug)]
+struct PausingStore {
+    inner: object_store::memory::InMemory,
+    armed: std::sync::atomic::AtomicBool,
+    written: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+impl std::fmt::Display for PausingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PausingStore")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for PausingStore {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let r = self.inner.put_opts(location, payload, opts).await;
+        if location.as_ref().contains("/_manifests/revisions/")
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.written.notify_one();
+            // Bounded: a test that never lets go fails on its own timeout.
+            let _ = tokio::time::timeout(Duration::from_secs(30), self.go.notified()).await;
+        }
+        r
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures_util::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+    {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+    {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A push whose writes outlast the settle period checks again after them: if a gc (another
+/// handle) swept one of its blobs meanwhile, the manifest is withdrawn and the push refused;
+/// if nothing was swept, it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_push_is_withdrawn_if_gc_swept_its_blob() {
+    let mem = Arc::new(PausingStore {
+        inner: object_store::memory::InMemory::new(),
+        armed: Default::default(),
+        written: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+    });
+    let (a, gc) = two_handles(|| mem.clone(), "p");
+    let r: RepositoryName = "slow/push".parse().expect("name");
+    let mut layers = Vec::new();
+    for data in [&b"layer one"[..], b"layer two"] {
+        let d = digest_of(Algorithm::Sha256, data);
+        a.blob_put(&d, stream_of(vec![Bytes::copy_from_slice(data)]), None)
+            .await
+            .expect("blob");
+        a.repo_blob_link(&r, &d).await.expect("link");
+        layers.push(d);
+    }
+    for (round, sweep) in [(1, true), (2, false)] {
+        let content = Bytes::from(format!("{{\"schemaVersion\":2,\"round\":{round}}}"));
+        let d = digest_of(Algorithm::Sha256, &content);
+        let blobs = vec![layers[round - 1].clone()];
+        mem.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (a2, r2, d2) = (a.clone(), r.clone(), d.clone());
+        let push = tokio::spawn(async move {
+            let m = crate::storage::NewManifest {
+                digest: &d2,
+                media_type: "application/vnd.oci.image.manifest.v1+json",
+                content,
+                blobs: &blobs,
+                manifests: &[],
+                tag: None,
+                subject: None,
+            };
+            a2.manifest_put(&r2, m).await
+        });
+        tokio::time::timeout(Duration::from_secs(30), mem.written.notified())
+            .await
+            .expect("the push wrote its revision");
+        // A gc that marked before that revision existed: it takes the lease (and settles,
+        // longer than the push's settle budget), sweeps the layer, lets go.
+        let g = gc.maintenance_lock().await.expect("lock");
+        if sweep {
+            assert!(
+                gc.blob_remove(&layers[round - 1], Duration::ZERO)
+                    .await
+                    .expect("sweep")
+            );
+        }
+        g.release().await.expect("release");
+        mem.go.notify_one();
+        let res = tokio::time::timeout(Duration::from_secs(30), push)
+            .await
+            .expect("the push ends")
+            .expect("join");
+        if sweep {
+            assert!(
+                matches!(res, Err(StorageError::ReferencedBlobUnknown(ref b)) if *b == layers[0]),
+                "{res:?}"
+            );
+            assert!(matches!(
+                a.manifest_by_digest(&r, &d).await,
+                Err(StorageError::ManifestUnknown)
+            ));
+        } else {
+            res.expect("the push stands");
+            assert_eq!(
+                a.manifest_by_digest(&r, &d).await.expect("stored").digest,
+                d
+            );
+        }
     }
 }

@@ -45,7 +45,7 @@ pub(super) struct Progress {
     hasher: Option<Hasher>,
 }
 
-fn random_id() -> String {
+pub(super) fn random_id() -> String {
     let mut b = [0u8; 16];
     // The system RNG failing is not recoverable; fall back to time-based bytes rather than panic.
     if aws_lc_rs::rand::fill(&mut b).is_err() {
