@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub mode: Option<Mode>,
     pub max_auth_failures: u32,
     pub token_lifetime: Duration,
+    /// Bearer token signing keys shared by every replica; `None`: a key of this process.
+    pub token_signing_key_file: Option<PathBuf>,
     /// The parent and how to sync from it; `None` for a standalone registry.
     pub sync: Option<SyncSettings>,
     /// Evict least recently pulled, unpinned images above this many bytes.
@@ -320,6 +322,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         readonly,
         max_failures: opts.max_auth_failures,
         token_lifetime: opts.token_lifetime,
+        signing_key_file: opts.token_signing_key_file.clone(),
     })?);
     auth.spawn_watcher();
     tracing::info!(?anonymous, readonly, "access policy");

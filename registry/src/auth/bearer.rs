@@ -1,6 +1,7 @@
 //! Short-lived bearer tokens issued by our own token endpoint: compact JWTs signed with
-//! HMAC-SHA256 under a key that lives only in this process (a restart simply sends clients
-//! back to the token endpoint).
+//! HMAC-SHA256, under a key that lives only in this process (a restart simply sends clients
+//! back to the token endpoint) or under the keys of `--token-signing-key-file`, shared by
+//! every replica. The header's `kid` (a short hash of the key) picks the verifying key.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -37,17 +38,41 @@ pub enum BearerError {
     Malformed,
     #[error("bearer token signature is not valid")]
     BadSignature,
+    #[error("bearer token was signed with a key this registry does not have")]
+    UnknownKey,
     #[error("bearer token has expired")]
     Expired,
     #[error("bearer token was issued for another service")]
     WrongAudience,
 }
 
-pub struct Signer {
+struct SigningKey {
+    /// First 8 bytes of the key's SHA-256, in hex: names the key, reveals nothing of it.
+    kid: String,
     key: hmac::Key,
+    /// The encoded JWT header naming this key.
+    header: String,
 }
 
-const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+/// Signs with the first key, verifies with any.
+pub struct Signer {
+    keys: Vec<SigningKey>,
+}
+
+impl std::fmt::Debug for Signer {
+    // Key ids only, never keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("kids", &self.kids())
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    kid: Option<String>,
+}
 
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -59,16 +84,44 @@ pub fn now_secs() -> u64 {
 impl Signer {
     /// A signer with a fresh random key.
     pub fn random() -> Result<Self, aws_lc_rs::error::Unspecified> {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        Ok(Signer {
-            key: hmac::Key::generate(hmac::HMAC_SHA256, &rng)?,
-        })
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes)?;
+        Ok(Self::from_keys(&[bytes.to_vec()]))
+    }
+
+    /// A signer from raw keys: the first signs, every one verifies. `keys` must not be empty.
+    pub fn from_keys(keys: &[Vec<u8>]) -> Self {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, k);
+                let kid: String = digest.as_ref()[..8]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let header = B64.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{kid}"}}"#));
+                SigningKey {
+                    kid,
+                    key: hmac::Key::new(hmac::HMAC_SHA256, k),
+                    header,
+                }
+            })
+            .collect();
+        Signer { keys }
+    }
+
+    /// The key ids, the signing key's first.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.kid.clone()).collect()
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
+        let Some(k) = self.keys.first() else {
+            return String::new();
+        };
         let payload = serde_json::to_vec(claims).unwrap_or_default();
-        let signing_input = format!("{}.{}", B64.encode(HEADER), B64.encode(payload));
-        let tag = hmac::sign(&self.key, signing_input.as_bytes());
+        let signing_input = format!("{}.{}", k.header, B64.encode(payload));
+        let tag = hmac::sign(&k.key, signing_input.as_bytes());
         format!("{signing_input}.{}", B64.encode(tag.as_ref()))
     }
 
@@ -81,10 +134,26 @@ impl Signer {
             return Err(BearerError::Malformed);
         };
         let sig = B64.decode(s).map_err(|_| BearerError::Malformed)?;
+        // The header is read before the signature is checked only to pick the key: a forged
+        // kid selects a key the forger does not have.
+        let header: Header = B64
+            .decode(h)
+            .ok()
+            .and_then(|h| serde_json::from_slice(&h).ok())
+            .ok_or(BearerError::Malformed)?;
+        if header.alg != "HS256" {
+            return Err(BearerError::Malformed);
+        }
+        let kid = header.kid.ok_or(BearerError::UnknownKey)?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .ok_or(BearerError::UnknownKey)?;
         let signing_input = &token[..h.len() + 1 + p.len()];
-        hmac::verify(&self.key, signing_input.as_bytes(), &sig)
+        hmac::verify(&key.key, signing_input.as_bytes(), &sig)
             .map_err(|_| BearerError::BadSignature)?;
-        // Signed by us, so the header can only be ours; the payload still gets checked.
+        // Signed by us; the payload still gets checked.
         let payload = B64.decode(p).map_err(|_| BearerError::Malformed)?;
         let claims: Claims =
             serde_json::from_slice(&payload).map_err(|_| BearerError::Malformed)?;
@@ -132,6 +201,20 @@ mod tests {
         let other = Signer::random().unwrap();
         assert_eq!(
             other.verify(&t, "outpost").unwrap_err(),
+            BearerError::UnknownKey
+        );
+        // Another key's token relabelled with our kid: the signature does not match.
+        let relabelled = format!(
+            "{}.{}",
+            s.keys[0].header,
+            other
+                .issue(&claims(now_secs() + 60))
+                .split_once('.')
+                .unwrap()
+                .1
+        );
+        assert_eq!(
+            s.verify(&relabelled, "outpost").unwrap_err(),
             BearerError::BadSignature
         );
         // Payload swapped under the original signature.

@@ -2,6 +2,7 @@
 //! authentication, anonymous access, readonly mode, and the per-request decision.
 
 pub mod bearer;
+pub mod keys;
 pub mod limiter;
 pub mod tokens;
 
@@ -17,6 +18,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use outpost_core::RepositoryName;
 
 use bearer::{AccessEntry, BearerError, Claims, Signer};
+use keys::KeyFileError;
 use limiter::FailureLimiter;
 pub use tokens::{Action, Actions};
 use tokens::{Token, TokenSet, TokensError, TokensFile};
@@ -254,12 +256,17 @@ pub struct AuthOptions {
     pub max_failures: u32,
     /// How long an issued bearer token is valid.
     pub token_lifetime: Duration,
+    /// Keys shared by every replica (`--token-signing-key-file`); `None`: a random key of
+    /// this process.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error(transparent)]
     Tokens(#[from] TokensError),
+    #[error(transparent)]
+    SigningKeys(#[from] KeyFileError),
     #[error("the system random generator failed")]
     Random,
 }
@@ -270,7 +277,10 @@ pub struct Auth {
     anonymous: Anonymous,
     readonly: bool,
     token_lifetime: Duration,
-    signer: Signer,
+    signer: RwLock<Arc<Signer>>,
+    signing_key_file: Option<PathBuf>,
+    /// SHA-256 of the key file as last loaded (not its text: that is key material).
+    last_keys: Mutex<Option<Vec<u8>>>,
     /// Keys the cache of passwords already verified with argon2.
     cache_key: hmac::Key,
     verified: Mutex<HashMap<String, Vec<hmac::Tag>>>,
@@ -292,12 +302,24 @@ pub struct IssuedToken {
 impl Auth {
     pub fn new(opts: AuthOptions) -> Result<Self, AuthError> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
+        let signer = match &opts.signing_key_file {
+            Some(_) => Signer::from_keys(&[]),
+            None => {
+                tracing::info!(
+                    "bearer tokens are signed with a key of this process: other replicas and \
+                     restarts do not accept them (--token-signing-key-file shares keys)"
+                );
+                Signer::random().map_err(|_| AuthError::Random)?
+            }
+        };
         let auth = Auth {
             set: RwLock::new(Arc::new(TokenSet::default())),
             anonymous: opts.anonymous,
             readonly: opts.readonly,
             token_lifetime: opts.token_lifetime,
-            signer: Signer::random().map_err(|_| AuthError::Random)?,
+            signer: RwLock::new(Arc::new(signer)),
+            signing_key_file: opts.signing_key_file,
+            last_keys: Mutex::new(None),
             cache_key: hmac::Key::generate(hmac::HMAC_SHA256, &rng)
                 .map_err(|_| AuthError::Random)?,
             verified: Mutex::new(HashMap::new()),
@@ -311,6 +333,7 @@ impl Auth {
             // At start a broken file is fatal; later it only keeps the previous set.
             auth.reload()?;
         }
+        auth.reload_signing_keys()?;
         Ok(auth)
     }
 
@@ -347,10 +370,45 @@ impl Auth {
         Ok(true)
     }
 
-    /// Polls the tokens file and applies changes; a file that fails to load keeps the
-    /// previous set. Kubernetes swaps a `..data` symlink: reading by path follows it.
+    /// Re-reads the signing key file if its content changed. Returns whether it changed.
+    pub fn reload_signing_keys(&self) -> Result<bool, KeyFileError> {
+        let Some(path) = &self.signing_key_file else {
+            return Ok(false);
+        };
+        let (signer, text) = keys::load(path)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+        let mut last = self.last_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_deref() == Some(digest.as_ref()) {
+            return Ok(false);
+        }
+        let kids = signer.kids();
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signer);
+        // A removed key must stop verifying now, not when its cached tokens expire.
+        self.bearer_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        *last = Some(digest.as_ref().to_vec());
+        tracing::info!(
+            keys = kids.len(),
+            signing_kid = %kids.first().map(String::as_str).unwrap_or(""),
+            file = %path.display(),
+            "token signing keys loaded"
+        );
+        Ok(true)
+    }
+
+    fn signer(&self) -> Arc<Signer> {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Polls the tokens and signing key files and applies changes; a file that fails to load
+    /// keeps the previous set. Kubernetes swaps a `..data` symlink: reading by path follows it.
     pub fn spawn_watcher(self: &Arc<Self>) {
-        if self.tokens_file.is_none() {
+        if self.tokens_file.is_none() && self.signing_key_file.is_none() {
             return;
         }
         let auth = self.clone();
@@ -358,10 +416,16 @@ impl Auth {
             loop {
                 tokio::time::sleep(TOKENS_POLL).await;
                 let a = auth.clone();
-                match tokio::task::spawn_blocking(move || a.reload()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "tokens file not reloaded; keeping the previous tokens")
+                let r = tokio::task::spawn_blocking(move || (a.reload(), a.reload_signing_keys()))
+                    .await;
+                match r {
+                    Ok((tokens, keys)) => {
+                        if let Err(e) = tokens {
+                            tracing::warn!(error = %e, "tokens file not reloaded; keeping the previous tokens")
+                        }
+                        if let Err(e) = keys {
+                            tracing::warn!(error = %e, "token signing key file not reloaded; keeping the previous keys")
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "tokens reload task failed"),
                 }
@@ -499,8 +563,14 @@ impl Auth {
                 Err(BearerError::Expired)
             };
         }
-        let claims = Arc::new(self.signer.verify(tok, SERVICE)?);
+        let signer = self.signer();
+        let claims = Arc::new(signer.verify(tok, SERVICE)?);
         let mut cache = self.bearer_cache.write().unwrap_or_else(|p| p.into_inner());
+        // Keys reloaded meanwhile: the reload cleared the cache, do not put back a token
+        // verified with keys that may be gone.
+        if !Arc::ptr_eq(&signer, &self.signer()) {
+            return Ok(claims);
+        }
         // Tokens live five minutes; dropping the lot now and then bounds the memory.
         if cache.len() >= BEARER_CACHE_MAX {
             cache.clear();
@@ -634,7 +704,7 @@ impl Auth {
         }
         let now = bearer::now_secs();
         let lifetime = self.token_lifetime.as_secs().max(1);
-        let token = self.signer.issue(&Claims {
+        let token = self.signer().issue(&Claims {
             iss: bearer::ISSUER.into(),
             aud: SERVICE.into(),
             sub,

@@ -30,6 +30,7 @@ password1 = "{h}"
         readonly,
         max_failures: 20,
         token_lifetime: Duration::from_secs(300),
+        signing_key_file: None,
     })
     .unwrap();
     (Arc::new(auth), f, password)
@@ -215,6 +216,7 @@ async fn without_a_tokens_file_credentials_are_ignored() {
             readonly: false,
             max_failures: 20,
             token_lifetime: Duration::from_secs(300),
+            signing_key_file: None,
         })
         .unwrap(),
     );
@@ -226,4 +228,68 @@ async fn without_a_tokens_file_credentials_are_ignored() {
         auth.authorize(&p, &[need("any/repo", Action::ContentWrite)])
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn signing_key_file_reload_rotates_and_removes_keys() {
+    let (_, tokens, pw) = auth_with(Anonymous::None, false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    let (a, b) = (keys::generate().unwrap(), keys::generate().unwrap());
+    std::fs::write(&path, format!("# key A\n{a}\n")).unwrap();
+    let opts = || AuthOptions {
+        tokens_file: Some(tokens.path().to_owned()),
+        anonymous: Anonymous::None,
+        readonly: false,
+        max_failures: 1000,
+        token_lifetime: Duration::from_secs(300),
+        signing_key_file: Some(path.clone()),
+    };
+    // Two processes with the same file accept each other's tokens.
+    let (one, two) = (
+        Arc::new(Auth::new(opts()).unwrap()),
+        Arc::new(Auth::new(opts()).unwrap()),
+    );
+    let scope = ["repository:team/app:pull".to_owned()];
+    let issue = |auth: Arc<Auth>| {
+        let (pw, scope) = (pw.clone(), scope.clone());
+        async move {
+            let p = auth.authenticate(IP, basic("ci", &pw)).await.unwrap();
+            auth.issue(&p, Some(SERVICE), &scope).unwrap().token
+        }
+    };
+    let token_a = issue(one.clone()).await;
+    let bearer = |t: &str| Credentials::Bearer(t.to_owned());
+    assert!(two.authenticate(IP, bearer(&token_a)).await.is_ok());
+
+    // B added first: new tokens carry B's kid, A's still verify (also from the cache).
+    std::fs::write(&path, format!("{b}\n{a}\n")).unwrap();
+    assert!(two.reload_signing_keys().unwrap());
+    assert!(!two.reload_signing_keys().unwrap(), "unchanged file");
+    let token_b = issue(two.clone()).await;
+    assert_ne!(token_a.split('.').next(), token_b.split('.').next());
+    assert!(two.authenticate(IP, bearer(&token_a)).await.is_ok());
+    assert!(two.authenticate(IP, bearer(&token_b)).await.is_ok());
+    // `one` has not reloaded: B is unknown to it.
+    assert!(one.authenticate(IP, bearer(&token_b)).await.is_err());
+
+    // A broken file keeps the previous keys.
+    std::fs::write(&path, "short\n").unwrap();
+    assert!(two.reload_signing_keys().is_err());
+    assert!(two.authenticate(IP, bearer(&token_a)).await.is_ok());
+
+    // A removed: its token is refused at once, though it was verified (and cached) before.
+    std::fs::write(&path, format!("{b}\n")).unwrap();
+    assert!(two.reload_signing_keys().unwrap());
+    match two.authenticate(IP, bearer(&token_a)).await {
+        Err(Denial::Unauthorized { reason, .. }) => assert!(reason.contains("key"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(two.authenticate(IP, bearer(&token_b)).await.is_ok());
+
+    // At start, a broken file is refused with the path and line, never the key.
+    std::fs::write(&path, format!("{a}\nQUFBQQ==\n")).unwrap();
+    let e = Auth::new(opts()).err().unwrap().to_string();
+    assert!(e.contains("line 2") && e.contains("4 bytes"), "{e}");
+    assert!(!e.contains(a.trim_end_matches('=')), "{e}");
 }

@@ -1,4 +1,4 @@
-//! Command line: `serve`, `gc`, `fsck`, `scope-map`, `token`. Every flag also reads
+//! Command line: `serve`, `gc`, `fsck`, `scope-map`, `token`, `token-signing-key`. Every flag also reads
 //! `OUTPOST_<FLAG>`.
 
 mod admin;
@@ -55,6 +55,9 @@ pub enum Command {
     /// Manage client tokens in a tokens file (usernames, passwords, status).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
+    /// Bearer token signing keys for --token-signing-key-file.
+    #[command(subcommand)]
+    TokenSigningKey(SigningKeyCommand),
     /// Show the registry's status (mode, connection to the parent, last sync) from the admin API.
     Status(admin::StatusArgs),
     /// Start a sync with the parent now, outside the schedule; --wait follows it to the end.
@@ -62,6 +65,12 @@ pub enum Command {
     /// Download images now, ahead of a maintenance window, and pin them; --wait shows a
     /// progress bar per image and exits 1 if any image failed.
     Stage(admin::StageArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SigningKeyCommand {
+    /// Print a new key line (the base64 of 32 random bytes) for --token-signing-key-file.
+    Generate,
 }
 
 /// Where the content is: the same flags for serve, gc and fsck.
@@ -161,6 +170,13 @@ pub struct ServeArgs {
     /// How long bearer tokens from /oauth2/token stay valid (s, m or h suffix).
     #[arg(long, env = "OUTPOST_TOKEN_LIFETIME", default_value = "5m", value_parser = parse_duration)]
     pub token_lifetime: Duration,
+    /// Keys that sign and verify bearer tokens, shared by every replica so a token from one
+    /// is accepted by all: one key per line, the base64 of at least 32 random bytes
+    /// (`token-signing-key generate`), `#` comments. The first key signs, every key verifies;
+    /// re-read when it changes. Without it, a random key of this process (tokens are valid
+    /// on this process only).
+    #[arg(long, env = "OUTPOST_TOKEN_SIGNING_KEY_FILE")]
+    pub token_signing_key_file: Option<PathBuf>,
     /// The parent registry, in Azure's connection string format
     /// (ConnectedRegistryName=..;SyncTokenName=..;SyncTokenPassword=..;ParentGatewayEndpoint=..;
     /// ParentEndpointProtocol=https). Prefer the environment variable or
@@ -404,6 +420,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 mode: a.mode,
                 max_auth_failures: a.max_auth_failures,
                 token_lifetime: a.token_lifetime,
+                token_signing_key_file: a.token_signing_key_file,
                 sync,
                 max_storage: a.max_storage,
                 shutdown_delay: a.shutdown_delay,
@@ -433,6 +450,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Token(c) => {
             tokens::run_token(c)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TokenSigningKey(SigningKeyCommand::Generate) => {
+            let key = crate::auth::keys::generate()
+                .map_err(|_| CliError::Admin("the system random generator failed".into()))?;
+            println!("{key}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck(a) => {

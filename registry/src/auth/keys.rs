@@ -1,0 +1,203 @@
+//! The token signing key file (`--token-signing-key-file`): the keys every replica signs and
+//! verifies bearer tokens with, so a token from one replica is accepted by all of them.
+//!
+//! Format: one key per line, the standard base64 of at least 32 random bytes (padding
+//! optional); blank lines and lines starting with `#` are ignored. The first key signs, every
+//! key verifies. Rotation: add the new key second, roll out, move it first, wait one token
+//! lifetime, remove the old one.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+
+use super::bearer::Signer;
+
+/// Shortest key accepted, in bytes (HMAC-SHA256's block of security).
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// Why a key file was refused. Never carries key material: only the path and line numbers.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read token signing key file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("token signing key file {path} holds no key (one base64 key per line)")]
+    NoKey { path: String },
+    #[error(
+        "token signing key file {path}, line {line}: the key has {len} bytes, at least {MIN_KEY_BYTES} are needed"
+    )]
+    Short {
+        path: String,
+        line: usize,
+        len: usize,
+    },
+    #[error("token signing key file {path}, line {line}: the key is not valid base64")]
+    Encoding { path: String, line: usize },
+}
+
+/// Parses the text of a key file into a signer (first key signs, all verify).
+pub fn parse(path: &Path, text: &str) -> Result<Signer, KeyFileError> {
+    let path = || path.display().to_string();
+    let mut keys = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bytes = B64
+            .decode(line.trim_end_matches('='))
+            .map_err(|_| KeyFileError::Encoding {
+                path: path(),
+                line: i + 1,
+            })?;
+        if bytes.len() < MIN_KEY_BYTES {
+            return Err(KeyFileError::Short {
+                path: path(),
+                line: i + 1,
+                len: bytes.len(),
+            });
+        }
+        keys.push(bytes);
+    }
+    if keys.is_empty() {
+        return Err(KeyFileError::NoKey { path: path() });
+    }
+    Ok(Signer::from_keys(&keys))
+}
+
+/// Reads and parses a key file.
+pub fn load(path: &Path) -> Result<(Signer, String), KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok((parse(path, &text)?, text))
+}
+
+/// A new key line: the base64 of 32 bytes from the system random generator.
+pub fn generate() -> Result<String, aws_lc_rs::error::Unspecified> {
+    let mut bytes = [0u8; MIN_KEY_BYTES];
+    aws_lc_rs::rand::fill(&mut bytes)?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::bearer::{AccessEntry, BearerError, Claims, ISSUER, now_secs};
+
+    fn claims() -> Claims {
+        Claims {
+            iss: ISSUER.into(),
+            aud: "outpost".into(),
+            sub: "t".into(),
+            iat: now_secs(),
+            exp: now_secs() + 60,
+            access: vec![AccessEntry {
+                kind: "repository".into(),
+                name: "a/b".into(),
+                actions: vec!["content/read".into()],
+            }],
+        }
+    }
+
+    fn p() -> &'static Path {
+        Path::new("keys.txt")
+    }
+
+    #[test]
+    fn good_file_with_comments_and_padding() {
+        let a = generate().unwrap();
+        let b = generate().unwrap();
+        assert!(a.ends_with('='), "44 base64 characters end in one pad");
+        let text = format!(
+            "# signing keys\n\n  {a}  \n# the next one verifies only\n{}\n",
+            b.trim_end_matches('=')
+        );
+        let s = parse(p(), &text).unwrap();
+        assert_eq!(s.kids().len(), 2);
+        // The first listed key signs.
+        let first = parse(p(), &a).unwrap();
+        assert_eq!(s.kids()[0], first.kids()[0]);
+        assert_ne!(s.kids()[0], s.kids()[1]);
+        let t = s.issue(&claims());
+        assert_eq!(first.verify(&t, "outpost").unwrap().sub, "t");
+    }
+
+    #[test]
+    fn refusals_name_the_line_never_the_key() {
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 31]);
+        let e = parse(p(), &format!("# c\n{short}\n")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyFileError::Short {
+                    line: 2,
+                    len: 31,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!e.to_string().contains(&short));
+        let bad = "not*base64*at*all*but*long*enough*to*be*a*key*!!";
+        let e = parse(p(), &format!("{}\n{bad}\n", generate().unwrap())).unwrap_err();
+        assert!(matches!(e, KeyFileError::Encoding { line: 2, .. }), "{e}");
+        assert!(!e.to_string().contains(bad));
+        for empty in ["", "\n\n", "# only a comment\n   \n"] {
+            assert!(matches!(
+                parse(p(), empty).unwrap_err(),
+                KeyFileError::NoKey { .. }
+            ));
+        }
+        let e = load(Path::new("/nonexistent/outpost-keys")).unwrap_err();
+        assert!(matches!(e, KeyFileError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn kid_is_a_hash_not_the_key() {
+        let a = generate().unwrap();
+        let s = parse(p(), &a).unwrap();
+        let kid = &s.kids()[0];
+        assert_eq!(kid.len(), 16);
+        assert!(kid.bytes().all(|c| c.is_ascii_hexdigit()));
+        // Same key, same kid: replicas agree without sharing anything but the file.
+        assert_eq!(parse(p(), &a).unwrap().kids()[0], *kid);
+        let header = s.issue(&claims()).split('.').next().unwrap().to_owned();
+        let header = String::from_utf8(B64.decode(header).unwrap()).unwrap();
+        assert!(header.contains(&format!(r#""kid":"{kid}""#)), "{header}");
+        assert!(!header.contains(a.trim_end_matches('=')));
+        assert!(!format!("{s:?}").contains(a.trim_end_matches('=')));
+    }
+
+    #[test]
+    fn rotation() {
+        let (a, b) = (generate().unwrap(), generate().unwrap());
+        let only_a = parse(p(), &a).unwrap();
+        let token_a = only_a.issue(&claims());
+        // Step 1: the new key is added second; A still signs, B is accepted.
+        let a_then_b = parse(p(), &format!("{a}\n{b}\n")).unwrap();
+        assert_eq!(a_then_b.verify(&token_a, "outpost").unwrap().sub, "t");
+        let still_a = a_then_b.issue(&claims());
+        assert_eq!(only_a.verify(&still_a, "outpost").unwrap().sub, "t");
+        // Step 2: B moves first and signs; tokens signed with A still verify.
+        let b_then_a = parse(p(), &format!("{b}\n{a}\n")).unwrap();
+        assert_eq!(b_then_a.verify(&token_a, "outpost").unwrap().sub, "t");
+        let token_b = b_then_a.issue(&claims());
+        assert_eq!(a_then_b.verify(&token_b, "outpost").unwrap().sub, "t");
+        assert_eq!(
+            only_a.verify(&token_b, "outpost").unwrap_err(),
+            BearerError::UnknownKey
+        );
+        // Step 3: A removed; its tokens are refused, B's still verify.
+        let only_b = parse(p(), &b).unwrap();
+        assert_eq!(
+            only_b.verify(&token_a, "outpost").unwrap_err(),
+            BearerError::UnknownKey
+        );
+        assert_eq!(only_b.verify(&token_b, "outpost").unwrap().sub, "t");
+    }
+}
