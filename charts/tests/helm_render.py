@@ -36,6 +36,7 @@ RESOURCES = {
 
 class _Api(BaseHTTPRequestHandler):
     created = None  # list, set per server
+    existing = None  # API path -> object already in the cluster (what `lookup` finds)
 
     def log_message(self, *args):
         pass
@@ -76,7 +77,9 @@ class _Api(BaseHTTPRequestHandler):
                                                    "verbs": ["create", "get", "list", "patch",
                                                              "update", "delete", "watch"]}
                                                   for p, k, ns in RESOURCES[gv]]})
-        # Any object Helm looks up before creating it does not exist yet.
+        if path in self.existing:
+            return self._send(200, self.existing[path])
+        # Any other object Helm looks up before creating it does not exist yet.
         return self._not_found()
 
     def do_POST(self):
@@ -94,20 +97,43 @@ class _Api(BaseHTTPRequestHandler):
         self.do_POST()
 
     def do_PATCH(self):
-        self.do_POST()
+        path = self.path.split("?")[0].rstrip("/")
+        if path not in self.existing:
+            return self.do_POST()
+        # Helm adopting an object it owns already: a merge patch onto what is there.
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = _merge(json.loads(json.dumps(self.existing[path])), json.loads(raw or b"{}"))
+        self.created.append(body)
+        self._send(200, body)
 
     def do_DELETE(self):
         self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
 
-def render(chart, values=None, namespace="outpost", release="outpost", skip_schema=False):
-    """Installs `chart` with `values` into the stand-in API. Returns (objects Helm created, the
-    release Install returned: `manifest` is Helm's rendered YAML, `info.notes` the NOTES).
+def _merge(into, patch):
+    """JSON merge patch (RFC 7386)."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(into, dict):
+        into = {}
+    for k, v in patch.items():
+        if v is None:
+            into.pop(k, None)
+        else:
+            into[k] = _merge(into.get(k), v)
+    return into
+
+
+def render(chart, values=None, namespace="outpost", release="outpost", skip_schema=False,
+           existing=None):
+    """Installs `chart` with `values` into the stand-in API, where the objects of `existing`
+    (API path -> object) are found. Returns (objects Helm created, the release Install
+    returned: `manifest` is Helm's rendered YAML, `info.notes` the NOTES).
     skip_schema: as `helm install --skip-schema-validation` (what the templates refuse alone)."""
     import helm_sdkpy
 
     created = []
-    handler = type("Api", (_Api,), {"created": created})
+    handler = type("Api", (_Api,), {"created": created, "existing": existing or {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

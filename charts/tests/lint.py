@@ -88,6 +88,11 @@ SCENARIOS = {
     # Must fail: the schema rejects unknown keys and wrong types, and contradictory values. The
     # third item is what Helm's own validation must say (checked through an install into the
     # stand-in API, since Lint's messages carry no text through helm-sdkpy).
+    "signing-key-existing-secret": ({"tokens": {"existingSecret": "outpost-tokens",
+                                                "signingKey": {"existingSecret": "outpost-signing",
+                                                               "secretKey": "keys"}}}, True),
+    "signing-key-bad-secret-key": ({"tokens": {"existingSecret": "t", "signingKey": {"secretKey": "a/b"}}},
+                                   False, "at '/tokens/signingKey/secretKey': 'a/b' does not match pattern"),
     "typo-in-key": ({"trustDistribution": {"enabeld": True}}, False,
                     "at '/trustDistribution': additional properties 'enabeld' not allowed"),
     "typo-top-level": ({"connectionStrng": CONN}, False,

@@ -8,6 +8,7 @@ Prints one line per scenario and `render checks: N passed, N failed`; exits 1 on
 Usage: python3 charts/tests/render_checks.py
 """
 
+import base64
 import json
 import os
 import sys
@@ -185,6 +186,10 @@ def check_default(o):
     vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
     assert vols["connection"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert vols["tokens"]["secret"]["secretName"] == "outpost-tokens"
+    check_signing_key(o, "outpost-token-signing-key", "signing-keys")
+    keys = o.one("Secret", "-token-signing-key")
+    line = base64.b64decode(keys["data"]["signing-keys"]).decode()
+    assert line.endswith("\n") and len(base64.b64decode(line.strip())) == 32, "one 32-byte key"
     svc = o.one("Service", "-registry")
     assert svc["spec"]["clusterIP"] == "10.96.100.100"
     pvc = o.one("PersistentVolumeClaim", "-data")
@@ -436,9 +441,43 @@ def check_layout(runtime, mount, env):
     return check
 
 
+def check_signing_key(o, secret, key):
+    """Bearer token signing keys: `key` of Secret `secret` mounted alone, read by the flag."""
+    reg = o.one("Deployment", "-registry")
+    assert f"--token-signing-key-file=/etc/outpost/signing-keys/{key}" in registry_args(o)
+    vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
+    assert vols["signing-keys"]["secret"] == {"secretName": secret, "defaultMode": 0o440,
+                                              "items": [{"key": key, "path": key}]}, vols
+    assert {"name": "signing-keys", "mountPath": "/etc/outpost/signing-keys",
+            "readOnly": True} in containers(reg)[0]["volumeMounts"]
+
+
+# A key the chart made at install, found by `lookup` on upgrade.
+KEPT_KEY = base64.b64encode(b"S2VwdCBhY3Jvc3MgdXBncmFkZXM6IDMyIGJ5dGVzISE=\n").decode()
+KEPT_SECRET = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "outpost-token-signing-key", "namespace": NS,
+                            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                            "annotations": {"meta.helm.sh/release-name": "outpost",
+                                            "meta.helm.sh/release-namespace": NS}},
+               "data": {"signing-keys": KEPT_KEY}}
+
+
+def check_signing_key_kept(o):
+    check_signing_key(o, "outpost-token-signing-key", "signing-keys")
+    assert o.one("Secret", "-token-signing-key")["data"] == {"signing-keys": KEPT_KEY}
+
+
+def check_signing_key_existing_secret(o):
+    check_signing_key(o, "outpost-signing", "keys")
+    assert not [x for x in o.of("Secret") if x["metadata"]["name"].endswith("-token-signing-key")]
+
+
 def check_standalone(o):
     check_single_registry(o)
     args = registry_args(o)
+    # No tokens: no bearer tokens to sign, no key Secret.
+    assert not any(a.startswith("--token-signing-key-file") for a in args), args
+    assert not [x for x in o.of("Secret") if x["metadata"]["name"].endswith("-token-signing-key")]
     assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
     assert "standalone" in o.notes
     # storage.type pvc (the default): the PVC mounted where --storage points, one pod at a time.
@@ -622,6 +661,10 @@ SCENARIOS = {
                                check_trust_off),
     "webhook-off": ({"connectionString": CONN, "webhook": {"enabled": False}}, check_webhook_off),
     "standalone-defaults": ({}, check_standalone),
+    "signing-key-kept-on-upgrade": ({"tokens": {"existingSecret": "outpost-tokens"}}, check_signing_key_kept,
+                                    {f"/api/v1/namespaces/{NS}/secrets/outpost-token-signing-key": KEPT_SECRET}),
+    "signing-key-existing-secret": ({"tokens": {"existingSecret": "outpost-tokens", "signingKey": {
+        "existingSecret": "outpost-signing", "secretKey": "keys"}}}, check_signing_key_existing_secret),
     "s3-existing-secret": ({"connectionString": CONN, "maxStorage": "400Gi", "storage": {
         "type": "s3", "existingSecret": "outpost-s3",
         "secretKeys": {"AWS_ACCESS_KEY_ID": "rootUser", "AWS_SECRET_ACCESS_KEY": "rootPassword"},
@@ -693,9 +736,10 @@ SCENARIOS = {
 
 def main():
     failures = 0
-    for name, (values, check) in SCENARIOS.items():
+    for name, (values, check, *existing) in SCENARIOS.items():
         try:
-            objs, release = helm_render.render(CHART, values, namespace=NS, release="outpost")
+            objs, release = helm_render.render(CHART, values, namespace=NS, release="outpost",
+                                               existing=existing[0] if existing else None)
             o = Objects(objs, release["info"].get("notes", ""), release.get("hooks") or [])
             check_common(o)
             check(o)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use outpost_e2e::*;
 use serde_json::Value;
 
@@ -31,7 +32,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 47 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 49 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -194,7 +195,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 26 passed, 0 failed"),
+        text.contains("render checks: 28 passed, 0 failed"),
         "{text}"
     );
 }
@@ -359,6 +360,17 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
     write(
         root.join("etc/outpost/connection/connection-string"),
         connection.as_bytes(),
+    );
+    // The bearer token signing key the chart generated, as the Secret's file.
+    let signing_keys =
+        object(&rendered, "Secret", "outpost-token-signing-key")["data"]["signing-keys"]
+            .as_str()
+            .unwrap();
+    write(
+        root.join("etc/outpost/signing-keys/signing-keys"),
+        &base64::engine::general_purpose::STANDARD
+            .decode(signing_keys)
+            .unwrap(),
     );
     let tokens = root.join("etc/outpost/tokens/tokens.toml");
     std::fs::create_dir_all(tokens.parent().unwrap()).unwrap();
