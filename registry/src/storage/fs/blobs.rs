@@ -25,8 +25,12 @@ impl FsStore {
     pub(super) fn commit_blob(&self, tmp: &Path, d: &Digest) -> io::Result<()> {
         let dest = self.blob_path(d);
         if exists(&dest)? {
-            fs::remove_file(tmp)?;
-            return Self::touch(&dest);
+            match Self::touch(&dest) {
+                Ok(()) => return fs::remove_file(tmp),
+                // Swept by a gc between the check and the touch: ours takes its place.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         self.commit_file(tmp, &dest)
     }

@@ -97,9 +97,17 @@ pub(super) async fn manifest_put(
             }
         }
         let blob = store.blob_path(&digest);
-        if exists(&blob)? {
-            FsStore::touch(&blob)?;
+        // Touched when present; written when absent, or swept by a gc just before the touch.
+        let touched = if exists(&blob)? {
+            match FsStore::touch(&blob) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e.into()),
+            }
         } else {
+            false
+        };
+        if !touched {
             store.write_atomic(&blob, &content)?;
         }
         let layer = store.layer_link(&repo, &digest);
