@@ -212,3 +212,70 @@ fn elect_and_hand_over(election: &str, env: &[(&str, &str)], check_leader: impl 
         killed.elapsed()
     );
 }
+
+/// With a parent: of two replicas on one container only the leader syncs (each blob comes
+/// from the parent once), and the other answers status with the leader's state, re-read from
+/// the store.
+#[test]
+fn only_the_leader_syncs_and_the_other_reports_its_state() {
+    use outpost_e2e::oci::{conn, load, wait_for, wait_run};
+    use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+
+    let parent = DockerRegistry::builder().start();
+    let c = outpost_e2e::fixtures::content(outpost_e2e::run_seed() + 3000);
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
+    load(&c.layout, "v2", &parent.host(), "team/app:v2", &[]);
+    let proxy = FaultProxy::start(&parent.host());
+    let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let duration = format!("{DURATION_S}s");
+    let args = [
+        "--connection-string",
+        cs.as_str(),
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        duration.as_str(),
+    ];
+    let a = Registry::start_on_storage(Some(storage.clone()), &args);
+    let b = Registry::start_on_storage(Some(storage.clone()), &args);
+    let first = one_leader(&[&a, &b], Duration::from_secs(DURATION_S * 5));
+    let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
+
+    let s = wait_run(leader, 1, Duration::from_secs(90));
+    assert_eq!(
+        s["lastRun"]["result"],
+        "success",
+        "{s:#}\n{}",
+        leader.log_text()
+    );
+    // The follower re-reads the state every few seconds: the same run, the same last sync.
+    wait_for(
+        follower,
+        "the leader's state",
+        Duration::from_secs(30),
+        |f| {
+            f["lastRun"]["number"] == s["lastRun"]["number"] && f["lastSyncUtc"] == s["lastSyncUtc"]
+        },
+    );
+    assert!(
+        !follower.log_text().contains("sync started"),
+        "the follower ran a sync:\n{}",
+        follower.log_text()
+    );
+    // Each blob came from the parent once.
+    let mut fetched: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status / 100 == 2)
+        .map(|r| r.path)
+        .collect();
+    let all = fetched.len();
+    fetched.sort();
+    fetched.dedup();
+    assert!(
+        all > 0 && fetched.len() == all,
+        "blob GETs at the parent: {all}, distinct {}",
+        fetched.len()
+    );
+}

@@ -34,6 +34,9 @@ use schedule::Schedule;
 use state::{ConnectionState, StateFile};
 use transfer::Throttle;
 
+/// How often a process that does not lead re-reads the sync state the leader writes.
+const FOLLOWER_RELOAD: Duration = Duration::from_secs(5);
+
 /// Where the connection string comes from; a file is re-read before each run so rotated sync
 /// token passwords take effect without a restart.
 #[derive(Debug, Clone)]
@@ -188,6 +191,7 @@ impl Syncer {
         let state = StateFile::open(store.clone())
             .await
             .map_err(SyncError::State)?;
+        state.set_writable(leadership.is_leader());
         let outbox = match opts.mode {
             Mode::Readwrite => Some(Arc::new(
                 Outbox::open(store.clone())
@@ -356,6 +360,7 @@ impl Syncer {
     /// Starts the scheduler: a run at every firing of the schedule (bounded by the window),
     /// and whenever [`Syncer::request_run`] asks.
     pub fn spawn(self: &Arc<Self>) {
+        self.spawn_follower();
         let me = self.clone();
         tokio::spawn(async move {
             let now = SystemTime::now();
@@ -372,6 +377,7 @@ impl Syncer {
                         tracing::info!("sync due; waiting to lead (another process syncs)");
                         me.leadership.until_leading().await;
                     }
+                    me.take_over_state().await;
                     me.run(deadline).await;
                 }
                 let now = SystemTime::now();
@@ -388,6 +394,42 @@ impl Syncer {
                 }
             }
         });
+    }
+
+    /// While another process leads: stop writing the sync state and re-read what the leader
+    /// writes every few seconds, so status here answers as the leader's does.
+    fn spawn_follower(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let mut rx = self.leadership.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let leading = *rx.borrow_and_update();
+                let Some(me) = weak.upgrade() else { return };
+                if !leading {
+                    me.state.set_writable(false);
+                    if let Err(e) = me.state.reload().await {
+                        tracing::warn!(error = %e, "cannot read the leader's sync state");
+                    }
+                }
+                drop(me);
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(FOLLOWER_RELOAD) => {}
+                }
+            }
+        });
+    }
+
+    /// Before the first run as leader: the state the previous leader stored (its partial
+    /// downloads, its last run), not this process's copy from when it followed.
+    async fn take_over_state(&self) {
+        if self.state.is_writable() {
+            return;
+        }
+        if let Err(e) = self.state.reload().await {
+            tracing::warn!(error = %e, "cannot read the previous leader's sync state; going on with ours");
+        }
+        self.state.set_writable(true);
     }
 
     /// One run, to completion or until `deadline`.

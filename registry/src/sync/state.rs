@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,6 +148,9 @@ const SAVE_EVERY: Duration = Duration::from_millis(500);
 /// (coalescing bursts), and [`StateFile::save`] stores it now where a change must be durable.
 pub struct StateFile {
     store: Arc<dyn Store>,
+    /// Only the leader of the processes sharing the store writes the state; the others keep
+    /// their changes in memory and [`StateFile::reload`] what the leader wrote.
+    writable: AtomicBool,
     state: Mutex<SyncState>,
     /// Bumped by every update, under the state's lock.
     version: AtomicU64,
@@ -174,6 +177,7 @@ impl StateFile {
         };
         let file = Arc::new(StateFile {
             store,
+            writable: AtomicBool::new(true),
             state: Mutex::new(state),
             version: AtomicU64::new(0),
             saved: tokio::sync::Mutex::new(0),
@@ -229,8 +233,39 @@ impl StateFile {
         out
     }
 
-    /// Stores the current state now, unless it is stored already.
+    /// Whether this process may write the state (it leads); see [`StateFile::reload`].
+    pub fn set_writable(&self, writable: bool) {
+        self.writable.store(writable, Ordering::SeqCst);
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the state in memory with what the store holds (written by the leader), dropping
+    /// changes made here that were not stored. A follower calls it to answer status as the
+    /// leader would, and a new leader before its first run, so it resumes the old leader's
+    /// partial downloads and never writes back its own stale copy.
+    pub async fn reload(&self) -> Result<(), StorageError> {
+        let mut saved = self.saved.lock().await;
+        let state = match self.store.doc_get(STATE_KEY).await? {
+            Some(raw) => {
+                serde_json::from_slice(&raw).map_err(|e| StorageError::Io(io::Error::other(e)))?
+            }
+            None => SyncState::default(),
+        };
+        let mut s = self.lock();
+        *s = state;
+        *saved = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(())
+    }
+
+    /// Stores the current state now, unless it is stored already or this process does not
+    /// lead.
     pub async fn save(&self) -> Result<(), StorageError> {
+        if !self.writable.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let mut saved = self.saved.lock().await;
         let (version, raw) = {
             let s = self.lock();
@@ -288,6 +323,18 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never saved");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // A follower writes nothing, and reload brings it what the leader stored.
+        let follower = StateFile::open(store.clone()).await.unwrap();
+        follower.set_writable(false);
+        follower.update(|s| s.last_error = Some("follower's".into()));
+        follower.save().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let stored = StateFile::open(store.clone()).await.unwrap().snapshot();
+        assert_eq!(stored.last_error.as_deref(), Some("x"));
+        f.update(|s| s.last_error = Some("leader's".into()));
+        f.save().await.unwrap();
+        follower.reload().await.unwrap();
+        assert_eq!(follower.snapshot(), f.snapshot());
         std::fs::write(dir.path().join("sync/state.json"), b"{nope").unwrap();
         let fresh = StateFile::open(store.clone()).await.unwrap();
         assert_eq!(fresh.snapshot(), SyncState::default());
