@@ -278,4 +278,47 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
         "blob GETs at the parent: {all}, distinct {}",
         fetched.len()
     );
+
+    // A staging request accepted by the follower is downloaded by the leader; both report it.
+    load(&c.layout, "v1", &parent.host(), "team/staged:v1", &[]);
+    let admin = |r: &Registry| format!("http://127.0.0.1:{}/outpost/v1/staging", r.admin_port);
+    let resp = outpost_e2e::http()
+        .post(admin(follower))
+        .json(&serde_json::json!({"images": ["team/staged:v1"]}))
+        .send()
+        .expect("POST staging");
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().expect("json")["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for r in [leader, follower] {
+        loop {
+            let got: serde_json::Value = outpost_e2e::http()
+                .get(format!("{}/{id}", admin(r)))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap_or_default();
+            if got["state"] == "succeeded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "staging {id} not reported succeeded: {got:#}\n{}",
+                r.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(
+        leader.log_text().contains("image staged"),
+        "{}",
+        leader.log_text()
+    );
+    assert!(
+        !follower.log_text().contains("image staged"),
+        "the follower downloaded:\n{}",
+        follower.log_text()
+    );
 }

@@ -118,6 +118,11 @@ impl Leadership {
         }
     }
 
+    /// No election: this process is the only one.
+    pub fn is_sole(&self) -> bool {
+        self.lease.is_none()
+    }
+
     pub fn identity(&self) -> &str {
         &self.identity
     }

@@ -101,7 +101,13 @@ pub struct Staging {
     syncer: Arc<Syncer>,
     requests: Mutex<BTreeMap<String, StagingRequest>>,
     respect_window: bool,
+    /// Requests whose run is a task of this process.
+    running: Mutex<HashSet<String>>,
 }
+
+/// How often requests are re-read from the store when several processes share it (the leader
+/// picks up what the others accepted; the others show the leader's progress).
+const FOLLOW_EVERY: Duration = Duration::from_secs(5);
 
 /// An image name split into repository and reference, its registry checked against the parent.
 fn parse_image(name: &str, parent_hosts: &[String]) -> Result<(RepositoryName, Reference), String> {
@@ -185,13 +191,38 @@ impl Staging {
             syncer,
             requests: Mutex::new(requests),
             respect_window,
+            running: Mutex::new(HashSet::new()),
         });
         s.publish_metrics();
         Ok(s)
     }
 
-    /// Continues every request a restart interrupted.
+    /// Continues every request a restart interrupted, and from then on keeps the requests in
+    /// step with the store: only the leader of the processes sharing it runs them.
     pub fn resume(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let leadership = me.syncer.leadership().clone();
+                if !leadership.is_sole()
+                    && let Err(e) = me.refresh().await
+                {
+                    tracing::warn!(error = %e, "cannot read staging requests");
+                }
+                if leadership.is_leader() {
+                    me.start_pending();
+                }
+                drop(me);
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                    _ = leadership.until_leading(), if !leadership.is_leader() => {}
+                }
+            }
+        });
+    }
+
+    fn start_pending(self: &Arc<Self>) {
         let ids: Vec<String> = self
             .requests
             .lock()
@@ -201,9 +232,59 @@ impl Staging {
             .map(|r| r.id.clone())
             .collect();
         for id in ids {
-            tracing::info!(id = %id, "resuming staging request");
-            self.spawn(id);
+            if self.spawn(id.clone()) {
+                tracing::info!(id = %id, "resuming staging request");
+            }
         }
+    }
+
+    /// Re-reads the requests other processes wrote: new ones, and the progress of those this
+    /// process does not run (finished ones do not change and are not read again).
+    async fn refresh(&self) -> Result<(), StorageError> {
+        let store = self.store().clone();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut seen = HashSet::new();
+        for k in store.doc_list(DIR).await? {
+            let Some(id) = k
+                .strip_prefix("staging/")
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|id| valid_id(id))
+            else {
+                continue;
+            };
+            seen.insert(id.to_owned());
+            let done = self
+                .requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .is_some_and(|r| r.done());
+            if done || running.contains(id) {
+                continue;
+            }
+            let Some(raw) = store.doc_get(&k).await? else {
+                continue;
+            };
+            if let Ok(r) = serde_json::from_slice::<StagingRequest>(&raw)
+                && r.id == id
+            {
+                self.requests
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(r.id.clone(), r);
+            }
+        }
+        // Forgotten (DELETE) through another process.
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| seen.contains(id) || running.contains(id));
+        self.publish_metrics();
+        Ok(())
     }
 
     /// Accepts a request; it runs in the background.
@@ -250,8 +331,12 @@ impl Staging {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), req);
         self.publish_metrics();
-        tracing::info!(id = %id, "staging request accepted");
-        self.spawn(id.clone());
+        if self.syncer.leadership().is_leader() {
+            tracing::info!(id = %id, "staging request accepted");
+            self.spawn(id.clone());
+        } else {
+            tracing::info!(id = %id, "staging request accepted; the leading process downloads it");
+        }
         Ok(id)
     }
 
@@ -396,9 +481,34 @@ impl Staging {
         }
     }
 
-    fn spawn(self: &Arc<Self>, id: String) {
+    /// Runs request `id` here unless it already runs here; whether it started.
+    fn spawn(self: &Arc<Self>, id: String) -> bool {
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone())
+        {
+            return false;
+        }
         let me = self.clone();
-        tokio::spawn(async move { me.run(&id).await });
+        tokio::spawn(async move {
+            me.run(&id).await;
+            me.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+        true
+    }
+
+    /// False once another process leads: it continues the request from what is stored.
+    fn still_leading(&self, id: &str) -> bool {
+        let leading = self.syncer.leadership().is_leader();
+        if !leading {
+            tracing::info!(id = %id, "no longer leading; the leading process continues this staging request");
+        }
+        leading
     }
 
     async fn run(self: &Arc<Self>, id: &str) {
@@ -406,6 +516,9 @@ impl Staging {
         // 1. Validate every image before downloading any.
         let mut retry = RETRY_FIRST;
         loop {
+            if !self.still_leading(id) {
+                return;
+            }
             let Some(req) = self.get(id) else { return };
             let mut waiting = None;
             for (idx, img) in req.images.iter().enumerate() {
@@ -454,6 +567,9 @@ impl Staging {
         for idx in 0..count {
             let mut retry = RETRY_FIRST;
             loop {
+                if !self.still_leading(id) {
+                    return;
+                }
                 let Some(img) = self.get(id).and_then(|r| r.images.get(idx).cloned()) else {
                     return;
                 };
