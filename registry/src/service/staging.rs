@@ -247,6 +247,15 @@ impl Staging {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // What was known before listing: a request accepted here meanwhile is kept even if the
+        // listing missed it.
+        let before: HashSet<String> = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let mut seen = HashSet::new();
         for k in store.doc_list(DIR).await? {
             let Some(id) = k
@@ -282,7 +291,7 @@ impl Staging {
         self.requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| seen.contains(id) || running.contains(id));
+            .retain(|id, _| seen.contains(id) || running.contains(id) || !before.contains(id));
         self.publish_metrics();
         Ok(())
     }
