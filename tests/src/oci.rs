@@ -208,6 +208,19 @@ pub fn wait_run(reg: &Registry, min_run: u64, timeout: Duration) -> Value {
     })
 }
 
+/// Waits for run `min_run` to finish, checks that it succeeded (the log shown if not), and
+/// returns the status.
+pub fn wait_run_success(reg: &Registry, min_run: u64, timeout: Duration) -> Value {
+    let s = wait_run(reg, min_run, timeout);
+    assert_eq!(
+        s["lastRun"]["result"],
+        "success",
+        "{s:#}\n{}",
+        reg.log_text()
+    );
+    s
+}
+
 pub fn last_run(s: &Value) -> u64 {
     s["lastRun"]["number"].as_u64().unwrap_or(0)
 }

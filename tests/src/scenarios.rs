@@ -222,13 +222,7 @@ pub fn kill9_mid_sync_resumes(backend: Backend, size: usize, chunk_mib: u64, see
         no_blob_or_manifest_objects(o, &layer);
     }
     proxy.release();
-    let s = wait_run(&outpost, 1, Duration::from_secs(90));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        outpost.log_text()
-    );
+    wait_run_success(&outpost, 1, Duration::from_secs(90));
     let starts = proxy.range_starts(&layer);
     assert_eq!(starts.len(), 2, "{starts:?}");
     // Resumed exactly at a chunk boundary, no later than what had arrived.

@@ -218,7 +218,7 @@ fn elect_and_hand_over(election: &str, env: &[(&str, &str)], check_leader: impl 
 /// the store.
 #[test]
 fn only_the_leader_syncs_and_the_other_reports_its_state() {
-    use outpost_e2e::oci::{conn, load, wait_for, wait_run};
+    use outpost_e2e::oci::{conn, load, wait_for, wait_run_success};
     use outpost_e2e::parent::{DockerRegistry, FaultProxy};
 
     let parent = DockerRegistry::builder().start();
@@ -242,13 +242,7 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
     let first = one_leader(&[&a, &b], Duration::from_secs(DURATION_S * 5));
     let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
 
-    let s = wait_run(leader, 1, Duration::from_secs(90));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        leader.log_text()
-    );
+    let s = wait_run_success(leader, 1, Duration::from_secs(90));
     // The follower re-reads the state every few seconds: the same run, the same last sync.
     wait_for(
         follower,

@@ -55,13 +55,7 @@ fn sync_from_docker_registry_to_azurite() {
             "0 0 1 1 *",
         ],
     );
-    let s = wait_run(&outpost, 1, Duration::from_secs(60));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        outpost.log_text()
-    );
+    wait_run_success(&outpost, 1, Duration::from_secs(60));
     let top = Endpoint::plain(&parent.host());
     let local = Endpoint::plain(&outpost.host());
     for repo in ["team/app", "team/multi"] {

@@ -84,13 +84,7 @@ fn sync_from_tls_basic_parent_is_byte_identical_and_scoped() {
         "--chunk-size-mb",
         "1",
     ]);
-    let s = wait_run(&outpost, 1, Duration::from_secs(60));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        outpost.log_text()
-    );
+    let s = wait_run_success(&outpost, 1, Duration::from_secs(60));
     assert_eq!(s["connectionState"], "online");
     assert_eq!(s["name"], "edge-1");
     assert_eq!(s["mode"], "readonly");
@@ -255,8 +249,7 @@ fn nested_outposts_and_readwrite_up_the_chain() {
         "--mode",
         "readwrite",
     ]);
-    let s = wait_run(&b, 1, Duration::from_secs(60));
-    assert_eq!(s["lastRun"]["result"], "success", "{s:#}\n{}", b.log_text());
+    wait_run_success(&b, 1, Duration::from_secs(60));
     let top = Endpoint::plain(&parent.host());
     let leaf = Endpoint::plain(&b.host());
     for repo in ["team/app", "team/multi"] {
@@ -355,13 +348,7 @@ fn cut_connection_resumes_from_what_was_stored() {
         "--sync-schedule",
         "0 0 1 1 *",
     ]);
-    let s = wait_run(&outpost, 1, Duration::from_secs(60));
-    assert_eq!(
-        s["lastRun"]["result"],
-        "success",
-        "{s:#}\n{}",
-        outpost.log_text()
-    );
+    wait_run_success(&outpost, 1, Duration::from_secs(60));
     let starts = proxy.range_starts(&layer);
     assert_eq!(starts.len(), 2, "{:?}", proxy.requests());
     assert_eq!(starts[0], 0);

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
 use kube::api::PostParams;
 
-use super::{Lease, LeaseError, Observed};
+use super::{Lease, LeaseError, Observed, may_take};
 
 pub struct KubeLease {
     api: Api<KubeLeaseObject>,
@@ -105,18 +105,11 @@ impl Lease for KubeLease {
         let spec = lease.spec.clone().unwrap_or_default();
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let unchanged = self.observed.unchanged_for(&version);
-        let other = spec
-            .holder_identity
-            .as_deref()
-            .filter(|h| !h.is_empty() && *h != holder);
-        if let Some(other) = other {
-            let their = spec.lease_duration_seconds.map_or(duration, |s| {
-                Duration::from_secs(u64::try_from(s).unwrap_or(0))
-            });
-            if unchanged < their {
-                return Ok(false);
-            }
-            tracing::info!(previous = %other, "the leader lease expired; taking it over");
+        let their = spec.lease_duration_seconds.map_or(duration, |s| {
+            Duration::from_secs(u64::try_from(s).unwrap_or(0))
+        });
+        if !may_take(holder, spec.holder_identity.as_deref(), unchanged, their) {
+            return Ok(false);
         }
         let ours = spec.holder_identity.as_deref() == Some(holder);
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);

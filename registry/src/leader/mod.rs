@@ -175,6 +175,25 @@ pub fn identity() -> String {
     format!("{base}-{suffix}")
 }
 
+/// Whether `holder` may write the lease whose current holder is `current` (None or empty:
+/// released) and whose record has not changed for `unchanged` (observed here) against its
+/// `duration`: it is ours, free, or expired. The rule every backend applies.
+pub(crate) fn may_take(
+    holder: &str,
+    current: Option<&str>,
+    unchanged: Duration,
+    duration: Duration,
+) -> bool {
+    match current.filter(|h| !h.is_empty() && *h != holder) {
+        None => true,
+        Some(other) if unchanged >= duration => {
+            tracing::info!(previous = %other, "the leader lease expired; taking it over");
+            true
+        }
+        Some(_) => false,
+    }
+}
+
 /// When the record a lease backend last read changed, on this process's clock: expiry is
 /// judged from this, never from the timestamps other hosts wrote.
 #[derive(Default)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Lease, LeaseError, Observed};
+use super::{Lease, LeaseError, Observed, may_take};
 use crate::storage::{DocVersion, StorageError, Store};
 
 const KEY: &str = "leader.json";
@@ -84,14 +84,14 @@ impl Lease for StoreLease {
             return self.write(holder, duration, None).await;
         };
         let unchanged = self.observed.unchanged_for(version.as_str());
-        if let Some(r) = record
-            .as_ref()
-            .filter(|r| !r.holder.is_empty() && r.holder != holder)
-        {
-            if unchanged < Duration::from_millis(r.duration_ms) {
-                return Ok(false);
-            }
-            tracing::info!(previous = %r.holder, "the leader lease expired; taking it over");
+        let (current, theirs) = record.as_ref().map_or((None, Duration::ZERO), |r| {
+            (
+                Some(r.holder.as_str()),
+                Duration::from_millis(r.duration_ms),
+            )
+        });
+        if !may_take(holder, current, unchanged, theirs) {
+            return Ok(false);
         }
         self.write(holder, duration, Some(&version)).await
     }

@@ -75,18 +75,16 @@ impl Retention {
     /// Loads the pull times kept in the store (unreadable ones start afresh: the cost is
     /// evicting in a less useful order once).
     pub async fn new(syncer: Arc<Syncer>, max_bytes: u64) -> Result<Arc<Self>, StorageError> {
-        let access = match syncer.store().doc_get(ACCESS_KEY).await? {
-            Some(b) => parse_access(&b),
-            None => HashMap::new(),
-        };
-        Ok(Arc::new(Retention {
+        let me = Arc::new(Retention {
             syncer,
             max_bytes,
             pins: OnceLock::new(),
-            access: Mutex::new(access),
+            access: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             running: tokio::sync::Mutex::new(()),
-        }))
+        });
+        me.merge_stored().await?;
+        Ok(me)
     }
 
     pub fn set_pins(&self, pins: Arc<dyn PinSource>) {

@@ -158,6 +158,14 @@ fn key(id: &str) -> String {
     format!("{DIR}/{id}.json")
 }
 
+/// The id of the request kept under `key`, if the key is one of [`key`]'s.
+fn id_of(k: &str) -> Option<&str> {
+    k.strip_prefix(DIR)?
+        .strip_prefix('/')?
+        .strip_suffix(".json")
+        .filter(|id| valid_id(id))
+}
+
 fn valid_id(id: &str) -> bool {
     id.len() <= 64 && id.starts_with("stg-") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -168,32 +176,13 @@ impl Staging {
         syncer: Arc<Syncer>,
         respect_window: bool,
     ) -> Result<Arc<Self>, StorageError> {
-        let store = syncer.store().clone();
-        let mut requests = BTreeMap::new();
-        for k in store.doc_list(DIR).await? {
-            if !k.ends_with(".json") {
-                continue;
-            }
-            let Some(raw) = store.doc_get(&k).await? else {
-                continue;
-            };
-            match serde_json::from_slice::<StagingRequest>(&raw) {
-                Ok(r) if valid_id(&r.id) && k == key(&r.id) => {
-                    requests.insert(r.id.clone(), r);
-                }
-                Ok(_) => tracing::warn!(request = %k, "staging request with a bad id; ignored"),
-                Err(e) => {
-                    tracing::warn!(request = %k, error = %e, "unreadable staging request; ignored")
-                }
-            }
-        }
         let s = Arc::new(Staging {
             syncer,
-            requests: Mutex::new(requests),
+            requests: Mutex::new(BTreeMap::new()),
             respect_window,
             running: Mutex::new(HashSet::new()),
         });
-        s.publish_metrics();
+        s.refresh().await?;
         Ok(s)
     }
 
@@ -224,9 +213,7 @@ impl Staging {
 
     fn start_pending(self: &Arc<Self>) {
         let ids: Vec<String> = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .reqs()
             .values()
             .filter(|r| !r.done())
             .map(|r| r.id.clone())
@@ -238,8 +225,9 @@ impl Staging {
         }
     }
 
-    /// Re-reads the requests other processes wrote: new ones, and the progress of those this
-    /// process does not run (finished ones do not change and are not read again).
+    /// Reads the requests in the store: all of them at start, then those other processes
+    /// wrote (new ones, and the progress of those this process does not run; finished ones do
+    /// not change and are not read again).
     async fn refresh(&self) -> Result<(), StorageError> {
         let store = self.store().clone();
         let running = self
@@ -249,51 +237,44 @@ impl Staging {
             .clone();
         // What was known before listing: a request accepted here meanwhile is kept even if the
         // listing missed it.
-        let before: HashSet<String> = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let before: HashSet<String> = self.reqs().keys().cloned().collect();
         let mut seen = HashSet::new();
         for k in store.doc_list(DIR).await? {
-            let Some(id) = k
-                .strip_prefix("staging/")
-                .and_then(|n| n.strip_suffix(".json"))
-                .filter(|id| valid_id(id))
-            else {
+            let Some(id) = id_of(&k) else {
+                tracing::warn!(request = %k, "staging request with a bad id; ignored");
                 continue;
             };
             seen.insert(id.to_owned());
-            let done = self
-                .requests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .is_some_and(|r| r.done());
-            if done || running.contains(id) {
+            if self.is_done(id) || running.contains(id) {
                 continue;
             }
             let Some(raw) = store.doc_get(&k).await? else {
                 continue;
             };
-            if let Ok(r) = serde_json::from_slice::<StagingRequest>(&raw)
-                && r.id == id
-            {
-                self.requests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(r.id.clone(), r);
+            match serde_json::from_slice::<StagingRequest>(&raw) {
+                Ok(r) if r.id == id => {
+                    self.reqs().insert(r.id.clone(), r);
+                }
+                Ok(_) => tracing::warn!(request = %k, "staging request with a bad id; ignored"),
+                Err(e) => {
+                    tracing::warn!(request = %k, error = %e, "unreadable staging request; ignored")
+                }
             }
         }
         // Forgotten (DELETE) through another process.
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.reqs()
             .retain(|id, _| seen.contains(id) || running.contains(id) || !before.contains(id));
         self.publish_metrics();
         Ok(())
+    }
+
+    fn reqs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StagingRequest>> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_done(&self, id: &str) -> bool {
+        self.reqs().get(id).is_some_and(|r| r.done())
     }
 
     /// Accepts a request; it runs in the background.
@@ -335,10 +316,7 @@ impl Staging {
                 .collect(),
         };
         self.write(&req).await?;
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), req);
+        self.reqs().insert(id.clone(), req);
         self.publish_metrics();
         if self.syncer.leadership().is_leader() {
             tracing::info!(id = %id, "staging request accepted");
@@ -359,9 +337,7 @@ impl Staging {
         want.sort();
         want.dedup();
         let existing = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .reqs()
             .values()
             .find(|r| {
                 let mut have: Vec<String> = r.images.iter().map(|i| i.image.clone()).collect();
@@ -377,46 +353,28 @@ impl Staging {
     }
 
     pub fn get(&self, id: &str) -> Option<StagingRequest> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.reqs().get(id).cloned()
     }
 
     pub fn list(&self) -> Vec<StagingRequest> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.reqs().values().cloned().collect()
     }
 
     /// Forgets a finished request, which unpins its images. False if unknown or still running.
     pub async fn remove(&self, id: &str) -> Result<bool, StagingError> {
-        let done = self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .is_some_and(|r| r.done());
-        if !done {
+        if !self.is_done(id) {
             return Ok(false);
         }
         if valid_id(id) {
             self.store().doc_delete(&key(id)).await?;
         }
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.reqs().remove(id);
         self.publish_metrics();
         Ok(true)
     }
 
     fn staged(&self) -> impl Iterator<Item = ImageStatus> {
-        let reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let reqs = self.reqs();
         reqs.values()
             .flat_map(|r| r.images.iter())
             .filter(|i| i.state == ImageState::Staged)
@@ -445,12 +403,7 @@ impl Staging {
         ] {
             counts.insert(s.as_str(), 0);
         }
-        for r in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
+        for r in self.reqs().values() {
             for i in &r.images {
                 *counts.entry(i.state.as_str()).or_default() += 1;
             }
@@ -464,7 +417,7 @@ impl Staging {
     /// Changes image `idx` of request `id`; saves when `save` (progress is saved less often).
     async fn update(&self, id: &str, idx: usize, save: bool, f: impl FnOnce(&mut ImageStatus)) {
         let snapshot = {
-            let mut reqs = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reqs = self.reqs();
             let Some(r) = reqs.get_mut(id) else { return };
             let Some(i) = r.images.get_mut(idx) else {
                 return;
