@@ -84,18 +84,7 @@ pub(super) async fn doc_get_versioned(
     key: &str,
 ) -> Result<Option<(Bytes, DocVersion)>, StorageError> {
     docs::check_key(key)?;
-    let r = match store.store.get(&store.doc_key(key)).await {
-        Ok(r) => r,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(os_err(e)),
-    };
-    if r.meta.size > DOC_MAX_BYTES {
-        return Err(StorageError::Io(std::io::Error::other(format!(
-            "document {key} is larger than {DOC_MAX_BYTES} bytes"
-        ))));
-    }
-    let version = version_of(r.meta.e_tag.clone(), r.meta.version.clone());
-    Ok(Some((r.bytes().await.map_err(os_err)?, version)))
+    get_versioned(store, &store.doc_key(key), DOC_MAX_BYTES).await
 }
 
 pub(super) async fn doc_put_if(
@@ -105,7 +94,38 @@ pub(super) async fn doc_put_if(
     expected: Option<&DocVersion>,
 ) -> Result<Option<DocVersion>, StorageError> {
     docs::check_key(key)?;
-    let k = store.doc_key(key);
+    put_if(store, &store.doc_key(key), data, expected).await
+}
+
+/// An object's content and version, `None` if there is none; refuses one over `max` bytes.
+/// With [`put_if`], the conditional pair that documents and the gc maintenance lease share.
+pub(super) async fn get_versioned(
+    store: &BucketStore,
+    key: &Key,
+    max: u64,
+) -> Result<Option<(Bytes, DocVersion)>, StorageError> {
+    let r = match store.store.get(key).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(os_err(e)),
+    };
+    if r.meta.size > max {
+        return Err(StorageError::Io(std::io::Error::other(format!(
+            "{key} is larger than {max} bytes"
+        ))));
+    }
+    let version = version_of(r.meta.e_tag.clone(), r.meta.version.clone());
+    Ok(Some((r.bytes().await.map_err(os_err)?, version)))
+}
+
+/// Writes `data` at `key` only if the object is still at `expected` (`None`: only if there is
+/// none). `Ok(None)` when another writer changed, created or deleted it since it was read.
+pub(super) async fn put_if(
+    store: &BucketStore,
+    key: &Key,
+    data: Bytes,
+    expected: Option<&DocVersion>,
+) -> Result<Option<DocVersion>, StorageError> {
     let mode = match expected {
         None => PutMode::Create,
         Some(v) => PutMode::Update(update_version(v)),
@@ -113,27 +133,28 @@ pub(super) async fn doc_put_if(
     match store
         .store
         .put_opts(
-            &k,
+            key,
             PutPayload::from_bytes(data.clone()),
             PutOptions::from(mode),
         )
         .await
     {
         Ok(r) => Ok(Some(version_of(r.e_tag, r.version))),
-        // Someone else created or changed it since it was read: they won.
+        // Someone else created, changed or removed it since it was read: they won.
         Err(object_store::Error::AlreadyExists { .. })
-        | Err(object_store::Error::Precondition { .. }) => Ok(None),
+        | Err(object_store::Error::Precondition { .. })
+        | Err(object_store::Error::NotFound { .. }) => Ok(None),
         // A store without conditional writes (S3 without aws_conditional_put): compare the
         // version read now with the one expected, then write. Best effort: two writers can
         // still both pass the comparison in the moment between.
         Err(object_store::Error::NotImplemented { .. }) => {
-            let now = doc_get_versioned(store, key).await?.map(|(_, v)| v);
+            let now = get_versioned(store, key, u64::MAX).await?.map(|(_, v)| v);
             if now.as_ref() != expected {
                 return Ok(None);
             }
             let r = store
                 .store
-                .put(&k, PutPayload::from_bytes(data))
+                .put(key, PutPayload::from_bytes(data))
                 .await
                 .map_err(os_err)?;
             Ok(Some(version_of(r.e_tag, r.version)))

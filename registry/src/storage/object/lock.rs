@@ -3,20 +3,25 @@
 //!
 //! An object store has no locks, so the exclusive side is a lease: the object
 //! `locks/maintenance.json` (outside what gc, fsck and the documents list), holding who took it
-//! and until when. It is created with a conditional create, renewed with a conditional
-//! overwrite on the version it holds, taken over once expired with a conditional overwrite on
-//! the expired version (two takers cannot both win), and deleted on release. A push does not
-//! write anything: before its final write it reads the object (cached for [`LockTiming::cache_ttl`],
-//! so a busy server reads it at most once per interval) and waits while a live lease exists.
+//! and until when. It is written through the same conditional pair as the store's documents
+//! ([`super::docs::put_if`]): created only if absent, renewed only at the version it holds,
+//! taken over once expired only at the expired version (two takers cannot both win), and
+//! deleted on release. A push does not write anything: before its final write it reads the
+//! object (cached for [`LockTiming::cache_ttl`], so a busy server reads it at most once per
+//! interval) and waits while a live lease exists.
+//!
+//! Unlike the leader lease (`crate::leader`), which judges expiry by watching the record go
+//! unchanged on the reader's own clock, this record carries its expiry time: a push reads it
+//! once and must decide at once, with no history to watch.
 //!
 //! A push that read "free" just before gc took the lease goes on writing; gc therefore waits
 //! [`LockTiming::settle`] (the cache age a push may rely on plus a bound on its writes) before
 //! it marks. A push whose writes took longer than that checks again afterwards, with a fresh
 //! read of the lock and of its blobs, and withdraws the manifest if a gc took them.
 //!
-//! Stores without conditional writes (an S3 server with them switched off: object_store
-//! answers `NotImplemented`) get a read-then-write instead: best effort, two gc processes
-//! starting within the same instant could both take the lock there.
+//! Stores without conditional writes (an S3 server with them switched off) get `put_if`'s
+//! read-compare-write instead: best effort, two gc processes starting within the same instant
+//! could both take the lock there.
 //!
 //! Leases compare the holder's wall clock (the expiry it wrote) with the reader's: the lease
 //! is long against any sane clock skew between hosts.
@@ -29,11 +34,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
-use super::{BucketStore, os_err};
-use crate::storage::{MaintenanceGuard, MaintenanceHold, StorageError};
+use super::BucketStore;
+use super::docs::{get_versioned, put_if};
+use crate::storage::{DocVersion, MaintenanceGuard, MaintenanceHold, StorageError};
 
 /// Where the lease lives, relative to the prefix.
 const LOCK_REL: &str = "locks/maintenance.json";
@@ -156,23 +161,11 @@ impl BucketStore {
     }
 
     /// The lease record and its version, `None` if there is none.
-    async fn read_lock(&self) -> Result<Option<(LockRecord, UpdateVersion)>, StorageError> {
-        let key = self.lock_key();
-        let r = match self.store.get(&key).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(os_err(e)),
+    async fn read_lock(&self) -> Result<Option<(LockRecord, DocVersion)>, StorageError> {
+        let Some((raw, version)) = get_versioned(self, &self.lock_key(), MAX_LOCK_READ).await?
+        else {
+            return Ok(None);
         };
-        if r.meta.size > MAX_LOCK_READ {
-            return Err(StorageError::Io(io::Error::other(format!(
-                "{key} is larger than {MAX_LOCK_READ} bytes"
-            ))));
-        }
-        let version = UpdateVersion {
-            e_tag: r.meta.e_tag.clone(),
-            version: r.meta.version.clone(),
-        };
-        let raw = r.bytes().await.map_err(os_err)?;
         // An unreadable record (a torn manual edit) counts as expired: it is taken over.
         let rec = serde_json::from_slice(&raw).unwrap_or(LockRecord {
             holder: String::new(),
@@ -191,19 +184,12 @@ impl BucketStore {
         Bytes::from(serde_json::to_vec(&rec).unwrap_or_default())
     }
 
-    async fn put_lock(&self, mode: PutMode) -> Result<UpdateVersion, object_store::Error> {
-        let r = self
-            .store
-            .put_opts(
-                &self.lock_key(),
-                PutPayload::from_bytes(self.lock_record()),
-                PutOptions::from(mode),
-            )
-            .await?;
-        Ok(UpdateVersion {
-            e_tag: r.e_tag,
-            version: r.version,
-        })
+    /// Writes this process's lease if the object is still at `expected` (`None`: absent).
+    async fn put_lock(
+        &self,
+        expected: Option<&DocVersion>,
+    ) -> Result<Option<DocVersion>, StorageError> {
+        put_if(self, &self.lock_key(), self.lock_record(), expected).await
     }
 
     /// Reads the lock, or takes a reading younger than the cache TTL. `fresh_after`: only a
@@ -268,76 +254,49 @@ impl BucketStore {
         let t = self.lock.timing;
         let deadline = Instant::now() + t.acquire_wait;
         let mut backoff = Duration::from_millis(100);
-        let mut conditional = true;
+        // The first attempt creates; after that, each attempt names the version last read.
+        let mut current: Option<(LockRecord, DocVersion)> = None;
         let mut taken = None;
         for _ in 0..10_000 {
             let sent = Instant::now();
-            let attempt = if conditional {
-                match self.put_lock(PutMode::Create).await {
-                    Ok(v) => Ok(Some(v)),
-                    Err(object_store::Error::AlreadyExists { .. }) => Ok(None),
-                    Err(object_store::Error::NotImplemented { .. }) => {
-                        conditional = false;
-                        continue;
-                    }
-                    Err(e) => Err(os_err(e)),
+            if let Some(v) = self.put_lock(current.as_ref().map(|(_, v)| v)).await? {
+                if current.is_some() {
+                    // Expired (its holder crashed), unreadable, or a leftover of this process.
+                    tracing::warn!("taking over an expired gc maintenance lock");
                 }
-            } else {
-                Ok(None)
-            }?;
-            if let Some(v) = attempt {
                 taken = Some((v, sent));
                 break;
             }
-            let current = self.read_lock().await?;
+            // Someone else wrote it first: look again.
+            current = self.read_lock().await?;
             let holder_until = match &current {
-                None if conditional => continue,
                 Some((rec, _)) if rec.expires_ms > now_ms() && rec.holder != self.lock.holder => {
                     Some(rec.expires_ms)
                 }
                 _ => None,
             };
-            if let Some(until) = holder_until {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(locked(format!(
-                        "another gc holds the maintenance lock on this store until {} \
-                         (waited {} s)",
-                        format_ms(until),
-                        t.acquire_wait.as_secs()
-                    )));
-                }
-                let to_expiry = Duration::from_millis(until.saturating_sub(now_ms()));
-                tokio::time::sleep(
-                    backoff
-                        .min(to_expiry + Duration::from_millis(10))
-                        .min(deadline - now),
-                )
-                .await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            let Some(until) = holder_until else {
                 continue;
-            }
-            // Expired (its holder crashed), unreadable, or a leftover of this process.
-            let sent = Instant::now();
-            let mode = match (&current, conditional) {
-                (Some((_, v)), true) => PutMode::Update(v.clone()),
-                // Best effort without conditional writes: the read above, then a plain write.
-                _ => PutMode::Overwrite,
             };
-            match self.put_lock(mode).await {
-                Ok(v) => {
-                    if current.is_some() {
-                        tracing::warn!("taking over an expired gc maintenance lock");
-                    }
-                    taken = Some((v, sent));
-                    break;
-                }
-                // Someone else took it over (or renewed it) first: look again.
-                Err(object_store::Error::Precondition { .. })
-                | Err(object_store::Error::NotFound { .. }) => {}
-                Err(object_store::Error::NotImplemented { .. }) => conditional = false,
-                Err(e) => return Err(os_err(e)),
+            // A live lease is never overwritten: after the wait, try to create again.
+            current = None;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(locked(format!(
+                    "another gc holds the maintenance lock on this store until {} \
+                     (waited {} s)",
+                    format_ms(until),
+                    t.acquire_wait.as_secs()
+                )));
             }
+            let to_expiry = Duration::from_millis(until.saturating_sub(now_ms()));
+            tokio::time::sleep(
+                backoff
+                    .min(to_expiry + Duration::from_millis(10))
+                    .min(deadline - now),
+            )
+            .await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         let Some((version, sent)) = taken else {
             return Err(locked(
@@ -352,7 +311,6 @@ impl BucketStore {
             version: std::sync::Mutex::new(version),
             valid_until: std::sync::Mutex::new(sent + t.lease),
             io: tokio::sync::Mutex::new(()),
-            conditional,
         });
         let renewer = tokio::spawn(renew(self.clone(), state.clone()));
         let guard = ObjectGuard {
@@ -371,16 +329,15 @@ impl BucketStore {
 
 struct HeldState {
     lost: AtomicBool,
-    version: std::sync::Mutex<UpdateVersion>,
+    version: std::sync::Mutex<DocVersion>,
     /// By this process's clock, from when the last successful write was sent.
     valid_until: std::sync::Mutex<Instant>,
     /// Held across a renewal's write, so a release never races one.
     io: tokio::sync::Mutex<()>,
-    conditional: bool,
 }
 
 impl HeldState {
-    fn version(&self) -> UpdateVersion {
+    fn version(&self) -> DocVersion {
         self.version
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -399,24 +356,18 @@ async fn renew(store: BucketStore, state: Arc<HeldState>) {
         tokio::time::sleep(t.renew_every()).await;
         let _io = state.io.lock().await;
         let sent = Instant::now();
-        let mode = if state.conditional {
-            PutMode::Update(state.version())
-        } else {
-            PutMode::Overwrite
-        };
-        match store.put_lock(mode).await {
-            Ok(v) => {
+        match store.put_lock(Some(&state.version())).await {
+            Ok(Some(v)) => {
                 *state.version.lock().unwrap_or_else(|p| p.into_inner()) = v;
                 *state.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = sent + t.lease;
             }
-            Err(object_store::Error::Precondition { .. })
-            | Err(object_store::Error::NotFound { .. }) => {
+            Ok(None) => {
                 tracing::error!("the gc maintenance lock was taken over by another process");
                 state.lost.store(true, Ordering::SeqCst);
                 return;
             }
             // Retried at the next tick; `check` stops the holder before the lease runs out.
-            Err(e) => tracing::warn!(error = %os_err(e), "cannot renew the gc maintenance lock"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the gc maintenance lock"),
         }
     }
 }
