@@ -220,7 +220,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// A lease in memory with the same rules as the real ones, to test the election loop.
+    /// A lease in memory applying the real take-over rule, to test the election loop.
     struct Memory {
         holder: Mutex<Option<String>>,
         observed: Observed,
@@ -243,11 +243,9 @@ mod tests {
             }
             let mut h = self.holder.lock().unwrap();
             let mut v = self.version.lock().unwrap();
-            let free = match h.as_deref() {
-                None => true,
-                Some(x) if x == holder => true,
-                Some(_) => self.observed.unchanged_for(&v.to_string()) >= duration,
-            };
+            // Every holder here asks with the same duration, so it stands for the record's.
+            let unchanged = self.observed.unchanged_for(&v.to_string());
+            let free = may_take(holder, h.as_deref(), unchanged, duration);
             if free {
                 *h = Some(holder.to_owned());
                 *v += 1;
