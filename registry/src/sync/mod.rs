@@ -410,6 +410,11 @@ impl Syncer {
                     if let Err(e) = me.state.reload().await {
                         tracing::warn!(error = %e, "cannot read the leader's sync state");
                     }
+                    if let Some(o) = &me.outbox
+                        && let Err(e) = o.recount().await
+                    {
+                        tracing::warn!(error = %e, "cannot count the outbox");
+                    }
                 }
                 drop(me);
                 tokio::select! {

@@ -1,8 +1,12 @@
 //! Readwrite mode's durable queue of client pushes waiting to go up to the parent: one small
 //! JSON document per pushed manifest under `outbox/` among the store's documents
-//! (`<storage>/sync/outbox/` on disk), keyed so that listing order is push order. An entry leaves the queue only once the parent has the manifest (or it is
-//! dropped as a conflict the parent wins, or set aside under `failed/` when the parent refuses
-//! it for good).
+//! (`<storage>/sync/outbox/` on disk), keyed so that listing order is push order. An entry
+//! leaves the queue only once the parent has the manifest (or it is dropped as a conflict the
+//! parent wins, or set aside under `failed/` when the parent refuses it for good).
+//!
+//! Replicas sharing a store queue into the same folder: each entry is created only if its key
+//! is free, so two replicas never write the same sequence number over each other, and the one
+//! that loses takes a later number (its push came after).
 
 use std::collections::HashSet;
 use std::io;
@@ -78,13 +82,40 @@ impl Outbox {
             digest: digest.to_string(),
             queued_utc: super::schedule::rfc3339(std::time::SystemTime::now()),
         };
-        let raw = serde_json::to_vec(&entry).map_err(|e| StorageError::Io(io::Error::other(e)))?;
+        let raw: bytes::Bytes = serde_json::to_vec(&entry)
+            .map_err(|e| StorageError::Io(io::Error::other(e)))?
+            .into();
         let mut next = self.next.lock().await;
-        self.store
-            .doc_put(&format!("{DIR}/{:020}.json", *next), raw.into())
-            .await?;
-        *next += 1;
-        self.len.fetch_add(1, Ordering::SeqCst);
+        // Each lost race re-lists and moves past every number taken; bounded all the same.
+        for _ in 0..100 {
+            let key = format!("{DIR}/{:020}.json", *next);
+            if self
+                .store
+                .doc_put_if(&key, raw.clone(), None)
+                .await?
+                .is_some()
+            {
+                *next += 1;
+                self.len.fetch_add(1, Ordering::SeqCst);
+                return Ok(());
+            }
+            // Another replica on this store took the number.
+            let last = keys(self.store.as_ref())
+                .await?
+                .last()
+                .map_or(0, |(n, _)| *n);
+            *next = (*next + 1).max(last + 1);
+        }
+        Err(StorageError::Io(io::Error::other(
+            "could not queue the push for the parent: every outbox number tried was taken",
+        )))
+    }
+
+    /// Counts the queued entries again: a replica that does not sync sees the entries every
+    /// replica queued, for status.
+    pub async fn recount(&self) -> Result<(), StorageError> {
+        let n = keys(self.store.as_ref()).await?.len();
+        self.len.store(n, Ordering::SeqCst);
         Ok(())
     }
 
@@ -222,5 +253,36 @@ mod tests {
             "denied"
         );
         assert_eq!(Outbox::open(store).await.unwrap().len(), 1);
+    }
+
+    /// Two replicas opened on the same store before either pushed: every push is kept, in
+    /// the order the pushes were queued, and each replica counts them all after a recount.
+    #[tokio::test]
+    async fn replicas_on_one_store_never_overwrite_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = || -> Arc<dyn Store> { Arc::new(FsStore::open(dir.path()).unwrap()) };
+        let a = Outbox::open(store()).await.unwrap();
+        let b = Outbox::open(store()).await.unwrap();
+        let repo: RepositoryName = "team/app".parse().unwrap();
+        let d = |c: char| -> Digest {
+            format!("sha256:{}", c.to_string().repeat(64))
+                .parse()
+                .unwrap()
+        };
+        a.push(&repo, None, &d('a')).await.unwrap();
+        b.push(&repo, None, &d('b')).await.unwrap();
+        a.push(&repo, None, &d('c')).await.unwrap();
+        b.push(&repo, None, &d('d')).await.unwrap();
+        let digests: Vec<_> = a
+            .entries()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.digest)
+            .collect();
+        let want: Vec<_> = "abcd".chars().map(|c| d(c).to_string()).collect();
+        assert_eq!(digests, want);
+        b.recount().await.unwrap();
+        assert_eq!((a.len(), b.len()), (4, 4));
     }
 }
