@@ -372,6 +372,30 @@ impl ObjectStorage {
         }
     }
 
+    /// The text of the object `key` (relative to the prefix `e2e/`), or why it could not be
+    /// read (a missing object included): to look at a small document the registry wrote.
+    pub fn get_text(&self, key: &str) -> Result<String, String> {
+        let port = self.emulator.port;
+        let path = format!("{}/e2e/{key}", self.bucket);
+        match self.emulator.kind {
+            Kind::Azurite => azure_request(port, "GET", &path, &[]),
+            Kind::Moto => {
+                let r = http()
+                    .get(format!("http://127.0.0.1:{port}/{path}"))
+                    .header("authorization", moto_authorization())
+                    .send()
+                    .map_err(|e| e.to_string())?;
+                let status = r.status();
+                let text = r.text().map_err(|e| e.to_string())?;
+                if status.is_success() {
+                    Ok(text)
+                } else {
+                    Err(format!("{status}: {text}"))
+                }
+            }
+        }
+    }
+
     /// Deletes the object `key` (relative to the prefix `e2e/`) behind the registry's back.
     pub fn delete_object(&self, key: &str) {
         let port = self.emulator.port;

@@ -198,6 +198,8 @@ pub struct ProxiedRequest {
     pub status: u16,
     /// Response body bytes actually forwarded to the client.
     pub body_bytes: u64,
+    /// The response stalled (see [`FaultProxy::stall_after`]).
+    pub stalled: bool,
 }
 
 #[derive(Default)]
@@ -206,6 +208,7 @@ struct ProxyState {
     cut: Option<(String, u64)>,
     refuse: Option<(String, u16)>,
     hold: Option<String>,
+    stall: Option<(String, u64)>,
 }
 
 /// A plain-HTTP/1.1 proxy in front of `upstream` on a free loopback port. Threads end when it
@@ -285,6 +288,21 @@ impl FaultProxy {
     /// child while it is certain the request has not been answered.
     pub fn hold(&self, path_contains: &str) {
         self.state.lock().expect("state").hold = Some(path_contains.into());
+    }
+
+    /// Responses to requests whose path contains `path_contains` and whose body (known by its
+    /// `content-length`) is longer than `body_bytes` stop after `body_bytes` bytes, as a parent
+    /// that stalls mid-transfer: the connection stays open and silent until
+    /// [`FaultProxy::end_stalls`] (or the proxy is dropped) closes it. Every such response
+    /// while set, so several downloads can be caught in the middle at once.
+    pub fn stall_after(&self, path_contains: &str, body_bytes: u64) {
+        self.state.lock().expect("state").stall = Some((path_contains.into(), body_bytes));
+    }
+
+    /// Stops stalling new responses, and closes the stalled ones without sending them a byte
+    /// more (so nothing reaches a client that died meanwhile and the counts stay exact).
+    pub fn end_stalls(&self) {
+        self.state.lock().expect("state").stall = None;
     }
 
     /// Lets held requests (and later ones) through.
@@ -481,6 +499,7 @@ fn serve_connection(
                 range: header(&headers, "range").map(str::to_owned),
                 status,
                 body_bytes: 0,
+                stalled: false,
             });
             write!(
                 client_w,
@@ -512,6 +531,7 @@ fn serve_connection(
                 range: header(&headers, "range").map(str::to_owned),
                 status,
                 body_bytes: 0,
+                stalled: false,
             });
             st.requests.len() - 1
         };
@@ -523,6 +543,13 @@ fn serve_connection(
                     st.cut = None;
                     Some(n)
                 }
+                _ => None,
+            }
+        };
+        let stall = {
+            let st = state.lock().expect("state");
+            match &st.stall {
+                Some((p, n)) if path.contains(p.as_str()) => Some(*n),
                 _ => None,
             }
         };
@@ -540,6 +567,20 @@ fn serve_connection(
         }
         let complete =
             if let Some(len) = header(&rh, "content-length").and_then(|v| v.parse::<u64>().ok()) {
+                if let Some(at) = stall.filter(|at| *at < len) {
+                    if copy_n(&mut up_r, &mut client_w, at, &mut count, stop)? {
+                        state.lock().expect("state").requests[index].stalled = true;
+                        // Silent until the stalls end or the proxy stops (bounded by its life).
+                        while state.lock().expect("state").stall.is_some()
+                            && !stop.load(Ordering::SeqCst)
+                        {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                    let _ = client_w.shutdown(Shutdown::Both);
+                    let _ = up_w.shutdown(Shutdown::Both);
+                    return Ok(());
+                }
                 // A cut forwards exactly `limit` bytes, then drops both connections.
                 let len = cut.map_or(len, |c| c.min(len));
                 copy_n(&mut up_r, &mut client_w, len, &mut count, stop)? && cut.is_none()

@@ -316,3 +316,199 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
         follower.log_text()
     );
 }
+
+/// kill -9 of the leader in the middle of a sync, on three replicas: another one leads within
+/// the lease duration and a retry period, its first run resumes the old leader's partial
+/// downloads from their stored chunks (a Range from the chunk boundary reached), the image
+/// ends up byte-identical, and the parent served no more blob bytes than the blobs' sizes
+/// plus one chunk per blob that was in flight at the kill.
+#[test]
+fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks() {
+    use outpost_e2e::oci::{Endpoint, MIB, OCI_MANIFEST, assert_repo_identical, conn};
+    use outpost_e2e::parent::{DockerRegistry, FaultProxy};
+    use outpost_e2e::scenarios::fsck_clean;
+
+    const CHUNK_MIB: u64 = 2;
+    let chunk = CHUNK_MIB * MIB;
+    // The parent stalls each layer after two and a half chunks: two are stored, and half of
+    // the third is in the leader's memory when it dies.
+    let stall_at = chunk * 5 / 2;
+    let stored_at_kill = stall_at / chunk * chunk;
+
+    // Two layers of several chunks (not whole chunks), so two downloads are in flight at once.
+    let parent = DockerRegistry::builder().start();
+    let top = Endpoint::plain(&parent.host());
+    let seed = outpost_e2e::run_seed();
+    let repo = "team/big";
+    let layers: Vec<Vec<u8>> = (0..2u64)
+        .map(|i| outpost_e2e::pseudo_random(seed + i, (7 * MIB + 4321 * (i + 1)) as usize))
+        .collect();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = top.push_blob(repo, config);
+    let layer_digests: Vec<String> = layers.iter().map(|l| top.push_blob(repo, l)).collect();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": layer_digests.iter().zip(&layers).map(|(d, l)| json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": l.len()
+        })).collect::<Vec<_>>(),
+    });
+    let manifest = serde_json::to_vec(&manifest).expect("manifest json");
+    assert_eq!(top.push_manifest(repo, "v1", OCI_MANIFEST, &manifest), 201);
+    let total: u64 = config.len() as u64 + layers.iter().map(|l| l.len() as u64).sum::<u64>();
+
+    let proxy = FaultProxy::start(&parent.host());
+    proxy.stall_after("/blobs/", stall_at);
+    let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let duration = format!("{DURATION_S}s");
+    let chunk_arg = CHUNK_MIB.to_string();
+    let args = [
+        "--connection-string",
+        cs.as_str(),
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        duration.as_str(),
+        "--chunk-size-mb",
+        chunk_arg.as_str(),
+    ];
+    let mut replicas: Vec<Registry> = (0..3)
+        .map(|_| Registry::start_on_storage(Some(storage.clone()), &args))
+        .collect();
+    let lease_time = Duration::from_secs(DURATION_S);
+    let first = one_leader(&replicas.iter().collect::<Vec<_>>(), lease_time * 5);
+
+    // Both layers stalled at the parent, and both partial downloads stored up to the last
+    // whole chunk (the upload sessions' durable offsets, as the store holds them).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stalled = proxy.requests().iter().filter(|r| r.stalled).count();
+        let offsets = session_offsets(&storage);
+        if stalled == layers.len()
+            && offsets.len() == layers.len()
+            && offsets.iter().all(|o| *o == stored_at_kill)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not both layers stalled with {stored_at_kill} bytes stored: {stalled} stalled, \
+             session offsets {offsets:?}\n{}",
+            replicas[first].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let in_flight = proxy.requests().iter().filter(|r| r.stalled).count() as u64;
+    let mut old = replicas.remove(first);
+    assert!(
+        old.log_text().contains("sync started"),
+        "{}",
+        old.log_text()
+    );
+    old.kill9();
+    let killed = Instant::now();
+    // The dead leader's stalled responses are closed, and the successor's pass.
+    proxy.end_stalls();
+
+    // A successor within the lease duration and one retry period (the follower's attempts
+    // are that far apart), plus the time its lease requests and this poll take.
+    let retry = lease_time / 3;
+    let bound = lease_time + retry + Duration::from_millis(1500);
+    let next = loop {
+        if let Some(i) = (0..replicas.len()).find(|i| leader_gauge(&replicas[*i]) == Some(1.0)) {
+            break i;
+        }
+        assert!(
+            killed.elapsed() < bound,
+            "no new leader {:?} after the kill",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = killed.elapsed();
+    eprintln!(
+        "new leader {took:?} after the kill (lease {lease_time:?}, retry {retry:?}, bound {bound:?})"
+    );
+    assert!(
+        took >= lease_time / 2,
+        "took the lease {took:?} after the leader died, before it expired"
+    );
+    let refs: Vec<&Registry> = replicas.iter().collect();
+    assert_eq!(one_leader(&refs, lease_time), next);
+    let leader = &replicas[next];
+    let other = &replicas[1 - next];
+
+    let s = outpost_e2e::oci::wait_run_success(leader, 1, Duration::from_secs(120));
+    eprintln!("the new leader's run: {}", s["lastRun"]);
+    assert!(
+        !other.log_text().contains("sync started"),
+        "the follower ran a sync:\n{}",
+        other.log_text()
+    );
+
+    // Each layer: fetched from 0 by the old leader, then from the chunk boundary it had
+    // stored, once, by the new one.
+    for (digest, layer) in layer_digests.iter().zip(&layers) {
+        assert_eq!(
+            proxy.range_starts(digest),
+            [0, stored_at_kill],
+            "GETs of {digest}: {:?}",
+            proxy.requests()
+        );
+        let gets: Vec<_> = proxy
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path.contains(&format!("/blobs/{digest}")))
+            .collect();
+        assert_eq!(gets[1].status, 206, "{gets:?}");
+        assert_eq!(
+            gets[1].body_bytes,
+            layer.len() as u64 - stored_at_kill,
+            "the rest, once"
+        );
+    }
+    assert_eq!(
+        proxy.gets_for(&format!("/blobs/{config_digest}")),
+        1,
+        "the config blob came once"
+    );
+
+    // Bytes at the parent: every blob once, plus at most one chunk per blob in flight.
+    let served: u64 = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
+        .map(|r| r.body_bytes)
+        .sum();
+    let limit = total + chunk * in_flight;
+    eprintln!(
+        "blob bytes served by the parent: {served} (blobs {total}, {in_flight} in flight at the \
+         kill, chunk {chunk}: bound {limit}; lost {})",
+        served.saturating_sub(total)
+    );
+    assert!(served <= limit, "{served} > {limit}");
+
+    // Byte-identical, and a clean store.
+    let local = Endpoint::plain(&leader.host());
+    assert_repo_identical(&top, &local, repo);
+    for (digest, layer) in layer_digests.iter().zip(&layers) {
+        assert!(local.blob(repo, digest) == *layer, "{digest} differs");
+    }
+    fsck_clean(leader);
+}
+
+/// The durable offsets of the upload sessions in the store (`uploads/<id>/state.json`).
+fn session_offsets(storage: &outpost_e2e::emulators::ObjectStorage) -> Vec<u64> {
+    storage
+        .keys()
+        .iter()
+        .filter(|k| k.starts_with("uploads/") && k.ends_with("/state.json"))
+        .filter_map(|k| storage.get_text(k).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["offset"].as_u64())
+        .collect()
+}
