@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end suites: run Outpost's binaries and real peers (skopeo, umoci,
 //! containerd) on loopback and temp dirs, and stop every one of them when a test ends.
 
+pub mod balancer;
 pub mod cri;
 pub mod emulators;
 pub mod fixtures;
