@@ -14,6 +14,37 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MIB: u64 = 1024 * 1024;
 
+/// GETs `url` and reads the body in 1 MiB pieces (constant memory for large blobs): the
+/// status, how many bytes came and their digest (`sha256:…`). Panics if the request or the
+/// body read fails.
+pub fn get_digest(url: &str) -> (u16, u64, String) {
+    let mut resp = http()
+        .get(url)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    // Bounded by the body's length; the client's timeout bounds a stalled body.
+    loop {
+        let k = std::io::Read::read(&mut resp, &mut buf)
+            .unwrap_or_else(|e| panic!("GET {url}: body after {n} bytes: {e}"));
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    let hex: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (status, n, format!("sha256:{hex}"))
+}
+
 pub fn conn(name: &str, user: &str, pass: &str, host: &str, proto: &str) -> String {
     format!(
         "ConnectedRegistryName={name};SyncTokenName={user};SyncTokenPassword={pass};ParentGatewayEndpoint={host};ParentEndpointProtocol={proto}"

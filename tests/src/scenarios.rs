@@ -89,26 +89,9 @@ pub fn sixteen_clients_share_one_upstream_get(backend: Backend, size: usize, see
                 start.wait();
                 // Staggered a little: late readers join the download in progress.
                 std::thread::sleep(Duration::from_millis(20 * i as u64));
-                let mut resp = http().get(&url).send().unwrap();
-                assert_eq!(resp.status(), 200, "client {i}");
-                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-                let mut buf = vec![0u8; 1 << 20];
-                let mut n = 0u64;
-                loop {
-                    let k = std::io::Read::read(&mut resp, &mut buf).unwrap();
-                    if k == 0 {
-                        break;
-                    }
-                    ctx.update(&buf[..k]);
-                    n += k as u64;
-                }
-                let hex: String = ctx
-                    .finish()
-                    .as_ref()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                (n, format!("sha256:{hex}"))
+                let (status, n, digest) = get_digest(&url);
+                assert_eq!(status, 200, "client {i}");
+                (n, digest)
             })
         })
         .collect();

@@ -357,3 +357,90 @@ fn retention_and_staging_on_azurite() {
     // Eviction left no dangling link or manifest behind.
     fsck_clean(&outpost);
 }
+
+/// Pull-through with two replicas on one container (one leads): a replica that does not lead
+/// answers at once too. Both miss the same blob at the same moment, so each may fetch it from
+/// the parent (at most two GETs), and both clients get every byte; the container ends up with
+/// one object for the blob and no upload left over, and later pulls at either replica are hits.
+#[test]
+fn two_replicas_pull_the_same_blob_through_at_once() {
+    const SIZE: usize = 16 * MIB as usize;
+    let parent = DockerRegistry::builder().start();
+    let layer = pseudo_random(run_seed() + 2100, SIZE);
+    let digest = push_raw_image(&Endpoint::plain(&parent.host()), "big/layer", "v1", &layer);
+    drop(layer);
+    let proxy = FaultProxy::start(&parent.host());
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let c = conn("edge-ha", "u", "p", &proxy.host(), "http");
+    let mut args = vec!["--connection-string", c.as_str()];
+    args.extend_from_slice(&NO_SYNC);
+    args.extend_from_slice(&[
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        "3s",
+    ]);
+    let replicas = [
+        Registry::start_on_storage(Some(storage.clone()), &args),
+        Registry::start_on_storage(Some(storage.clone()), &args),
+    ];
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{}/v2/big/layer/blobs/{digest}", r.url()))
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(urls.len()));
+    let pulls: Vec<_> = urls
+        .iter()
+        .cloned()
+        .map(|url| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                get_digest(&url)
+            })
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        assert_eq!(
+            p.join().expect("client"),
+            (200, SIZE as u64, digest.clone()),
+            "replica {i}:\n{}",
+            replicas[i].log_text()
+        );
+    }
+    let path = format!("/blobs/{digest}");
+    let gets = proxy.gets_for(&path);
+    assert!((1..=2).contains(&gets), "upstream GETs: {gets}");
+
+    // Committed after the clients' reads may have ended: wait (bounded) for one object and
+    // no upload session, then nothing more may appear.
+    let hex = digest.trim_start_matches("sha256:");
+    let settled = |keys: &[String]| {
+        keys.iter()
+            .filter(|k| k.starts_with("blobs/") && k.ends_with(hex))
+            .count()
+            == 1
+            && !keys.iter().any(|k| k.starts_with("uploads/"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !settled(&storage.keys()) {
+        assert!(
+            Instant::now() < deadline,
+            "one blob object and no upload expected: {:?}\n{}\n{}",
+            storage.keys(),
+            replicas[0].log_text(),
+            replicas[1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for url in &urls {
+        assert_eq!(get_digest(url), (200, SIZE as u64, digest.clone()));
+    }
+    assert_eq!(proxy.gets_for(&path), gets, "later pulls are hits");
+    eprintln!("upstream GETs for the blob: {gets}");
+    for r in &replicas {
+        let log = r.log_text();
+        assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
+    }
+    fsck_clean(&replicas[0]);
+}

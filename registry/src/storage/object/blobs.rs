@@ -25,6 +25,8 @@ pub(super) const PART_SIZE: usize = 8 * 1024 * 1024;
 /// multipart upload in the background, so no incomplete upload is left billing the user.
 pub(super) struct BlobWriter {
     w: Option<BufWriter>,
+    store: std::sync::Arc<dyn ObjectStore>,
+    key: Key,
     hasher: Option<Hasher>,
     written: u64,
 }
@@ -34,9 +36,11 @@ impl BlobWriter {
         BlobWriter {
             w: Some(BufWriter::with_capacity(
                 store.store.clone(),
-                key,
+                key.clone(),
                 PART_SIZE,
             )),
+            store: store.store.clone(),
+            key,
             hasher: Some(Hasher::new(algorithm)),
             written: 0,
         }
@@ -68,8 +72,17 @@ impl BlobWriter {
             return Err(StorageError::Io(io::Error::other("upload already ended")));
         };
         if let Err(e) = w.shutdown().await {
-            // A failed completion may leave the multipart upload open.
-            let _ = w.abort().await;
+            // Another replica completing the same blob at the same moment can make this
+            // completion fail (Azure drops a blob's uncommitted blocks when one block list
+            // commits). The key is content-addressed and only ever completed after a digest
+            // check, so an object of this size there now holds these very bytes.
+            if let Ok(meta) = self.store.head(&self.key).await
+                && meta.size == self.written
+            {
+                return Ok(self.written);
+            }
+            // object_store cannot abort a writer once it has shut down (it panics); a
+            // multipart upload left open is for the bucket's lifecycle rule (README).
             return Err(os_io_err(e));
         }
         Ok(self.written)
