@@ -434,3 +434,99 @@ fn storage_redirect_is_refused_on_a_directory() {
     );
     assert!(!text.contains("panicked"), "{text}");
 }
+
+#[test]
+fn two_replicas_push_the_same_blob_and_tag_at_once_on_azure_blob_storage() {
+    same_pushes_on_two_replicas(emulators::azurite());
+}
+
+#[test]
+fn two_replicas_push_the_same_blob_and_tag_at_once_on_s3() {
+    same_pushes_on_two_replicas(emulators::moto());
+}
+
+/// Two replicas on one store, at the same moment, each push the same multipart-sized layer
+/// and then their own manifest to the same tag, twice over: every push succeeds, the tag is
+/// one of the two manifests (the last write wins), both manifests and the layer read back
+/// from either replica, no upload session is left and fsck is clean.
+fn same_pushes_on_two_replicas(storage: ObjectStorage) {
+    use outpost_e2e::oci::{Endpoint, OCI_MANIFEST, get_digest};
+    let args = [
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        "3s",
+    ];
+    let replicas = [
+        Registry::start_on_storage(Some(storage.clone()), &args),
+        Registry::start_on_storage(Some(storage.clone()), &args),
+    ];
+    let layer = Arc::new(pseudo_random(31, 20 << 20));
+    let layer_digest = outpost_e2e::sha256(&layer);
+    for round in 0..2 {
+        let start = Arc::new(std::sync::Barrier::new(replicas.len()));
+        let pushes: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (ep, layer, start) = (Endpoint::plain(&r.host()), layer.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let config = format!(
+                        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"replica":{i},"round":{round}}}"#
+                    );
+                    start.wait();
+                    let cfg = ep.push_blob("same/app", config.as_bytes());
+                    let l = ep.push_blob("same/app", &layer);
+                    let m = serde_json::to_vec(&serde_json::json!({
+                        "schemaVersion": 2,
+                        "mediaType": OCI_MANIFEST,
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": config.len()},
+                        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l, "size": layer.len()}],
+                    }))
+                    .unwrap();
+                    let status = ep.push_manifest("same/app", "v1", OCI_MANIFEST, &m);
+                    (status, outpost_e2e::sha256(&m))
+                })
+            })
+            .collect();
+        let pushed: Vec<(u16, String)> = pushes.into_iter().map(|p| p.join().unwrap()).collect();
+        for (i, (status, _)) in pushed.iter().enumerate() {
+            assert_eq!(
+                *status,
+                201,
+                "round {round}, replica {i}:\n{}",
+                replicas[i].log_text()
+            );
+        }
+        for r in &replicas {
+            let ep = Endpoint::plain(&r.host());
+            let tagged = outpost_e2e::sha256(&ep.manifest("same/app", "v1").expect("tag"));
+            assert!(
+                pushed.iter().any(|(_, d)| *d == tagged),
+                "the tag is neither manifest pushed"
+            );
+            for (_, d) in &pushed {
+                assert!(ep.manifest("same/app", d).is_some(), "manifest {d}");
+            }
+            let url = format!("{}/v2/same/app/blobs/{layer_digest}", r.url());
+            assert_eq!(
+                get_digest(&url),
+                (200, layer.len() as u64, layer_digest.clone())
+            );
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while storage.keys().iter().any(|k| k.starts_with("uploads/")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload sessions left: {:?}",
+            storage.keys()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for r in &replicas {
+        let log = r.log_text();
+        assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
+    }
+    outpost_e2e::scenarios::fsck_clean(&replicas[0]);
+}
