@@ -31,6 +31,10 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// downloads and evictions keep it current in between; on object storage a listing costs one
 /// LIST per 1000 blobs).
 const STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
+/// The same when several processes share the store (leader election on): a process's running
+/// total misses what the others write, so the leader's retention and every replica's figure
+/// would lag by up to an hour of the others' pushes.
+const SHARED_STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -229,7 +233,17 @@ impl Signals {
 }
 
 /// Keeps `outpost_storage_bytes` current and expires idle upload sessions.
-fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Duration) {
+fn spawn_upkeep(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    upload_expiry: Duration,
+    shared: bool,
+) {
+    let scan_every = if shared {
+        SHARED_STORAGE_SCAN_INTERVAL
+    } else {
+        STORAGE_SCAN_INTERVAL
+    };
     let s = store.clone();
     tokio::spawn(async move {
         loop {
@@ -241,7 +255,7 @@ fn spawn_upkeep(store: Arc<dyn Store>, metrics: Arc<Metrics>, upload_expiry: Dur
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot measure storage"),
             }
-            tokio::time::sleep(STORAGE_SCAN_INTERVAL).await;
+            tokio::time::sleep(scan_every).await;
         }
     });
     let every = (upload_expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -442,7 +456,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         _ => None,
     };
 
-    spawn_upkeep(store, metrics, opts.upload_expiry);
+    spawn_upkeep(store, metrics, opts.upload_expiry, !leadership.is_sole());
     if let Some(s) = &syncer {
         s.spawn();
     }
