@@ -83,7 +83,7 @@ SCENARIOS = {
                                "azblob": {"container": "outpost", "useEmulator": True}},
                    "registry": {"replicas": 3}}, True),
     "ha-s3-strict-spread": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}},
-                             "registry": {"replicas": 2, "shutdownDelaySeconds": 10,
+                             "registry": {"replicas": 2, "shutdownDelaySeconds": 10, "leaderElection": "store",
                                           "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}}, True),
     # Must fail: the schema rejects unknown keys and wrong types, and contradictory values. The
     # third item is what Helm's own validation must say (checked through an install into the
@@ -146,6 +146,9 @@ SCENARIOS = {
     "secret-keys-without-secret": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"},
                                                 "secretKeys": {"AWS_ACCESS_KEY_ID": "id"}}}, False,
                                    "at '/storage/existingSecret': minLength"),
+    "unknown-leader-election": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}},
+                                 "registry": {"leaderElection": "etcd"}}, False,
+                                "at '/registry/leaderElection': value must be one of 'kubernetes', 'store'"),
     # Replicas: more than one only on object storage (one pod mounts a PVC; one writer per
     # directory store).
     "replicas-on-pvc": ({"registry": {"replicas": 2}}, False,

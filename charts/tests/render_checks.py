@@ -157,12 +157,50 @@ def check_single_registry(o):
     pod = reg["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in pod, pod
     # On a PVC there is one process (the store's lock); on object storage a rolling update
-    # overlaps two pods, so even one replica elects.
-    election = [a for a in containers(reg)[0]["args"] if a.startswith("--leader")]
+    # overlaps two pods, so even one replica elects (a Kubernetes Lease by default).
     object_storage = any(a.startswith(("--storage=s3://", "--storage=azblob://"))
                          for a in containers(reg)[0]["args"])
-    assert election == (["--leader-election=store"] if object_storage else []), election
+    check_election(o, "kubernetes" if object_storage else None)
     check_shutdown(reg, 5)
+
+
+LEASE = "outpost-registry-leader"
+
+
+def check_election(o, election):
+    """The leader election as rendered: none on a PVC (no flags, no token, no RBAC); `store`
+    (a lease in the bucket: no token, no RBAC); `kubernetes` (the Lease named after the
+    release in its namespace, the pod's token mounted, and RBAC for that Lease only: create,
+    which RBAC cannot narrow by name, and get/update on the name). The pod's name names the
+    leader on object storage."""
+    reg = o.one("Deployment", "-registry")
+    pod = reg["spec"]["template"]["spec"]
+    args = [a for a in containers(reg)[0]["args"] if a.startswith("--leader")]
+    rbac = [r for r in o.of("Role") + o.of("RoleBinding") if r["metadata"]["name"] == LEASE]
+    assert o.one("ServiceAccount", "-registry")["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in containers(reg)[0]["env"]}
+    if election is None:
+        assert args == [] and not rbac and "POD_NAME" not in env, (args, rbac)
+        assert pod["automountServiceAccountToken"] is False, pod
+        return
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, env
+    if election == "store":
+        assert args == ["--leader-election=store"], args
+        assert not rbac and pod["automountServiceAccountToken"] is False, (rbac, pod)
+        return
+    assert args == ["--leader-election=kubernetes", f"--leader-lease={LEASE}",
+                    f"--leader-lease-namespace={NS}"], args
+    assert pod["automountServiceAccountToken"] is True, pod
+    role = o.one("Role", "-registry-leader")
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [LEASE],
+         "verbs": ["get", "update"]}], role["rules"]
+    binding = o.one("RoleBinding", "-registry-leader")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": LEASE}, binding
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": NS}], binding
 
 
 def check_shutdown(reg, delay):
@@ -500,7 +538,9 @@ def registry_env(o):
     """The registry container's env by name: a value, or ("secret", name, key, optional)."""
     out = {}
     for e in containers(o.one("Deployment", "-registry"))[0]["env"]:
-        if "valueFrom" in e:
+        if "fieldRef" in e.get("valueFrom", {}):
+            out[e["name"]] = ("field", e["valueFrom"]["fieldRef"]["fieldPath"])
+        elif "valueFrom" in e:
             ref = e["valueFrom"]["secretKeyRef"]
             out[e["name"]] = ("secret", ref["name"], ref["key"], ref.get("optional", False))
         else:
@@ -508,7 +548,7 @@ def registry_env(o):
     return out
 
 
-def check_object_storage_pod(o, replicas=1):
+def check_object_storage_pod(o, replicas=1, election="kubernetes"):
     """Any object store: no PVC, no data volume, a rolling update that keeps every replica."""
     assert not o.of("PersistentVolumeClaim"), "object storage needs no PVC"
     reg = o.one("Deployment", "-registry")
@@ -518,9 +558,8 @@ def check_object_storage_pod(o, replicas=1):
     pod = reg["spec"]["template"]["spec"]
     assert not [v for v in pod.get("volumes") or [] if v["name"] == "data"], pod["volumes"]
     assert not [m for m in containers(reg)[0].get("volumeMounts") or [] if m["name"] == "data"]
-    assert pod["automountServiceAccountToken"] is False
-    # One pod syncs even while a rolling update runs two: a lease in the bucket, no RBAC.
-    assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
+    # One pod syncs even while a rolling update runs two.
+    check_election(o, election)
     # The chart makes no Secret for the object store: credentials stay in the user's.
     assert not [s for s in o.of("Secret") if "storage" in s["metadata"]["name"] or "s3" in s["metadata"]["name"]]
     assert "no PersistentVolumeClaim" in o.notes, o.notes
@@ -575,7 +614,8 @@ def check_azblob_workload_identity(o):
     env = registry_env(o)
     assert env["AZURE_STORAGE_ACCOUNT_NAME"] == "outpoststore", env
     assert env["AZURE_STORAGE_ENDPOINT"] == "https://outpoststore.blob.core.chinacloudapi.cn", env
-    assert not [k for k, v in env.items() if isinstance(v, tuple)], "no Secret: no secretKeyRef"
+    assert not [k for k, v in env.items() if isinstance(v, tuple) and v[0] == "secret"], \
+        "no Secret: no secretKeyRef"
     assert "AZURE_STORAGE_USE_EMULATOR" not in env, env
     reg = o.one("Deployment", "-registry")
     labels = reg["spec"]["template"]["metadata"]["labels"]
@@ -613,8 +653,6 @@ def check_ha(when_unsatisfiable, delay):
                 other_labels = other["spec"]["template"]["metadata"]["labels"]
                 assert not all(other_labels.get(k) == v for k, v in selector.items()), other_labels
         check_shutdown(reg, delay)
-        # One of them runs scheduled syncs and retention: a lease in the bucket, no RBAC.
-        assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
         probe = containers(reg)[0]["readinessProbe"]
         assert probe["httpGet"]["path"] == "/readyz" and probe["periodSeconds"] <= 5, probe
     return check
@@ -626,7 +664,8 @@ def check_ha_two_strict(o):
     pod = reg["spec"]["template"]["spec"]
     assert pod["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule", pod
     assert o.one("PodDisruptionBudget", "-registry")["spec"]["maxUnavailable"] == 1
-    assert "--leader-election=store" in containers(reg)[0]["args"], containers(reg)[0]["args"]
+    # The alternative to a Kubernetes Lease: a lease in the bucket, no token, no RBAC.
+    check_object_storage_pod(o, replicas=2, election="store")
     check_shutdown(reg, 15)
     assert pod["terminationGracePeriodSeconds"] == 55, pod
 
@@ -634,6 +673,9 @@ def check_ha_two_strict(o):
 # Values the schema refuses, refused by the templates too when an install skips the schema
 # (--skip-schema-validation): name -> (values, what the failure must say).
 REFUSALS = {
+    "unknown-leader-election-without-schema": (
+        {"storage": {"type": "s3", "s3": {"bucket": "outpost"}}, "registry": {"leaderElection": "etcd"}},
+        "registry.leaderElection must be kubernetes (a Lease) or store (a lease in the bucket)"),
     "replicas-on-pvc-without-schema": (
         {"registry": {"replicas": 2}},
         "registry.replicas > 1 needs object storage (storage.type s3 or azblob)"),
@@ -695,7 +737,7 @@ SCENARIOS = {
         "azblob": {"container": "outpost", "useEmulator": True, "endpoint": "http://azurite.storage:10000"}},
         "registry": {"replicas": 3}}, check_ha("ScheduleAnyway", 5)),
     "ha-s3-strict-spread": ({"storage": {"type": "s3", "s3": {"bucket": "outpost"}},
-                             "registry": {"replicas": 2, "shutdownDelaySeconds": 15,
+                             "registry": {"replicas": 2, "shutdownDelaySeconds": 15, "leaderElection": "store",
                                           "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}},
                             check_ha_two_strict),
     "parent-rules-by-default": ({"connectionString": CONN, "repositories": ["hello-world", "team-a/**"]},

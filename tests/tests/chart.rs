@@ -32,7 +32,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 49 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 50 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 28 passed, 0 failed"),
+        text.contains("render checks: 29 passed, 0 failed"),
         "{text}"
     );
 }
@@ -670,7 +670,8 @@ fn the_node_agent_writes_where_microk8s_reads() {
     );
 }
 
-/// A container's environment as the kubelet builds it: literal values as they are, and each
+/// A container's environment as the kubelet builds it: literal values as they are, the pod's
+/// name for `metadata.name` (the only downward API field the registry takes), and each
 /// `secretKeyRef` from `secrets` ((Secret, key) -> value): an optional key the Secret lacks
 /// leaves the variable unset, a required one stops the pod (here: the test).
 fn kubelet_env(workload: &Value, secrets: &[(&str, &str, &str)]) -> Vec<(String, String)> {
@@ -682,6 +683,14 @@ fn kubelet_env(workload: &Value, secrets: &[(&str, &str, &str)]) -> Vec<(String,
         let name = e["name"].as_str().unwrap().to_string();
         if let Some(value) = e["value"].as_str() {
             out.push((name, value.to_string()));
+            continue;
+        }
+        if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            assert_eq!(
+                field, "metadata.name",
+                "{name}: downward API field not handled"
+            );
+            out.push((name, "outpost-registry-pod".to_string()));
             continue;
         }
         let r = &e["valueFrom"]["secretKeyRef"];
@@ -710,8 +719,10 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
     let root = dir.path();
     // A fresh container on the shared Azurite; the chart's own prefix instead of the helper's.
     let storage = outpost_e2e::emulators::azurite();
+    // No API server here: the election's lease in the bucket (cluster.rs runs the Lease).
     let rendered = render(&format!(
         r#"{{"httpsEnabled": false, "trustDistribution": {{"enabled": false}}, "webhook": {{"enabled": false}},
+            "registry": {{"leaderElection": "store"}},
             "storage": {{"type": "azblob", "existingSecret": "outpost-azurite",
                         "azblob": {{"container": "{}", "prefix": "site-1", "useEmulator": true,
                                     "endpoint": "http://127.0.0.1:{}"}}}}}}"#,
@@ -817,15 +828,17 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
 }
 
 /// The chart's high-availability wiring run as its pods would: `registry.replicas: 2` on azblob
-/// renders `--leader-election=store`; two registries started with the rendered arguments and
-/// environment on one Azurite container both serve, and exactly one of them leads (never two).
+/// with `registry.leaderElection: store` renders `--leader-election=store`; two registries
+/// started with the rendered arguments and environment on one Azurite container both serve,
+/// and exactly one of them leads (never two). (The default, a Kubernetes Lease, runs against a
+/// real API server in cluster.rs.)
 #[test]
 fn two_rendered_replicas_on_azblob_serve_with_exactly_one_leader() {
     let dir = tempfile::tempdir().unwrap();
     let storage = outpost_e2e::emulators::azurite();
     let rendered = render(&format!(
         r#"{{"httpsEnabled": false, "trustDistribution": {{"enabled": false}}, "webhook": {{"enabled": false}},
-            "registry": {{"replicas": 2}},
+            "registry": {{"replicas": 2, "leaderElection": "store"}},
             "storage": {{"type": "azblob", "existingSecret": "outpost-azurite",
                         "azblob": {{"container": "{}", "prefix": "site-ha", "useEmulator": true,
                                     "endpoint": "http://127.0.0.1:{}"}}}}}}"#,

@@ -772,11 +772,22 @@ fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothi
             "{d}"
         );
         let args = &d["spec"]["template"]["spec"]["containers"][0]["args"];
-        assert!(
-            args.as_array()
-                .is_some_and(|a| a.iter().any(|x| x == "--leader-election=store")),
-            "{args}"
-        );
+        let lease = format!("{release}-registry-leader");
+        for want in [
+            "--leader-election=kubernetes".to_string(),
+            format!("--leader-lease={lease}"),
+            format!("--leader-lease-namespace={ns}"),
+        ] {
+            assert!(
+                args.as_array()
+                    .is_some_and(|a| a.iter().any(|x| *x == want)),
+                "{want}: {args}"
+            );
+        }
+        let role = admin.get_ok(&format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{lease}"
+        ));
+        assert_eq!(role["rules"][1]["resourceNames"], json!([lease]), "{role}");
         let selector = d["spec"]["selector"]["matchLabels"].clone();
         assert_eq!(selector["app.kubernetes.io/component"], "registry", "{d}");
         let spread = json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
@@ -803,6 +814,17 @@ fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothi
         );
         for pod in admin.get_ok(&pods_path)["items"].as_array().expect("pods") {
             assert_eq!(pod["spec"]["topologySpreadConstraints"], spread, "{pod}");
+            // The Lease needs the API token: the ServiceAccount admission mounted it.
+            assert!(
+                pod["spec"]["volumes"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| {
+                        v["projected"]["sources"]
+                            .as_array()
+                            .is_some_and(|s| s.iter().any(|s| s["serviceAccountToken"].is_object()))
+                    })),
+                "{pod}"
+            );
         }
         let pdb_path =
             format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{release}-registry");
@@ -811,6 +833,226 @@ fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothi
             || admin.get(&pdb_path).1["status"]["expectedPods"] == 3,
         );
     });
+}
+
+/// The chart's leader election as its pods would run it: two registries started from the
+/// rendered Deployment (arguments, environment with the account key from the Secret, the pod
+/// name from the downward API) on one Azurite container, each with a token of the chart's
+/// registry ServiceAccount against this API server. Exactly one leads and the Lease names its
+/// pod; SIGTERM hands the Lease to the other. The same token, through a kube client, can do
+/// nothing else with Leases: other names, other namespaces, listing, patching and deleting
+/// are forbidden (it may create a Lease, which RBAC cannot narrow by name, and then cannot
+/// read it).
+#[test]
+fn two_registries_elect_through_the_chart_lease_with_its_rbac_and_no_more() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (ns, release) = ("lease", "outpost-lease");
+    let lease = format!("{release}-registry-leader");
+    let admin = cp().admin();
+    cp().create_namespace(ns, &[]);
+    let storage = outpost_e2e::emulators::azurite();
+    let (status, body) = admin.post(
+        &format!("/api/v1/namespaces/{ns}/secrets"),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "outpost-azurite"},
+                "data": {"AZURE_STORAGE_ACCOUNT_KEY":
+                         b64(outpost_e2e::emulators::AZURITE_KEY.as_bytes())}}),
+    );
+    assert_eq!(status, 201, "create storage secret: {body}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let values = write_values(
+        dir.path(),
+        "values.json",
+        &json!({
+            "httpsEnabled": false,
+            "trustDistribution": {"enabled": false},
+            "webhook": {"enabled": false},
+            "service": {"port": 80},
+            "registry": {"replicas": 2, "shutdownDelaySeconds": 0},
+            "storage": {"type": "azblob", "existingSecret": "outpost-azurite",
+                        "azblob": {"container": storage.bucket, "prefix": "site-ha",
+                                   "useEmulator": true,
+                                   "endpoint": format!("http://127.0.0.1:{}",
+                                                       storage.emulator().port())}},
+        }),
+    );
+    helm(
+        "install",
+        release,
+        ns,
+        &["--values", values.to_str().expect("utf-8 path")],
+    );
+    let deployment = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/deployments/{release}-registry"
+    ));
+    let spec = &deployment["spec"]["template"]["spec"];
+    let sa = spec["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName");
+    let token = cp().service_account_token(ns, sa);
+    let pods = ["registry-pod-a", "registry-pod-b"];
+    let mut running: Vec<Running> = pods
+        .iter()
+        .map(|pod| {
+            run_as_pod(
+                spec,
+                ns,
+                &dir.path().join(pod),
+                &[("metadata.name", pod)],
+                &token,
+            )
+        })
+        .collect();
+    for r in &mut running {
+        let url = format!("http://127.0.0.1:{}/readyz", r.port("--listen"));
+        r.wait_ready(&http(), &url);
+    }
+    let gauge = |r: &Running| {
+        let text = http()
+            .get(format!("http://127.0.0.1:{}/metrics", r.port("--listen")))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        outpost_e2e::metrics::sample(&text, "outpost_leader")
+    };
+    let holder = || {
+        admin
+            .get(&format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{lease}"
+            ))
+            .1["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Exactly one leads (never two), and the Lease names its pod.
+    let one_leader = |rs: &[&Running]| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let gauges: Vec<Option<f64>> = rs.iter().map(|r| gauge(r)).collect();
+            let leaders: Vec<usize> = (0..rs.len()).filter(|i| gauges[*i] == Some(1.0)).collect();
+            let logs = || {
+                rs.iter()
+                    .map(|r| r.log_text())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            };
+            assert!(leaders.len() <= 1, "two leaders: {gauges:?}\n{}", logs());
+            if leaders.len() == 1 && gauges.iter().all(Option::is_some) {
+                return leaders[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single leader within 60 s: {gauges:?}\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = one_leader(&[&running[0], &running[1]]);
+    let other = 1 - first;
+    assert!(
+        holder().starts_with(&format!("{}-", pods[first])),
+        "the Lease names {}: {}",
+        pods[first],
+        holder()
+    );
+
+    // SIGTERM: the leader gives the Lease up and the other pod takes it.
+    let status = running[first].terminate();
+    assert!(status.success(), "{status}\n{}", running[first].log_text());
+    assert_eq!(one_leader(&[&running[other]]), 0);
+    eventually(
+        || format!("the Lease does not name {}: {}", pods[other], holder()),
+        || holder().starts_with(&format!("{}-", pods[other])),
+    );
+    for r in &running {
+        let log = r.log_text();
+        assert!(
+            !log.contains("Forbidden") && !log.contains("forbidden"),
+            "{log}"
+        );
+    }
+
+    // The same token through a kube client: its Lease, and nothing else.
+    let (status, body) = admin.post(
+        &format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
+        &json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "another-lease"}, "spec": {"holderIdentity": "someone"}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = cp().client(Some(&token)).await;
+        let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), ns);
+        let forbidden = |what: &str, r: Result<Lease, kube::Error>| match r {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
+            other => panic!("{what} was allowed: {other:?}"),
+        };
+        let ours = leases.get(&lease).await.expect("its own Lease");
+        let pp = kube::api::PostParams::default();
+        // Unchanged, so the leader's renewals go on; 409 (the leader renewed in between) is
+        // an authorised write too.
+        match leases.replace(&lease, &pp, &ours).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("updating its own Lease: {e:?}"),
+        }
+        forbidden("getting another Lease", leases.get("another-lease").await);
+        let mut theirs = ours.clone();
+        theirs.metadata.name = Some("another-lease".into());
+        theirs.metadata.resource_version = None;
+        forbidden(
+            "updating another Lease",
+            leases.replace("another-lease", &pp, &theirs).await,
+        );
+        forbidden(
+            "patching its Lease",
+            leases
+                .patch(
+                    &lease,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"spec": {"holderIdentity": "x"}})),
+                )
+                .await,
+        );
+        match leases.delete(&lease, &Default::default()).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "deleting its Lease: {s:?}"),
+            other => panic!("deleting its Lease was allowed: {other:?}"),
+        }
+        match leases.list(&Default::default()).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "listing Leases: {s:?}"),
+            other => panic!("listing Leases was allowed: {other:?}"),
+        }
+        let elsewhere: kube::Api<Lease> = kube::Api::namespaced(client.clone(), "kube-system");
+        forbidden(
+            "getting a Lease of kube-system",
+            elsewhere.get("kube-controller-manager").await,
+        );
+        let mut made = Lease::default();
+        made.metadata.name = Some("made-with-the-token".into());
+        forbidden(
+            "creating a Lease in another namespace",
+            elsewhere.create(&pp, &made).await,
+        );
+        // Create cannot be narrowed by name in RBAC: allowed here, and then out of reach.
+        leases
+            .create(&pp, &made)
+            .await
+            .expect("create is granted on Leases");
+        forbidden(
+            "reading the Lease it made",
+            leases.get("made-with-the-token").await,
+        );
+    });
+    drop(running);
+    let hooks = uninstall(release, ns);
+    for h in &hooks {
+        assert!(h.success, "hook job {} failed:\n{}", h.job, h.log);
+    }
 }
 
 /// A binary started as the chart's pod would run it, outside the cluster; killed when dropped.
@@ -1011,6 +1253,8 @@ fn run_as_pod(
             }
         })
         .collect();
+    // A pod without volumes has nothing under `root` yet.
+    std::fs::create_dir_all(root).expect("pod root");
     let kubeconfig = root.join("kubeconfig");
     cp().write_kubeconfig(&kubeconfig, Some(token));
     let binary = match command.first().and_then(Value::as_str) {
@@ -1040,6 +1284,25 @@ fn run_as_pod(
                 .map(|(_, v)| *v)
                 .unwrap_or_else(|| panic!("no value for the downward API field {field}"));
             cmd.env(name, value);
+        } else if let Some(secret) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+            // As the kubelet: the key's value, an optional key the Secret lacks unset, a
+            // required one missing stops the pod (here: the test).
+            let r = &e["valueFrom"]["secretKeyRef"];
+            let key = r["key"].as_str().expect("secretKeyRef key");
+            let data = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/{secret}"))["data"]
+                [key]
+                .as_str()
+                .map(|v| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .expect("secret data is base64")
+                });
+            match data {
+                Some(v) => {
+                    cmd.env(name, String::from_utf8(v).expect("utf-8 secret value"));
+                }
+                None => assert!(r["optional"] == true, "{name}: {secret} has no {key}"),
+            }
         } else {
             panic!("environment source not handled by this suite: {e}");
         }

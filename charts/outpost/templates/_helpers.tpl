@@ -214,4 +214,7 @@ non-secret settings. Only for storage.type s3 or azblob.
 {{- if and (gt (int .Values.registry.replicas) 1) (eq .Values.storage.type "pvc") -}}
 {{- fail "registry.replicas > 1 needs object storage (storage.type s3 or azblob): a PersistentVolume is mounted by one pod, and the filesystem store allows one writer" -}}
 {{- end -}}
+{{- if not (has .Values.registry.leaderElection (list "kubernetes" "store")) -}}
+{{- fail "registry.leaderElection must be kubernetes (a Lease) or store (a lease in the bucket)" -}}
+{{- end -}}
 {{- end -}}
