@@ -424,6 +424,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .await
             .map_err(|e| ServeError::Config(format!("cannot open staging requests: {e}")))?;
             s.set_pins(st.clone());
+            s.set_shared_work(st.clone());
             if let Some(r) = &retention {
                 r.set_pins(st.clone());
             }
@@ -464,7 +465,6 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         r.spawn();
     }
     if let Some(st) = &staging {
-        st.resume();
         let wanted = opts
             .sync
             .as_ref()

@@ -512,3 +512,87 @@ fn session_offsets(storage: &outpost_e2e::emulators::ObjectStorage) -> Vec<u64> 
         .filter_map(|v| v["offset"].as_u64())
         .collect()
 }
+
+/// A manual sync asked of the follower (as `outpost-registry sync --wait` through a Service
+/// may land): the follower stores the request and answers at once, the leader runs it on its
+/// next poll, and the follower's `sync --wait` sees that run succeed in the state it re-reads.
+/// The schedule never fires during the test, so run 2 can only be the requested one.
+#[test]
+fn a_sync_asked_of_the_follower_is_run_by_the_leader() {
+    use outpost_e2e::oci::{conn, load, wait_run_success};
+    use outpost_e2e::parent::DockerRegistry;
+
+    let parent = DockerRegistry::builder().start();
+    let c = outpost_e2e::fixtures::content(outpost_e2e::run_seed() + 3100);
+    load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
+    let cs = conn("edge-ask", "u", "p", &parent.host(), "http");
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let duration = format!("{DURATION_S}s");
+    let args = [
+        "--connection-string",
+        cs.as_str(),
+        "--sync-schedule",
+        "0 0 1 1 *",
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        duration.as_str(),
+    ];
+    let a = Registry::start_on_storage(Some(storage.clone()), &args);
+    let b = Registry::start_on_storage(Some(storage.clone()), &args);
+    let first = one_leader(&[&a, &b], Duration::from_secs(DURATION_S * 5));
+    let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
+    // A continuous schedule's first run, at start.
+    wait_run_success(leader, 1, Duration::from_secs(90));
+
+    load(&c.layout, "v2", &parent.host(), "team/app:v2", &[]);
+    let out = outpost_e2e::run_timeout(
+        std::process::Command::new(outpost_e2e::bin("outpost-registry"))
+            .args(["sync", "--wait", "--timeout", "90s", "--admin"])
+            .arg(format!("http://127.0.0.1:{}", follower.admin_port)),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\nleader:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        leader.log_text()
+    );
+    assert!(stdout.contains("sync requested (sync-"), "{stdout}");
+    assert!(stdout.contains("sync run 2 success"), "{stdout}");
+    // Both report run 2 as the one that served the request, and it brought v2.
+    let status = |r: &Registry| -> serde_json::Value {
+        outpost_e2e::http()
+            .get(format!(
+                "http://127.0.0.1:{}/outpost/v1/status",
+                r.admin_port
+            ))
+            .send()
+            .and_then(|r| r.json())
+            .expect("status")
+    };
+    let s = status(follower);
+    let served = &s["requests"][0];
+    assert_eq!(served["run"], 2, "{s:#}");
+    assert_eq!(served["result"], "success", "{s:#}");
+    let app = s["repositories"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "team/app"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(app["tags"], 2, "{s:#}");
+    assert_eq!(status(leader)["requests"], s["requests"]);
+    assert!(
+        leader
+            .log_text()
+            .contains("sync requested through another process"),
+        "{}",
+        leader.log_text()
+    );
+    assert!(
+        !follower.log_text().contains("sync started"),
+        "the follower ran a sync:\n{}",
+        follower.log_text()
+    );
+}

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::Shared;
 use super::access::json_response;
 use crate::service::staging::StagingError;
-use crate::sync::{Status, mode_name};
+use crate::sync::{RunRequest, Status, mode_name};
 
 /// The status a standalone registry (no parent) reports.
 fn standalone_status(app: &Shared) -> Status {
@@ -31,6 +31,7 @@ fn standalone_status(app: &Shared) -> Status {
         scope_note: None,
         last_run: None,
         outbox_pending: 0,
+        requests: Vec::new(),
     }
 }
 
@@ -55,14 +56,24 @@ async fn sync_now(State(app): State<Shared>) -> Response {
             &json!({ "error": "standalone registry: no parent to sync from (give --connection-string)" }),
         );
     };
-    match s.request_run() {
-        Some(run) => json_response(
+    match s.request_run().await {
+        Ok(RunRequest::Started(run)) => json_response(
             StatusCode::ACCEPTED,
             &json!({ "run": run, "started": true }),
         ),
-        None => json_response(
+        Ok(RunRequest::AlreadyRunning) => json_response(
             StatusCode::CONFLICT,
             &json!({ "error": "a sync is already running", "started": false }),
+        ),
+        // Another process leads: it runs the request after its next poll (within seconds),
+        // as run `runAtLeast` or later; status's `requests` names the run once it started.
+        Ok(RunRequest::Queued { id, at_least }) => json_response(
+            StatusCode::ACCEPTED,
+            &json!({ "request": id, "runAtLeast": at_least, "started": false }),
+        ),
+        Err(e) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": format!("cannot store the sync request: {e}") }),
         ),
     }
 }

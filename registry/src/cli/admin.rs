@@ -277,8 +277,23 @@ fn progress_line(s: &Status, run: u64) -> String {
 pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
     let c = client(&a.admin)?;
     let body = post_json(&c, &a.admin, "/outpost/v1/sync", None, "sync not started").await?;
-    let run = body["run"].as_u64().unwrap_or(0);
-    println!("sync run {run} started");
+    // The leading process answers with the run it started; another one with the request it
+    // stored for the leader, found in the status's `requests` once a run serves it.
+    let request = body["request"].as_str().map(str::to_owned);
+    let mut run = match &request {
+        Some(id) => {
+            let at_least = body["runAtLeast"].as_u64().unwrap_or(0);
+            println!(
+                "sync requested ({id}); the leading process runs it within seconds, as run {at_least} or later"
+            );
+            at_least
+        }
+        None => {
+            let run = body["run"].as_u64().unwrap_or(0);
+            println!("sync run {run} started");
+            run
+        }
+    };
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -288,26 +303,38 @@ pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = fetch_status(&c, &a.admin).await?;
-        let finished = s
-            .last_run
-            .as_ref()
-            .filter(|r| r.number >= run && r.result.is_some() && !s.syncing);
-        if let Some(r) = finished {
+        // (run number, result) once the run that serves this sync finished.
+        let finished = match &request {
+            Some(id) => s.requests.iter().find(|q| q.id == *id).and_then(|q| {
+                run = q.run;
+                q.result.clone().map(|r| (q.run, r))
+            }),
+            None => s
+                .last_run
+                .as_ref()
+                .filter(|r| r.number >= run && r.result.is_some() && !s.syncing)
+                .map(|r| (r.number, r.result.clone().unwrap_or_default())),
+        };
+        if let Some((number, result)) = finished {
             if tty {
                 eprintln!();
             }
-            let result = r.result.clone().unwrap_or_default();
-            println!(
-                "sync run {} {result}: {} blobs ({}) downloaded, {} manifests written, {} tags deleted, {} pushes uploaded",
-                r.number,
-                r.blobs_downloaded,
-                mib(r.bytes_downloaded),
-                r.manifests_written,
-                r.tags_deleted,
-                r.pushed_to_parent
-            );
-            if let Some(e) = &s.last_error {
-                println!("error: {e}");
+            match s.last_run.as_ref().filter(|r| r.number == number) {
+                Some(r) => {
+                    println!(
+                        "sync run {number} {result}: {} blobs ({}) downloaded, {} manifests written, {} tags deleted, {} pushes uploaded",
+                        r.blobs_downloaded,
+                        mib(r.bytes_downloaded),
+                        r.manifests_written,
+                        r.tags_deleted,
+                        r.pushed_to_parent
+                    );
+                    if let Some(e) = &s.last_error {
+                        println!("error: {e}");
+                    }
+                }
+                // Another run started since: its figures are not this run's.
+                None => println!("sync run {number} {result}"),
             }
             return Ok(if result == "success" {
                 ExitCode::SUCCESS
@@ -315,7 +342,12 @@ pub async fn sync(a: SyncArgs) -> Result<ExitCode, CliError> {
                 ExitCode::FAILURE
             });
         }
-        let line = progress_line(&s, run);
+        let line = match &request {
+            Some(id) if !s.requests.iter().any(|q| q.id == *id) => {
+                format!("sync {id}: waiting for the leading process to start it")
+            }
+            _ => progress_line(&s, run),
+        };
         if tty {
             eprint!("\r\x1b[2K{line}");
             let _ = std::io::stderr().flush();
@@ -535,6 +567,7 @@ mod tests {
             scope_note: None,
             last_run: None,
             outbox_pending: 0,
+            requests: vec![],
         };
         let t = render_status(&s);
         let mut lines = t.lines();

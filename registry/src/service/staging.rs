@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::StateLabels;
 use crate::storage::{StorageError, Store};
-use crate::sync::Syncer;
 use crate::sync::flight::End;
 use crate::sync::image::{self, PlanError, Planner};
 use crate::sync::parent::{self, ParentError};
 use crate::sync::schedule::rfc3339;
+use crate::sync::{SharedWork, Syncer};
 
 /// Most images one request may name.
 pub const MAX_IMAGES: usize = 1000;
@@ -105,10 +105,6 @@ pub struct Staging {
     running: Mutex<HashSet<String>>,
 }
 
-/// How often requests are re-read from the store when several processes share it (the leader
-/// picks up what the others accepted; the others show the leader's progress).
-const FOLLOW_EVERY: Duration = Duration::from_secs(5);
-
 /// An image name split into repository and reference, its registry checked against the parent.
 fn parse_image(name: &str, parent_hosts: &[String]) -> Result<(RepositoryName, Reference), String> {
     let name = name.trim();
@@ -184,31 +180,6 @@ impl Staging {
         });
         s.refresh().await?;
         Ok(s)
-    }
-
-    /// Continues every request a restart interrupted, and from then on keeps the requests in
-    /// step with the store: only the leader of the processes sharing it runs them.
-    pub fn resume(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(me) = weak.upgrade() else { return };
-                let leadership = me.syncer.leadership().clone();
-                if !leadership.is_sole()
-                    && let Err(e) = me.refresh().await
-                {
-                    tracing::warn!(error = %e, "cannot read staging requests");
-                }
-                if leadership.is_leader() {
-                    me.start_pending();
-                }
-                drop(me);
-                tokio::select! {
-                    _ = tokio::time::sleep(FOLLOW_EVERY) => {}
-                    _ = leadership.until_leading(), if !leadership.is_leader() => {}
-                }
-            }
-        });
     }
 
     fn start_pending(self: &Arc<Self>) {
@@ -745,6 +716,22 @@ impl Staging {
             self.syncer.record_tag(repo.as_str(), tag.as_str(), &digest);
         }
         Ok(())
+    }
+}
+
+/// Polled by the syncer with its state, every few seconds and at each leadership change:
+/// continues every request a restart interrupted, and keeps the requests in step with the
+/// store when several processes share it (the leader picks up what the others accepted; the
+/// others show the leader's progress). Only the leader runs requests.
+#[async_trait::async_trait]
+impl SharedWork for Staging {
+    async fn poll(self: Arc<Self>, leading: bool, sole: bool) {
+        if !sole && let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "cannot read staging requests");
+        }
+        if leading {
+            self.start_pending();
+        }
     }
 }
 

@@ -34,8 +34,13 @@ use schedule::Schedule;
 use state::{ConnectionState, StateFile};
 use transfer::Throttle;
 
-/// How often a process that does not lead re-reads the sync state the leader writes.
-const FOLLOWER_RELOAD: Duration = Duration::from_secs(5);
+/// How often processes sharing a store look at what the others wrote: a follower re-reads the
+/// sync state the leader writes, the leader picks up sync and staging requests others accepted.
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a manual sync asked of a process that does not lead waits for the leader, among the
+/// store's documents (`<storage>/sync/requests/` on disk): one document per request.
+const REQUESTS_DIR: &str = "requests";
 
 /// Where the connection string comes from; a file is re-read before each run so rotated sync
 /// token passwords take effect without a restart.
@@ -111,6 +116,44 @@ pub trait PinnedTags: Send + Sync {
     fn pinned_tags(&self) -> std::collections::HashSet<(String, String)>;
 }
 
+/// Work of the service layer above that follows the store on the same poll as the sync state
+/// (staging requests): called every few seconds and whenever leadership changes.
+#[async_trait::async_trait]
+pub trait SharedWork: Send + Sync {
+    /// `leading`: this process runs the work; `sole`: no other process shares the store.
+    async fn poll(self: Arc<Self>, leading: bool, sole: bool);
+}
+
+/// What a manual sync request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunRequest {
+    /// This process leads and starts run `n` now.
+    Started(u64),
+    /// This process leads and a run is under way.
+    AlreadyRunning,
+    /// Another process leads: the request is stored, the leader runs it after its next poll,
+    /// as a run numbered `at_least` or higher; `id` finds it in the status's `requests`.
+    Queued { id: String, at_least: u64 },
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRequest {
+    id: String,
+    requested_utc: String,
+}
+
+fn request_key(id: &str) -> String {
+    format!("{REQUESTS_DIR}/{id}.json")
+}
+
+fn new_request_id() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).unwrap_or_default();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("sync-{hex}")
+}
+
 pub struct Syncer {
     /// Only the leader runs syncs (and staging downloads and retention, which ask it).
     leadership: Arc<Leadership>,
@@ -124,6 +167,10 @@ pub struct Syncer {
     flights: Arc<flight::Flights>,
     /// Staged images: their tags stay when the parent deletes them.
     pins: std::sync::OnceLock<Arc<dyn PinnedTags>>,
+    /// Staging requests, polled with the sync state.
+    shared_work: std::sync::OnceLock<Arc<dyn SharedWork>>,
+    /// Stored requests (id, document key) picked up by the leader for its next run.
+    picked: Mutex<Vec<(String, String)>>,
     trigger: tokio::sync::Notify,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
@@ -153,6 +200,9 @@ pub struct Status {
     pub last_run: Option<state::RunSummary>,
     #[serde(default)]
     pub outbox_pending: usize,
+    /// Manual syncs asked of processes that did not lead, and the runs that served them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<state::ServedRequest>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -214,6 +264,8 @@ impl Syncer {
         Ok(Arc::new(Syncer {
             flights,
             pins: std::sync::OnceLock::new(),
+            shared_work: std::sync::OnceLock::new(),
+            picked: Mutex::new(Vec::new()),
             leadership,
             opts,
             conn: RwLock::new(conn),
@@ -239,6 +291,11 @@ impl Syncer {
 
     pub fn set_pins(&self, pins: Arc<dyn PinnedTags>) {
         let _ = self.pins.set(pins);
+    }
+
+    /// Work polled with the sync state (staging); set before [`Syncer::spawn`].
+    pub fn set_shared_work(&self, work: Arc<dyn SharedWork>) {
+        let _ = self.shared_work.set(work);
     }
 
     /// (repository, tag) of staged images.
@@ -344,23 +401,87 @@ impl Syncer {
         }
     }
 
-    /// Asks for a run now, outside the schedule (and outside the window). Returns the number
-    /// the run will have, or `None` when one is already under way.
-    pub fn request_run(&self) -> Option<u64> {
+    /// Asks for a run now, outside the schedule (and outside the window). The leader starts it
+    /// at once; any other process stores the request for the leader's next poll.
+    pub async fn request_run(&self) -> Result<RunRequest, crate::storage::StorageError> {
+        let next = self
+            .state
+            .read(|s| s.last_run.as_ref().map_or(1, |r| r.number + 1));
+        if self.leadership.is_leader() {
+            if self.running.load(Ordering::SeqCst) {
+                return Ok(RunRequest::AlreadyRunning);
+            }
+            self.trigger.notify_one();
+            return Ok(RunRequest::Started(next));
+        }
+        let req = StoredRequest {
+            id: new_request_id(),
+            requested_utc: schedule::rfc3339(SystemTime::now()),
+        };
+        let raw = serde_json::to_vec(&req)
+            .map_err(|e| crate::storage::StorageError::Io(std::io::Error::other(e)))?;
+        self.store
+            .doc_put(&request_key(&req.id), raw.into())
+            .await?;
+        tracing::info!(request = %req.id, "sync requested; the leading process runs it");
+        // The leader's runs since the state was last re-read here only raise the number.
+        Ok(RunRequest::Queued {
+            id: req.id,
+            at_least: next,
+        })
+    }
+
+    /// The leader: picks up the requests other processes stored and starts a run for them,
+    /// unless one is under way (then they wait for the next poll, so the run that serves them
+    /// starts after they were made).
+    async fn pick_up_requests(&self) {
         if self.running.load(Ordering::SeqCst) {
-            return None;
+            return;
+        }
+        let keys = match self.store.doc_list(REQUESTS_DIR).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list sync requests");
+                return;
+            }
+        };
+        let mut fresh = Vec::new();
+        for k in keys {
+            let raw = match self.store.doc_get(&k).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(request = %k, error = %e, "cannot read a sync request");
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<StoredRequest>(&raw) {
+                Ok(r) if request_key(&r.id) == k => fresh.push((r.id, k)),
+                _ => {
+                    tracing::warn!(request = %k, "unreadable sync request; removed");
+                    let _ = self.store.doc_delete(&k).await;
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        {
+            let mut picked = self.picked.lock().unwrap_or_else(|p| p.into_inner());
+            for f in fresh {
+                if !picked.iter().any(|(id, _)| *id == f.0) {
+                    tracing::info!(request = %f.0, "sync requested through another process");
+                    picked.push(f);
+                }
+            }
         }
         self.trigger.notify_one();
-        Some(
-            self.state
-                .read(|s| s.last_run.as_ref().map_or(1, |r| r.number + 1)),
-        )
     }
 
     /// Starts the scheduler: a run at every firing of the schedule (bounded by the window),
     /// and whenever [`Syncer::request_run`] asks.
     pub fn spawn(self: &Arc<Self>) {
-        self.spawn_follower();
+        self.spawn_poll();
         let me = self.clone();
         tokio::spawn(async move {
             let now = SystemTime::now();
@@ -396,16 +517,22 @@ impl Syncer {
         });
     }
 
-    /// While another process leads: stop writing the sync state and re-read what the leader
-    /// writes every few seconds, so status here answers as the leader's does.
-    fn spawn_follower(self: &Arc<Self>) {
+    /// One loop, every few seconds and at each leadership change, for what processes sharing
+    /// the store see of each other. While another process leads: stop writing the sync state
+    /// and re-read what the leader writes, so status here answers as the leader's does. While
+    /// leading (beside others): pick up the sync requests they stored. Then the staging
+    /// requests ([`SharedWork`]).
+    fn spawn_poll(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let mut rx = self.leadership.subscribe();
         tokio::spawn(async move {
             loop {
                 let leading = *rx.borrow_and_update();
                 let Some(me) = weak.upgrade() else { return };
+                let sole = me.leadership.is_sole();
                 if !leading {
+                    // Requests picked up while leading stay stored for the new leader.
+                    me.picked.lock().unwrap_or_else(|p| p.into_inner()).clear();
                     me.state.set_writable(false);
                     if let Err(e) = me.state.reload().await {
                         tracing::warn!(error = %e, "cannot read the leader's sync state");
@@ -415,11 +542,16 @@ impl Syncer {
                     {
                         tracing::warn!(error = %e, "cannot count the outbox");
                     }
+                } else if !sole {
+                    me.pick_up_requests().await;
+                }
+                if let Some(work) = me.shared_work.get().cloned() {
+                    work.poll(leading, sole).await;
                 }
                 drop(me);
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { return },
-                    _ = tokio::time::sleep(FOLLOWER_RELOAD) => {}
+                    _ = tokio::time::sleep(POLL_EVERY) => {}
                 }
             }
         });
@@ -446,6 +578,7 @@ impl Syncer {
         let live = Arc::new(LiveRun::default());
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
         let started = SystemTime::now();
+        let picked = std::mem::take(&mut *self.picked.lock().unwrap_or_else(|p| p.into_inner()));
         let number = self.state.update(|s| {
             let n = s.last_run.as_ref().map_or(1, |r| r.number + 1);
             s.last_run = Some(state::RunSummary {
@@ -453,8 +586,22 @@ impl Syncer {
                 started_utc: schedule::rfc3339(started),
                 ..Default::default()
             });
+            for (id, _) in &picked {
+                s.note_request(id, n);
+            }
             n
         });
+        if !picked.is_empty() {
+            // Stored before the requests go, so each is either pending or shown served.
+            if let Err(e) = self.state.save().await {
+                tracing::warn!(error = %e, "cannot save the sync state");
+            }
+            for (_, key) in &picked {
+                if let Err(e) = self.store.doc_delete(key).await {
+                    tracing::warn!(request = %key, error = %e, "cannot remove a served sync request");
+                }
+            }
+        }
         tracing::info!(run = number, deadline = ?deadline.map(schedule::rfc3339), "sync started");
         let report = engine::Run::new(self.clone(), self.parent(), deadline, live.clone())
             .execute()
@@ -481,6 +628,9 @@ impl Syncer {
                 run.manifests_written = r.manifests_written;
                 run.tags_deleted = r.tags_deleted;
                 run.pushed_to_parent = r.pushed_to_parent;
+            }
+            for q in s.requests.iter_mut().filter(|q| q.run == number) {
+                q.result = Some(result.to_owned());
             }
             s.last_error = r.first_error();
             if result == "success" {
@@ -614,6 +764,7 @@ impl Syncer {
             scope_note: s.scope_note.clone(),
             last_run: s.last_run.clone(),
             outbox_pending: self.outbox.as_ref().map_or(0, |o| o.len()),
+            requests: s.requests.clone(),
         }
     }
 }

@@ -85,6 +85,20 @@ pub struct RunSummary {
     pub pushed_to_parent: u64,
 }
 
+/// A manual sync asked of a process that did not lead, and the leader's run that served it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedRequest {
+    pub id: String,
+    pub run: u64,
+    /// The run's result once it finished (as `lastRun.result`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+/// How many served requests the state keeps (the newest), so a waiting client finds its own.
+const SERVED_KEPT: usize = 32;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncState {
@@ -113,9 +127,24 @@ pub struct SyncState {
     /// out until the parent moves the tag (or a client pulls it again).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub evicted: BTreeMap<String, BTreeMap<String, String>>,
+    /// Manual syncs other processes stored, and the runs that served them (the newest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<ServedRequest>,
 }
 
 impl SyncState {
+    /// Records that run `run` serves request `id`.
+    pub fn note_request(&mut self, id: &str, run: u64) {
+        self.requests.retain(|q| q.id != id);
+        self.requests.push(ServedRequest {
+            id: id.to_owned(),
+            run,
+            result: None,
+        });
+        let extra = self.requests.len().saturating_sub(SERVED_KEPT);
+        self.requests.drain(..extra);
+    }
+
     pub fn forget_eviction(&mut self, repo: &str, tag: &str) {
         if let Some(r) = self.evicted.get_mut(repo) {
             r.remove(tag);
@@ -295,6 +324,21 @@ impl Drop for StateFile {
 mod tests {
     use super::*;
     use crate::storage::fs::FsStore;
+
+    #[test]
+    fn served_requests_keep_the_newest_once_each() {
+        let mut s = SyncState::default();
+        for i in 0..40u64 {
+            s.note_request(&format!("sync-{i}"), i);
+        }
+        // Picked up again by a later run (the leader changed before it ran): one entry.
+        s.note_request("sync-39", 41);
+        assert_eq!(s.requests.len(), SERVED_KEPT);
+        assert_eq!(s.requests[0].id, "sync-8");
+        let last = s.requests.last().unwrap();
+        assert_eq!((last.id.as_str(), last.run), ("sync-39", 41));
+        assert_eq!(s.requests.iter().filter(|q| q.id == "sync-39").count(), 1);
+    }
 
     #[tokio::test]
     async fn survives_reopen_and_sets_aside_garbage() {
