@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_e2e::{
-    Layout, Registry, TestPki, bin, free_port, http, pseudo_random, run_ok, run_timeout, sha256,
-    skopeo,
+    Layout, Registry, TestPki, bin, free_port, header, http, pseudo_random, run_ok, run_timeout,
+    sha256, skopeo,
 };
 use reqwest::StatusCode;
 
@@ -164,6 +164,7 @@ fn sigterm_makes_readyz_503_while_serving_through_the_shutdown_delay() {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(header(&r, "connection"), "", "kept alive while serving");
     let ready = format!("{}/readyz", reg.url());
     let admin_ready = format!("http://127.0.0.1:{}/readyz", reg.admin_port);
     wait_for_status(&ready, 200, Duration::from_secs(20));
@@ -175,12 +176,15 @@ fn sigterm_makes_readyz_503_while_serving_through_the_shutdown_delay() {
     let r = http().get(&ready).send().unwrap();
     assert_eq!(r.text().unwrap(), "shutting down\n");
     assert_eq!(status_on_new_connection(&admin_ready), Some(503));
-    // Not ready, yet serving: a download on a new connection succeeds, whole.
+    // Not ready, yet serving: a download on a new connection succeeds, whole, and asks the
+    // client not to keep the connection (its next request opens one the balancer sends
+    // elsewhere).
     let r = http()
         .get(format!("{}/v2/delay/blobs/{d}", reg.url()))
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "connection"), "close");
     assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
     assert_eq!(
         status_on_new_connection(&format!("{}/v2/", reg.url())),

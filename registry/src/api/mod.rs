@@ -9,7 +9,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -273,7 +273,17 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
+    let http1 = req.version() <= Version::HTTP_11;
     let mut resp = next.run(req).await;
+    // Shutting down (not ready, still serving): an HTTP/1 client is told to close its kept-alive
+    // connection after this response, so its next request opens a new connection, which the
+    // load balancer sends to another replica. Kept open, the connection would sit idle until the
+    // drain closes it, and a request sent at that instant goes unanswered and must be resent.
+    // (HTTP/2 has no such header; the drain's GOAWAY tells those clients.)
+    if http1 && app.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let route = resp
         .extensions()
         .get::<RouteLabel>()

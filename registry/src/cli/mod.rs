@@ -146,7 +146,8 @@ pub struct ServeArgs {
     /// After SIGTERM/SIGINT, keep serving this long with /readyz answering 503 before the
     /// listeners close and in-flight requests drain (up to 30 s): time for load balancers and
     /// Kubernetes endpoints to stop sending new connections (s, m or h suffix; the chart sets
-    /// 5s). A second signal ends the delay early.
+    /// 5s); meanwhile HTTP/1 responses carry `Connection: close`, so kept-alive clients reconnect
+    /// elsewhere. A second signal ends the delay early.
     #[arg(long, env = "OUTPOST_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
     /// Upload sessions idle for longer than this are removed (s, m, h or d suffix).
