@@ -179,6 +179,19 @@ def check_election(o, election):
     rbac = [r for r in o.of("Role") + o.of("RoleBinding") if r["metadata"]["name"] == LEASE]
     assert o.one("ServiceAccount", "-registry")["automountServiceAccountToken"] is False
     env = {e["name"]: e for e in containers(reg)[0]["env"]}
+    # The uninstall hook removes the Lease the registry made, after the registry.
+    hook_args = o.hook("Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    hook_leases = [r for r in o.hook("Role")["rules"] if "leases" in r["resources"]]
+    if election != "kubernetes":
+        assert not [a for a in hook_args if a.startswith("--lease") or a.endswith("-registry")], hook_args
+        assert not hook_leases, hook_leases
+    else:
+        registry_step = hook_args.index("--deployment=outpost-registry")
+        assert hook_args.index(f"--lease={LEASE}") > registry_step, hook_args
+        assert hook_leases == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                "resourceNames": [LEASE], "verbs": ["delete"]}], hook_leases
+        deployments = [r for r in o.hook("Role")["rules"] if "deployments" in r["resources"]]
+        assert "outpost-registry" in deployments[0]["resourceNames"], deployments
     if election is None:
         assert args == [] and not rbac and "POD_NAME" not in env, (args, rbac)
         assert pod["automountServiceAccountToken"] is False, pod

@@ -842,7 +842,7 @@ fn azblob_with_three_replicas_installs_with_a_budget_and_spread_and_leaves_nothi
 /// pod; SIGTERM hands the Lease to the other. The same token, through a kube client, can do
 /// nothing else with Leases: other names, other namespaces, listing, patching and deleting
 /// are forbidden (it may create a Lease, which RBAC cannot narrow by name, and then cannot
-/// read it).
+/// read it). The uninstall removes the Lease.
 #[test]
 fn two_registries_elect_through_the_chart_lease_with_its_rbac_and_no_more() {
     use k8s_openapi::api::coordination::v1::Lease;
@@ -1049,10 +1049,19 @@ fn two_registries_elect_through_the_chart_lease_with_its_rbac_and_no_more() {
         );
     });
     drop(running);
+    // The Lease is the registry's, not Helm's: the uninstall hook removes it (after the
+    // registry's Deployment, so no leader makes it again).
     let hooks = uninstall(release, ns);
     for h in &hooks {
         assert!(h.success, "hook job {} failed:\n{}", h.job, h.log);
     }
+    let lease_path = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{lease}");
+    assert_eq!(
+        admin.get(&lease_path).0,
+        404,
+        "{}",
+        admin.get(&lease_path).1
+    );
 }
 
 /// A binary started as the chart's pod would run it, outside the cluster; killed when dropped.

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource};
@@ -49,6 +50,11 @@ pub struct UninstallArgs {
         value_delimiter = ','
     )]
     pub certificate_secrets: Vec<String>,
+    /// A Lease of the release namespace to delete (repeatable; env: comma-separated): the
+    /// registry's leader election, made by the registry rather than by Helm. After the
+    /// Deployments, so no leader makes it again.
+    #[arg(long = "lease", env = "OUTPOST_LEASES", value_delimiter = ',')]
+    pub leases: Vec<String>,
     /// Longest wait for each deleted workload to be gone (pods terminating, cleanup hooks).
     #[arg(long, env = "OUTPOST_UNINSTALL_WAIT", default_value = "120s", value_parser = parse_duration)]
     pub wait: Duration,
@@ -69,6 +75,7 @@ pub struct Report {
     pub nodes_unlabelled: Vec<String>,
     pub copies_deleted: Vec<String>,
     pub certificates_deleted: Vec<String>,
+    pub leases_deleted: Vec<String>,
 }
 
 fn not_found(e: &kube::Error) -> bool {
@@ -135,6 +142,18 @@ pub async fn run(client: &Client, args: &UninstallArgs) -> Result<Report, Uninst
             }
             Ok(false) => {}
             Err(e) => fail("delete a Deployment", e),
+        }
+    }
+
+    let leases = Api::<Lease>::namespaced(client.clone(), &namespace);
+    for l in &args.leases {
+        match leases.delete(l, &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(lease = %l, "lease removed");
+                report.leases_deleted.push(l.clone());
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => fail("delete a Lease", e),
         }
     }
 

@@ -209,6 +209,13 @@ non-secret settings. Only for storage.type s3 or azblob.
 {{- include "outpost.registryChecks" . -}}
 {{- end -}}
 
+{{/* The registry's leader Lease (object storage, registry.leaderElection kubernetes), else "". */}}
+{{- define "outpost.leaderLease" -}}
+{{- if and (ne .Values.storage.type "pvc") (eq .Values.registry.leaderElection "kubernetes") -}}
+{{- printf "%s-registry-leader" (include "outpost.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* What the schema refuses, refused again for installs that skip it (--skip-schema-validation). */}}
 {{- define "outpost.registryChecks" -}}
 {{- if and (gt (int .Values.registry.replicas) 1) (eq .Values.storage.type "pvc") -}}
