@@ -321,7 +321,8 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
 /// the lease duration and a retry period, its first run resumes the old leader's partial
 /// downloads from their stored chunks (a Range from the chunk boundary reached), the image
 /// ends up byte-identical, and the parent served no more blob bytes than the blobs' sizes
-/// plus one chunk per blob that was in flight at the kill.
+/// plus one chunk per blob that was in flight at the kill. The interrupted run serves a sync
+/// asked of a follower: the new leader serves that request in its own run.
 #[test]
 fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks() {
     use outpost_e2e::oci::{Endpoint, MIB, OCI_MANIFEST, assert_repo_identical, conn};
@@ -335,11 +336,41 @@ fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks()
     let stall_at = chunk * 5 / 2;
     let stored_at_kill = stall_at / chunk * chunk;
 
-    // Two layers of several chunks (not whole chunks), so two downloads are in flight at once.
+    // A small image for the first run, which comes at start.
     let parent = DockerRegistry::builder().start();
     let top = Endpoint::plain(&parent.host());
+    let small = b"a small layer".to_vec();
+    outpost_e2e::oci::push_raw_image(&top, "team/small", "v1", &small);
     let seed = outpost_e2e::run_seed();
     let repo = "team/big";
+
+    let proxy = FaultProxy::start(&parent.host());
+    proxy.stall_after("/blobs/", stall_at);
+    let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
+    let storage = Backend::Azurite.object_storage().expect("Azurite");
+    let duration = format!("{DURATION_S}s");
+    let chunk_arg = CHUNK_MIB.to_string();
+    let args = [
+        "--connection-string",
+        cs.as_str(),
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        duration.as_str(),
+        "--chunk-size-mb",
+        chunk_arg.as_str(),
+        "--sync-schedule",
+        "0 0 1 1 *",
+    ];
+    let mut replicas: Vec<Registry> = (0..3)
+        .map(|_| Registry::start_on_storage(Some(storage.clone()), &args))
+        .collect();
+    let lease_time = Duration::from_secs(DURATION_S);
+    let first = one_leader(&replicas.iter().collect::<Vec<_>>(), lease_time * 5);
+
+    // Then two layers of several chunks (not whole chunks), so two downloads are in flight at
+    // once, brought by a sync asked of a follower.
+    outpost_e2e::oci::wait_run_success(&replicas[first], 1, Duration::from_secs(90));
     let layers: Vec<Vec<u8>> = (0..2u64)
         .map(|i| outpost_e2e::pseudo_random(seed + i, (7 * MIB + 4321 * (i + 1)) as usize))
         .collect();
@@ -358,29 +389,23 @@ fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks()
     });
     let manifest = serde_json::to_vec(&manifest).expect("manifest json");
     assert_eq!(top.push_manifest(repo, "v1", OCI_MANIFEST, &manifest), 201);
-    let total: u64 = config.len() as u64 + layers.iter().map(|l| l.len() as u64).sum::<u64>();
-
-    let proxy = FaultProxy::start(&parent.host());
-    proxy.stall_after("/blobs/", stall_at);
-    let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
-    let storage = Backend::Azurite.object_storage().expect("Azurite");
-    let duration = format!("{DURATION_S}s");
-    let chunk_arg = CHUNK_MIB.to_string();
-    let args = [
-        "--connection-string",
-        cs.as_str(),
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        duration.as_str(),
-        "--chunk-size-mb",
-        chunk_arg.as_str(),
-    ];
-    let mut replicas: Vec<Registry> = (0..3)
-        .map(|_| Registry::start_on_storage(Some(storage.clone()), &args))
-        .collect();
-    let lease_time = Duration::from_secs(DURATION_S);
-    let first = one_leader(&replicas.iter().collect::<Vec<_>>(), lease_time * 5);
+    // The small image's config is the same blob as this one's.
+    let total: u64 = config.len() as u64
+        + small.len() as u64
+        + layers.iter().map(|l| l.len() as u64).sum::<u64>();
+    let follower = (first + 1) % replicas.len();
+    let asked = outpost_e2e::http()
+        .post(format!(
+            "http://127.0.0.1:{}/outpost/v1/sync",
+            replicas[follower].admin_port
+        ))
+        .send()
+        .expect("POST sync");
+    assert_eq!(asked.status(), 202);
+    let request = asked.json::<serde_json::Value>().expect("json")["request"]
+        .as_str()
+        .expect("a request id")
+        .to_owned();
 
     // Both layers stalled at the parent, and both partial downloads stored up to the last
     // whole chunk (the upload sessions' durable offsets, as the store holds them).
@@ -442,8 +467,16 @@ fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks()
     let leader = &replicas[next];
     let other = &replicas[1 - next];
 
-    let s = outpost_e2e::oci::wait_run_success(leader, 1, Duration::from_secs(120));
+    // Run 2 died with the old leader; the new leader's run serves the request.
+    let s = outpost_e2e::oci::wait_run_success(leader, 3, Duration::from_secs(120));
     eprintln!("the new leader's run: {}", s["lastRun"]);
+    let served = s["requests"]
+        .as_array()
+        .and_then(|r| r.iter().find(|q| q["id"] == request.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(served["run"], 3, "{s:#}");
+    assert_eq!(served["result"], "success", "{s:#}");
     assert!(
         !other.log_text().contains("sync started"),
         "the follower ran a sync:\n{}",

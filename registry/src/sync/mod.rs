@@ -172,6 +172,13 @@ pub struct Syncer {
     /// Stored requests (id, document key) picked up by the leader for its next run.
     picked: Mutex<Vec<(String, String)>>,
     trigger: tokio::sync::Notify,
+    /// A run was asked for ([`Syncer::ask_run`]) and none has started since: a run that
+    /// starts for any reason serves what was asked, so a wake-up left over from before it
+    /// starts no second run.
+    wanted: AtomicBool,
+    /// Held while taking over the state: the poll loop and the scheduler both may on gaining
+    /// leadership, and a second re-read would overwrite what the first one's run wrote.
+    takeover: tokio::sync::Mutex<()>,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
 }
@@ -275,6 +282,8 @@ impl Syncer {
             state,
             outbox,
             trigger: tokio::sync::Notify::new(),
+            wanted: AtomicBool::new(false),
+            takeover: tokio::sync::Mutex::new(()),
             running: AtomicBool::new(false),
             live: Mutex::new(None),
         }))
@@ -411,7 +420,7 @@ impl Syncer {
             if self.running.load(Ordering::SeqCst) {
                 return Ok(RunRequest::AlreadyRunning);
             }
-            self.trigger.notify_one();
+            self.ask_run();
             return Ok(RunRequest::Started(next));
         }
         let req = StoredRequest {
@@ -475,6 +484,12 @@ impl Syncer {
                 }
             }
         }
+        self.ask_run();
+    }
+
+    /// Wakes the scheduler for a run outside the schedule.
+    fn ask_run(&self) {
+        self.wanted.store(true, Ordering::SeqCst);
         self.trigger.notify_one();
     }
 
@@ -498,6 +513,7 @@ impl Syncer {
                         tracing::info!("sync due; waiting to lead (another process syncs)");
                         me.leadership.until_leading().await;
                     }
+                    // Requests it took over are served by this very run.
                     me.take_over_state().await;
                     me.run(deadline).await;
                 }
@@ -505,13 +521,19 @@ impl Syncer {
                 let Some(next) = me.opts.schedule.next_after(now) else {
                     tracing::error!("sync schedule has no next firing; scheduled syncs stop");
                     me.trigger.notified().await;
-                    due = Some(None);
+                    if me.wanted.load(Ordering::SeqCst) {
+                        due = Some(None);
+                    }
                     continue;
                 };
                 let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => due = Some(me.opts.schedule.deadline(next)),
-                    _ = me.trigger.notified() => due = Some(None),
+                    _ = me.trigger.notified() => {
+                        if me.wanted.load(Ordering::SeqCst) {
+                            due = Some(None);
+                        }
+                    }
                 }
             }
         });
@@ -543,6 +565,9 @@ impl Syncer {
                         tracing::warn!(error = %e, "cannot count the outbox");
                     }
                 } else if !sole {
+                    if me.take_over_state().await {
+                        me.ask_run();
+                    }
                     me.pick_up_requests().await;
                 }
                 if let Some(work) = me.shared_work.get().cloned() {
@@ -558,15 +583,40 @@ impl Syncer {
     }
 
     /// Before the first run as leader: the state the previous leader stored (its partial
-    /// downloads, its last run), not this process's copy from when it followed.
-    async fn take_over_state(&self) {
+    /// downloads, its last run), not this process's copy from when it followed. Returns
+    /// whether it took over requests left unserved (they wait in `picked` for the next run).
+    async fn take_over_state(&self) -> bool {
+        let _one = self.takeover.lock().await;
         if self.state.is_writable() {
-            return;
+            return false;
         }
         if let Err(e) = self.state.reload().await {
             tracing::warn!(error = %e, "cannot read the previous leader's sync state; going on with ours");
         }
         self.state.set_writable(true);
+        // Requests the previous leader took into a run it did not finish (it died or lost
+        // the lease): their documents are gone, so this process serves them from the state.
+        let unserved: Vec<String> = self.state.read(|s| {
+            s.requests
+                .iter()
+                .filter(|q| q.result.is_none())
+                .map(|q| q.id.clone())
+                .collect()
+        });
+        if unserved.is_empty() {
+            return false;
+        }
+        {
+            let mut picked = self.picked.lock().unwrap_or_else(|p| p.into_inner());
+            for id in unserved {
+                if !picked.iter().any(|(p, _)| *p == id) {
+                    tracing::info!(request = %id, "sync request the previous leader left unserved");
+                    // No document left to remove.
+                    picked.push((id, String::new()));
+                }
+            }
+        }
+        true
     }
 
     /// One run, to completion or until `deadline`.
@@ -574,6 +624,7 @@ impl Syncer {
         if self.running.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.wanted.store(false, Ordering::SeqCst);
         self.reload_connection();
         let live = Arc::new(LiveRun::default());
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
@@ -596,7 +647,7 @@ impl Syncer {
             if let Err(e) = self.state.save().await {
                 tracing::warn!(error = %e, "cannot save the sync state");
             }
-            for (_, key) in &picked {
+            for (_, key) in picked.iter().filter(|(_, k)| !k.is_empty()) {
                 if let Err(e) = self.store.doc_delete(key).await {
                     tracing::warn!(request = %key, error = %e, "cannot remove a served sync request");
                 }
