@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod oci;
 pub mod parent;
 pub mod scenarios;
+pub mod tokens;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -234,3 +234,53 @@ pub fn kill9_mid_sync_resumes(backend: Backend, size: usize, chunk_mib: u64, see
     assert_repo_identical(&Endpoint::plain(&parent.host()), &local, "big/image");
     fsck_clean(&outpost);
 }
+
+/// Two registries on `storage` (with `extra` arguments) electing a leader through a lease in
+/// the store, short so a test does not wait long for one.
+pub fn two_replicas(storage: &ObjectStorage, extra: &[&str]) -> [Registry; 2] {
+    let mut args = vec![
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        "3s",
+    ];
+    args.extend_from_slice(extra);
+    [
+        Registry::start_on_storage(Some(storage.clone()), &args),
+        Registry::start_on_storage(Some(storage.clone()), &args),
+    ]
+}
+
+/// Waits (at most 30 s) until the keys in `storage` satisfy `settled`; on timeout, panics
+/// with `what`, the keys and the logs of `regs`.
+pub fn wait_keys(
+    storage: &ObjectStorage,
+    what: &str,
+    regs: &[Registry],
+    settled: impl Fn(&[String]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = storage.keys();
+        if settled(&keys) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {keys:?}\n{}",
+            regs.iter()
+                .map(Registry::log_text)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// No log of `regs` shows a panic or an error.
+pub fn logs_clean(regs: &[Registry]) {
+    for r in regs {
+        let log = r.log_text();
+        assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
+    }
+}

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use outpost_e2e::balancer::{BackendSpec, Balancer};
 use outpost_e2e::emulators::{self, ObjectStorage};
+use outpost_e2e::tokens::{bearer_token, full_access_tokens_file};
 use outpost_e2e::{Layout, Registry, bin, http, metrics, pseudo_random, run_ok, sha256, skopeo};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -141,56 +142,6 @@ fn requests(r: &Registry, method: &str, route: &str, status: u16) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // 1. Three replicas behind the balancer.
 
-/// A tokens file with one client token allowed everything; (path, password).
-fn tokens_file(dir: &Path) -> (String, String) {
-    let path = dir.join("tokens.toml").display().to_string();
-    let cli = |args: &[&str]| {
-        run_ok(
-            Command::new(bin("outpost-registry"))
-                .args(args)
-                .args(["--tokens", &path]),
-        )
-    };
-    cli(&[
-        "scope-map",
-        "create",
-        "--name",
-        "everything",
-        "--repository",
-        "**",
-        "content/read",
-        "content/write",
-        "metadata/read",
-        "metadata/write",
-    ]);
-    let v: Value = serde_json::from_str(&cli(&[
-        "token",
-        "create",
-        "--name",
-        "ci",
-        "--scope-map",
-        "everything",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    (path, v["password1"].as_str().unwrap().to_owned())
-}
-
-/// A bearer token for pull and push on `repo` from `base`'s token endpoint.
-fn bearer(base: &str, pw: &str, repo: &str) -> String {
-    let r = http()
-        .get(format!(
-            "{base}/oauth2/token?service=outpost&scope=repository:{repo}:pull,push"
-        ))
-        .basic_auth("ci", Some(pw))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let v: Value = r.json().unwrap();
-    v["token"].as_str().unwrap().to_owned()
-}
-
 /// A manifest and its blobs, fetched from `base` with `token`: the first status that is not
 /// 200 (or a digest mismatch, as a panic), or 200.
 fn pull_with(base: &str, token: &str, repo: &str, reference: &str) -> StatusCode {
@@ -226,7 +177,7 @@ fn pull_with(base: &str, token: &str, repo: &str, reference: &str) -> StatusCode
 #[test]
 fn three_replicas_behind_a_balancer_share_images_uploads_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let (tokens, pw) = tokens_file(dir.path());
+    let (tokens, pw) = full_access_tokens_file(dir.path());
     let args = replica_args(&key_file(dir.path()), &["--tokens", &tokens]);
     let storage = emulators::azurite();
     let replicas: Vec<Registry> = (0..3).map(|_| start(&storage, &args)).collect();
@@ -296,7 +247,7 @@ fn three_replicas_behind_a_balancer_share_images_uploads_and_tokens() {
 
     // A bearer token from replica 0, asked directly, works at 1 and 2 directly; a token that
     // no replica signed does not.
-    let token = bearer(&replicas[0].url(), &pw, "ha/app");
+    let token = bearer_token(&replicas[0].url(), &pw, "ha/app");
     for r in &replicas[1..] {
         assert_eq!(pull_with(&r.url(), &token, "ha/app", "v1"), StatusCode::OK);
     }
@@ -325,7 +276,7 @@ fn three_replicas_behind_a_balancer_share_images_uploads_and_tokens() {
             .build()
             .unwrap()
     };
-    let token = bearer(&replicas[0].url(), &pw, "ha/chunked");
+    let token = bearer_token(&replicas[0].url(), &pw, "ha/chunked");
     let r = fresh()
         .post(format!("{}/v2/ha/chunked/blobs/uploads/", lb.url()))
         .bearer_auth(&token)

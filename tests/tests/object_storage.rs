@@ -451,16 +451,8 @@ fn two_replicas_push_the_same_blob_and_tag_at_once_on_s3() {
 /// from either replica, no upload session is left and fsck is clean.
 fn same_pushes_on_two_replicas(storage: ObjectStorage) {
     use outpost_e2e::oci::{Endpoint, OCI_MANIFEST, get_digest};
-    let args = [
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        "3s",
-    ];
-    let replicas = [
-        Registry::start_on_storage(Some(storage.clone()), &args),
-        Registry::start_on_storage(Some(storage.clone()), &args),
-    ];
+    use outpost_e2e::scenarios::{fsck_clean, logs_clean, two_replicas, wait_keys};
+    let replicas = two_replicas(&storage, &[]);
     let layer = Arc::new(pseudo_random(31, 20 << 20));
     let layer_digest = outpost_e2e::sha256(&layer);
     for round in 0..2 {
@@ -515,18 +507,9 @@ fn same_pushes_on_two_replicas(storage: ObjectStorage) {
             );
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while storage.keys().iter().any(|k| k.starts_with("uploads/")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload sessions left: {:?}",
-            storage.keys()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for r in &replicas {
-        let log = r.log_text();
-        assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
-    }
-    outpost_e2e::scenarios::fsck_clean(&replicas[0]);
+    wait_keys(&storage, "upload sessions left", &replicas, |keys| {
+        !keys.iter().any(|k| k.starts_with("uploads/"))
+    });
+    logs_clean(&replicas);
+    fsck_clean(&replicas[0]);
 }

@@ -11,7 +11,8 @@ use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::{DockerRegistry, FaultProxy};
 use outpost_e2e::scenarios::{
-    NO_SYNC, fsck_clean, kill9_mid_sync_resumes, outpost_on, sixteen_clients_share_one_upstream_get,
+    NO_SYNC, fsck_clean, kill9_mid_sync_resumes, logs_clean, outpost_on,
+    sixteen_clients_share_one_upstream_get, two_replicas, wait_keys,
 };
 use outpost_e2e::*;
 use serde_json::Value;
@@ -374,16 +375,7 @@ fn two_replicas_pull_the_same_blob_through_at_once() {
     let c = conn("edge-ha", "u", "p", &proxy.host(), "http");
     let mut args = vec!["--connection-string", c.as_str()];
     args.extend_from_slice(&NO_SYNC);
-    args.extend_from_slice(&[
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        "3s",
-    ]);
-    let replicas = [
-        Registry::start_on_storage(Some(storage.clone()), &args),
-        Registry::start_on_storage(Some(storage.clone()), &args),
-    ];
+    let replicas = two_replicas(&storage, &args);
     let urls: Vec<String> = replicas
         .iter()
         .map(|r| format!("{}/v2/big/layer/blobs/{digest}", r.url()))
@@ -422,25 +414,17 @@ fn two_replicas_pull_the_same_blob_through_at_once() {
             == 1
             && !keys.iter().any(|k| k.starts_with("uploads/"))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !settled(&storage.keys()) {
-        assert!(
-            Instant::now() < deadline,
-            "one blob object and no upload expected: {:?}\n{}\n{}",
-            storage.keys(),
-            replicas[0].log_text(),
-            replicas[1].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_keys(
+        &storage,
+        "one blob object and no upload expected",
+        &replicas,
+        settled,
+    );
     for url in &urls {
         assert_eq!(get_digest(url), (200, SIZE as u64, digest.clone()));
     }
     assert_eq!(proxy.gets_for(&path), gets, "later pulls are hits");
     eprintln!("upstream GETs for the blob: {gets}");
-    for r in &replicas {
-        let log = r.log_text();
-        assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
-    }
+    logs_clean(&replicas);
     fsck_clean(&replicas[0]);
 }

@@ -3,12 +3,12 @@
 //! doing so across a key rotation done while they run, and a process without the file refuses
 //! them. A bad key file is refused at start with one line that holds no key material.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use outpost_e2e::tokens::{bearer_token, full_access_tokens_file};
 use outpost_e2e::{Registry, bin, emulators, http, pseudo_random, run_ok, run_timeout, sha256};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -20,56 +20,6 @@ fn generate_key() -> String {
     let key = key.trim().to_owned();
     assert_eq!(STANDARD.decode(&key).unwrap().len(), 32, "{key}");
     key
-}
-
-fn tokens_file(dir: &Path) -> (String, String) {
-    let path = dir.join("tokens.toml").display().to_string();
-    let cli = |args: &[&str]| {
-        run_ok(
-            Command::new(bin("outpost-registry"))
-                .args(args)
-                .args(["--tokens", &path]),
-        )
-    };
-    cli(&[
-        "scope-map",
-        "create",
-        "--name",
-        "all",
-        "--repository",
-        "**",
-        "content/read",
-        "content/write",
-        "metadata/read",
-        "metadata/write",
-    ]);
-    let out = cli(&[
-        "token",
-        "create",
-        "--name",
-        "ci",
-        "--scope-map",
-        "all",
-        "-o",
-        "json",
-    ]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    (path, v["password1"].as_str().unwrap().to_owned())
-}
-
-/// A bearer token from `reg`'s token endpoint for pull and push on `repo`.
-fn token(reg: &Registry, pw: &str, repo: &str) -> String {
-    let r = http()
-        .get(format!(
-            "{}/oauth2/token?service=outpost&scope=repository:{repo}:pull,push",
-            reg.url()
-        ))
-        .basic_auth("ci", Some(pw))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let v: Value = r.json().unwrap();
-    v["token"].as_str().unwrap().to_owned()
 }
 
 /// The `kid` of a token's header.
@@ -175,7 +125,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn replicas_share_signing_keys_across_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let (tokens, pw) = tokens_file(dir.path());
+    let (tokens, pw) = full_access_tokens_file(dir.path());
     let keys = dir.path().join("signing-keys");
     let (key_a, key_b) = (generate_key(), generate_key());
     std::fs::write(&keys, format!("# replicas' bearer token keys\n{key_a}\n")).unwrap();
@@ -192,7 +142,7 @@ fn replicas_share_signing_keys_across_a_rotation() {
     let lone = Registry::start_on_storage(Some(storage), &["--tokens", tokens.as_str()]);
 
     // A's token pushes through B and pulls through B (and A: the same container).
-    let from_a = token(&a, &pw, "shared/app");
+    let from_a = bearer_token(&a.url(), &pw, "shared/app");
     let kid_a = kid(&from_a);
     assert_eq!(
         push(&b, &from_a, "shared/app", "v1", 1).0,
@@ -201,13 +151,13 @@ fn replicas_share_signing_keys_across_a_rotation() {
     assert_eq!(pull(&b, &from_a, "shared/app", "v1"), StatusCode::OK);
     assert_eq!(pull(&a, &from_a, "shared/app", "v1"), StatusCode::OK);
     // B signs with the same key.
-    assert_eq!(kid(&token(&b, &pw, "shared/app")), kid_a);
+    assert_eq!(kid(&bearer_token(&b.url(), &pw, "shared/app")), kid_a);
     // A process with a key of its own refuses A's tokens, and A refuses its tokens.
     assert_eq!(
         pull(&lone, &from_a, "shared/app", "v1"),
         StatusCode::UNAUTHORIZED
     );
-    let from_lone = token(&lone, &pw, "shared/app");
+    let from_lone = bearer_token(&lone.url(), &pw, "shared/app");
     assert_eq!(pull(&lone, &from_lone, "shared/app", "v1"), StatusCode::OK);
     assert_eq!(
         pull(&a, &from_lone, "shared/app", "v1"),
@@ -218,10 +168,13 @@ fn replicas_share_signing_keys_across_a_rotation() {
     std::fs::write(&keys, format!("{key_b}\n# old\n{key_a}\n")).unwrap();
     for reg in [&a, &b] {
         eventually("the new key signs", || {
-            kid(&token(reg, &pw, "shared/app")) != kid_a
+            kid(&bearer_token(&reg.url(), &pw, "shared/app")) != kid_a
         });
     }
-    let (new_a, new_b) = (token(&a, &pw, "shared/app"), token(&b, &pw, "shared/app"));
+    let (new_a, new_b) = (
+        bearer_token(&a.url(), &pw, "shared/app"),
+        bearer_token(&b.url(), &pw, "shared/app"),
+    );
     assert_eq!(kid(&new_a), kid(&new_b));
     for reg in [&a, &b] {
         assert_eq!(pull(reg, &from_a, "shared/app", "v1"), StatusCode::OK);
@@ -269,7 +222,7 @@ fn replicas_share_signing_keys_across_a_rotation() {
 #[test]
 fn bad_key_files_are_refused_at_start_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let (tokens, _) = tokens_file(dir.path());
+    let (tokens, _) = full_access_tokens_file(dir.path());
     let key = generate_key();
     let short = STANDARD.encode([9u8; 16]);
     let cases: [(&str, Option<String>, &str); 4] = [
