@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use outpost_e2e::Registry;
-use outpost_e2e::emulators::Backend;
+use outpost_e2e::emulators::{Backend, ObjectStorage};
 use outpost_e2e::k8s::{ControlPlane, random_hex};
 use serde_json::json;
 
@@ -103,6 +103,30 @@ fn holder(ns: &str) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// `n` registries on `storage`, syncing from the parent of the connection string `cs`,
+/// electing through a lease in the store (DURATION_S), with `extra` arguments.
+fn store_replicas(storage: &ObjectStorage, n: usize, cs: &str, extra: &[&str]) -> Vec<Registry> {
+    let duration = format!("{DURATION_S}s");
+    let mut args = vec![
+        "--connection-string",
+        cs,
+        "--leader-election",
+        "store",
+        "--leader-lease-duration",
+        duration.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    (0..n)
+        .map(|_| Registry::start_on_storage(Some(storage.clone()), &args))
+        .collect()
+}
+
+/// Of two replicas: (leader, follower), once one leads.
+fn leader_and_follower(rs: &[Registry]) -> (&Registry, &Registry) {
+    let first = one_leader(&[&rs[0], &rs[1]], Duration::from_secs(DURATION_S * 5));
+    (&rs[first], &rs[1 - first])
 }
 
 #[test]
@@ -228,19 +252,8 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
     let proxy = FaultProxy::start(&parent.host());
     let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
     let storage = Backend::Azurite.object_storage().expect("Azurite");
-    let duration = format!("{DURATION_S}s");
-    let args = [
-        "--connection-string",
-        cs.as_str(),
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        duration.as_str(),
-    ];
-    let a = Registry::start_on_storage(Some(storage.clone()), &args);
-    let b = Registry::start_on_storage(Some(storage.clone()), &args);
-    let first = one_leader(&[&a, &b], Duration::from_secs(DURATION_S * 5));
-    let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
+    let replicas = store_replicas(&storage, 2, &cs, &[]);
+    let (leader, follower) = leader_and_follower(&replicas);
 
     let s = wait_run_success(leader, 1, Duration::from_secs(90));
     // The follower re-reads the state every few seconds: the same run, the same last sync.
@@ -348,23 +361,14 @@ fn kill_9_of_the_leader_mid_sync_hands_over_and_resumes_from_the_stored_chunks()
     proxy.stall_after("/blobs/", stall_at);
     let cs = conn("edge-ha", "u", "p", &proxy.host(), "http");
     let storage = Backend::Azurite.object_storage().expect("Azurite");
-    let duration = format!("{DURATION_S}s");
     let chunk_arg = CHUNK_MIB.to_string();
-    let args = [
-        "--connection-string",
-        cs.as_str(),
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        duration.as_str(),
+    let extra = [
         "--chunk-size-mb",
-        chunk_arg.as_str(),
+        &chunk_arg,
         "--sync-schedule",
         "0 0 1 1 *",
     ];
-    let mut replicas: Vec<Registry> = (0..3)
-        .map(|_| Registry::start_on_storage(Some(storage.clone()), &args))
-        .collect();
+    let mut replicas = store_replicas(&storage, 3, &cs, &extra);
     let lease_time = Duration::from_secs(DURATION_S);
     let first = one_leader(&replicas.iter().collect::<Vec<_>>(), lease_time * 5);
 
@@ -560,21 +564,8 @@ fn a_sync_asked_of_the_follower_is_run_by_the_leader() {
     load(&c.layout, "v1", &parent.host(), "team/app:v1", &[]);
     let cs = conn("edge-ask", "u", "p", &parent.host(), "http");
     let storage = Backend::Azurite.object_storage().expect("Azurite");
-    let duration = format!("{DURATION_S}s");
-    let args = [
-        "--connection-string",
-        cs.as_str(),
-        "--sync-schedule",
-        "0 0 1 1 *",
-        "--leader-election",
-        "store",
-        "--leader-lease-duration",
-        duration.as_str(),
-    ];
-    let a = Registry::start_on_storage(Some(storage.clone()), &args);
-    let b = Registry::start_on_storage(Some(storage.clone()), &args);
-    let first = one_leader(&[&a, &b], Duration::from_secs(DURATION_S * 5));
-    let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
+    let replicas = store_replicas(&storage, 2, &cs, &["--sync-schedule", "0 0 1 1 *"]);
+    let (leader, follower) = leader_and_follower(&replicas);
     // A continuous schedule's first run, at start.
     wait_run_success(leader, 1, Duration::from_secs(90));
 
