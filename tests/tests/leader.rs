@@ -56,14 +56,19 @@ fn lease_account() -> (String, String) {
     (ns, token)
 }
 
-fn leader_gauge(r: &Registry) -> Option<f64> {
+/// The sample `name` of `r`'s metrics, if it answers and has one.
+fn gauge(r: &Registry, name: &str) -> Option<f64> {
     let text = outpost_e2e::http()
         .get(format!("{}/metrics", r.url()))
         .send()
         .ok()?
         .text()
         .ok()?;
-    outpost_e2e::metrics::sample(&text, "outpost_leader")
+    outpost_e2e::metrics::sample(&text, name)
+}
+
+fn leader_gauge(r: &Registry) -> Option<f64> {
+    gauge(r, "outpost_leader")
 }
 
 /// Waits until exactly one of `rs` reports itself leader; its index.
@@ -270,6 +275,20 @@ fn only_the_leader_syncs_and_the_other_reports_its_state() {
         "the follower ran a sync:\n{}",
         follower.log_text()
     );
+    // The last success is the site's: the same gauge at both, so alerts hold at either.
+    let last = |r: &Registry| gauge(r, "outpost_sync_last_success_timestamp_seconds");
+    let at_leader = last(leader);
+    assert!(at_leader.is_some_and(|t| t > 0.0));
+    // Set right after the state re-read that the status above showed: allow that moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last(follower) != at_leader {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} vs {at_leader:?}",
+            last(follower)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Each blob came from the parent once.
     let mut fetched: Vec<String> = proxy
         .requests()

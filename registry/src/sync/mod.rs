@@ -556,8 +556,15 @@ impl Syncer {
                     // Requests picked up while leading stay stored for the new leader.
                     me.picked.lock().unwrap_or_else(|p| p.into_inner()).clear();
                     me.state.set_writable(false);
-                    if let Err(e) = me.state.reload().await {
-                        tracing::warn!(error = %e, "cannot read the leader's sync state");
+                    match me.state.reload().await {
+                        // The last success is the site's, whichever process synced: alerts on
+                        // it must not fire at a replica that does not lead.
+                        Ok(()) => {
+                            if let Some(t) = me.state.read(|s| s.last_sync_unix) {
+                                me.metrics.sync_last_success.set(t);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the leader's sync state"),
                     }
                     if let Some(o) = &me.outbox
                         && let Err(e) = o.recount().await
