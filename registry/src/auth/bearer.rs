@@ -5,9 +5,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use outpost_core::SigningKeys;
 use serde::{Deserialize, Serialize};
 
 /// Issuer named in every token.
@@ -46,17 +46,9 @@ pub enum BearerError {
     WrongAudience,
 }
 
-struct SigningKey {
-    /// First 8 bytes of the key's SHA-256, in hex: names the key, reveals nothing of it.
-    kid: String,
-    key: hmac::Key,
-    /// The encoded JWT header naming this key.
-    header: String,
-}
-
 /// Signs with the first key, verifies with any.
 pub struct Signer {
-    keys: Vec<SigningKey>,
+    keys: SigningKeys,
 }
 
 impl std::fmt::Debug for Signer {
@@ -66,6 +58,11 @@ impl std::fmt::Debug for Signer {
             .field("kids", &self.kids())
             .finish()
     }
+}
+
+/// The encoded JWT header naming key `kid`.
+fn header(kid: &str) -> String {
+    B64.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{kid}"}}"#))
 }
 
 #[derive(Deserialize)]
@@ -91,38 +88,32 @@ impl Signer {
 
     /// A signer from raw keys: the first signs, every one verifies. `keys` must not be empty.
     pub fn from_keys(keys: &[Vec<u8>]) -> Self {
-        let keys = keys
-            .iter()
-            .map(|k| {
-                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, k);
-                let kid: String = digest.as_ref()[..8]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                let header = B64.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{kid}"}}"#));
-                SigningKey {
-                    kid,
-                    key: hmac::Key::new(hmac::HMAC_SHA256, k),
-                    header,
-                }
-            })
-            .collect();
+        Self::from_set(SigningKeys::from_raw(keys))
+    }
+
+    /// A signer over the keys of a key file.
+    pub fn from_set(keys: SigningKeys) -> Self {
         Signer { keys }
+    }
+
+    /// The keys, which also verify namespace credentials.
+    pub fn keys(&self) -> &SigningKeys {
+        &self.keys
     }
 
     /// The key ids, the signing key's first.
     pub fn kids(&self) -> Vec<String> {
-        self.keys.iter().map(|k| k.kid.clone()).collect()
+        self.keys.kids()
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
-        let Some(k) = self.keys.first() else {
+        let Some(k) = self.keys.signing() else {
             return String::new();
         };
         let payload = serde_json::to_vec(claims).unwrap_or_default();
-        let signing_input = format!("{}.{}", k.header, B64.encode(payload));
-        let tag = hmac::sign(&k.key, signing_input.as_bytes());
-        format!("{signing_input}.{}", B64.encode(tag.as_ref()))
+        let signing_input = format!("{}.{}", header(k.kid()), B64.encode(payload));
+        let tag = k.sign(signing_input.as_bytes());
+        format!("{signing_input}.{}", B64.encode(tag))
     }
 
     /// Checks signature, expiry and audience; returns the claims.
@@ -145,14 +136,11 @@ impl Signer {
             return Err(BearerError::Malformed);
         }
         let kid = header.kid.ok_or(BearerError::UnknownKey)?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .ok_or(BearerError::UnknownKey)?;
+        let key = self.keys.find(&kid).ok_or(BearerError::UnknownKey)?;
         let signing_input = &token[..h.len() + 1 + p.len()];
-        hmac::verify(&key.key, signing_input.as_bytes(), &sig)
-            .map_err(|_| BearerError::BadSignature)?;
+        if !key.verify(signing_input.as_bytes(), &sig) {
+            return Err(BearerError::BadSignature);
+        }
         // Signed by us; the payload still gets checked.
         let payload = B64.decode(p).map_err(|_| BearerError::Malformed)?;
         let claims: Claims =
@@ -206,7 +194,7 @@ mod tests {
         // Another key's token relabelled with our kid: the signature does not match.
         let relabelled = format!(
             "{}.{}",
-            s.keys[0].header,
+            header(&s.kids()[0]),
             other
                 .issue(&claims(now_secs() + 60))
                 .split_once('.')

@@ -1,6 +1,9 @@
 //! The token signing key file (`--token-signing-key-file`): the keys every replica signs and
 //! verifies bearer tokens with, so a token from one replica is accepted by all of them.
 //!
+//! The parsing is outpost-core's (`outpost_core::keys`), shared with the webhook, which mints
+//! namespace credentials with the same keys.
+//!
 //! Format: one key per line, the standard base64 of at least 32 random bytes (padding
 //! optional); blank lines and lines starting with `#` are ignored. The first key signs, every
 //! key verifies. Rotation: add the new key second, roll out, move it first, wait one token
@@ -8,64 +11,14 @@
 
 use std::path::Path;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use outpost_core::SigningKeys;
+pub use outpost_core::keys::{KeyFileError, MIN_KEY_BYTES, generate};
 
 use super::bearer::Signer;
 
-/// Shortest key accepted, in bytes (HMAC-SHA256's block of security).
-pub const MIN_KEY_BYTES: usize = 32;
-
-/// Why a key file was refused. Never carries key material: only the path and line numbers.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyFileError {
-    #[error("cannot read token signing key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("token signing key file {path} holds no key (one base64 key per line)")]
-    NoKey { path: String },
-    #[error(
-        "token signing key file {path}, line {line}: the key has {len} bytes, at least {MIN_KEY_BYTES} are needed"
-    )]
-    Short {
-        path: String,
-        line: usize,
-        len: usize,
-    },
-    #[error("token signing key file {path}, line {line}: the key is not valid base64")]
-    Encoding { path: String, line: usize },
-}
-
 /// Parses the text of a key file into a signer (first key signs, all verify).
 pub fn parse(path: &Path, text: &str) -> Result<Signer, KeyFileError> {
-    let path = || path.display().to_string();
-    let mut keys = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bytes = B64
-            .decode(line.trim_end_matches('='))
-            .map_err(|_| KeyFileError::Encoding {
-                path: path(),
-                line: i + 1,
-            })?;
-        if bytes.len() < MIN_KEY_BYTES {
-            return Err(KeyFileError::Short {
-                path: path(),
-                line: i + 1,
-                len: bytes.len(),
-            });
-        }
-        keys.push(bytes);
-    }
-    if keys.is_empty() {
-        return Err(KeyFileError::NoKey { path: path() });
-    }
-    Ok(Signer::from_keys(&keys))
+    Ok(Signer::from_set(SigningKeys::parse(path, text)?))
 }
 
 /// Reads and parses a key file.
@@ -77,15 +30,11 @@ pub fn load(path: &Path) -> Result<(Signer, String), KeyFileError> {
     Ok((parse(path, &text)?, text))
 }
 
-/// A new key line: the base64 of 32 bytes from the system random generator.
-pub fn generate() -> Result<String, aws_lc_rs::error::Unspecified> {
-    let mut bytes = [0u8; MIN_KEY_BYTES];
-    aws_lc_rs::rand::fill(&mut bytes)?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
-
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+
     use super::*;
     use crate::auth::bearer::{AccessEntry, BearerError, Claims, ISSUER, now_secs};
 
