@@ -71,11 +71,12 @@ def wait_port(port, proc, timeout=30, host="127.0.0.1"):
 
 
 class Server:
-    def __init__(self, name, cmd, port, scheme="http", cwd=None, host="127.0.0.1", log=None):
+    def __init__(self, name, cmd, port, scheme="http", cwd=None, host="127.0.0.1", log=None,
+                 stdin=None):
         self.name, self.port, self.scheme, self.host = name, port, scheme, host
         # A named log when the caller reads it (e.g. an access log), else an anonymous one.
         self.log = open(log, "wb") if log else tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd, stdin=stdin)
         try:
             wait_port(port, self.proc, host=host)
         except BaseException:
