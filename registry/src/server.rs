@@ -545,13 +545,15 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             tracing::warn!(error = %e, "listener ended with an error during shutdown");
         }
     }
-    // Hand the lease over at once rather than after it expires.
-    leadership.resign().await;
+    // Saved while still leading: a successor re-reads the state when it takes the lease, so
+    // a save after the handover would be missed, or overwrite the successor's newer state.
     if let Some(s) = &syncer
         && let Err(e) = s.state().save().await
     {
         tracing::warn!(error = %e, "cannot save sync state at shutdown");
     }
+    // Hand the lease over at once rather than after it expires.
+    leadership.resign().await;
     if let Some(r) = &retention {
         r.save_access().await;
     }
