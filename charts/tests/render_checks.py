@@ -238,6 +238,7 @@ def check_default(o):
     assert vols["connection"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert vols["tokens"]["secret"]["secretName"] == "outpost-tokens"
     check_signing_key(o, "outpost-token-signing-key", "signing-keys")
+    check_namespace_credentials(o, "outpost-token-signing-key", "signing-keys", "8h", "**")
     keys = o.one("Secret", "-token-signing-key")
     line = base64.b64decode(keys["data"]["signing-keys"]).decode()
     assert line.endswith("\n") and len(base64.b64decode(line.strip())) == 32, "one 32-byte key"
@@ -513,6 +514,42 @@ KEPT_SECRET = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                "data": {"signing-keys": KEPT_KEY}}
 
 
+def webhook_container(o):
+    return containers(o.one("Deployment", "-webhook"))[0]
+
+
+def check_namespace_credentials(o, secret, key, lifetime, default):
+    """With tokens the webhook mints namespace credentials: the registry's signing key Secret
+    mounted alone, the flags, Events allowed; Secrets still granted by name only."""
+    wh = o.one("Deployment", "-webhook")
+    c = webhook_container(o)
+    assert f"--namespace-credential-key-file=/etc/outpost-webhook/signing-keys/{key}" in c["args"], c["args"]
+    assert f"--namespace-credential-lifetime={lifetime}" in c["args"], c["args"]
+    assert f"--namespace-default-scope={default}" in c["args"], c["args"]
+    vols = {v["name"]: v for v in wh["spec"]["template"]["spec"]["volumes"]}
+    assert vols["signing-keys"]["secret"] == {"secretName": secret, "defaultMode": 0o440,
+                                              "items": [{"key": key, "path": key}]}, vols
+    assert {"name": "signing-keys", "mountPath": "/etc/outpost-webhook/signing-keys",
+            "readOnly": True} in c["volumeMounts"]
+    rules = o.one("ClusterRole", "-webhook")["rules"]
+    assert {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]} in rules, rules
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]} in rules, rules
+    unnamed = {v for r in rules if "secrets" in r["resources"] and not r.get("resourceNames") for v in r["verbs"]}
+    assert unnamed == {"create"}, rules
+    assert {r for rule in rules for r in rule["resources"]} == {"namespaces", "secrets", "events"}, rules
+
+
+def check_copy_mode(o):
+    """Without tokens (anonymous pulls) the registry has no key to verify with: the pull secret
+    is copied, no key mounted, no Events."""
+    c = webhook_container(o)
+    assert not any(a.startswith("--namespace-") for a in c["args"]), c["args"]
+    vols = [v["name"] for v in o.one("Deployment", "-webhook")["spec"]["template"]["spec"]["volumes"]]
+    assert "signing-keys" not in vols, vols
+    rules = o.one("ClusterRole", "-webhook")["rules"]
+    assert {r for rule in rules for r in rule["resources"]} == {"namespaces", "secrets"}, rules
+
+
 def check_signing_key_kept(o):
     check_signing_key(o, "outpost-token-signing-key", "signing-keys")
     assert o.one("Secret", "-token-signing-key")["data"] == {"signing-keys": KEPT_KEY}
@@ -520,11 +557,13 @@ def check_signing_key_kept(o):
 
 def check_signing_key_existing_secret(o):
     check_signing_key(o, "outpost-signing", "keys")
+    check_namespace_credentials(o, "outpost-signing", "keys", "90m", "team-a/**,base/*")
     assert not [x for x in o.of("Secret") if x["metadata"]["name"].endswith("-token-signing-key")]
 
 
 def check_standalone(o):
     check_single_registry(o)
+    check_copy_mode(o)
     args = registry_args(o)
     # No tokens: no bearer tokens to sign, no key Secret.
     assert not any(a.startswith("--token-signing-key-file") for a in args), args
@@ -719,7 +758,13 @@ SCENARIOS = {
     "signing-key-kept-on-upgrade": ({"tokens": {"existingSecret": "outpost-tokens"}}, check_signing_key_kept,
                                     {f"/api/v1/namespaces/{NS}/secrets/outpost-token-signing-key": KEPT_SECRET}),
     "signing-key-existing-secret": ({"tokens": {"existingSecret": "outpost-tokens", "signingKey": {
-        "existingSecret": "outpost-signing", "secretKey": "keys"}}}, check_signing_key_existing_secret),
+        "existingSecret": "outpost-signing", "secretKey": "keys"}},
+        "namespaceScopes": {"default": ["team-a/**", "base/*"], "credentialLifetime": "90m"}},
+        check_signing_key_existing_secret),
+    "namespace-scopes-default-empty": ({"tokens": {"existingSecret": "outpost-tokens"},
+                                        "namespaceScopes": {"default": []}},
+                                       lambda o: check_namespace_credentials(
+                                           o, "outpost-token-signing-key", "signing-keys", "8h", "")),
     "s3-existing-secret": ({"connectionString": CONN, "maxStorage": "400Gi", "storage": {
         "type": "s3", "existingSecret": "outpost-s3",
         "secretKeys": {"AWS_ACCESS_KEY_ID": "rootUser", "AWS_SECRET_ACCESS_KEY": "rootPassword"},

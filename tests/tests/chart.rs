@@ -195,7 +195,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 29 passed, 0 failed"),
+        text.contains("render checks: 30 passed, 0 failed"),
         "{text}"
     );
 }

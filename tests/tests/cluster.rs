@@ -1651,3 +1651,153 @@ fn kube_clients_for_the_admin_and_for_a_service_account_token() {
         }
     });
 }
+
+/// Client tokens on (`tokens.existingSecret`): the webhook, run with the chart's arguments,
+/// volumes and ServiceAccount token, mints a namespace credential from the chart-made token
+/// signing key instead of copying the pull secret: the opted-in namespace's secret holds a
+/// credential that the registry's check (with that key Secret's file) accepts for that
+/// namespace and its annotated patterns only; opting out removes it.
+#[test]
+fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
+    let (ns, release) = ("nscred", "outpost-nscred");
+    let app = "nscred-app";
+    let admin = cp().admin();
+    cp().create_namespace(ns, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki_dir = dir.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).expect("pki dir");
+    let ca_bundle = own_tls_secrets(ns, &pki_dir);
+    let ca_pem = base64::engine::general_purpose::STANDARD
+        .decode(&ca_bundle)
+        .expect("base64");
+    create_pull_secret(ns, "outpost-pull");
+    // The registry's tokens file; the webhook never reads it.
+    let (status, body) = admin.post(
+        &format!("/api/v1/namespaces/{ns}/secrets"),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "outpost-tokens"},
+                "stringData": {"tokens.toml": ""}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let values = write_values(
+        dir.path(),
+        "values.json",
+        &json!({
+            "connectionString": CONN,
+            "cert-manager": {"enabled": false},
+            "tls": {"secret": "own-registry-tls"},
+            "service": {"clusterIP": "10.96.100.18"},
+            "tokens": {"existingSecret": "outpost-tokens"},
+            "namespaceScopes": {"default": [], "credentialLifetime": "2h"},
+            "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
+        }),
+    );
+    helm(
+        "install",
+        release,
+        ns,
+        &["--values", values.to_str().expect("utf-8 path")],
+    );
+    let key_secret = admin.get_ok(&format!(
+        "/api/v1/namespaces/{ns}/secrets/{release}-token-signing-key"
+    ));
+    let key_file = base64::engine::general_purpose::STANDARD
+        .decode(
+            key_secret["data"]["signing-keys"]
+                .as_str()
+                .expect("key data"),
+        )
+        .expect("base64");
+    let keys = outpost_core::SigningKeys::parse(
+        Path::new("signing-keys"),
+        std::str::from_utf8(&key_file).expect("utf-8"),
+    )
+    .expect("the chart's key file");
+
+    let token = cp().service_account_token(ns, &format!("{release}-webhook"));
+    let deployment = admin.get_ok(&format!(
+        "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
+    ));
+    let mut webhook = run_as_pod(
+        &deployment["spec"]["template"]["spec"],
+        ns,
+        &dir.path().join("webhook"),
+        &[("metadata.namespace", ns)],
+        &token,
+    );
+    let url = format!("https://127.0.0.1:{}/readyz", webhook.port("--listen"));
+    webhook.wait_ready(&https_client(&ca_pem), &url);
+
+    let (status, body) = admin.post(
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": app, "labels": {"outpost.io/inject": "enabled"},
+                             "annotations": {"outpost.io/repositories": "team-a/**"}}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Opted in without the annotation, and the chart's default scope is []: no credential.
+    cp().create_namespace("nscred-none", &[("outpost.io/inject", "enabled")]);
+    let path = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
+    eventually(
+        || format!("no namespace credential in {app}:\n{}", webhook.log_text()),
+        || admin.get(&path).0 == 200,
+    );
+    let secret = admin.get_ok(&path);
+    assert_eq!(secret["type"], "kubernetes.io/dockerconfigjson");
+    let config: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(secret["data"][".dockerconfigjson"].as_str().expect("data"))
+            .expect("base64"),
+    )
+    .expect("dockerconfigjson");
+    let entry = &config["auths"]["10.96.100.18"];
+    assert_eq!(entry["username"], app, "{config}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let cred = outpost_core::nscred::verify(&keys, entry["password"].as_str().expect("pw"), now)
+        .expect("the registry's check accepts it");
+    assert_eq!(cred.namespace, app);
+    assert_eq!(
+        cred.repositories
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>(),
+        ["team-a/**"]
+    );
+    assert_eq!(cred.expires_at - cred.issued_at, 7200);
+    // The source's token is not what it holds.
+    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-pull"));
+    assert_ne!(secret["data"], source["data"]);
+    assert_eq!(
+        admin
+            .get("/api/v1/namespaces/nscred-none/secrets/outpost-pull")
+            .0,
+        404
+    );
+
+    let (status, body) = admin.patch(
+        &format!("/api/v1/namespaces/{app}"),
+        &json!({"metadata": {"labels": {"outpost.io/inject": null}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        || {
+            format!(
+                "the credential stayed after opt-out:\n{}",
+                webhook.log_text()
+            )
+        },
+        || admin.get(&path).0 == 404,
+    );
+    let log = webhook.log_text();
+    assert!(
+        !log.contains("Forbidden") && !log.contains("forbidden"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(entry["password"].as_str().expect("pw")),
+        "the credential is in the log"
+    );
+    drop(webhook);
+}

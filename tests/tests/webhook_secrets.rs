@@ -18,8 +18,12 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use outpost_e2e::k8s::{ControlPlane, random_hex};
+use outpost_e2e::metrics::sample;
 use outpost_webhook::config::ConfigSource;
 use outpost_webhook::metrics::Metrics;
+use outpost_webhook::nscred::{
+    Credentials, KeyFile, REPOSITORIES_ANNOTATION, Scope, parse_key_file,
+};
 use outpost_webhook::secrets::{
     self, COPIED_FROM, INJECT_ENABLED, INJECT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, reconcile,
 };
@@ -64,6 +68,8 @@ impl Names {
 struct Hook {
     /// Every request, as "METHOD path?query".
     log: Mutex<Vec<String>>,
+    /// Every answered request and its status code.
+    statuses: Mutex<Vec<(String, u16)>>,
     /// Per namespace: another writer's Secret, created through the API server (as the admin)
     /// just before our create in that namespace reaches it, so our create loses the race.
     racers: Mutex<BTreeMap<String, Secret>>,
@@ -87,10 +93,8 @@ async fn hooked(hook: &Arc<Hook>, token: Option<&str>) -> kube::Client {
     let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
         let (inner, admin, hook) = (inner.clone(), admin.clone(), Arc::clone(&hook));
         async move {
-            hook.log
-                .lock()
-                .expect("log")
-                .push(format!("{} {}", req.method(), req.uri()));
+            let line = format!("{} {}", req.method(), req.uri());
+            hook.log.lock().expect("log").push(line.clone());
             let create_in = (req.method() == http::Method::POST)
                 .then(|| {
                     req.uri()
@@ -108,7 +112,12 @@ async fn hooked(hook: &Arc<Hook>, token: Option<&str>) -> kube::Client {
                         .await?;
                 }
             }
-            inner.send(req).await
+            let resp = inner.send(req).await?;
+            hook.statuses
+                .lock()
+                .expect("statuses")
+                .push((line, resp.status().as_u16()));
+            Ok::<_, kube::Error>(resp)
         }
     });
     kube::Client::new(svc, "default")
@@ -561,6 +570,7 @@ fn the_running_controller_follows_watch_events() {
             config,
             Arc::new(Metrics::new()),
             Duration::from_secs(3600),
+            None,
         ));
         let (a, name, shop, lab, h) = (&admin, name.as_str(), shop.as_str(), lab.as_str(), &hook);
         eventually("first copy", || async move {
@@ -599,4 +609,385 @@ fn the_running_controller_follows_watch_events() {
         .await;
         task.abort();
     });
+}
+
+/// The chart's ClusterRole for the webhook, rendered by the real Helm library with client
+/// tokens on (namespace credentials) and `pull_secret` as the pull secret's name.
+fn chart_webhook_rules(pull_secret: &str) -> Value {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let values = json!({"tokens": {"existingSecret": "outpost-tokens"},
+                        "pullSecret": {"name": pull_secret}});
+    let out = outpost_e2e::run_timeout(
+        std::process::Command::new("python3")
+            .arg("-B")
+            .arg(repo.join("charts/tests/helm_render.py"))
+            .args([values.to_string().as_str(), "outpost"]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered: Value = serde_json::from_slice(&out.stdout).expect("rendered chart");
+    rendered["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "outpost-webhook")
+        .expect("the webhook's ClusterRole")["rules"]
+        .clone()
+}
+
+/// The credential for `registry` in the dockerconfigjson of `ns/name`: (username, password).
+async fn credential_in(
+    c: &kube::Client,
+    ns: &str,
+    name: &str,
+    registry: &str,
+) -> Option<(String, String)> {
+    let s = copy_in(c, ns, name).await?;
+    assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    let raw = s.data?.get(".dockerconfigjson")?.0.clone();
+    let config: Value = serde_json::from_slice(&raw).expect("dockerconfigjson");
+    let entry = &config["auths"][registry];
+    let (user, pass) = (entry["username"].as_str()?, entry["password"].as_str()?);
+    // containerd and kubelet read `auth`: the same pair.
+    let auth = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str()?)
+        .expect("auth is base64");
+    assert_eq!(auth, format!("{user}:{pass}").into_bytes());
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+fn keys_of(text: &str) -> outpost_core::SigningKeys {
+    outpost_core::SigningKeys::parse(std::path::Path::new("keys"), text).expect("key file")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Verifies `ns/name`'s credential with `keys` (the registry's own check): it names `ns`,
+/// grants exactly `patterns`, and was signed with `kid`. Returns it.
+async fn verified(
+    c: &kube::Client,
+    keys: &outpost_core::SigningKeys,
+    ns: &str,
+    name: &str,
+    patterns: &[&str],
+    kid: &str,
+) -> outpost_core::NamespaceCredential {
+    let (user, pass) = credential_in(c, ns, name, "r.local")
+        .await
+        .unwrap_or_else(|| panic!("no credential in {ns}"));
+    assert_eq!(user, ns);
+    let cred = outpost_core::nscred::verify(keys, &pass, unix_now())
+        .unwrap_or_else(|e| panic!("the credential of {ns} does not verify: {e}"));
+    assert_eq!(cred.namespace, ns);
+    let got: Vec<&str> = cred.repositories.iter().map(|p| p.as_str()).collect();
+    assert_eq!(got, patterns, "{ns}");
+    assert_eq!(cred.kid, kid, "{ns}");
+    cred
+}
+
+fn annotation_of(s: &Secret, key: &str) -> Option<String> {
+    s.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+/// Sets (or removes, with None) a namespace's repositories annotation.
+async fn set_repositories(c: &kube::Client, name: &str, value: Option<&str>) {
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {REPOSITORIES_ANNOTATION: value}}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("annotate namespace {name}: {e}"));
+}
+
+/// Namespace credentials, minted by the running controller with the chart's ServiceAccount
+/// RBAC (rendered by Helm, bound to a token of its own): team-a, team-b and shared get each
+/// their own credential, verified with the registry's check to their namespace and patterns
+/// (shared: the default); an invalid annotation gives an Event on its namespace, the metrics
+/// and no credential; a changed annotation re-mints; a renewal lands at half the (short)
+/// lifetime, before expiry; a rotated key file (new key first) re-mints everything with the
+/// new kid while old credentials still verify during the overlap; opting out removes the
+/// secret. No request of the controller is refused, and every Secret read names the secret.
+#[test]
+fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("pull"));
+    let (team_a, team_b, shared, bad) =
+        (n.of("team-a"), n.of("team-b"), n.of("shared"), n.of("bad"));
+    let rules = chart_webhook_rules(&name);
+    let role = n.of("webhook");
+    let admin_rest = cp().admin();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_path = dir.path().join("signing-keys");
+    let key_a = outpost_core::keys::generate().expect("key");
+    let key_b = outpost_core::keys::generate().expect("key");
+    let kid_a = keys_of(&key_a).kids()[0].clone();
+    let kid_b = keys_of(&key_b).kids()[0].clone();
+    std::fs::write(&key_path, format!("{key_a}\n")).expect("key file");
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+    });
+    for (path, body) in [
+        (
+            format!("/api/v1/namespaces/{sys}/serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "webhook"}}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": role}, "rules": rules}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": role},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                               "name": role},
+                   "subjects": [{"kind": "ServiceAccount", "name": "webhook",
+                                 "namespace": sys}]}),
+        ),
+    ] {
+        let (status, body) = admin_rest.post(&path, &body);
+        assert_eq!(status, 201, "POST {path}: {body}");
+    }
+    let token = cp().service_account_token(&sys, "webhook");
+    run(async {
+        let admin = cp().client(None).await;
+        let sa = cp().client(Some(&token)).await;
+        let (sa_r, sys_r, name_r) = (&sa, sys.as_str(), name.as_str());
+        eventually("RBAC for the webhook's token", || async move {
+            Api::<Secret>::namespaced(sa_r.clone(), sys_r)
+                .get_opt(name_r)
+                .await
+                .is_ok()
+        })
+        .await;
+        for (ns, annotation) in [
+            (&team_a, Some("team-a/**")),
+            (&team_b, Some("team-b/**")),
+            (&shared, None),
+            (&bad, Some("Team-A/**")),
+        ] {
+            namespace(&admin, ns, true).await;
+            if let Some(a) = annotation {
+                set_repositories(&admin, ns, Some(a)).await;
+            }
+        }
+        let config = ConfigSource::fixed(
+            format!("registry = \"r.local\"\npull_secret = \"{name}\"")
+                .parse()
+                .expect("config"),
+        );
+        let creds = Arc::new(Credentials {
+            keys: KeyFile::new(key_path.clone(), parse_key_file),
+            lifetime: Duration::from_secs(24),
+            default_scope: Scope::parse("**").expect("scope"),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let hook = Arc::new(Hook::default());
+        let task = tokio::spawn(secrets::run(
+            hooked(&hook, Some(&token)).await,
+            sys.clone(),
+            config,
+            Arc::clone(&metrics),
+            Duration::from_secs(3600),
+            Some((creds, Duration::from_millis(200))),
+        ));
+        let (a, name) = (&admin, name.as_str());
+        let (team_a, team_b, shared, bad) = (
+            team_a.as_str(),
+            team_b.as_str(),
+            shared.as_str(),
+            bad.as_str(),
+        );
+        eventually("the three credentials", || async move {
+            let mut all = true;
+            for ns in [team_a, team_b, shared] {
+                all &= copy_in(a, ns, name).await.is_some();
+            }
+            all
+        })
+        .await;
+        let keys = keys_of(&key_a);
+        let first_a = verified(a, &keys, team_a, name, &["team-a/**"], &kid_a).await;
+        verified(a, &keys, team_b, name, &["team-b/**"], &kid_a).await;
+        verified(a, &keys, shared, name, &["**"], &kid_a).await;
+        assert!(first_a.allows("team-a/app") && !first_a.allows("team-b/app"));
+        assert_eq!(first_a.expires_at - first_a.issued_at, 24);
+        // Each namespace its own credential.
+        let mut passwords = Vec::new();
+        for ns in [team_a, team_b, shared] {
+            passwords.push(credential_in(a, ns, name, "r.local").await.expect("cred").1);
+        }
+        passwords.dedup();
+        assert_eq!(passwords.len(), 3);
+
+        // The invalid annotation: an Event on its namespace, the metrics, no secret.
+        let m = &metrics;
+        eventually("the invalid scope reported", || async move {
+            let text = m.encode();
+            sample(&text, "outpost_webhook_namespace_scopes_invalid") == Some(1.0)
+                && sample(&text, "outpost_webhook_namespace_scope_errors_total") == Some(1.0)
+        })
+        .await;
+        eventually("the InvalidRepositoryScope Event", || async move {
+            Api::<k8s_openapi::api::events::v1::Event>::namespaced(a.clone(), bad)
+                .list(&Default::default())
+                .await
+                .is_ok_and(|l| {
+                    l.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("InvalidRepositoryScope")
+                            && e.type_.as_deref() == Some("Warning")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(bad)
+                            && e.note.as_deref().is_some_and(|n| n.contains("Team-A/**"))
+                    })
+                })
+        })
+        .await;
+        assert!(copy_in(a, bad, name).await.is_none());
+
+        // Fixed: the namespace gets its credential, the gauge drops; broken again: the
+        // secret goes and the error is counted again.
+        set_repositories(&admin, bad, Some("team-a/**")).await;
+        eventually("credential after the fix", || async move {
+            copy_in(a, bad, name).await.is_some()
+                && sample(&m.encode(), "outpost_webhook_namespace_scopes_invalid") == Some(0.0)
+        })
+        .await;
+        set_repositories(&admin, bad, Some("team-a/**,")).await;
+        eventually("secret removed when the annotation breaks", || async move {
+            copy_in(a, bad, name).await.is_none()
+                && sample(&m.encode(), "outpost_webhook_namespace_scope_errors_total") == Some(2.0)
+        })
+        .await;
+
+        // A changed annotation re-mints at once with the new patterns.
+        set_repositories(&admin, team_a, Some("team-a/**, base/*")).await;
+        eventually("team-a re-minted", || async move {
+            copy_in(a, team_a, name).await.is_some_and(|s| {
+                annotation_of(&s, secrets::CREDENTIAL_SCOPE).as_deref() == Some("base/*, team-a/**")
+            })
+        })
+        .await;
+        let cred = verified(a, &keys, team_a, name, &["base/*", "team-a/**"], &kid_a).await;
+        assert!(cred.allows("base/alpine") && !cred.allows("base/x/y"));
+
+        // Renewal before expiry: the credential of team-b is replaced at half its lifetime.
+        let before = verified(a, &keys, team_b, name, &["team-b/**"], &kid_a).await;
+        eventually("team-b renewed", || async move {
+            copy_in(a, team_b, name).await.is_some_and(|s| {
+                annotation_of(&s, secrets::CREDENTIAL_ISSUED)
+                    .is_some_and(|i| i != before.issued_at.to_string())
+            })
+        })
+        .await;
+        let renewed_at = unix_now();
+        assert!(
+            renewed_at < before.expires_at,
+            "renewed at {renewed_at}, the old credential expired at {}",
+            before.expires_at
+        );
+        let after = verified(a, &keys, team_b, name, &["team-b/**"], &kid_a).await;
+        assert!(after.expires_at > before.expires_at, "{after:?} {before:?}");
+        assert!(
+            after.issued_at >= before.issued_at + 24 / 2,
+            "renewed before half-life: {after:?} {before:?}"
+        );
+        assert!(
+            sample(
+                &metrics.encode(),
+                "outpost_webhook_namespace_credentials_minted_total{reason=\"renewal\"}"
+            )
+            .is_some_and(|v| v >= 1.0)
+        );
+
+        // Key rotation, step 2 (the new key first, the old one still verifying): everything is
+        // re-minted with the new kid; a credential of the old key still verifies meanwhile.
+        let old = credential_in(a, shared, name, "r.local")
+            .await
+            .expect("cred")
+            .1;
+        std::fs::write(&key_path, format!("{key_b}\n{key_a}\n")).expect("key file");
+        let both = keys_of(&format!("{key_b}\n{key_a}\n"));
+        let kid_b_r = kid_b.as_str();
+        eventually("re-minted with the new key", || async move {
+            let mut all = true;
+            for ns in [team_a, team_b, shared] {
+                all &= copy_in(a, ns, name).await.is_some_and(|s| {
+                    annotation_of(&s, secrets::CREDENTIAL_KID).as_deref() == Some(kid_b_r)
+                });
+            }
+            all
+        })
+        .await;
+        verified(a, &both, shared, name, &["**"], &kid_b).await;
+        verified(a, &both, team_a, name, &["base/*", "team-a/**"], &kid_b).await;
+        assert_eq!(
+            outpost_core::nscred::verify(&both, &old, unix_now())
+                .expect("the old key still verifies")
+                .kid,
+            kid_a
+        );
+        // With the old key removed, its credentials no longer verify; the new ones do.
+        let only_b = keys_of(&key_b);
+        assert!(outpost_core::nscred::verify(&only_b, &old, unix_now()).is_err());
+        verified(a, &only_b, team_b, name, &["team-b/**"], &kid_b).await;
+        assert!(
+            sample(
+                &metrics.encode(),
+                "outpost_webhook_namespace_credentials_minted_total{reason=\"key\"}"
+            )
+            .is_some_and(|v| v >= 3.0)
+        );
+
+        // Opting out removes the secret; the others stay.
+        set_inject(&admin, team_b, false).await;
+        eventually("team-b's secret removed", || async move {
+            copy_in(a, team_b, name).await.is_none()
+        })
+        .await;
+        assert!(copy_in(a, team_a, name).await.is_some());
+        task.abort();
+
+        // The chart's RBAC was enough: nothing refused. Every Secret read named the secret.
+        let refused: Vec<(String, u16)> = hook
+            .statuses
+            .lock()
+            .expect("statuses")
+            .iter()
+            .filter(|(_, s)| *s == 401 || *s == 403)
+            .cloned()
+            .collect();
+        assert!(refused.is_empty(), "refused: {refused:?}");
+        for l in hook
+            .log()
+            .iter()
+            .filter(|l| l.contains("/secrets") && !l.starts_with("POST "))
+        {
+            assert!(
+                l.contains(&format!("/secrets/{name}"))
+                    || l.contains(&format!("fieldSelector=metadata.name%3D{name}")),
+                "a Secret request not by name: {l}"
+            );
+        }
+    });
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{role}"
+    ));
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
+    ));
 }

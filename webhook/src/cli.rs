@@ -15,8 +15,10 @@ use crate::certs::{self, Leaf, Role, Snapshot, Spec, Timings, pki::Sans};
 use crate::config::ConfigSource;
 use crate::duration::parse_duration;
 use crate::metrics::Metrics;
+use crate::nscred::{self, Credentials, KeyFile, Scope};
 use crate::server::{self, AppState};
 use crate::{secrets, tls, uninstall};
+use outpost_core::RepositoryPattern;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -238,6 +240,25 @@ pub struct ServeArgs {
     /// Period of full pull-secret reconciliations, besides watch events (s, m suffix).
     #[arg(long, env = "OUTPOST_SECRET_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub secret_resync: Duration,
+    /// Mint a credential of its own for every opted-in namespace instead of copying the pull
+    /// secret: signed with the first key of this file (the registry's
+    /// --token-signing-key-file, one base64 key per line), scoped to pull the namespace's
+    /// `outpost.io/repositories` annotation or --namespace-default-scope. Re-read when it
+    /// changes; a new signing key re-mints every credential.
+    #[arg(long, env = "OUTPOST_NAMESPACE_CREDENTIAL_KEY_FILE")]
+    pub namespace_credential_key_file: Option<PathBuf>,
+    /// Validity of a namespace credential (m, h suffix); renewed at half of it.
+    #[arg(long, env = "OUTPOST_NAMESPACE_CREDENTIAL_LIFETIME", default_value = "8h", value_parser = parse_duration)]
+    pub namespace_credential_lifetime: Duration,
+    /// Repository patterns of namespaces without the annotation (repeatable; env and value:
+    /// comma-separated; an empty value: such namespaces get no credential).
+    #[arg(
+        long = "namespace-default-scope",
+        env = "OUTPOST_NAMESPACE_DEFAULT_SCOPE",
+        value_delimiter = ',',
+        default_value = "**"
+    )]
+    pub namespace_default_scope: Vec<String>,
     /// How often the config, certificate and key files are checked for changes.
     #[arg(long, env = "OUTPOST_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -362,12 +383,14 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let (Some(_), Some(rx)) = (&managed_registry, &snapshots) {
         follow_bundle(rx.clone(), Arc::clone(&checker));
     }
+    let credentials = namespace_credentials(&args)?;
     if !args.no_secret_sync {
         start_secret_sync(
             namespace.clone(),
             Arc::clone(&config),
             Arc::clone(&metrics),
             args.secret_resync,
+            credentials.map(|c| (c, args.reload_interval)),
         );
     }
     let admission = Arc::new(Admission {
@@ -490,12 +513,53 @@ async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Namespace-credential mode, when a key file is given. The file is read now so that a wrong
+/// path shows in the log at start (the controller keeps retrying; the webhook still serves).
+fn namespace_credentials(args: &ServeArgs) -> Result<Option<Arc<Credentials>>, CliError> {
+    let Some(path) = &args.namespace_credential_key_file else {
+        return Ok(None);
+    };
+    if args.namespace_credential_lifetime < Duration::from_secs(2) {
+        return Err(CliError::Usage(
+            "--namespace-credential-lifetime must be at least 2s".into(),
+        ));
+    }
+    let mut patterns = Vec::new();
+    for p in args
+        .namespace_default_scope
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    {
+        patterns.push(
+            p.parse::<RepositoryPattern>()
+                .map_err(|e| CliError::Usage(format!("--namespace-default-scope: {e}")))?,
+        );
+    }
+    if patterns.len() > nscred::MAX_PATTERNS {
+        return Err(CliError::Usage(format!(
+            "--namespace-default-scope: at most {} patterns",
+            nscred::MAX_PATTERNS
+        )));
+    }
+    let keys = KeyFile::new(path.clone(), nscred::parse_key_file);
+    if let Err(e) = keys.reload() {
+        tracing::error!(error = %e, "namespace credentials are not minted until the key file loads");
+    }
+    Ok(Some(Arc::new(Credentials {
+        keys,
+        lifetime: args.namespace_credential_lifetime,
+        default_scope: Scope::new(patterns),
+    })))
+}
+
 /// The copy controller needs the API server; without it the webhook still serves.
 fn start_secret_sync(
     namespace: Option<String>,
     config: Arc<ConfigSource>,
     metrics: Arc<Metrics>,
     resync: Duration,
+    credentials: Option<(Arc<Credentials>, Duration)>,
 ) {
     let Some(namespace) = namespace else {
         tracing::warn!("no --namespace or POD_NAMESPACE: pull-secret copies are not managed");
@@ -511,6 +575,6 @@ fn start_secret_sync(
                 }
             }
         };
-        secrets::run(client, namespace, config, metrics, resync).await;
+        secrets::run(client, namespace, config, metrics, resync, credentials).await;
     });
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod duration;
 pub mod metrics;
 pub mod mutate;
+pub mod nscred;
 pub mod secrets;
 pub mod server;
 pub mod tls;

@@ -49,6 +49,18 @@ pub struct Metrics {
     /// notAfter (Unix seconds) of each managed certificate: the signing CA and the serving ones.
     pub certificate_expiry: Family<SecretLabels, Gauge>,
     pub certificate_errors: Counter,
+    /// Invalid `outpost.io/repositories` annotations seen (each namespace and value once).
+    pub namespace_scope_errors: Counter,
+    /// Opted-in namespaces whose annotation is invalid now (they get no credential).
+    pub namespace_scopes_invalid: Gauge,
+    /// Opted-in namespaces holding a current namespace credential after the last pass.
+    pub namespace_credentials: Gauge,
+    credentials_minted: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -97,8 +109,36 @@ impl Metrics {
             "Failed self-managed certificate passes (retried with backoff)",
             certificate_errors.clone(),
         );
+        let namespace_scope_errors = Counter::default();
+        registry.register(
+            "namespace_scope_errors",
+            "Invalid outpost.io/repositories namespace annotations found (each namespace and value counted once)",
+            namespace_scope_errors.clone(),
+        );
+        let namespace_scopes_invalid = Gauge::default();
+        registry.register(
+            "namespace_scopes_invalid",
+            "Opted-in namespaces whose outpost.io/repositories annotation is invalid (no credential)",
+            namespace_scopes_invalid.clone(),
+        );
+        let namespace_credentials = Gauge::default();
+        registry.register(
+            "namespace_credentials",
+            "Opted-in namespaces holding a current namespace pull credential",
+            namespace_credentials.clone(),
+        );
+        let credentials_minted = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "namespace_credentials_minted",
+            "Namespace pull credentials minted, by reason (new, format, scope, key, registry, lifetime, renewal)",
+            credentials_minted.clone(),
+        );
         Metrics {
             registry,
+            namespace_scope_errors,
+            namespace_scopes_invalid,
+            namespace_credentials,
+            credentials_minted,
             admissions,
             duration,
             availability_checks,
@@ -115,6 +155,12 @@ impl Metrics {
             })
             .inc();
         self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn credential_minted(&self, reason: &'static str) {
+        self.credentials_minted
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn availability(&self, available: bool) {

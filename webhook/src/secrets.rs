@@ -9,6 +9,15 @@
 //! can grant Secrets by that one name: a ServiceAccount allowed to list Secrets unnamed could
 //! read every Secret in the cluster. Copies made under an earlier pull-secret name are
 //! therefore not seen and stay (remove them by hand after a rename).
+//!
+//! With a namespace credential key file ([`Credentials`]) the controller mints instead of
+//! copying: each opted-in namespace's secret holds a credential of its own, signed with the
+//! registry's token signing key, scoped to pull the namespace's allowed repositories (its
+//! `outpost.io/repositories` annotation, else the default scope) and expiring after the
+//! configured lifetime. It is renewed at half its lifetime, and at once when the scope, the
+//! signing key or the registry host changes. A namespace with an invalid annotation (reported
+//! as an Event on it and in metrics) or an empty scope has no secret: an existing one is
+//! deleted, so it grants nothing new (a credential already read stays valid until it expires).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,6 +31,7 @@ use kube::{Api, Client};
 
 use crate::config::ConfigSource;
 use crate::metrics::Metrics;
+use crate::nscred::{Credentials, KeyError, REPOSITORIES_ANNOTATION, Scope, scope_of};
 
 /// The namespace label that opts a namespace in (the chart's namespaceSelector).
 pub const INJECT_LABEL: &str = "outpost.io/inject";
@@ -36,6 +46,10 @@ pub const COPIED_FROM: &str = "outpost.io/copied-from";
 pub enum SyncError {
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Mint(#[from] crate::nscred::MintError),
 }
 
 /// What one reconciliation did.
@@ -293,24 +307,462 @@ fn triggers(
     futures_util::stream::select_all([namespaces, sources, copies]).boxed()
 }
 
+/// Annotations on a minted secret: what its credential was minted for (never the credential).
+pub const CREDENTIAL_SCOPE: &str = "outpost.io/credential-scope";
+pub const CREDENTIAL_KID: &str = "outpost.io/credential-kid";
+pub const CREDENTIAL_REGISTRY: &str = "outpost.io/credential-registry";
+/// Unix seconds.
+pub const CREDENTIAL_ISSUED: &str = "outpost.io/credential-issued";
+pub const CREDENTIAL_EXPIRES: &str = "outpost.io/credential-expires";
+
+const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+
+/// Why a credential was minted (the `reason` label of the mint counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MintReason {
+    /// No secret yet.
+    New,
+    /// Our secret without (readable) credential annotations: a copy made before minting.
+    Format,
+    Scope,
+    Key,
+    Registry,
+    /// The configured lifetime was shortened below what the credential has left.
+    Lifetime,
+    Renewal,
+}
+
+impl MintReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MintReason::New => "new",
+            MintReason::Format => "format",
+            MintReason::Scope => "scope",
+            MintReason::Key => "key",
+            MintReason::Registry => "registry",
+            MintReason::Lifetime => "lifetime",
+            MintReason::Renewal => "renewal",
+        }
+    }
+}
+
+/// A namespace whose annotation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub namespace: String,
+    pub annotation: String,
+    pub error: String,
+}
+
+/// What one minting pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CredentialReport {
+    pub minted: Vec<(String, MintReason)>,
+    pub deleted: Vec<String>,
+    pub foreign: Vec<String>,
+    pub invalid: Vec<Invalid>,
+    /// Namespaces holding a current credential after the pass.
+    pub current: usize,
+    /// The earliest renewal due among the secrets kept or written (Unix seconds).
+    pub next_renewal: Option<u64>,
+}
+
+fn annotation<'a>(s: &'a Secret, key: &str) -> Option<&'a str> {
+    s.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// When a credential issued at `issued` and expiring at `expires` is renewed: at half-life.
+fn renew_at(issued: u64, expires: u64) -> u64 {
+    issued + expires.saturating_sub(issued) / 2
+}
+
+/// Why `existing` (ours) must be minted again, or None (and its renewal time) if it is current.
+fn stale(
+    existing: &Secret,
+    scope: &Scope,
+    kid: &str,
+    registry: &str,
+    lifetime: u64,
+    now: u64,
+) -> Result<u64, MintReason> {
+    let times = (
+        annotation(existing, CREDENTIAL_ISSUED).and_then(|v| v.parse::<u64>().ok()),
+        annotation(existing, CREDENTIAL_EXPIRES).and_then(|v| v.parse::<u64>().ok()),
+    );
+    let (Some(issued), Some(expires), Some(had_scope), Some(had_kid), Some(had_registry)) = (
+        times.0,
+        times.1,
+        annotation(existing, CREDENTIAL_SCOPE),
+        annotation(existing, CREDENTIAL_KID),
+        annotation(existing, CREDENTIAL_REGISTRY),
+    ) else {
+        return Err(MintReason::Format);
+    };
+    if existing.type_.as_deref() != Some(DOCKER_CONFIG_JSON) {
+        return Err(MintReason::Format);
+    }
+    if had_scope != scope.to_string() {
+        return Err(MintReason::Scope);
+    }
+    if had_kid != kid {
+        return Err(MintReason::Key);
+    }
+    if had_registry != registry {
+        return Err(MintReason::Registry);
+    }
+    if expires > now.saturating_add(lifetime) {
+        return Err(MintReason::Lifetime);
+    }
+    let due = renew_at(issued, expires);
+    if now >= due {
+        return Err(MintReason::Renewal);
+    }
+    Ok(due)
+}
+
+/// The `.dockerconfigjson` holding `username`/`password` for `registry`.
+fn docker_config(registry: &str, username: &str, password: &str) -> Vec<u8> {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    serde_json::json!({"auths": {registry: {
+        "username": username, "password": password, "auth": auth,
+    }}})
+    .to_string()
+    .into_bytes()
+}
+
+struct Minting<'a> {
+    name: &'a str,
+    from: &'a str,
+    registry: &'a str,
+    scope: &'a Scope,
+    kid: &'a str,
+    issued: u64,
+    expires: u64,
+}
+
+fn minted_secret(
+    ns: &str,
+    m: &Minting<'_>,
+    minter: &dyn crate::nscred::Mint,
+) -> Result<Secret, crate::nscred::MintError> {
+    let cred = minter.mint(ns, m.scope, m.issued, m.expires)?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(m.name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                MANAGED_BY.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([
+                (COPIED_FROM.to_owned(), m.from.to_owned()),
+                (CREDENTIAL_SCOPE.to_owned(), m.scope.to_string()),
+                (CREDENTIAL_KID.to_owned(), m.kid.to_owned()),
+                (CREDENTIAL_REGISTRY.to_owned(), m.registry.to_owned()),
+                (CREDENTIAL_ISSUED.to_owned(), m.issued.to_string()),
+                (CREDENTIAL_EXPIRES.to_owned(), m.expires.to_string()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        type_: Some(DOCKER_CONFIG_JSON.to_owned()),
+        data: Some(BTreeMap::from([(
+            ".dockerconfigjson".to_owned(),
+            k8s_openapi::ByteString(docker_config(m.registry, &cred.username, &cred.password)),
+        )])),
+        ..Secret::default()
+    })
+}
+
+/// Writes `fresh` over our `existing` secret (a changed type needs a new object). A Conflict
+/// means another replica wrote meanwhile: its write's watch event brings the next pass, which
+/// decides on what is there then. Returns whether this write landed.
+async fn overwrite(
+    api: &Api<Secret>,
+    existing: &Secret,
+    mut fresh: Secret,
+) -> Result<bool, SyncError> {
+    let name = fresh.metadata.name.clone().unwrap_or_default();
+    let written = if existing.type_ != fresh.type_ {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        api.create(&PostParams::default(), &fresh).await.map(|_| ())
+    } else {
+        fresh.metadata.resource_version = existing.metadata.resource_version.clone();
+        api.replace(&name, &PostParams::default(), &fresh)
+            .await
+            .map(|_| ())
+    };
+    match written {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One minting pass at `now` (Unix seconds): mint missing and stale credentials, delete our
+/// secrets in namespaces that opted out, have an invalid annotation or an empty scope.
+pub async fn reconcile_credentials(
+    client: &Client,
+    source_namespace: &str,
+    name: &str,
+    registry: &str,
+    creds: &Credentials,
+    now: u64,
+) -> Result<CredentialReport, SyncError> {
+    let from = format!("{source_namespace}/{name}");
+    let minter = creds.keys.minter()?;
+    let kid = minter.kid();
+    let lifetime = creds.lifetime.as_secs().max(1);
+    let mut report = CredentialReport::default();
+    let mut wanted: BTreeMap<String, Scope> = BTreeMap::new();
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default().labels(&format!("{INJECT_LABEL}={INJECT_ENABLED}")))
+        .await?
+        .items;
+    for ns in namespaces {
+        if ns.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(ns_name) = ns.metadata.name.clone() else {
+            continue;
+        };
+        if ns_name == source_namespace {
+            continue;
+        }
+        let text = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REPOSITORIES_ANNOTATION));
+        match scope_of(text.map(String::as_str), &creds.default_scope) {
+            Ok(scope) if scope.is_empty() => {}
+            Ok(scope) => {
+                wanted.insert(ns_name, scope);
+            }
+            Err(e) => report.invalid.push(Invalid {
+                namespace: ns_name,
+                annotation: text.cloned().unwrap_or_default(),
+                error: e.to_string(),
+            }),
+        }
+    }
+    let owned: BTreeMap<String, Secret> = Api::<Secret>::all(client.clone())
+        .list(
+            &ListParams::default()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+                .fields(&format!("metadata.name={name}")),
+        )
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| annotation(s, COPIED_FROM).is_some_and(|v| v == from))
+        .filter_map(|s| Some((s.metadata.namespace.clone()?, s)))
+        .collect();
+
+    let mut note_renewal = |due: u64| {
+        report.next_renewal = Some(report.next_renewal.map_or(due, |n| n.min(due)));
+    };
+    let mut minted = Vec::new();
+    let mut foreign = Vec::new();
+    let mut current = 0;
+    for (ns, scope) in &wanted {
+        let api = Api::<Secret>::namespaced(client.clone(), ns);
+        let reason = match owned.get(ns) {
+            Some(existing) => match stale(existing, scope, &kid, registry, lifetime, now) {
+                Ok(due) => {
+                    note_renewal(due);
+                    current += 1;
+                    continue;
+                }
+                Err(reason) => reason,
+            },
+            None => MintReason::New,
+        };
+        let m = Minting {
+            name,
+            from: &from,
+            registry,
+            scope,
+            kid: &kid,
+            issued: now,
+            expires: now.saturating_add(lifetime),
+        };
+        let fresh = minted_secret(ns, &m, minter.as_ref())?;
+        let landed = match owned.get(ns) {
+            Some(existing) => overwrite(&api, existing, fresh).await?,
+            None if api.get_opt(name).await?.is_some() => {
+                tracing::debug!(namespace = %ns, secret = name, "a secret of that name exists and is not ours; left alone");
+                foreign.push(ns.clone());
+                continue;
+            }
+            None => match api.create(&PostParams::default(), &fresh).await {
+                Ok(_) => true,
+                // Another replica (or someone else) created it meanwhile: the next pass
+                // decides on what is there.
+                Err(kube::Error::Api(e)) if e.code == 409 => false,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if landed {
+            tracing::info!(namespace = %ns, secret = name, scope = %scope, kid = %kid, expires = m.expires, reason = reason.as_str(), "namespace credential minted");
+            note_renewal(renew_at(m.issued, m.expires));
+            minted.push((ns.clone(), reason));
+            current += 1;
+        }
+    }
+    report.minted = minted;
+    report.foreign = foreign;
+    report.current = current;
+
+    for (ns, secret) in &owned {
+        if wanted.contains_key(ns) {
+            continue;
+        }
+        let Some(secret_name) = &secret.metadata.name else {
+            continue;
+        };
+        match Api::<Secret>::namespaced(client.clone(), ns)
+            .delete(secret_name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = %ns, secret = %secret_name, "namespace credential removed");
+                report.deleted.push(ns.clone());
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(report)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reports invalid annotations: an Event on the namespace and a count, once per namespace and
+/// annotation value (not on every pass); the gauge always holds the current number.
+struct ScopeReporter {
+    recorder: kube::runtime::events::Recorder,
+    reported: BTreeMap<String, String>,
+}
+
+impl ScopeReporter {
+    fn new(client: &Client) -> ScopeReporter {
+        ScopeReporter {
+            recorder: kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: MANAGED_BY.into(),
+                    instance: None,
+                },
+            ),
+            reported: BTreeMap::new(),
+        }
+    }
+
+    async fn report(&mut self, invalid: &[Invalid], metrics: &Metrics) {
+        metrics.namespace_scopes_invalid.set(invalid.len() as i64);
+        self.reported
+            .retain(|ns, _| invalid.iter().any(|i| &i.namespace == ns));
+        for i in invalid {
+            if self.reported.get(&i.namespace) == Some(&i.annotation) {
+                continue;
+            }
+            metrics.namespace_scope_errors.inc();
+            tracing::warn!(namespace = %i.namespace, error = %i.error, "invalid repository scope; the namespace gets no pull credential");
+            // The Event lives in the namespace it is about, where its users look.
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Namespace".into()),
+                name: Some(i.namespace.clone()),
+                namespace: Some(i.namespace.clone()),
+                ..Default::default()
+            };
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: "InvalidRepositoryScope".into(),
+                note: Some(
+                    format!(
+                        "{}; no pull credential is issued for this namespace",
+                        i.error
+                    )
+                    .chars()
+                    .take(1000)
+                    .collect(),
+                ),
+                action: "MintCredential".into(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &reference).await {
+                Ok(()) => {
+                    self.reported
+                        .insert(i.namespace.clone(), i.annotation.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %i.namespace, error = %e, "cannot publish the invalid scope Event; retrying next pass")
+                }
+            }
+        }
+    }
+}
+
 /// Runs reconciliations for as long as the process lives: on namespace changes, on changes
 /// to the source secret or to owned copies, and every `resync`. The watches follow the
-/// configured pull-secret name when the config changes it.
+/// configured pull-secret name when the config changes it. With `credentials` it mints
+/// namespace credentials instead of copying, also when a renewal is due and when the key file
+/// changes (checked every `key_check`).
 pub async fn run(
     client: Client,
     source_namespace: String,
     config: Arc<ConfigSource>,
     metrics: Arc<Metrics>,
     resync: Duration,
+    credentials: Option<(Arc<Credentials>, Duration)>,
 ) {
     let configured = || config.get().and_then(|c| c.pull_secret.clone());
     let mut watched = configured();
     let mut events = triggers(&client, &source_namespace, watched.as_deref());
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let key_check = credentials.as_ref().map_or(resync, |(_, every)| *every);
+    let mut key_tick = tokio::time::interval(key_check);
+    key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scopes = ScopeReporter::new(&client);
+    // When the earliest credential renewal is due (or a failed pass is retried).
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        let renewal = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            _ = renewal => {}
+            _ = key_tick.tick() => {
+                let Some((creds, _)) = &credentials else { continue };
+                match creds.keys.reload() {
+                    Ok(true) => tracing::info!("namespace credential keys loaded"),
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "namespace credential key file not reloaded; keeping the previous keys");
+                        continue;
+                    }
+                }
+            }
             ev = events.next() => if ev.is_none() { return },
         }
         // A burst of events (the initial lists, a rollout) makes one pass, not hundreds.
@@ -330,9 +782,34 @@ pub async fn run(
         let Some(name) = name else {
             continue;
         };
-        if let Err(e) = reconcile(&client, &source_namespace, &name).await {
-            metrics.secret_sync_errors.inc();
-            tracing::warn!(error = %e, "pull secret reconciliation failed; retrying");
+        let Some((creds, _)) = &credentials else {
+            if let Err(e) = reconcile(&client, &source_namespace, &name).await {
+                metrics.secret_sync_errors.inc();
+                tracing::warn!(error = %e, "pull secret reconciliation failed; retrying");
+            }
+            continue;
+        };
+        let Some(registry) = config.get().map(|c| c.registry.as_str().to_owned()) else {
+            continue;
+        };
+        let now = now_secs();
+        match reconcile_credentials(&client, &source_namespace, &name, &registry, creds, now).await
+        {
+            Ok(report) => {
+                for (_, reason) in &report.minted {
+                    metrics.credential_minted(reason.as_str());
+                }
+                metrics.namespace_credentials.set(report.current as i64);
+                scopes.report(&report.invalid, &metrics).await;
+                due = report.next_renewal.map(|at| {
+                    tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
+                });
+            }
+            Err(e) => {
+                metrics.secret_sync_errors.inc();
+                tracing::warn!(error = %e, "namespace credential reconciliation failed; retrying");
+                due = Some(tokio::time::Instant::now() + Duration::from_secs(10).min(resync));
+            }
         }
     }
 }
