@@ -215,6 +215,22 @@ impl Metrics {
         self
     }
 
+    /// Also exposes `namespace_credential_authentications_total{result,namespace}`, the
+    /// counter the auth layer keeps.
+    pub fn with_namespace_credentials(
+        mut self,
+        family: Family<crate::auth::namespace::NsAuthLabels, Counter>,
+    ) -> Self {
+        self.registry.register(
+            "namespace_credential_authentications",
+            "Namespace credentials presented, by result (accepted, expired, not_yet_valid, \
+             bad_signature, unknown_key, malformed, wrong_username) and namespace (empty when \
+             no credential of the claimed namespace was accepted before)",
+            family,
+        );
+        self
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

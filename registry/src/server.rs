@@ -318,9 +318,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         _ => Anonymous::None,
     };
     if opts.tokens.is_none() && anonymous != Anonymous::Full {
-        tracing::warn!(
-            "no --tokens file: only anonymous pulls are possible on a non-loopback listener"
-        );
+        if opts.token_signing_key_file.is_some() {
+            tracing::warn!(
+                "no --tokens file: only namespace credentials and anonymous pulls are possible \
+                 on a non-loopback listener"
+            );
+        } else {
+            tracing::warn!(
+                "no --tokens file: only anonymous pulls are possible on a non-loopback listener"
+            );
+        }
     }
     // With a parent, readonly unless told otherwise (the spec's default); standalone, nothing
     // but client pushes could fill the store.
@@ -341,7 +348,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     auth.spawn_watcher();
     tracing::info!(?anonymous, readonly, "access policy");
 
-    let metrics = Arc::new(Metrics::new().with_storage_requests(store.request_counts()));
+    let metrics = Arc::new(
+        Metrics::new()
+            .with_storage_requests(store.request_counts())
+            .with_namespace_credentials(auth.namespaces().authentications.clone()),
+    );
     let leadership = match &opts.leader {
         None => Leadership::sole(crate::leader::identity()),
         Some(_) if _serve_lock.is_some() => {

@@ -134,8 +134,30 @@ pub async fn check(
         Route::Catalog => app.auth.authorize_catalog(&principal),
         _ => app.auth.authorize(&principal, &needs(route, method)),
     };
-    decision.map_err(deny)?;
-    Ok(principal)
+    match decision {
+        Err(Denial::Denied(_))
+            if matches!(*method, Method::GET | Method::HEAD) && is_mirror_request(uri) =>
+        {
+            // containerd tries the next host (the upstream, where the pod's own pull
+            // secrets apply) on a 404, but gives up on a 403.
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::NameUnknown,
+                "repository name not known to registry",
+            )
+            .into_response())
+        }
+        Err(d) => Err(deny(d)),
+        Ok(()) => Ok(principal),
+    }
+}
+
+/// Whether containerd sent the request as a mirror of another registry: it adds
+/// `ns=<upstream host>` to the query of requests through a hosts.toml mirror.
+pub fn is_mirror_request(uri: &axum::http::Uri) -> bool {
+    form_pairs(uri.query().unwrap_or(""))
+        .iter()
+        .any(|(k, v)| k == "ns" && !v.is_empty())
 }
 
 /// Splits an `application/x-www-form-urlencoded` string into pairs, keeping repeats (a
@@ -160,7 +182,7 @@ pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Res
 }
 
 /// RFC 3339 UTC time for a Unix timestamp.
-fn rfc3339(secs: u64) -> String {
+pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil date from days since 1970-01-01 (proleptic Gregorian).
@@ -300,6 +322,18 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn mirror_requests() {
+        let uri = |s: &str| s.parse::<axum::http::Uri>().unwrap();
+        assert!(is_mirror_request(&uri("/v2/a/manifests/b?ns=docker.io")));
+        assert!(is_mirror_request(&uri(
+            "/v2/a/blobs/sha256:00?x=1&ns=ghcr.io"
+        )));
+        assert!(!is_mirror_request(&uri("/v2/a/manifests/b")));
+        assert!(!is_mirror_request(&uri("/v2/a/manifests/b?ns=")));
+        assert!(!is_mirror_request(&uri("/v2/a/manifests/b?nsx=docker.io")));
     }
 
     #[test]

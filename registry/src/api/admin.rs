@@ -158,9 +158,22 @@ async fn staging_delete(State(app): State<Shared>, Path(id): Path<String>) -> Re
     }
 }
 
+/// The namespaces whose credentials this process accepted since it started (patterns, key
+/// id, validity; never the credential).
+async fn namespace_credentials(State(app): State<Shared>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({ "namespaceCredentials": app.auth.namespaces().seen() }),
+    )
+}
+
 pub fn router() -> Router<Shared> {
     Router::new()
         .route("/outpost/v1/status", get(status))
+        .route(
+            "/outpost/v1/namespace-credentials",
+            get(namespace_credentials),
+        )
         .route("/outpost/v1/sync", post(sync_now))
         .route("/outpost/v1/staging", post(stage).get(staging_list))
         .route(

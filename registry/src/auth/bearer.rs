@@ -30,6 +30,22 @@ pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub access: Vec<AccessEntry>,
+    /// Set when the token was issued for a namespace credential: what that credential
+    /// grants, so the token stays within it (older replicas ignore the field and refuse the
+    /// token, as its `sub` names no client token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns: Option<NamespaceGrant>,
+}
+
+/// The namespace credential a bearer token was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceGrant {
+    pub namespace: String,
+    pub repos: Vec<String>,
+    /// The key that signed the credential: removing it from the key file revokes the token.
+    pub kid: String,
+    /// The credential's own expiry.
+    pub exp: u64,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +190,7 @@ mod tests {
                 name: "a/b".into(),
                 actions: vec!["content/read".into()],
             }],
+            ns: None,
         }
     }
 

@@ -50,6 +50,7 @@ mod tests {
                 name: "a/b".into(),
                 actions: vec!["content/read".into()],
             }],
+            ns: None,
         }
     }
 

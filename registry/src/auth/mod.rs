@@ -4,6 +4,7 @@
 pub mod bearer;
 pub mod keys;
 pub mod limiter;
+pub mod namespace;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -15,11 +16,13 @@ use std::time::Duration;
 use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use outpost_core::RepositoryName;
+use outpost_core::nscred::{self, NamespaceCredential, NsCredError};
+use outpost_core::{RepositoryName, RepositoryPattern};
 
-use bearer::{AccessEntry, BearerError, Claims, Signer};
+use bearer::{AccessEntry, BearerError, Claims, NamespaceGrant, Signer};
 use keys::KeyFileError;
 use limiter::FailureLimiter;
+use namespace::NamespaceAuth;
 pub use tokens::{Action, Actions};
 use tokens::{Token, TokenSet, TokensError, TokensFile};
 
@@ -114,12 +117,25 @@ impl Credentials {
 pub enum Principal {
     Anonymous(Actions),
     Token(Arc<Token>),
+    /// A namespace credential (pull on its patterns only).
+    Namespace(Arc<NamespaceCredential>),
     Bearer {
         claims: Arc<Claims>,
-        /// The client token the bearer token was issued to (None: anonymous).
+        /// The client token the bearer token was issued to (None: anonymous or a namespace).
         token: Option<Arc<Token>>,
+        /// The namespace credential it was issued for.
+        namespace: Option<Arc<NamespaceCredential>>,
         anonymous: Actions,
     },
+}
+
+/// What a namespace credential grants on `repo`.
+fn namespace_actions(c: &NamespaceCredential, repo: &str) -> Actions {
+    if c.allows(repo) {
+        Anonymous::Pull.actions()
+    } else {
+        Actions::NONE
+    }
 }
 
 impl Principal {
@@ -128,6 +144,10 @@ impl Principal {
         match self {
             Principal::Anonymous(a) => *a,
             Principal::Token(t) => t.scope_map.actions_for(repo),
+            Principal::Namespace(c)
+            | Principal::Bearer {
+                namespace: Some(c), ..
+            } => namespace_actions(c, repo),
             Principal::Bearer { token: Some(t), .. } => t.scope_map.actions_for(repo),
             Principal::Bearer {
                 token: None,
@@ -169,6 +189,11 @@ impl Principal {
     fn may_list_catalog(&self) -> bool {
         let standing = match self {
             Principal::Anonymous(a) => a.contains(Action::MetadataRead),
+            // Pull includes metadata/read on every pattern of the credential.
+            Principal::Namespace(_)
+            | Principal::Bearer {
+                namespace: Some(_), ..
+            } => true,
             Principal::Token(t) | Principal::Bearer { token: Some(t), .. } => t
                 .scope_map
                 .rules
@@ -290,6 +315,8 @@ pub struct Auth {
     /// Verified against for unknown names, so a miss costs what a hit costs.
     dummy_hash: String,
     last_text: Mutex<Option<String>>,
+    /// Namespace credentials accepted, and their counter.
+    namespaces: NamespaceAuth,
 }
 
 /// Outcome of a token request: the JSON body to send.
@@ -327,6 +354,7 @@ impl Auth {
             limiter: FailureLimiter::new(opts.max_failures, FAILURE_WINDOW),
             dummy_hash: tokens::hash_password("outpost-dummy-password")?,
             last_text: Mutex::new(None),
+            namespaces: NamespaceAuth::default(),
             tokens_file: opts.tokens_file,
         };
         if auth.tokens_file.is_some() {
@@ -343,6 +371,11 @@ impl Auth {
 
     pub fn anonymous(&self) -> Anonymous {
         self.anonymous
+    }
+
+    /// Namespace credentials accepted since start, and their authentication counter.
+    pub fn namespaces(&self) -> &NamespaceAuth {
+        &self.namespaces
     }
 
     /// Re-reads the tokens file if its content changed. Returns whether it changed.
@@ -473,13 +506,29 @@ impl Auth {
         ip: IpAddr,
         creds: Credentials,
     ) -> Result<Principal, Denial> {
-        // Without a tokens file no credentials can be checked: like any registry without
-        // auth, ignore them (a client with stored logins still pulls from a loopback Outpost).
+        // Without a tokens file no client token can be checked: like any registry without
+        // auth, ignore credentials (a client with stored logins still pulls from a loopback
+        // Outpost). Namespace credentials and the bearer tokens issued for them need only
+        // the signing key file.
         if self.tokens_file.is_none() {
-            return Ok(Principal::Anonymous(self.anonymous.actions()));
+            let namespace_only = self.signing_key_file.is_some()
+                && match &creds {
+                    Credentials::Basic { password, .. } => nscred::looks_like(password),
+                    Credentials::Bearer(tok) => {
+                        self.verify_bearer(tok).is_ok_and(|c| c.ns.is_some())
+                    }
+                    Credentials::None => false,
+                };
+            if !namespace_only {
+                return Ok(Principal::Anonymous(self.anonymous.actions()));
+            }
         }
         match creds {
             Credentials::None => Ok(Principal::Anonymous(self.anonymous.actions())),
+            Credentials::Basic { name, password } if nscred::looks_like(&password) => {
+                self.limiter.check(ip).map_err(Denial::TooMany)?;
+                self.authenticate_namespace(ip, &name, &password)
+            }
             Credentials::Basic { name, password } => {
                 self.limiter.check(ip).map_err(Denial::TooMany)?;
                 let token = self.token(&name);
@@ -522,6 +571,15 @@ impl Auth {
             Credentials::Bearer(tok) => {
                 self.limiter.check(ip).map_err(Denial::TooMany)?;
                 match self.verify_bearer(&tok) {
+                    Ok(claims) if claims.ns.is_some() => {
+                        let namespace = self.bearer_namespace(&claims)?;
+                        Ok(Principal::Bearer {
+                            claims,
+                            token: None,
+                            namespace: Some(namespace),
+                            anonymous: Actions::NONE,
+                        })
+                    }
                     Ok(claims) => {
                         let token = if claims.sub.is_empty() {
                             None
@@ -534,6 +592,7 @@ impl Auth {
                         Ok(Principal::Bearer {
                             claims,
                             token,
+                            namespace: None,
                             anonymous: self.anonymous.actions(),
                         })
                     }
@@ -546,6 +605,70 @@ impl Auth {
                 }
             }
         }
+    }
+
+    /// Checks a namespace credential presented as Basic `name`:`password`. The username must
+    /// be the credential's namespace. Refusals are 401 like a wrong password; an expired
+    /// credential does not count against the address (a node whose pods still hold an old
+    /// secret must not lock out the others).
+    fn authenticate_namespace(
+        &self,
+        ip: IpAddr,
+        name: &str,
+        password: &str,
+    ) -> Result<Principal, Denial> {
+        let now = bearer::now_secs();
+        let checked = nscred::verify(self.signer().keys(), password, now).and_then(|c| {
+            if c.namespace == name {
+                Ok(c)
+            } else {
+                Err(NsCredError::Namespace(String::new()))
+            }
+        });
+        match checked {
+            Ok(c) => {
+                self.namespaces.accepted(&c, now);
+                Ok(Principal::Namespace(Arc::new(c)))
+            }
+            Err(e) => {
+                let result = match &e {
+                    NsCredError::Namespace(_) => "wrong_username",
+                    e => namespace::result_of(e),
+                };
+                self.namespaces.refused(result, name);
+                if !matches!(e, NsCredError::Expired | NsCredError::NotYetValid) {
+                    self.limiter.record_failure(ip);
+                }
+                Err(Self::unauthorized(match e {
+                    NsCredError::Expired => "namespace credential has expired",
+                    NsCredError::NotYetValid => "namespace credential is not valid yet",
+                    _ => "invalid username or password",
+                }))
+            }
+        }
+    }
+
+    /// The namespace credential a bearer token was issued for, if its signing key is still
+    /// in the key file (removing a key revokes the bearer tokens of its credentials too).
+    fn bearer_namespace(&self, claims: &Claims) -> Result<Arc<NamespaceCredential>, Denial> {
+        let revoked = || Self::unauthorized("namespace credential revoked");
+        let g = claims.ns.as_ref().ok_or_else(revoked)?;
+        if self.signer().keys().find(&g.kid).is_none() || g.exp <= bearer::now_secs() {
+            return Err(revoked());
+        }
+        let repositories = g
+            .repos
+            .iter()
+            .map(|r| r.parse::<RepositoryPattern>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| revoked())?;
+        Ok(Arc::new(NamespaceCredential {
+            namespace: g.namespace.clone(),
+            repositories,
+            issued_at: claims.iat,
+            expires_at: g.exp,
+            kid: g.kid.clone(),
+        }))
     }
 
     /// Verifies a bearer token, from the cache when this exact token was seen before.
@@ -663,6 +786,8 @@ impl Auth {
         }
         let sub = match principal {
             Principal::Token(t) => t.name.clone(),
+            // Not a client token name (those have no ':'): older replicas refuse it.
+            Principal::Namespace(c) => format!("namespace:{}", c.namespace),
             Principal::Anonymous(a) if !a.is_empty() => String::new(),
             _ => return Err(Self::unauthorized("authentication required")),
         };
@@ -703,7 +828,24 @@ impl Auth {
             }
         }
         let now = bearer::now_secs();
-        let lifetime = self.token_lifetime.as_secs().max(1);
+        let mut lifetime = self.token_lifetime.as_secs().max(1);
+        let ns = match principal {
+            Principal::Namespace(c) => {
+                // The token ends when the credential does, at the latest.
+                lifetime = lifetime.min(c.expires_at.saturating_sub(now)).max(1);
+                Some(NamespaceGrant {
+                    namespace: c.namespace.clone(),
+                    repos: c
+                        .repositories
+                        .iter()
+                        .map(|p| p.as_str().to_owned())
+                        .collect(),
+                    kid: c.kid.clone(),
+                    exp: c.expires_at,
+                })
+            }
+            _ => None,
+        };
         let token = self.signer().issue(&Claims {
             iss: bearer::ISSUER.into(),
             aud: SERVICE.into(),
@@ -711,6 +853,7 @@ impl Auth {
             iat: now,
             exp: now + lifetime,
             access,
+            ns,
         });
         Ok(IssuedToken {
             token,

@@ -293,3 +293,265 @@ async fn signing_key_file_reload_rotates_and_removes_keys() {
     assert!(e.contains("line 2") && e.contains("4 bytes"), "{e}");
     assert!(!e.contains(a.trim_end_matches('=')), "{e}");
 }
+
+/// An Auth with the tokens file of `auth_with` (or none) and a signing key file holding `keys`.
+fn ns_auth(with_tokens: bool, keys: &[&str]) -> (Arc<Auth>, tempfile::TempDir, std::path::PathBuf) {
+    let (_, tokens, _) = auth_with(Anonymous::None, false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    std::fs::write(&path, keys.join("\n")).unwrap();
+    let tokens_file = with_tokens.then(|| {
+        let p = dir.path().join("tokens.toml");
+        std::fs::copy(tokens.path(), &p).unwrap();
+        p
+    });
+    let auth = Auth::new(AuthOptions {
+        tokens_file,
+        anonymous: Anonymous::None,
+        readonly: true,
+        max_failures: 1000,
+        token_lifetime: Duration::from_secs(300),
+        signing_key_file: Some(path.clone()),
+    })
+    .unwrap();
+    (Arc::new(auth), dir, path)
+}
+
+fn mint(keys: &[&str], ns: &str, pats: &[&str], iat: u64, exp: u64) -> String {
+    let k = outpost_core::SigningKeys::parse(std::path::Path::new("k"), &keys.join("\n")).unwrap();
+    let p: Vec<RepositoryPattern> = pats.iter().map(|s| s.parse().unwrap()).collect();
+    nscred::mint(&k, ns, &p, iat, exp).unwrap()
+}
+
+fn ns_count(auth: &Auth, result: &str, namespace: &str) -> u64 {
+    auth.namespaces()
+        .authentications
+        .get_or_create(&namespace::NsAuthLabels {
+            result: [
+                "accepted",
+                "expired",
+                "not_yet_valid",
+                "bad_signature",
+                "unknown_key",
+                "malformed",
+                "wrong_username",
+            ]
+            .into_iter()
+            .find(|r| *r == result)
+            .unwrap(),
+            namespace: namespace.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn namespace_credentials_pull_only_on_their_patterns() {
+    let a = keys::generate().unwrap();
+    for with_tokens in [true, false] {
+        let (auth, _dir, _) = ns_auth(with_tokens, &[&a]);
+        let now = bearer::now_secs();
+        let cred = mint(&[&a], "team-a", &["team-a/**", "base/*"], now, now + 3600);
+        let p = auth.authenticate(IP, basic("team-a", &cred)).await.unwrap();
+        assert!(matches!(p, Principal::Namespace(_)));
+        for repo in ["team-a/app", "team-a/x/y", "base/alpine"] {
+            assert!(
+                auth.authorize(&p, &[need(repo, Action::ContentRead)])
+                    .is_ok()
+            );
+            assert!(
+                auth.authorize(&p, &[need(repo, Action::MetadataRead)])
+                    .is_ok()
+            );
+            // Pull only, whatever the registry's mode.
+            for w in [
+                Action::ContentWrite,
+                Action::ContentDelete,
+                Action::MetadataWrite,
+            ] {
+                assert!(matches!(
+                    auth.authorize(&p, &[need(repo, w)]),
+                    Err(Denial::Denied(_))
+                ));
+            }
+        }
+        for repo in ["team-b/app", "base/a/b", "team-ab/app"] {
+            assert!(matches!(
+                auth.authorize(&p, &[need(repo, Action::ContentRead)]),
+                Err(Denial::Denied(_))
+            ));
+        }
+        assert!(auth.authorize_catalog(&p).is_ok());
+        assert!(p.may_list("team-a/app") && !p.may_list("team-b/app"));
+
+        // Exchanged at the token endpoint: only what the credential allows, at most until
+        // the credential expires.
+        let t = auth
+            .issue(
+                &p,
+                Some(SERVICE),
+                &[
+                    "repository:team-a/app:pull,push".into(),
+                    "repository:team-b/app:pull".into(),
+                ],
+            )
+            .unwrap();
+        assert!(t.expires_in <= 300);
+        let b = auth
+            .authenticate(IP, Credentials::Bearer(t.token.clone()))
+            .await
+            .unwrap();
+        let Principal::Bearer { claims, .. } = &b else {
+            panic!("bearer principal");
+        };
+        assert_eq!(claims.access.len(), 1);
+        assert_eq!(claims.access[0].name, "team-a/app");
+        assert_eq!(
+            claims.access[0].actions,
+            vec!["content/read", "metadata/read"]
+        );
+        assert!(
+            auth.authorize(&b, &[need("team-a/app", Action::ContentRead)])
+                .is_ok()
+        );
+        // Outside the credential: 403, not a request for another token.
+        assert!(matches!(
+            auth.authorize(&b, &[need("team-b/app", Action::ContentRead)]),
+            Err(Denial::Denied(_))
+        ));
+        // Inside it but not in this token: fetch another (401 insufficient_scope).
+        assert!(matches!(
+            auth.authorize(&b, &[need("team-a/other", Action::ContentRead)]),
+            Err(Denial::Unauthorized {
+                insufficient: true,
+                ..
+            })
+        ));
+        let short = mint(&[&a], "team-a", &["team-a/**"], now, now + 20);
+        let p = auth
+            .authenticate(IP, basic("team-a", &short))
+            .await
+            .unwrap();
+        let t = auth
+            .issue(&p, None, &["repository:team-a/app:pull".into()])
+            .unwrap();
+        assert!(t.expires_in <= 20, "{}", t.expires_in);
+    }
+}
+
+#[tokio::test]
+async fn namespace_credential_refusals_are_401_and_counted() {
+    let (a, b) = (keys::generate().unwrap(), keys::generate().unwrap());
+    let (auth, _dir, path) = ns_auth(true, &[&a]);
+    let now = bearer::now_secs();
+    let good = mint(&[&a], "team-a", &["team-a/**"], now, now + 3600);
+    assert!(auth.authenticate(IP, basic("team-a", &good)).await.is_ok());
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut sig = parts[3].as_bytes().to_vec();
+    sig[0] = if sig[0] == b'A' { b'B' } else { b'A' };
+    let flipped = format!(
+        "opns1.{}.{}.{}",
+        parts[1],
+        parts[2],
+        String::from_utf8(sig).unwrap()
+    );
+    // Another credential's payload (scope `**`) under this one's signature.
+    let other_payload = mint(&[&a], "team-a", &["**"], now, now + 3600);
+    let tampered = format!(
+        "opns1.{}.{}.{}",
+        parts[1],
+        other_payload.split('.').nth(2).unwrap(),
+        parts[3]
+    );
+    let cases = [
+        (
+            "team-a",
+            mint(&[&a], "team-a", &["team-a/**"], now - 7200, now - 1),
+            "expired",
+        ),
+        (
+            "team-a",
+            mint(&[&a], "team-a", &["team-a/**"], now + 3600, now + 7200),
+            "not_yet_valid",
+        ),
+        (
+            "team-a",
+            mint(&[&b], "team-a", &["team-a/**"], now, now + 3600),
+            "unknown_key",
+        ),
+        ("team-a", flipped, "bad_signature"),
+        ("team-a", tampered, "bad_signature"),
+        ("team-a", "opns1.garbage".to_owned(), "malformed"),
+        // Another namespace's credential presented under this namespace's name.
+        (
+            "team-a",
+            mint(&[&a], "team-b", &["team-b/**"], now, now + 3600),
+            "wrong_username",
+        ),
+    ];
+    for (user, cred, result) in &cases {
+        let before = ns_count(&auth, result, user);
+        match auth.authenticate(IP, basic(user, cred)).await {
+            Err(Denial::Unauthorized { reason, .. }) => {
+                assert!(!reason.contains(cred.as_str()), "{reason}");
+            }
+            other => panic!("{result}: {other:?}"),
+        }
+        assert_eq!(ns_count(&auth, result, user), before + 1, "{result}");
+    }
+    assert_eq!(ns_count(&auth, "accepted", "team-a"), 1);
+    // A namespace never accepted is counted without its (unsigned) name.
+    let before = ns_count(&auth, "unknown_key", "");
+    let forged = mint(&[&b], "ghost", &["**"], now, now + 60);
+    assert!(
+        auth.authenticate(IP, basic("ghost", &forged))
+            .await
+            .is_err()
+    );
+    assert_eq!(ns_count(&auth, "unknown_key", ""), before + 1);
+    let seen = auth.namespaces().seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].namespace, "team-a");
+    assert_eq!(seen[0].repositories, vec!["team-a/**"]);
+    assert_eq!(seen[0].expires_at, now + 3600);
+
+    // The key removed from the file: the credential and the bearer tokens issued for it
+    // stop working at once.
+    let p = auth.authenticate(IP, basic("team-a", &good)).await.unwrap();
+    let t = auth
+        .issue(&p, None, &["repository:team-a/app:pull".into()])
+        .unwrap();
+    assert!(
+        auth.authenticate(IP, Credentials::Bearer(t.token.clone()))
+            .await
+            .is_ok()
+    );
+    std::fs::write(&path, format!("{b}\n")).unwrap();
+    assert!(auth.reload_signing_keys().unwrap());
+    assert!(auth.authenticate(IP, basic("team-a", &good)).await.is_err());
+    assert!(
+        auth.authenticate(IP, Credentials::Bearer(t.token))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn namespace_bearer_revoked_with_its_credential_key() {
+    // The signing key of bearer tokens (B) stays; the credential's key (A) goes.
+    let (a, b) = (keys::generate().unwrap(), keys::generate().unwrap());
+    let (auth, _dir, path) = ns_auth(true, &[&b, &a]);
+    let now = bearer::now_secs();
+    let cred = mint(&[&a], "team-a", &["team-a/**"], now, now + 3600);
+    let p = auth.authenticate(IP, basic("team-a", &cred)).await.unwrap();
+    let t = auth
+        .issue(&p, None, &["repository:team-a/app:pull".into()])
+        .unwrap();
+    let bearer = || Credentials::Bearer(t.token.clone());
+    assert!(auth.authenticate(IP, bearer()).await.is_ok());
+    std::fs::write(&path, format!("{b}\n")).unwrap();
+    assert!(auth.reload_signing_keys().unwrap());
+    match auth.authenticate(IP, bearer()).await {
+        Err(Denial::Unauthorized { reason, .. }) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,4 +1,5 @@
-//! Client subcommands of the admin API: `status`, `sync` and `stage`.
+//! Client subcommands of the admin API: `status`, `sync` and `stage` (and the namespace
+//! credentials `token list --admin` shows).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -111,6 +112,20 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     resp.json()
         .await
         .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))
+}
+
+/// The namespaces whose credentials the registry accepted since it started.
+pub async fn namespace_credentials(
+    a: &AdminArgs,
+) -> Result<Vec<crate::auth::namespace::SeenCredential>, CliError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Answer {
+        namespace_credentials: Vec<crate::auth::namespace::SeenCredential>,
+    }
+    let c = client(a)?;
+    let answer: Answer = get_json(&c, a, "/outpost/v1/namespace-credentials").await?;
+    Ok(answer.namespace_credentials)
 }
 
 /// POSTs `body` (JSON, or nothing) to `path` of the admin API; the answer's JSON, or the

@@ -2,6 +2,7 @@
 //! `OUTPOST_<FLAG>`.
 
 mod admin;
+mod nscred;
 mod tokens;
 
 use std::io::{IsTerminal, Write};
@@ -58,6 +59,10 @@ pub enum Command {
     /// Bearer token signing keys for --token-signing-key-file.
     #[command(subcommand)]
     TokenSigningKey(SigningKeyCommand),
+    /// Namespace-scoped pull credentials signed with the --token-signing-key-file keys: mint
+    /// one, or list those a running registry accepted.
+    #[command(subcommand)]
+    NamespaceCredential(nscred::NamespaceCredentialCommand),
     /// Show the registry's status (mode, connection to the parent, last sync) from the admin API.
     Status(admin::StatusArgs),
     /// Start a sync with the parent now, outside the schedule; --wait follows it to the end.
@@ -450,9 +455,32 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(c) => {
+            let namespaces = match &c {
+                tokens::TokenCommand::List {
+                    admin: Some(admin),
+                    admin_ca_file,
+                    output,
+                    ..
+                } => Some((
+                    admin::AdminArgs {
+                        admin: admin.clone(),
+                        admin_ca_file: admin_ca_file.clone(),
+                    },
+                    *output,
+                )),
+                _ => None,
+            };
             tokens::run_token(c)?;
+            if let Some((a, output)) = namespaces {
+                let seen = admin::namespace_credentials(&a).await?;
+                if output == tokens::Output::Text {
+                    println!();
+                }
+                nscred::print_seen(&seen, output);
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::NamespaceCredential(c) => nscred::run(c).await,
         Command::TokenSigningKey(SigningKeyCommand::Generate) => {
             let key = crate::auth::keys::generate()
                 .map_err(|_| CliError::Admin("the system random generator failed".into()))?;

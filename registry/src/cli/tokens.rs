@@ -137,11 +137,19 @@ pub enum TokenCommand {
         name: String,
     },
     /// List tokens (names, scope maps, status, which passwords are set; never the hashes).
+    /// With --admin, then the namespaces whose namespace credentials that registry accepted
+    /// since it started (a second table, or a second JSON array on its own line).
     List {
         #[command(flatten)]
         file: TokensArg,
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Output,
+        /// Base URL of a running registry's admin API, to list namespace credentials too.
+        #[arg(long)]
+        admin: Option<String>,
+        /// PEM CA bundle to trust when the admin API is served over HTTPS.
+        #[arg(long, requires = "admin")]
+        admin_ca_file: Option<PathBuf>,
     },
 }
 
@@ -422,7 +430,7 @@ pub fn run_token(cmd: TokenCommand) -> Result<(), TokensError> {
             })?;
             eprintln!("token {name:?} deleted");
         }
-        TokenCommand::List { file, output } => {
+        TokenCommand::List { file, output, .. } => {
             let f = TokensFile::load(&file.tokens)?;
             match output {
                 Output::Json => {
