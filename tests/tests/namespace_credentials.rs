@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_e2e::metrics::samples;
-use outpost_e2e::{Layout, Registry, TestPki, bin, header, require, run_ok, run_timeout, sha256};
+use outpost_e2e::{
+    Containerd, Layout, Registry, TestPki, bin, header, require, run_ok, run_timeout, sha256,
+};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
@@ -166,7 +168,8 @@ fn setup() -> Env {
         "10000".to_owned(),
     ];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let reg = Registry::start_with_args(&argv);
+    // Debug logs every request: the log checked for credential text below is the fullest.
+    let reg = Registry::start_with_env(None, &argv, &[("OUTPOST_LOG_LEVEL", "debug")]);
     Env {
         reg,
         pki,
@@ -651,4 +654,128 @@ fn namespace_credentials_pull_their_scope_only() {
             }
         }
     }
+}
+
+/// The `outpost_http_requests_total` count of manifest requests (HEAD or GET) answered with
+/// `status`.
+fn manifest_gets(metrics: &str, status: &str) -> f64 {
+    samples(metrics)
+        .iter()
+        .filter(|s| {
+            s.name == "outpost_http_requests_total"
+                && s.labels.get("route").map(String::as_str) == Some("manifests")
+                && s.labels.get("status").map(String::as_str) == Some(status)
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+#[test]
+fn containerd_falls_back_to_the_upstream_outside_the_scope() {
+    let env = setup();
+    let host = format!("127.0.0.1:{}", env.reg.port);
+    let certs = env.certs_dir();
+    let certs_s = certs.to_str().unwrap();
+    // The upstream: a plain loopback registry anyone may pull from, holding team-b/app only.
+    let upstream = Registry::start();
+    let up = upstream.host();
+    let layout = Layout::new(env.dir.path());
+    layout.add_image("a", "amd64", &[("etc/who", b"team-a".to_vec())]);
+    layout.add_image("b", "amd64", &[("etc/who", b"team-b".to_vec())]);
+    let src = |tag: &str| format!("oci:{}:{tag}", layout.path.display());
+    // Outpost holds both; the upstream only team-b's.
+    for (tag, repo) in [("a", "team-a/app"), ("b", "team-b/app")] {
+        let out = env.skopeo(&[
+            "copy",
+            "--dest-cert-dir",
+            certs_s,
+            "--dest-creds",
+            &format!("admin:{}", env.admin_pw),
+            &src(tag),
+            &format!("docker://{host}/{repo}:v1"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = env.skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &src("b"),
+        &format!("docker://{up}/team-b/app:v1"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cred_a = mint(&env.keys, "team-a", "team-a/**", "1h");
+
+    // containerd's hosts.toml for the upstream: Outpost first as a mirror, then the upstream.
+    let ctd = Containerd::start();
+    let hosts_dir = env.dir.path().join("hosts");
+    std::fs::create_dir_all(hosts_dir.join(&up)).unwrap();
+    std::fs::write(
+        hosts_dir.join(&up).join("hosts.toml"),
+        format!(
+            "server = \"http://{up}\"\n\
+             [host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+            env.pki.ca_cert.display()
+        ),
+    )
+    .unwrap();
+    let hosts_s = hosts_dir.to_str().unwrap();
+    let pull = |repo: &str| {
+        ctd.ctr(&[
+            "image",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            hosts_s,
+            "--user",
+            &format!("team-a:{cred_a}"),
+            &format!("{up}/{repo}:v1"),
+        ])
+    };
+    let before = manifest_gets(&env.metrics(), "404");
+    let up_before = manifest_gets(&upstream_metrics(&upstream), "200");
+    // In scope: Outpost serves it (the upstream does not even have it).
+    pull("team-a/app");
+    // Outside: Outpost answers 404 on the mirror path and containerd pulls from the upstream.
+    pull("team-b/app");
+    let list = ctd.ctr(&["image", "ls", "-q"]);
+    assert!(list.contains(&format!("{up}/team-a/app:v1")), "{list}");
+    assert!(list.contains(&format!("{up}/team-b/app:v1")), "{list}");
+    let digest_of = |tag: &str| {
+        layout.descriptor(tag)["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let images = ctd.ctr(&["image", "ls"]);
+    for (repo, tag) in [("team-a/app", "a"), ("team-b/app", "b")] {
+        let line = images
+            .lines()
+            .find(|l| l.starts_with(&format!("{up}/{repo}:v1")))
+            .unwrap();
+        assert!(line.contains(&digest_of(tag)), "{line}");
+    }
+    assert!(manifest_gets(&env.metrics(), "404") > before);
+    assert!(manifest_gets(&upstream_metrics(&upstream), "200") > up_before);
+    assert!(env.ns_count("accepted", "team-a") >= 1.0);
+}
+
+fn upstream_metrics(reg: &Registry) -> String {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/metrics", reg.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
 }
