@@ -126,3 +126,61 @@ impl NamespaceAuth {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(ns: &str, issued_at: u64, expires_at: u64, pattern: &str) -> NamespaceCredential {
+        NamespaceCredential {
+            namespace: ns.into(),
+            repositories: vec![pattern.parse().unwrap()],
+            issued_at,
+            expires_at,
+            kid: "0011223344556677".into(),
+        }
+    }
+
+    fn count(n: &NamespaceAuth, result: &'static str, namespace: &str) -> u64 {
+        n.authentications
+            .get_or_create(&NsAuthLabels {
+                result,
+                namespace: namespace.into(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn newest_credential_shows_and_labels_stay_bounded() {
+        let n = NamespaceAuth::default();
+        n.accepted(&cred("team-a", 100, 200, "team-a/**"), 150);
+        // An older credential still in use does not replace the newer one shown.
+        n.accepted(&cred("team-a", 50, 160, "old/**"), 151);
+        let seen = n.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].repositories, vec!["team-a/**"]);
+        assert_eq!((seen[0].issued_at, seen[0].last_accepted), (100, 151));
+        assert_eq!(count(&n, "accepted", "team-a"), 2);
+
+        // Fill the table with credentials that expire at 300.
+        for i in 1..MAX_NAMESPACES {
+            n.accepted(&cred(&format!("ns-{i}"), 100, 300, "x/**"), 150);
+        }
+        assert_eq!(n.seen().len(), MAX_NAMESPACES);
+        n.accepted(&cred("late", 100, 400, "x/**"), 160);
+        assert_eq!(count(&n, "accepted", OTHER), 1);
+        assert_eq!(count(&n, "accepted", "late"), 0);
+        assert!(n.seen().iter().all(|s| s.namespace != "late"));
+        // Refusals name only namespaces accepted before.
+        n.refused("expired", "team-a");
+        n.refused("bad_signature", "nobody");
+        assert_eq!(count(&n, "expired", "team-a"), 1);
+        assert_eq!(count(&n, "bad_signature", ""), 1);
+        assert_eq!(count(&n, "bad_signature", "nobody"), 0);
+        // Once the others expired, they make room.
+        n.accepted(&cred("late", 100, 400, "x/**"), 350);
+        assert_eq!(count(&n, "accepted", "late"), 1);
+        let names: Vec<String> = n.seen().into_iter().map(|s| s.namespace).collect();
+        assert_eq!(names, vec!["late"]);
+    }
+}
