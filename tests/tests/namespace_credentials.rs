@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use outpost_e2e::metrics::samples;
 use outpost_e2e::{
     Containerd, Layout, Registry, TestPki, bin, header, require, run_ok, run_timeout, sha256,
@@ -599,8 +601,22 @@ fn namespace_credentials_pull_their_scope_only() {
         .map(|c| c["namespace"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["team-a", "team-b"]);
-    // Of team-a's credentials, the newest accepted shows: the one of key C (`team-a/**`).
-    assert_eq!(list[0]["repositories"], serde_json::json!(["team-a/**"]));
+    // Of team-a's credentials, the one issued last shows (on a tie, the one accepted last:
+    // cred_a, used in the matrix after key C's credential was revoked).
+    let iat = |c: &str| {
+        let payload = URL_SAFE_NO_PAD
+            .decode(c.split('.').nth(2).unwrap())
+            .unwrap();
+        serde_json::from_slice::<Value>(&payload).unwrap()["iat"]
+            .as_u64()
+            .unwrap()
+    };
+    let shown = if iat(&revoked) > iat(&cred_a) {
+        serde_json::json!(["team-a/**"])
+    } else {
+        serde_json::json!(["team-a/**", "base/*"])
+    };
+    assert_eq!(list[0]["repositories"], shown);
     assert_eq!(list[1]["repositories"], serde_json::json!(["team-b/**"]));
     assert!(list[0]["expiresAt"].as_u64().unwrap() > list[0]["issuedAt"].as_u64().unwrap());
     let out = cli(&[
