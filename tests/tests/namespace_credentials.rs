@@ -60,6 +60,7 @@ struct Env {
     tokens: PathBuf,
     keys: PathBuf,
     admin_pw: String,
+    node_pw: String,
     dir: tempfile::TempDir,
 }
 
@@ -146,6 +147,29 @@ fn setup() -> Env {
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     let admin_pw = v["password1"].as_str().unwrap().to_owned();
+    // A node credential as the chart's nodeScope makes it: pull on an explicit allow list.
+    t(&[
+        "scope-map",
+        "create",
+        "--name",
+        "node",
+        "--repository",
+        "base/*",
+        "content/read",
+        "metadata/read",
+    ]);
+    let out = t(&[
+        "token",
+        "create",
+        "--name",
+        "node",
+        "--scope-map",
+        "node",
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let node_pw = v["password1"].as_str().unwrap().to_owned();
     let keys = dir.path().join("signing-keys");
     let key_a = cli(&["token-signing-key", "generate"]);
     let key_c = cli(&["token-signing-key", "generate"]);
@@ -178,6 +202,7 @@ fn setup() -> Env {
         tokens,
         keys,
         admin_pw,
+        node_pw,
         dir,
     }
 }
@@ -391,6 +416,27 @@ fn namespace_credentials_pull_their_scope_only() {
     assert_eq!(
         manifest("team-b/app", "?ns=docker.io", &flipped_signature(&cred_a)).0,
         StatusCode::UNAUTHORIZED
+    );
+    // The node credential (a client token) on the mirror path alike: its allow list is
+    // served, anything else is a 404 there and a 403 elsewhere.
+    let node = |repo: &str, query: &str| {
+        let r = env
+            .client()
+            .get(env.url(&format!("/v2/{repo}/manifests/v1{query}")))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .basic_auth("node", Some(&env.node_pw))
+            .send()
+            .unwrap();
+        code(r)
+    };
+    assert_eq!(node("base/alpine", "?ns=docker.io").0, StatusCode::OK);
+    assert_eq!(
+        node("team-a/app", "?ns=docker.io"),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN".into())
+    );
+    assert_eq!(
+        node("team-a/app", ""),
+        (StatusCode::FORBIDDEN, "DENIED".into())
     );
 
     // OAuth2 password grant at the token endpoint, as for a client token.
