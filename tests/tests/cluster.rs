@@ -1457,7 +1457,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     let ca_pem = base64::engine::general_purpose::STANDARD
         .decode(&ca_bundle)
         .expect("base64");
-    create_pull_secret(ns, "outpost-pull");
+    create_pull_secret(ns, "rbac-pull");
     let values = write_values(
         dir.path(),
         "values.json",
@@ -1466,6 +1466,9 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
             "cert-manager": {"enabled": false},
             "tls": {"secret": "own-registry-tls"},
             "service": {"clusterIP": "10.96.100.14"},
+            // Its own name: other tests' webhooks copy "outpost-pull" into every opted-in
+            // namespace, and would take this test's namespace's name (or it theirs).
+            "pullSecret": {"name": "rbac-pull"},
             "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle,
                         "rules": [{"upstream": "myacr.azurecr.io"}]},
         }),
@@ -1495,7 +1498,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
 
     // Opt a namespace in: the copy appears, equal to the source and marked as the webhook's.
     cp().create_namespace(app, &[("outpost.io/inject", "enabled")]);
-    let copy_path = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
+    let copy_path = format!("/api/v1/namespaces/{app}/secrets/rbac-pull");
     eventually(
         || {
             format!(
@@ -1505,7 +1508,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
         },
         || admin.get(&copy_path).0 == 200,
     );
-    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-pull"));
+    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/rbac-pull"));
     let copy = admin.get_ok(&copy_path);
     assert_eq!(copy["data"], source["data"]);
     assert_eq!(copy["type"], "kubernetes.io/dockerconfigjson");
@@ -1600,7 +1603,7 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
 
     // The agent's token cannot read or write Secrets.
     let as_agent = cp().rest(&agent_token);
-    let pull = format!("/api/v1/namespaces/{ns}/secrets/outpost-pull");
+    let pull = format!("/api/v1/namespaces/{ns}/secrets/rbac-pull");
     forbidden("reading the pull secret", as_agent.get(&pull));
     forbidden(
         "patching the pull secret",
@@ -1670,7 +1673,7 @@ fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
     let ca_pem = base64::engine::general_purpose::STANDARD
         .decode(&ca_bundle)
         .expect("base64");
-    create_pull_secret(ns, "outpost-pull");
+    create_pull_secret(ns, "nscred-pull");
     // The registry's tokens file; the webhook never reads it.
     let (status, body) = admin.post(
         &format!("/api/v1/namespaces/{ns}/secrets"),
@@ -1688,6 +1691,8 @@ fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
             "service": {"clusterIP": "10.96.100.18"},
             "tokens": {"existingSecret": "outpost-tokens"},
             "namespaceScopes": {"default": [], "credentialLifetime": "2h"},
+            // Its own name, apart from the other tests' webhooks copying "outpost-pull".
+            "pullSecret": {"name": "nscred-pull"},
             "webhook": {"tlsSecret": "own-webhook-tls", "caBundle": ca_bundle},
         }),
     );
@@ -1727,6 +1732,9 @@ fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
     let url = format!("https://127.0.0.1:{}/readyz", webhook.port("--listen"));
     webhook.wait_ready(&https_client(&ca_pem), &url);
 
+    // Opted in without the annotation, and the chart's default scope is []: no credential.
+    // Made first, so the pass that mints the app's credential has seen it.
+    cp().create_namespace("nscred-none", &[("outpost.io/inject", "enabled")]);
     let (status, body) = admin.post(
         "/api/v1/namespaces",
         &json!({"apiVersion": "v1", "kind": "Namespace",
@@ -1734,9 +1742,7 @@ fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
                              "annotations": {"outpost.io/repositories": "team-a/**"}}}),
     );
     assert_eq!(status, 201, "{body}");
-    // Opted in without the annotation, and the chart's default scope is []: no credential.
-    cp().create_namespace("nscred-none", &[("outpost.io/inject", "enabled")]);
-    let path = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
+    let path = format!("/api/v1/namespaces/{app}/secrets/nscred-pull");
     eventually(
         || format!("no namespace credential in {app}:\n{}", webhook.log_text()),
         || admin.get(&path).0 == 200,
@@ -1767,11 +1773,11 @@ fn with_client_tokens_the_rendered_webhook_mints_namespace_credentials() {
     );
     assert_eq!(cred.expires_at - cred.issued_at, 7200);
     // The source's token is not what it holds.
-    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/outpost-pull"));
+    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/nscred-pull"));
     assert_ne!(secret["data"], source["data"]);
     assert_eq!(
         admin
-            .get("/api/v1/namespaces/nscred-none/secrets/outpost-pull")
+            .get("/api/v1/namespaces/nscred-none/secrets/nscred-pull")
             .0,
         404
     );

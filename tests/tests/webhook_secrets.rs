@@ -832,8 +832,8 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
         for ns in [team_a, team_b, shared] {
             passwords.push(credential_in(a, ns, name, "r.local").await.expect("cred").1);
         }
-        passwords.dedup();
-        assert_eq!(passwords.len(), 3);
+        let distinct: std::collections::BTreeSet<&String> = passwords.iter().collect();
+        assert_eq!(distinct.len(), 3);
 
         // The invalid annotation: an Event on its namespace, the metrics, no secret.
         let m = &metrics;
@@ -906,13 +906,15 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
             after.issued_at >= before.issued_at + 24 / 2,
             "renewed before half-life: {after:?} {before:?}"
         );
-        assert!(
+        // Counted when the pass ends, which may be just after the write is seen.
+        eventually("the renewal counted", || async move {
             sample(
-                &metrics.encode(),
-                "outpost_webhook_namespace_credentials_minted_total{reason=\"renewal\"}"
+                &m.encode(),
+                "outpost_webhook_namespace_credentials_minted_total{reason=\"renewal\"}",
             )
             .is_some_and(|v| v >= 1.0)
-        );
+        })
+        .await;
 
         // Key rotation, step 2 (the new key first, the old one still verifying): everything is
         // re-minted with the new kid; a credential of the old key still verifies meanwhile.
@@ -920,6 +922,8 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
             .await
             .expect("cred")
             .1;
+        // Checked at this instant below: which keys accept it, not whether it expired since.
+        let old_at = unix_now();
         std::fs::write(&key_path, format!("{key_b}\n{key_a}\n")).expect("key file");
         let both = keys_of(&format!("{key_b}\n{key_a}\n"));
         let kid_b_r = kid_b.as_str();
@@ -936,22 +940,26 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
         verified(a, &both, shared, name, &["**"], &kid_b).await;
         verified(a, &both, team_a, name, &["base/*", "team-a/**"], &kid_b).await;
         assert_eq!(
-            outpost_core::nscred::verify(&both, &old, unix_now())
+            outpost_core::nscred::verify(&both, &old, old_at)
                 .expect("the old key still verifies")
                 .kid,
             kid_a
         );
         // With the old key removed, its credentials no longer verify; the new ones do.
         let only_b = keys_of(&key_b);
-        assert!(outpost_core::nscred::verify(&only_b, &old, unix_now()).is_err());
+        assert_eq!(
+            outpost_core::nscred::verify(&only_b, &old, old_at),
+            Err(outpost_core::NsCredError::UnknownKey)
+        );
         verified(a, &only_b, team_b, name, &["team-b/**"], &kid_b).await;
-        assert!(
+        eventually("the key re-mints counted", || async move {
             sample(
-                &metrics.encode(),
-                "outpost_webhook_namespace_credentials_minted_total{reason=\"key\"}"
+                &m.encode(),
+                "outpost_webhook_namespace_credentials_minted_total{reason=\"key\"}",
             )
             .is_some_and(|v| v >= 3.0)
-        );
+        })
+        .await;
 
         // Opting out removes the secret; the others stay.
         set_inject(&admin, team_b, false).await;

@@ -578,3 +578,61 @@ fn start_secret_sync(
         secrets::run(client, namespace, config, metrics, resync, credentials).await;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["outpost-webhook", "serve", "--config=/c.toml"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn namespace_credential_flags() {
+        let a = serve_args(&[]);
+        assert!(namespace_credentials(&a).unwrap().is_none(), "copy mode");
+        let a = serve_args(&["--namespace-credential-key-file=/nonexistent/keys"]);
+        let c = namespace_credentials(&a).unwrap().unwrap();
+        assert_eq!(c.default_scope.to_string(), "**");
+        assert_eq!(c.lifetime, Duration::from_secs(8 * 3600));
+        // The chart's rendering of `default: []` and of a list.
+        let a = serve_args(&[
+            "--namespace-credential-key-file=/k",
+            "--namespace-default-scope=",
+        ]);
+        assert!(
+            namespace_credentials(&a)
+                .unwrap()
+                .unwrap()
+                .default_scope
+                .is_empty()
+        );
+        let a = serve_args(&[
+            "--namespace-credential-key-file=/k",
+            "--namespace-default-scope=team-a/**,base/*",
+            "--namespace-credential-lifetime=90m",
+        ]);
+        let c = namespace_credentials(&a).unwrap().unwrap();
+        assert_eq!(c.default_scope.to_string(), "base/*, team-a/**");
+        assert_eq!(c.lifetime, Duration::from_secs(90 * 60));
+        for bad in [
+            &["--namespace-default-scope=Team/**"][..],
+            &["--namespace-credential-lifetime=1s"][..],
+        ] {
+            let mut argv = vec!["--namespace-credential-key-file=/k"];
+            argv.extend_from_slice(bad);
+            assert!(
+                matches!(
+                    namespace_credentials(&serve_args(&argv)),
+                    Err(CliError::Usage(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -116,6 +116,8 @@ impl std::fmt::Debug for Minted {
 /// rotation, which re-mints) and minting.
 pub trait Mint: Send + Sync {
     fn kid(&self) -> String;
+    /// True if `kid` names a key of the file (signing or verifying only).
+    fn knows(&self, kid: &str) -> bool;
     /// A credential for `namespace` pulling `scope` (read only), issued at `issued` and valid
     /// until `expires` (Unix seconds).
     fn mint(
@@ -221,6 +223,10 @@ impl Mint for CoreMint {
             .signing()
             .map(|k| k.kid().to_owned())
             .unwrap_or_default()
+    }
+
+    fn knows(&self, kid: &str) -> bool {
+        self.0.find(kid).is_some()
     }
 
     fn mint(

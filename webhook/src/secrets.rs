@@ -380,15 +380,22 @@ fn renew_at(issued: u64, expires: u64) -> u64 {
     issued + expires.saturating_sub(issued) / 2
 }
 
-/// Why `existing` (ours) must be minted again, or None (and its renewal time) if it is current.
+/// How long a credential signed with a key this replica does not know is left alone after it
+/// was issued: Secret volumes reach each node's pods at their own time (within about a minute),
+/// so during a rotation another replica may already sign with the new key. Without this the two
+/// would re-mint each other's credentials until both read the same file.
+pub const KEY_PROPAGATION_SECS: u64 = 120;
+
+/// Why `existing` (ours) must be minted again, or when to look again if it is current.
 fn stale(
     existing: &Secret,
     scope: &Scope,
-    kid: &str,
+    minter: &dyn crate::nscred::Mint,
     registry: &str,
     lifetime: u64,
     now: u64,
 ) -> Result<u64, MintReason> {
+    let kid = minter.kid();
     let times = (
         annotation(existing, CREDENTIAL_ISSUED).and_then(|v| v.parse::<u64>().ok()),
         annotation(existing, CREDENTIAL_EXPIRES).and_then(|v| v.parse::<u64>().ok()),
@@ -409,7 +416,17 @@ fn stale(
         return Err(MintReason::Scope);
     }
     if had_kid != kid {
-        return Err(MintReason::Key);
+        let recent = now.saturating_sub(issued) < KEY_PROPAGATION_SECS;
+        if minter.knows(had_kid) || !recent {
+            return Err(MintReason::Key);
+        }
+        // A newer key file than ours, most likely: look again once it has had time to arrive
+        // here (a key removed everywhere is replaced then).
+        let due = renew_at(issued, expires);
+        if now >= due {
+            return Err(MintReason::Renewal);
+        }
+        return Ok(issued.saturating_add(KEY_PROPAGATION_SECS).min(due));
     }
     if had_registry != registry {
         return Err(MintReason::Registry);
@@ -576,14 +593,16 @@ pub async fn reconcile_credentials(
     for (ns, scope) in &wanted {
         let api = Api::<Secret>::namespaced(client.clone(), ns);
         let reason = match owned.get(ns) {
-            Some(existing) => match stale(existing, scope, &kid, registry, lifetime, now) {
-                Ok(due) => {
-                    note_renewal(due);
-                    current += 1;
-                    continue;
+            Some(existing) => {
+                match stale(existing, scope, minter.as_ref(), registry, lifetime, now) {
+                    Ok(due) => {
+                        note_renewal(due);
+                        current += 1;
+                        continue;
+                    }
+                    Err(reason) => reason,
                 }
-                Err(reason) => reason,
-            },
+            }
             None => MintReason::New,
         };
         let m = Minting {
@@ -811,5 +830,102 @@ pub async fn run(
                 due = Some(tokio::time::Instant::now() + Duration::from_secs(10).min(resync));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nscred::{Mint, parse_key_file};
+
+    /// A minter of the shared format for a key file holding `keys`, in order.
+    fn minter(keys: &[&str]) -> std::sync::Arc<dyn Mint> {
+        parse_key_file(std::path::Path::new("keys"), &keys.join("\n")).unwrap()
+    }
+
+    fn ours(scope: &str, kid: &str, issued: u64, expires: u64) -> Secret {
+        let mut s = Secret {
+            type_: Some(DOCKER_CONFIG_JSON.to_owned()),
+            ..Secret::default()
+        };
+        s.metadata.annotations = Some(BTreeMap::from([
+            (CREDENTIAL_SCOPE.to_owned(), scope.to_owned()),
+            (CREDENTIAL_KID.to_owned(), kid.to_owned()),
+            (CREDENTIAL_REGISTRY.to_owned(), "r.local".to_owned()),
+            (CREDENTIAL_ISSUED.to_owned(), issued.to_string()),
+            (CREDENTIAL_EXPIRES.to_owned(), expires.to_string()),
+        ]));
+        s
+    }
+
+    #[test]
+    fn what_makes_a_credential_stale() {
+        let scope = Scope::parse("team-a/**").unwrap();
+        let (key_a, key_b) = (
+            outpost_core::keys::generate().unwrap(),
+            outpost_core::keys::generate().unwrap(),
+        );
+        let a = minter(&[&key_a]);
+        let b_then_a = minter(&[&key_b, &key_a]);
+        let (kid_a, kid_b) = (a.kid(), b_then_a.kid());
+        let (a, b_then_a) = (a.as_ref(), b_then_a.as_ref());
+        let h = 3600;
+        let fresh = ours("team-a/**", &kid_a, 1000, 1000 + 8 * h);
+        // Current: looked at again at half-life.
+        assert_eq!(
+            stale(&fresh, &scope, a, "r.local", 8 * h, 1001),
+            Ok(1000 + 4 * h)
+        );
+        assert_eq!(
+            stale(&fresh, &scope, a, "r.local", 8 * h, 1000 + 4 * h),
+            Err(MintReason::Renewal)
+        );
+        let other = Scope::parse("team-a/**, base/*").unwrap();
+        assert_eq!(
+            stale(&fresh, &other, a, "r.local", 8 * h, 1001),
+            Err(MintReason::Scope)
+        );
+        assert_eq!(
+            stale(&fresh, &scope, a, "other.local", 8 * h, 1001),
+            Err(MintReason::Registry)
+        );
+        assert_eq!(
+            stale(&fresh, &scope, a, "r.local", h, 1001),
+            Err(MintReason::Lifetime)
+        );
+        assert_eq!(
+            stale(&Secret::default(), &scope, a, "r.local", 8 * h, 1001),
+            Err(MintReason::Format)
+        );
+        // The new key signs here: a credential of the old one (still known) is re-minted.
+        assert_eq!(
+            stale(&fresh, &scope, b_then_a, "r.local", 8 * h, 1001),
+            Err(MintReason::Key)
+        );
+        // Signed with a key this replica does not have yet (another replica read the new file
+        // first): left alone while the file may still be on its way, re-minted after.
+        let by_b = ours("team-a/**", &kid_b, 1000, 1000 + 8 * h);
+        assert_eq!(
+            stale(&by_b, &scope, a, "r.local", 8 * h, 1010),
+            Ok(1000 + KEY_PROPAGATION_SECS)
+        );
+        assert_eq!(
+            stale(
+                &by_b,
+                &scope,
+                a,
+                "r.local",
+                8 * h,
+                1000 + KEY_PROPAGATION_SECS
+            ),
+            Err(MintReason::Key)
+        );
+        // A short lifetime: never a look-again time in the past.
+        let short = ours("team-a/**", &kid_b, 1000, 1020);
+        assert_eq!(stale(&short, &scope, a, "r.local", 20, 1005), Ok(1010));
+        assert_eq!(
+            stale(&short, &scope, a, "r.local", 20, 1010),
+            Err(MintReason::Renewal)
+        );
     }
 }
