@@ -3,7 +3,10 @@
 //! source and the namespace labels, a foreign secret of that name is left alone), a renamed
 //! pull secret read only by its name (a ServiceAccount whose RBAC grants Secrets by that name
 //! alone), the create race lost to another replica, and the running controller following
-//! watch events.
+//! watch events. Namespace credentials (issue 17): minted per namespace with the chart's
+//! rendered RBAC, verified with the registry's own check, re-minted on annotation and key
+//! changes, renewed before expiry, reported when the annotation is invalid; and pulled with by
+//! skopeo from a real registry that refuses them the other team's images.
 //!
 //! The copier lists namespaces and copies cluster-wide, so every test names its namespaces
 //! and its pull secret with a fresh prefix and looks only at its own namespaces in the
@@ -19,6 +22,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use outpost_e2e::k8s::{ControlPlane, random_hex};
 use outpost_e2e::metrics::sample;
+use outpost_e2e::{Layout, Registry, TestPki, bin, require, run_ok, run_timeout};
 use outpost_webhook::config::ConfigSource;
 use outpost_webhook::metrics::Metrics;
 use outpost_webhook::nscred::{
@@ -619,7 +623,7 @@ fn chart_webhook_rules(pull_secret: &str) -> Value {
         .expect("workspace root");
     let values = json!({"tokens": {"existingSecret": "outpost-tokens"},
                         "pullSecret": {"name": pull_secret}});
-    let out = outpost_e2e::run_timeout(
+    let out = run_timeout(
         std::process::Command::new("python3")
             .arg("-B")
             .arg(repo.join("charts/tests/helm_render.py"))
@@ -998,4 +1002,249 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
     let _ = admin_rest.delete(&format!(
         "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
     ));
+}
+
+/// `outpost-registry` run over HTTPS with a tokens file (no anonymous pulls) and `keys` as its
+/// token signing key file; returns it, the PKI and the admin token's password.
+fn registry_with_keys(
+    dir: &std::path::Path,
+    keys: &std::path::Path,
+) -> (Registry, TestPki, String) {
+    let pki = TestPki::create(dir);
+    let tokens = dir.join("tokens.toml");
+    let t = |args: &[&str]| {
+        run_ok(
+            std::process::Command::new(bin("outpost-registry"))
+                .args(args)
+                .arg("--tokens")
+                .arg(&tokens),
+        )
+    };
+    t(&[
+        "scope-map",
+        "create",
+        "--name",
+        "admin",
+        "--repository",
+        "**",
+        "content/read",
+        "content/write",
+        "metadata/read",
+        "metadata/write",
+    ]);
+    let out = t(&[
+        "token",
+        "create",
+        "--name",
+        "admin",
+        "--scope-map",
+        "admin",
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).expect("token json");
+    let admin_pw = v["password1"].as_str().expect("password").to_owned();
+    let args = [
+        "--tls-cert".to_owned(),
+        pki.cert.display().to_string(),
+        "--tls-key".to_owned(),
+        pki.key.display().to_string(),
+        "--tokens".to_owned(),
+        tokens.display().to_string(),
+        "--token-signing-key-file".to_owned(),
+        keys.display().to_string(),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Registry::start_with_args(&argv), pki, admin_pw)
+}
+
+fn skopeo(args: &[String]) -> std::process::Output {
+    run_timeout(
+        std::process::Command::new(require("skopeo"))
+            .arg("--insecure-policy")
+            .args(args),
+        Duration::from_secs(120),
+    )
+}
+
+/// The minted secrets against the real registry: over HTTPS with anonymous pulls off and the
+/// same signing key file as the controller, skopeo with each namespace's `.dockerconfigjson`
+/// (as kubelet gets it) pulls its own team's image, and the registry refuses it the other
+/// team's (403); after a key rotation (new key first, in the file both read) the re-minted
+/// secrets still pull; an opted-out namespace's secret is gone.
+#[test]
+fn minted_secrets_pull_their_own_images_from_the_registry() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("pull"));
+    let (team_a, team_b) = (n.of("team-a"), n.of("team-b"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_path = dir.path().join("signing-keys");
+    let key_a = outpost_core::keys::generate().expect("key");
+    let key_b = outpost_core::keys::generate().expect("key");
+    std::fs::write(&key_path, format!("{key_a}\n")).expect("key file");
+    let (reg, pki, admin_pw) = registry_with_keys(dir.path(), &key_path);
+    let host = reg.host();
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    std::fs::copy(&pki.ca_cert, certs.join("ca.crt")).expect("ca");
+    let certs = certs.display().to_string();
+    let layout = Layout::new(dir.path());
+    layout.add_image("v1", "amd64", &[("etc/team", b"private".to_vec())]);
+    for repo in ["team-a/app", "team-b/app"] {
+        let out = skopeo(&[
+            "copy".into(),
+            "--dest-cert-dir".into(),
+            certs.clone(),
+            "--dest-creds".into(),
+            format!("admin:{admin_pw}"),
+            format!("oci:{}:v1", layout.path.display()),
+            format!("docker://{host}/{repo}:v1"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(&pki.ca_cert).expect("ca")).expect("ca pem");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+        for (ns, scope) in [(&team_a, "team-a/**"), (&team_b, "team-b/**")] {
+            namespace(&admin, ns, true).await;
+            set_repositories(&admin, ns, Some(scope)).await;
+        }
+        let config = ConfigSource::fixed(
+            format!("registry = \"{host}\"\npull_secret = \"{name}\"")
+                .parse()
+                .expect("config"),
+        );
+        let creds = Arc::new(Credentials {
+            keys: KeyFile::new(key_path.clone(), parse_key_file),
+            lifetime: Duration::from_secs(3600),
+            default_scope: Scope::parse("**").expect("scope"),
+        });
+        let task = tokio::spawn(secrets::run(
+            admin.clone(),
+            sys.clone(),
+            config,
+            Arc::new(Metrics::new()),
+            Duration::from_secs(3600),
+            Some((creds, Duration::from_millis(200))),
+        ));
+        let (a, name_r, host_r) = (&admin, name.as_str(), host.as_str());
+        let (ta, tb) = (team_a.as_str(), team_b.as_str());
+        // Each namespace's secret, as a file skopeo reads (kubelet hands containerd the same).
+        let auth_file = |ns: String| {
+            let path = dir.path().join(format!("{ns}.json"));
+            async move {
+                let s = copy_in(a, &ns, name_r).await?;
+                let raw = s.data?.get(".dockerconfigjson")?.0.clone();
+                std::fs::write(&path, raw).expect("auth file");
+                Some(path)
+            }
+        };
+        let pulls = |file: std::path::PathBuf, repo: &'static str| {
+            let args = vec![
+                "inspect".to_owned(),
+                "--raw".to_owned(),
+                "--cert-dir".to_owned(),
+                certs.clone(),
+                "--authfile".to_owned(),
+                file.display().to_string(),
+                format!("docker://{host_r}/{repo}:v1"),
+            ];
+            async move {
+                tokio::task::spawn_blocking(move || skopeo(&args))
+                    .await
+                    .expect("skopeo")
+            }
+        };
+        // The registry's answer to one manifest request with `ns`'s secret as Basic.
+        let status = |ns: String, repo: &'static str| {
+            let http = http.clone();
+            async move {
+                let (user, pass) = credential_in(a, &ns, name_r, host_r).await?;
+                let r = http
+                    .get(format!("https://{host_r}/v2/{repo}/manifests/v1"))
+                    .header(
+                        "Accept",
+                        "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+                    )
+                    .basic_auth(user, Some(pass))
+                    .send()
+                    .await
+                    .expect("request");
+                Some(r.status().as_u16())
+            }
+        };
+        eventually("both secrets", || async move {
+            copy_in(a, ta, name_r).await.is_some() && copy_in(a, tb, name_r).await.is_some()
+        })
+        .await;
+        for (ns, own, other) in [
+            (&team_a, "team-a/app", "team-b/app"),
+            (&team_b, "team-b/app", "team-a/app"),
+        ] {
+            let file = auth_file(ns.clone()).await.expect("secret");
+            let out = pulls(file.clone(), own).await;
+            assert!(
+                out.status.success(),
+                "{ns} pulling {own}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = pulls(file, other).await;
+            assert!(!out.status.success(), "{ns} pulled {other}");
+            assert_eq!(status(ns.clone(), own).await, Some(200), "{ns} {own}");
+            assert_eq!(status(ns.clone(), other).await, Some(403), "{ns} {other}");
+        }
+
+        // Rotation: the new key first in the file the registry and the controller both read.
+        std::fs::write(&key_path, format!("{key_b}\n{key_a}\n")).expect("key file");
+        let kid_b = keys_of(&key_b).kids()[0].clone();
+        let kid_b_r = kid_b.as_str();
+        eventually("secrets re-minted with the new key", || async move {
+            let mut all = true;
+            for ns in [ta, tb] {
+                all &= copy_in(a, ns, name_r).await.is_some_and(|s| {
+                    annotation_of(&s, secrets::CREDENTIAL_KID).as_deref() == Some(kid_b_r)
+                });
+            }
+            all
+        })
+        .await;
+        // The registry re-reads its key file on its own schedule: its first answers to the
+        // new key may still be 401.
+        let status_r = &status;
+        eventually("the new key's credential accepted", || async move {
+            status_r(ta.to_owned(), "team-a/app").await == Some(200)
+        })
+        .await;
+        let file = auth_file(team_a.clone()).await.expect("secret");
+        let out = pulls(file, "team-a/app").await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(status(team_a.clone(), "team-b/app").await, Some(403));
+
+        // Opt-out: the secret goes.
+        set_inject(&admin, &team_b, false).await;
+        let team_b_r = team_b.as_str();
+        eventually("team-b's secret removed", || async move {
+            copy_in(a, team_b_r, name_r).await.is_none()
+        })
+        .await;
+        task.abort();
+    });
+    drop(reg);
 }
