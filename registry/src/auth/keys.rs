@@ -75,34 +75,7 @@ mod tests {
         assert_ne!(s.kids()[0], s.kids()[1]);
         let t = s.issue(&claims());
         assert_eq!(first.verify(&t, "outpost").unwrap().sub, "t");
-    }
-
-    #[test]
-    fn refusals_name_the_line_never_the_key() {
-        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 31]);
-        let e = parse(p(), &format!("# c\n{short}\n")).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                KeyFileError::Short {
-                    line: 2,
-                    len: 31,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(!e.to_string().contains(&short));
-        let bad = "not*base64*at*all*but*long*enough*to*be*a*key*!!";
-        let e = parse(p(), &format!("{}\n{bad}\n", generate().unwrap())).unwrap_err();
-        assert!(matches!(e, KeyFileError::Encoding { line: 2, .. }), "{e}");
-        assert!(!e.to_string().contains(bad));
-        for empty in ["", "\n\n", "# only a comment\n   \n"] {
-            assert!(matches!(
-                parse(p(), empty).unwrap_err(),
-                KeyFileError::NoKey { .. }
-            ));
-        }
+        // What a file may hold is outpost-core's to check (its tests); reading it is ours.
         let e = load(Path::new("/nonexistent/outpost-keys")).unwrap_err();
         assert!(matches!(e, KeyFileError::Read { .. }), "{e}");
     }
