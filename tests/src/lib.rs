@@ -105,6 +105,18 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
 }
 
 /// Runs a command that must succeed within two minutes; returns its stdout.
+/// Polls `f` every 200 ms until it holds; panics with `what` once `limit` has passed.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let desc = format!("{cmd:?}");
     let out = run_timeout(cmd, Duration::from_secs(120));

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outpost_e2e::{
     Containerd, Layout, Registry, TestPki, bin, header, pseudo_random, require, run_ok,
@@ -391,17 +391,6 @@ fn scope_matrix() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
-fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{what} did not happen within 15 s");
-}
-
 #[test]
 fn token_edits_apply_without_restart() {
     let env = setup(&[]);
@@ -430,7 +419,9 @@ fn token_edits_apply_without_restart() {
         .as_str()
         .unwrap()
         .to_owned();
-    poll_until("password2 accepted", || get("full", &pw2) == StatusCode::OK);
+    outpost_e2e::wait_until("password2 accepted", Duration::from_secs(15), || {
+        get("full", &pw2) == StatusCode::OK
+    });
     let out = env.tokens.cli(&[
         "token",
         "update",
@@ -445,7 +436,7 @@ fn token_edits_apply_without_restart() {
         .as_str()
         .unwrap()
         .to_owned();
-    poll_until("old password1 refused", || {
+    outpost_e2e::wait_until("old password1 refused", Duration::from_secs(15), || {
         get("full", &env.full_pw) == StatusCode::UNAUTHORIZED
     });
     assert_eq!(get("full", &pw2), StatusCode::OK);
@@ -453,12 +444,12 @@ fn token_edits_apply_without_restart() {
     // Disable and re-enable.
     env.tokens
         .cli(&["token", "update", "--name", "full", "--status", "disabled"]);
-    poll_until("disabled token refused", || {
+    outpost_e2e::wait_until("disabled token refused", Duration::from_secs(15), || {
         get("full", &new1) == StatusCode::UNAUTHORIZED
     });
     env.tokens
         .cli(&["token", "update", "--name", "full", "--status", "enabled"]);
-    poll_until("enabled token accepted", || {
+    outpost_e2e::wait_until("enabled token accepted", Duration::from_secs(15), || {
         get("full", &new1) == StatusCode::OK
     });
     // Scope changes apply to bearer tokens already issued too.
@@ -471,7 +462,7 @@ fn token_edits_apply_without_restart() {
         "in/**",
         "content/read",
     ]);
-    poll_until("scope narrowed", || {
+    outpost_e2e::wait_until("scope narrowed", Duration::from_secs(15), || {
         get("full", &new1) == StatusCode::FORBIDDEN
     });
     // A broken file keeps the last good tokens.
@@ -822,7 +813,7 @@ fn certificate_rotation_keeps_in_flight_downloads() {
     std::fs::copy(&pki2.cert, &stage).unwrap();
     std::fs::rename(&stage, &env.pki.cert).unwrap();
     let new_client = https_client(&pki2.ca_cert);
-    poll_until("new certificate served", || {
+    outpost_e2e::wait_until("new certificate served", Duration::from_secs(15), || {
         new_client.get(env.url("/v2/")).send().is_ok()
     });
     // Old CA no longer validates new connections.
@@ -891,7 +882,9 @@ fn tokens_follow_a_kubernetes_secret_volume_swap() {
     std::os::unix::fs::symlink("..2026_11_22_v2", vol.join("..data_tmp")).unwrap();
     std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
     std::fs::remove_dir_all(&v1).unwrap();
-    poll_until("swapped secret applied", || get(&new_pw) == StatusCode::OK);
+    outpost_e2e::wait_until("swapped secret applied", Duration::from_secs(15), || {
+        get(&new_pw) == StatusCode::OK
+    });
     assert_eq!(get(&env.reader_pw), StatusCode::UNAUTHORIZED);
 }
 

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -277,17 +277,6 @@ fn send(
         .unwrap()
 }
 
-fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("not within 30 s: {what}");
-}
-
 #[test]
 fn namespace_credentials_pull_their_scope_only() {
     let env = setup();
@@ -491,13 +480,17 @@ fn namespace_credentials_pull_their_scope_only() {
     );
     let text = std::fs::read_to_string(&env.keys).unwrap();
     std::fs::write(&env.keys, text.lines().next().unwrap()).unwrap();
-    poll_until("the key file reload revokes key C", || {
-        send(&env, Scheme::Basic, ("team-a", &revoked), &|c| {
-            c.get(env.url("/v2/team-a/app/manifests/v1"))
-        })
-        .status()
-            == StatusCode::UNAUTHORIZED
-    });
+    outpost_e2e::wait_until(
+        "the key file reload revokes key C",
+        Duration::from_secs(30),
+        || {
+            send(&env, Scheme::Basic, ("team-a", &revoked), &|c| {
+                c.get(env.url("/v2/team-a/app/manifests/v1"))
+            })
+            .status()
+                == StatusCode::UNAUTHORIZED
+        },
+    );
     // The 1 s credential has expired by now (the reload took at least one 2 s poll); make sure.
     std::thread::sleep(Duration::from_millis(1100));
 

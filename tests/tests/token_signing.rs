@@ -4,7 +4,7 @@
 //! them. A bad key file is refused at start with one line that holds no key material.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -110,18 +110,6 @@ fn pull(reg: &Registry, token: &str, repo: &str, tag: &str) -> StatusCode {
     StatusCode::OK
 }
 
-/// Waits (bounded) until `f` holds; the file watcher polls every 2 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("not within 30 s: {what}");
-}
-
 #[test]
 fn replicas_share_signing_keys_across_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,7 +155,7 @@ fn replicas_share_signing_keys_across_a_rotation() {
     // Rotation while both run: the new key first, the old one still listed.
     std::fs::write(&keys, format!("{key_b}\n# old\n{key_a}\n")).unwrap();
     for reg in [&a, &b] {
-        eventually("the new key signs", || {
+        outpost_e2e::wait_until("the new key signs", Duration::from_secs(30), || {
             kid(&bearer_token(&reg.url(), &pw, "shared/app")) != kid_a
         });
     }
@@ -193,7 +181,7 @@ fn replicas_share_signing_keys_across_a_rotation() {
     // A file that does not parse keeps the previous keys, and the log says why without
     // the keys.
     std::fs::write(&keys, "not base64 !!\n").unwrap();
-    eventually("the bad file is reported", || {
+    outpost_e2e::wait_until("the bad file is reported", Duration::from_secs(30), || {
         a.log_text().contains("token signing key file not reloaded")
     });
     assert_eq!(pull(&a, &from_a, "shared/app", "v1"), StatusCode::OK);
@@ -202,9 +190,11 @@ fn replicas_share_signing_keys_across_a_rotation() {
     // The old key removed: its tokens are refused by both, the new key's still accepted.
     std::fs::write(&keys, format!("{key_b}\n")).unwrap();
     for reg in [&a, &b] {
-        eventually("the old key's token is refused", || {
-            pull(reg, &from_a, "shared/app", "v1") == StatusCode::UNAUTHORIZED
-        });
+        outpost_e2e::wait_until(
+            "the old key's token is refused",
+            Duration::from_secs(30),
+            || pull(reg, &from_a, "shared/app", "v1") == StatusCode::UNAUTHORIZED,
+        );
         assert_eq!(pull(reg, &new_a, "shared/app", "v3"), StatusCode::OK);
     }
     for reg in [&a, &b, &lone] {
