@@ -10,42 +10,57 @@ use crate::{bin, http, run_ok};
 /// The client token [`full_access_tokens_file`] creates.
 pub const CLIENT: &str = "ci";
 
-/// A tokens file under `dir` with one client token, [`CLIENT`], allowed everything (a scope
-/// map of `**` with every action); (path, its password).
-pub fn full_access_tokens_file(dir: &Path) -> (String, String) {
-    let path = dir.join("tokens.toml").display().to_string();
+/// Adds to the tokens file `tokens` a scope map and a client token, both named `name`,
+/// allowing `actions` on the repositories `pattern` matches; the token's password.
+pub fn client_token(tokens: &Path, name: &str, pattern: &str, actions: &[&str]) -> String {
     let cli = |args: &[&str]| {
         run_ok(
             Command::new(bin("outpost-registry"))
                 .args(args)
-                .args(["--tokens", &path]),
+                .arg("--tokens")
+                .arg(tokens),
         )
     };
-    cli(&[
+    let mut map = vec![
         "scope-map",
         "create",
         "--name",
-        "everything",
+        name,
         "--repository",
-        "**",
-        "content/read",
-        "content/write",
-        "metadata/read",
-        "metadata/write",
-    ]);
+        pattern,
+    ];
+    map.extend_from_slice(actions);
+    cli(&map);
     let out = cli(&[
         "token",
         "create",
         "--name",
-        CLIENT,
+        name,
         "--scope-map",
-        "everything",
+        name,
         "-o",
         "json",
     ]);
     let v: Value = serde_json::from_str(&out).expect("token create -o json");
-    let password = v["password1"].as_str().expect("password1").to_owned();
-    (path, password)
+    v["password1"].as_str().expect("password1").to_owned()
+}
+
+/// A tokens file under `dir` with one client token, [`CLIENT`], allowed everything;
+/// (path, its password).
+pub fn full_access_tokens_file(dir: &Path) -> (String, String) {
+    let path = dir.join("tokens.toml");
+    let password = client_token(
+        &path,
+        CLIENT,
+        "**",
+        &[
+            "content/read",
+            "content/write",
+            "metadata/read",
+            "metadata/write",
+        ],
+    );
+    (path.display().to_string(), password)
 }
 
 /// A bearer token for pull and push on `repo` from the token endpoint at `base` (a registry's

@@ -12,6 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use outpost_e2e::metrics::samples;
+use outpost_e2e::tokens::client_token;
 use outpost_e2e::{
     Containerd, Layout, Registry, TestPki, bin, header, require, run_ok, run_timeout, sha256,
 };
@@ -114,62 +115,25 @@ fn setup() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let tokens = dir.path().join("tokens.toml");
-    let t = |args: &[&str]| {
-        run_ok(
-            Command::new(bin("outpost-registry"))
-                .args(args)
-                .arg("--tokens")
-                .arg(&tokens),
-        )
-    };
-    t(&[
-        "scope-map",
-        "create",
-        "--name",
+    let admin_pw = client_token(
+        &tokens,
         "admin",
-        "--repository",
         "**",
-        "content/read",
-        "content/write",
-        "content/delete",
-        "metadata/read",
-        "metadata/write",
-    ]);
-    let out = t(&[
-        "token",
-        "create",
-        "--name",
-        "admin",
-        "--scope-map",
-        "admin",
-        "-o",
-        "json",
-    ]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let admin_pw = v["password1"].as_str().unwrap().to_owned();
+        &[
+            "content/read",
+            "content/write",
+            "content/delete",
+            "metadata/read",
+            "metadata/write",
+        ],
+    );
     // A node credential as the chart's nodeScope makes it: pull on an explicit allow list.
-    t(&[
-        "scope-map",
-        "create",
-        "--name",
+    let node_pw = client_token(
+        &tokens,
         "node",
-        "--repository",
         "base/*",
-        "content/read",
-        "metadata/read",
-    ]);
-    let out = t(&[
-        "token",
-        "create",
-        "--name",
-        "node",
-        "--scope-map",
-        "node",
-        "-o",
-        "json",
-    ]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let node_pw = v["password1"].as_str().unwrap().to_owned();
+        &["content/read", "metadata/read"],
+    );
     let keys = dir.path().join("signing-keys");
     let key_a = cli(&["token-signing-key", "generate"]);
     let key_c = cli(&["token-signing-key", "generate"]);
