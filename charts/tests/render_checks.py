@@ -356,7 +356,8 @@ def check_own_tls(o):
     vols = {v["name"]: v for v in reg["spec"]["template"]["spec"]["volumes"]}
     assert vols["tls"]["secret"]["secretName"] == "outpost-tls"
     assert vols["connection"]["secret"]["secretName"] == "outpost-conn"
-    assert not o.of("Secret"), "existingSecret: the chart creates no Secret"
+    # existingSecret: the chart's only Secret is the signing key (there is no one to give it).
+    assert [x["metadata"]["name"] for x in o.of("Secret")] == ["outpost-token-signing-key"], o.of("Secret")
     mwc = o.one("MutatingWebhookConfiguration", "-webhook")
     assert mwc["webhooks"][0]["clientConfig"]["caBundle"] == "Q0EgYnVuZGxl"
     assert "cert-manager.io/inject-ca-from" not in (mwc["metadata"].get("annotations") or {})
@@ -450,7 +451,7 @@ def check_rules_carry_plain_http_and_ca(o):
 
 
 def check_existing_secret_parent(o):
-    assert not o.of("Secret")
+    assert [x["metadata"]["name"] for x in o.of("Secret")] == ["outpost-token-signing-key"], o.of("Secret")
     for c in mirror_configs(o):
         assert rules(c) == [{"upstream": "myacr.azurecr.io"},
                             {"upstream": "myacr.westeurope.data.azurecr.io"}], c
@@ -539,15 +540,28 @@ def check_namespace_credentials(o, secret, key, lifetime, default):
     assert {r for rule in rules for r in rule["resources"]} == {"namespaces", "secrets", "events"}, rules
 
 
-def check_copy_mode(o):
-    """Without tokens (anonymous pulls) the registry has no key to verify with: the pull secret
-    is copied, no key mounted, no Events."""
+def check_no_client_tokens(o):
+    """Without tokens.existingSecret the signing key is still the chart's: the registry verifies
+    the webhook's namespace credentials with it, anonymous pulls are off, and the availability
+    checks mint their own credential (no pull secret mounted in the webhook)."""
+    check_signing_key(o, "outpost-token-signing-key", "signing-keys")
+    check_namespace_credentials(o, "outpost-token-signing-key", "signing-keys", "8h", "**")
+    args = registry_args(o)
+    assert not any(a.startswith("--tokens") for a in args), args
+    assert "--anonymous-pull" not in args, args
     c = webhook_container(o)
-    assert not any(a.startswith("--namespace-") for a in c["args"]), c["args"]
+    assert not any(a.startswith("--registry-auth-file") for a in c["args"]), c["args"]
     vols = [v["name"] for v in o.one("Deployment", "-webhook")["spec"]["template"]["spec"]["volumes"]]
-    assert "signing-keys" not in vols, vols
-    rules = o.one("ClusterRole", "-webhook")["rules"]
-    assert {r for rule in rules for r in rule["resources"]} == {"namespaces", "secrets"}, rules
+    assert "pull" not in vols and "tokens" not in vols, vols
+    line = base64.b64decode(o.one("Secret", "-token-signing-key")["data"]["signing-keys"]).decode()
+    assert line.endswith("\n") and len(base64.b64decode(line.strip())) == 32, "one 32-byte key"
+
+
+def check_anonymous_pull(o):
+    """anonymousPull: the old behaviour, beside the namespace credentials."""
+    check_signing_key(o, "outpost-token-signing-key", "signing-keys")
+    assert "--anonymous-pull" in registry_args(o), registry_args(o)
+    assert "anonymousPull=true" in o.notes, o.notes
 
 
 def check_signing_key_kept(o):
@@ -563,12 +577,10 @@ def check_signing_key_existing_secret(o):
 
 def check_standalone(o):
     check_single_registry(o)
-    check_copy_mode(o)
+    check_no_client_tokens(o)
     args = registry_args(o)
-    # No tokens: no bearer tokens to sign, no key Secret.
-    assert not any(a.startswith("--token-signing-key-file") for a in args), args
-    assert not [x for x in o.of("Secret") if x["metadata"]["name"].endswith("-token-signing-key")]
-    assert "--anonymous-pull" in args and not any("connection" in a for a in args), args
+    assert not any("connection" in a for a in args), args
+    assert "anonymousPull" not in o.notes and "outpost.io/repositories" in o.notes, o.notes
     assert "standalone" in o.notes
     # storage.type pvc (the default): the PVC mounted where --storage points, one pod at a time.
     assert "--storage=/var/lib/outpost" in args and not any(a.startswith("--storage-option") for a in args)
@@ -757,6 +769,9 @@ SCENARIOS = {
     "standalone-defaults": ({}, check_standalone),
     "signing-key-kept-on-upgrade": ({"tokens": {"existingSecret": "outpost-tokens"}}, check_signing_key_kept,
                                     {f"/api/v1/namespaces/{NS}/secrets/outpost-token-signing-key": KEPT_SECRET}),
+    "signing-key-kept-on-upgrade-without-tokens": ({}, check_signing_key_kept,
+                                    {f"/api/v1/namespaces/{NS}/secrets/outpost-token-signing-key": KEPT_SECRET}),
+    "anonymous-pull": ({"anonymousPull": True}, check_anonymous_pull),
     "signing-key-existing-secret": ({"tokens": {"existingSecret": "outpost-tokens", "signingKey": {
         "existingSecret": "outpost-signing", "secretKey": "keys"}},
         "namespaceScopes": {"default": ["team-a/**", "base/*"], "credentialLifetime": "90m"}},

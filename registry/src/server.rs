@@ -319,7 +319,8 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     };
     if opts.tokens.is_none() && anonymous != Anonymous::Full {
         if opts.token_signing_key_file.is_some() {
-            tracing::warn!(
+            // The chart's default since namespace credentials: not a misconfiguration.
+            tracing::info!(
                 "no --tokens file: only namespace credentials and anonymous pulls are possible \
                  on a non-loopback listener"
             );

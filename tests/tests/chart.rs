@@ -32,7 +32,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 50 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 52 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 30 passed, 0 failed"),
+        text.contains("render checks: 32 passed, 0 failed"),
         "{text}"
     );
 }
@@ -253,6 +253,19 @@ fn local_args(workload: &Value, root: &Path) -> (Vec<String>, Vec<(String, u16)>
 
 fn port(ports: &[(String, u16)], flag: &str) -> u16 {
     ports.iter().find(|(f, _)| f == flag).unwrap().1
+}
+
+/// The token signing key file of the chart-made Secret, where the rendered mount puts it.
+fn write_signing_key(rendered: &Value, root: &Path) {
+    let keys = object(rendered, "Secret", "outpost-token-signing-key")["data"]["signing-keys"]
+        .as_str()
+        .expect("the chart's signing key");
+    write(
+        root.join("etc/outpost/signing-keys/signing-keys"),
+        &base64::engine::general_purpose::STANDARD
+            .decode(keys)
+            .expect("base64 key file"),
+    );
 }
 
 fn write(path: PathBuf, content: &[u8]) {
@@ -592,16 +605,20 @@ fn the_node_agent_configures_k3s_with_the_rendered_arguments() {
     );
 }
 
-/// The lab install (`httpsEnabled=false`, standalone, anonymous pulls): the registry serves
-/// plain HTTP with the rendered arguments, and `status` reaches its admin API over HTTP.
+/// The lab install (`httpsEnabled=false`, standalone, `anonymousPull`: the old behaviour): the
+/// registry serves plain HTTP with the rendered arguments (the chart's signing key file too),
+/// anonymous pulls are served, and `status` reaches its admin API over HTTP.
 #[test]
 fn the_plain_http_registry_starts_with_the_rendered_arguments() {
-    let rendered = render(r#"{"httpsEnabled": false, "trustDistribution": {"enabled": false}}"#);
+    let rendered = render(
+        r#"{"httpsEnabled": false, "anonymousPull": true, "trustDistribution": {"enabled": false}}"#,
+    );
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let registry = object(&rendered, "Deployment", "outpost-registry");
     let (args, ports) = local_args(registry, root);
     assert!(args.iter().any(|a| a == "--http"), "{args:?}");
+    write_signing_key(&rendered, root);
     let mut running = Running::start("outpost-registry", &args, root.join("registry.log"));
     let api = port(&ports, "--listen");
     running.wait_ready(&http(), &format!("http://127.0.0.1:{api}/readyz"));
@@ -744,6 +761,7 @@ fn the_registry_serves_from_azure_blob_storage_with_the_rendered_environment() {
             .any(|a| *a == format!("--storage=azblob://{}/site-1", storage.bucket)),
         "{args:?}"
     );
+    write_signing_key(&rendered, root);
 
     // A Secret whose account key Azurite refuses (valid base64, wrong bytes).
     let wrong = "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkgd3Jvbmcga2V5IHdyb25nIGtleQ==";
@@ -858,7 +876,9 @@ fn two_rendered_replicas_on_azblob_serve_with_exactly_one_leader() {
     let mut pods = Vec::new();
     let mut apis = Vec::new();
     for i in 0..2 {
-        let (args, ports) = local_args(registry, &dir.path().join(format!("pod-{i}")));
+        let pod_root = dir.path().join(format!("pod-{i}"));
+        let (args, ports) = local_args(registry, &pod_root);
+        write_signing_key(&rendered, &pod_root);
         assert!(
             args.iter().any(|a| a == "--leader-election=store"),
             "{args:?}"

@@ -429,8 +429,9 @@ fn own_tls_installs_upgrades_and_uninstalls_leaving_only_the_pvc() {
 /// The one-command install of the issue and the chart README: defaults (certificates managed
 /// by Outpost, no cert-manager), a connection string and the Service IP as `--set`, the
 /// namespace made by Helm. While installed, the webhook (run with the chart's arguments and
-/// its ServiceAccount's token) makes the managed Secrets, patches the caBundle and copies the
-/// pull secret; uninstall's hook then removes those too: nothing is left but the PVC.
+/// its ServiceAccount's token) makes the managed Secrets, patches the caBundle and writes an
+/// opted-in namespace its pull secret with a namespace credential (no client tokens needed: the
+/// chart's signing key); uninstall's hook then removes those too: nothing is left but the PVC.
 #[test]
 fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
     let (ns, release) = ("outpost", "outpost");
@@ -456,7 +457,6 @@ fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
     ];
     install_upgrade_uninstall(s, &args, || {
         let admin = cp().admin();
-        create_pull_secret(ns, "outpost-pull");
         let deployment = admin.get_ok(&format!(
             "/apis/apps/v1/namespaces/{ns}/deployments/{release}-webhook"
         ));
@@ -487,8 +487,16 @@ fn defaults_install_with_one_command_and_uninstall_leaves_only_the_pvc() {
         cp().create_namespace(app, &[("outpost.io/inject", "enabled")]);
         let copy = format!("/api/v1/namespaces/{app}/secrets/outpost-pull");
         eventually(
-            || format!("no copy in {app}:\n{}", webhook.log_text()),
+            || format!("no pull secret in {app}:\n{}", webhook.log_text()),
             || admin.get(&copy).0 == 200,
+        );
+        // Minted (username the namespace, the default scope), not copied: there is nothing
+        // to copy without client tokens.
+        let minted = admin.get_ok(&copy);
+        assert_eq!(
+            minted["metadata"]["annotations"]["outpost.io/credential-scope"], "**",
+            "{}",
+            minted["metadata"]
         );
         // Its pods would stop when the hook deletes the Deployment; this one stops here.
         drop(webhook);
@@ -1440,8 +1448,9 @@ fn forbidden(what: &str, (status, body): (u16, Value)) {
     assert_eq!(body["reason"], "Forbidden", "{what}: {body}");
 }
 
-/// The chart's RBAC, with its own ServiceAccounts' tokens (TokenRequest): the webhook copies
-/// the pull secret into an opted-in namespace and removes it on opt-out; the node agent
+/// The chart's RBAC, with its own ServiceAccounts' tokens (TokenRequest): the webhook writes an
+/// opted-in namespace its pull secret (a namespace credential, the chart's default) and
+/// removes it on opt-out; the node agent
 /// labels its Node, reports an event and writes its files, and unlabels on SIGTERM; writes
 /// outside their roles are forbidden.
 #[test]
@@ -1496,7 +1505,8 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
     let url = format!("https://127.0.0.1:{}/readyz", webhook.port("--listen"));
     webhook.wait_ready(&https_client(&ca_pem), &url);
 
-    // Opt a namespace in: the copy appears, equal to the source and marked as the webhook's.
+    // Opt a namespace in: its pull secret appears, a credential minted for it (username the
+    // namespace), marked as the webhook's.
     cp().create_namespace(app, &[("outpost.io/inject", "enabled")]);
     let copy_path = format!("/api/v1/namespaces/{app}/secrets/rbac-pull");
     eventually(
@@ -1508,10 +1518,23 @@ fn the_chart_rbac_is_enough_for_the_webhook_and_the_node_agent_and_no_more() {
         },
         || admin.get(&copy_path).0 == 200,
     );
-    let source = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/rbac-pull"));
     let copy = admin.get_ok(&copy_path);
-    assert_eq!(copy["data"], source["data"]);
     assert_eq!(copy["type"], "kubernetes.io/dockerconfigjson");
+    let config: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(copy["data"][".dockerconfigjson"].as_str().expect("data"))
+            .expect("base64"),
+    )
+    .expect("json");
+    assert_eq!(
+        config["auths"]["10.96.100.14"]["username"], app,
+        "minted for the namespace"
+    );
+    assert_eq!(
+        copy["metadata"]["annotations"]["outpost.io/credential-scope"], "**",
+        "{}",
+        copy["metadata"]
+    );
     assert_eq!(
         copy["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "outpost-webhook"

@@ -169,6 +169,34 @@ fn start_container(
                 format!("--config={}", config_path.display())
             } else if a.starts_with("--listen=") {
                 format!("--listen=127.0.0.1:{port}")
+            } else if let Some(path) = a.strip_prefix("--namespace-credential-key-file=") {
+                // The signing key Secret's file, as its volume would hold it.
+                let file = Path::new(path)
+                    .file_name()
+                    .expect("key file name")
+                    .to_string_lossy()
+                    .into_owned();
+                let volume = dep["spec"]["template"]["spec"]["volumes"]
+                    .as_array()
+                    .expect("volumes")
+                    .iter()
+                    .find(|v| v["name"] == "signing-keys")
+                    .expect("the signing-keys volume");
+                let name = volume["secret"]["secretName"].as_str().expect("secretName");
+                let data = admin.get_ok(&format!("/api/v1/namespaces/{ns}/secrets/{name}"))["data"]
+                    [file.as_str()]
+                .as_str()
+                .expect("key data")
+                .to_string();
+                let local = root.join(&file);
+                std::fs::write(
+                    &local,
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .expect("base64"),
+                )
+                .expect("key file");
+                format!("--namespace-credential-key-file={}", local.display())
             } else {
                 a.to_string()
             }
@@ -274,7 +302,7 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
     let (status, body) = admin.post(
         &format!("/api/v1/namespaces/{ns}/secrets"),
         &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
-                "metadata": {"name": "outpost-pull"},
+                "metadata": {"name": "mc-pull"},
                 "data": {".dockerconfigjson": b64(br#"{"auths":{}}"#)}}),
     );
     assert_eq!(status, 201, "{body}");
@@ -287,7 +315,10 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
                 "spec": {"unschedulable": true}}),
     );
     assert_eq!(status, 201, "{body}");
+    // Its own pull secret name: the other tests' webhooks mint "outpost-pull" into every
+    // opted-in namespace (mc-app too), and the first one there keeps it.
     let values = json!({"connectionString": CONN, "service": {"clusterIP": "10.96.100.21"},
+                        "pullSecret": {"name": "mc-pull"},
                         "trustDistribution": {"enabled": false}});
     let release_info = helm_install(release, ns, &values, dir.path());
     assert_eq!(release_info["status"], "deployed", "{release_info}");
@@ -385,13 +416,13 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
         || ca_bundles(release).iter().all(|b| *b == bundle),
     );
 
-    // The pull-secret copy exists (the copier, same token).
+    // The namespace's pull secret exists (minted by the controller, same token).
     eventually(
         60,
         || format!("no copy in {app}:\n{}", a.log()),
         || {
             admin
-                .get(&format!("/api/v1/namespaces/{app}/secrets/outpost-pull"))
+                .get(&format!("/api/v1/namespaces/{app}/secrets/mc-pull"))
                 .0
                 == 200
         },
@@ -493,15 +524,12 @@ fn managed_certificates_with_the_chart_rbac_and_the_uninstall_hook() {
     }
     assert_eq!(
         admin
-            .get(&format!("/api/v1/namespaces/{app}/secrets/outpost-pull"))
+            .get(&format!("/api/v1/namespaces/{app}/secrets/mc-pull"))
             .0,
         404,
         "copy left:\n{log}"
     );
-    assert!(
-        secret(ns, "outpost-pull").is_some(),
-        "the source is the user's"
-    );
+    assert!(secret(ns, "mc-pull").is_some(), "the source is the user's");
     let node = admin.get_ok("/api/v1/nodes/mc-node");
     assert!(
         node["metadata"]["labels"]["outpost.io/trusted"].is_null(),

@@ -10,10 +10,14 @@
 //! It shows: the chart's pods become Ready as rendered (non-root, read-only root, PVC bound);
 //! the node agent writes hosts.toml into the node's containerd config and labels the node; an
 //! unchanged Deployment in an opted-in namespace runs with its image rewritten to Outpost and
-//! pulled from it; a pod in another namespace pulls the parent's image through the mirror
-//! path; both start again with the parent stopped and the images gone from the node; with
-//! Outpost down, containerd falls back to the plain-HTTP parent; and uninstall (its pre-delete
-//! hook) removes the node agent's files, the node label and the managed Secrets.
+//! pulled from it with the namespace credential the webhook wrote into that namespace
+//! (anonymous pulls are off by default); a pod in another namespace gets the parent's image:
+//! the node has no credential (nothing private through the mirror path), so containerd falls
+//! back from Outpost to the parent; with the parent stopped and the images gone from the
+//! node, the rewritten pod starts again from Outpost while the other one cannot pull (Outpost
+//! does not serve it through the mirror path); with Outpost down, containerd falls back to the
+//! plain-HTTP parent; and uninstall (its pre-delete hook) removes the node agent's files, the
+//! node label, the namespace credentials and the managed Secrets.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -437,6 +441,25 @@ fn scenario(
         app[0]["spec"]["containers"][0]["image"],
         outpost_image.as_str()
     );
+    assert_eq!(
+        app[0]["spec"]["imagePullSecrets"],
+        json!([{"name": "outpost-pull"}]),
+        "{}",
+        app[0]
+    );
+    // The pull secret the webhook wrote into the namespace: a credential of its own (username
+    // the namespace), the only way to pull from Outpost with anonymous pulls off.
+    let pull = api.get_ok("/api/v1/namespaces/apps/secrets/outpost-pull");
+    assert_eq!(
+        pull["metadata"]["annotations"]["outpost.io/credential-scope"], "**",
+        "{}",
+        pull["metadata"]
+    );
+    let config: Value =
+        serde_json::from_slice(&unb64(&pull["data"][".dockerconfigjson"])).expect("json");
+    let entry = &config["auths"][OUTPOST_IP];
+    assert_eq!(entry["username"], "apps", "the namespace is the username");
+    let basic = format!("Basic {}", entry["auth"].as_str().expect("auth"));
     assert!(
         node.images().contains(&outpost_image),
         "{:?}",
@@ -450,14 +473,24 @@ fn scenario(
     ));
     let ca_file = work.path().join("ca.crt");
     std::fs::write(&ca_file, unb64(&registry_tls["data"]["ca.crt"])).expect("ca.crt");
-    let tags: Value = outpost_e2e::oci::client_with_ca(Some(&ca_file))
-        .get(format!("https://{OUTPOST_IP}/v2/{APP_REPO}/tags/list"))
+    let client = outpost_e2e::oci::client_with_ca(Some(&ca_file));
+    let url = format!("https://{OUTPOST_IP}/v2/{APP_REPO}/tags/list");
+    let anonymous = client
+        .get(&url)
+        .send()
+        .expect("Outpost through the ClusterIP");
+    assert_eq!(anonymous.status().as_u16(), 401, "anonymous pulls are off");
+    let tags: Value = client
+        .get(&url)
+        .header("authorization", &basic)
         .send()
         .and_then(|r| r.json())
         .expect("Outpost's tag list through the ClusterIP");
     assert_eq!(tags["tags"], json!([APP_TAG]), "{tags}");
 
-    // A pod in a namespace that is not opted in: its image as written, through the mirror.
+    // A pod in a namespace that is not opted in: its image as written. The node has no
+    // credential for the mirror path (trustDistribution.nodeCredentials off), so Outpost serves
+    // it nothing private there and containerd takes the image from the parent.
     cp.create_namespace("plain", &[]);
     let plain_pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "plain", "labels": {"app": "plain"}},
@@ -485,10 +518,23 @@ fn scenario(
     });
     create(&api, "/api/v1/namespaces/plain/pods", plain_pod.clone());
     wait_ready(&api, "apps", "app%3Dapp", 1, Duration::from_secs(120));
-    wait_ready(&api, "plain", "app%3Dplain", 1, Duration::from_secs(120));
+    // The plain pod has only the mirror path, where Outpost serves nothing private: it cannot
+    // pull while the parent is away.
+    wait_until(
+        "the plain pod failing to pull with the parent away",
+        Duration::from_secs(120),
+        || {
+            let p = api.get_ok("/api/v1/namespaces/plain/pods/plain");
+            let reason = p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            reason == "ErrImagePull" || reason == "ImagePullBackOff"
+        },
+    );
     let images = node.images();
     assert!(
-        images.contains(&outpost_image) && images.contains(&parent_image),
+        images.contains(&outpost_image) && !images.contains(&parent_image),
         "{images:?}"
     );
     eprintln!("offline restarts done after {:?}", started.elapsed());
@@ -537,7 +583,7 @@ fn scenario(
     eprintln!("after uninstall: files {left:?}, label {label:?}");
     assert!(left.is_empty(), "the node agent left {left:?}");
     assert_eq!(label, None, "the node label is left after uninstall");
-    // The pull-secret copy in the opted-in namespace and the managed certificates are gone.
+    // The namespace credential in the opted-in namespace and the managed certificates are gone.
     let copies = api
         .get_ok("/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doutpost-webhook");
     assert_eq!(copies["items"], json!([]), "left after uninstall: {copies}");

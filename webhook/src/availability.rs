@@ -53,7 +53,21 @@ pub struct Settings {
     pub auth_file: Option<PathBuf>,
     /// Use `http://` (loopback labs and tests only).
     pub plain_http: bool,
+    /// Without credentials for the Outpost host in `auth_file`: a short-lived namespace
+    /// credential minted with these keys (the registry may refuse anonymous pulls, and the
+    /// chart then has no client token for the checks).
+    pub mint: Option<CheckMint>,
 }
+
+/// The namespace credential the checks mint for themselves: `namespace` (the webhook's own)
+/// pulling everything, valid for [`CHECK_CREDENTIAL_SECS`]; never stored or logged.
+pub struct CheckMint {
+    pub credentials: Arc<crate::nscred::Credentials>,
+    pub namespace: String,
+}
+
+/// Lifetime of a check credential: only the one HEAD (and token request) uses it.
+const CHECK_CREDENTIAL_SECS: u64 = 300;
 
 pub struct Checker {
     /// Rebuilt when the managed trust bundle changes (a CA rotation).
@@ -164,7 +178,7 @@ impl Checker {
 
     async fn head(&self, host: &Host, repo: &str, reference: &str) -> Outcome {
         let url = self.url(host, &format!("/v2/{repo}/manifests/{reference}"));
-        let basic = self.basic_auth(host);
+        let basic = self.basic_auth(host).or_else(|| self.minted_auth());
         let client = self.client();
         let send = |auth: Option<String>| {
             let mut req = client.head(&url).header(ACCEPT, MANIFEST_ACCEPT);
@@ -274,6 +288,34 @@ impl Checker {
         body.token
             .or(body.access_token)
             .ok_or_else(|| "Outpost token response holds no token".to_owned())
+    }
+
+    /// `Basic …` with a fresh check credential, when keys are given and load.
+    fn minted_auth(&self) -> Option<String> {
+        let m = self.settings.mint.as_ref()?;
+        let minter = match m.credentials.keys.minter() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "no check credential: the signing key file does not load");
+                return None;
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let all = crate::nscred::Scope::parse("**").ok()?;
+        match minter.mint(&m.namespace, &all, now, now + CHECK_CREDENTIAL_SECS) {
+            Ok(c) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", c.username, c.password))
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "no check credential");
+                None
+            }
+        }
     }
 
     /// `Basic …` from the dockerconfigjson file's entry for the Outpost host. Read on every
@@ -409,6 +451,64 @@ mod tests {
         );
         assert_eq!(credentials_for(doc, "nowhere.io"), None);
         assert_eq!(credentials_for(b"not json", "x"), None);
+    }
+
+    fn settings(auth_file: Option<PathBuf>, mint: Option<CheckMint>) -> Settings {
+        Settings {
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(1),
+            ca_file: None,
+            auth_file,
+            plain_http: true,
+            mint,
+        }
+    }
+
+    #[test]
+    fn checks_mint_a_short_lived_credential_without_a_pull_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("signing-keys");
+        let key_text = format!("{}\n", outpost_core::keys::generate().unwrap());
+        std::fs::write(&key_path, &key_text).unwrap();
+        let mint = || CheckMint {
+            credentials: Arc::new(crate::nscred::Credentials {
+                keys: crate::nscred::KeyFile::new(key_path.clone(), crate::nscred::parse_key_file),
+                lifetime: Duration::from_secs(3600),
+                default_scope: crate::nscred::Scope::parse("**").unwrap(),
+            }),
+            namespace: "outpost".into(),
+        };
+        let checker = Checker::new(settings(None, Some(mint()))).unwrap();
+        let basic = checker.minted_auth().expect("a minted credential");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(basic.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        let (user, password) = std::str::from_utf8(&raw).unwrap().split_once(':').unwrap();
+        assert_eq!(user, "outpost");
+        let keys = outpost_core::SigningKeys::parse(&key_path, &key_text).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let cred = outpost_core::nscred::verify(&keys, password, now).unwrap();
+        assert_eq!(cred.namespace, "outpost");
+        assert!(cred.allows("any/repo/at/all"), "{cred:?}");
+        assert!(
+            cred.expires_at <= now + CHECK_CREDENTIAL_SECS,
+            "short-lived: {cred:?}"
+        );
+        // The pull secret's entry wins when it names the host; nothing without keys.
+        let auth = dir.path().join("auth.json");
+        std::fs::write(&auth, br#"{"auths":{"r.local":{"auth":"dTpw"}}}"#).unwrap();
+        let host: Host = "r.local".parse().unwrap();
+        let with_file = Checker::new(settings(Some(auth), Some(mint()))).unwrap();
+        assert_eq!(with_file.basic_auth(&host).as_deref(), Some("Basic dTpw"));
+        assert!(
+            Checker::new(settings(None, None))
+                .unwrap()
+                .minted_auth()
+                .is_none()
+        );
     }
 
     #[test]

@@ -225,7 +225,9 @@ pub struct ServeArgs {
     #[arg(long, env = "OUTPOST_REGISTRY_CA_FILE")]
     pub registry_ca_file: Option<PathBuf>,
     /// Credentials for availability checks: a `.dockerconfigjson` file (mount the pull
-    /// secret), read on every check so rotation applies at once.
+    /// secret), read on every check so rotation applies at once. Without it (or without the
+    /// registry host in it) and with --namespace-credential-key-file, each check mints a
+    /// credential of its own (the webhook's namespace, pull everything, 5 minutes).
     #[arg(long, env = "OUTPOST_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
     /// Check availability over plain HTTP (labs only; nodes still pull as configured).
@@ -373,17 +375,21 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             ));
         }
     };
+    let credentials = namespace_credentials(&args)?;
     let checker = Checker::new(availability::Settings {
         timeout: args.availability_timeout,
         cache_ttl: args.availability_cache_ttl,
         ca_file: args.registry_ca_file.clone(),
         auth_file: args.registry_auth_file.clone(),
         plain_http: args.registry_plain_http,
+        mint: credentials.as_ref().map(|c| availability::CheckMint {
+            credentials: Arc::clone(c),
+            namespace: namespace.clone().unwrap_or_else(|| "outpost".to_owned()),
+        }),
     })?;
     if let (Some(_), Some(rx)) = (&managed_registry, &snapshots) {
         follow_bundle(rx.clone(), Arc::clone(&checker));
     }
-    let credentials = namespace_credentials(&args)?;
     if !args.no_secret_sync {
         start_secret_sync(
             namespace.clone(),

@@ -100,6 +100,7 @@ fn checker(ttl: Duration, auth_file: Option<std::path::PathBuf>) -> Arc<Checker>
         ca_file: None,
         auth_file,
         plain_http: true,
+        mint: None,
     })
     .unwrap()
 }
