@@ -347,7 +347,7 @@ def check_managed(o):
     assert "--deployment=outpost-webhook" in args and "--node-agent-daemonset=outpost-node-agent" in args
     deletable = [n for r in o.hook("ClusterRole")["rules"] if "secrets" in r["resources"]
                  for n in r.get("resourceNames", [])]
-    assert sorted(deletable) == sorted(["outpost-pull"] + MANAGED), deletable
+    assert sorted(deletable) == sorted(["outpost-pull", "outpost-node-pull"] + MANAGED), deletable
 
 
 def check_own_tls(o):
@@ -555,6 +555,33 @@ def check_no_client_tokens(o):
     assert "pull" not in vols and "tokens" not in vols, vols
     line = base64.b64decode(o.one("Secret", "-token-signing-key")["data"]["signing-keys"]).decode()
     assert line.endswith("\n") and len(base64.b64decode(line.strip())) == 32, "one 32-byte key"
+    # nodeScope [] (the default): the webhook is told to keep no node credential (and remove
+    # one it made), the node agent gets none.
+    assert "--node-credential-secret=outpost-node-pull" in c["args"] and "--node-scope=" in c["args"], c["args"]
+    agent = containers(o.one("DaemonSet", "-node-agent"))[0]
+    assert not any(a.startswith("--pull-credentials-file") for a in agent["args"]), agent["args"]
+
+
+def check_node_scope(o):
+    """trustDistribution.nodeScope: the webhook keeps <release>-node-pull holding a credential
+    for it (granted by name), the node agent gives it to containerd, the uninstall hook deletes
+    it by name."""
+    c = webhook_container(o)
+    assert "--node-credential-secret=outpost-node-pull" in c["args"], c["args"]
+    assert "--node-scope=library/**,base/*" in c["args"], c["args"]
+    rules = o.one("ClusterRole", "-webhook")["rules"]
+    named = sorted(n for r in rules if "secrets" in r["resources"] for n in r.get("resourceNames", []))
+    assert named == ["outpost-node-pull", "outpost-pull"], rules
+    ds = o.one("DaemonSet", "-node-agent")
+    agent = containers(ds)[0]
+    assert "--pull-credentials-file=/etc/outpost-node-agent/pull/.dockerconfigjson" in agent["args"], agent["args"]
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["pull"]["secret"]["secretName"] == "outpost-node-pull", vols
+    args = check_uninstall_hook(o)
+    assert "--node-credential-secret=outpost-node-pull" in args, args
+    deletable = [n for r in o.hook("ClusterRole")["rules"] if "secrets" in r["resources"]
+                 for n in r.get("resourceNames", [])]
+    assert "outpost-node-pull" in deletable, deletable
 
 
 def check_anonymous_pull(o):
@@ -740,6 +767,12 @@ REFUSALS = {
     "unknown-leader-election-without-schema": (
         {"storage": {"type": "s3", "s3": {"bucket": "outpost"}}, "registry": {"leaderElection": "etcd"}},
         "registry.leaderElection must be kubernetes (a Lease) or store (a lease in the bucket)"),
+    "node-scope-with-node-credentials": (
+        {"trustDistribution": {"nodeScope": ["base/*"], "nodeCredentials": True}},
+        "trustDistribution.nodeScope and trustDistribution.nodeCredentials exclude each other"),
+    "node-scope-without-webhook": (
+        {"trustDistribution": {"nodeScope": ["base/*"]}, "webhook": {"enabled": False}},
+        "trustDistribution.nodeScope needs webhook.enabled"),
     "replicas-on-pvc-without-schema": (
         {"registry": {"replicas": 2}},
         "registry.replicas > 1 needs object storage (storage.type s3 or azblob)"),
@@ -772,6 +805,7 @@ SCENARIOS = {
     "signing-key-kept-on-upgrade-without-tokens": ({}, check_signing_key_kept,
                                     {f"/api/v1/namespaces/{NS}/secrets/outpost-token-signing-key": KEPT_SECRET}),
     "anonymous-pull": ({"anonymousPull": True}, check_anonymous_pull),
+    "node-scope": ({"trustDistribution": {"nodeScope": ["library/**", "base/*"]}}, check_node_scope),
     "signing-key-existing-secret": ({"tokens": {"existingSecret": "outpost-tokens", "signingKey": {
         "existingSecret": "outpost-signing", "secretKey": "keys"}},
         "namespaceScopes": {"default": ["team-a/**", "base/*"], "credentialLifetime": "90m"}},

@@ -15,9 +15,12 @@
 //! the node has no credential (nothing private through the mirror path), so containerd falls
 //! back from Outpost to the parent; with the parent stopped and the images gone from the
 //! node, the rewritten pod starts again from Outpost while the other one cannot pull (Outpost
-//! does not serve it through the mirror path); with Outpost down, containerd falls back to the
-//! plain-HTTP parent; and uninstall (its pre-delete hook) removes the node agent's files, the
-//! node label, the namespace credentials and the managed Secrets.
+//! does not serve it through the mirror path); after an upgrade setting
+//! `trustDistribution.nodeScope` to the app's repositories, the webhook mints the nodes'
+//! credential, the node agent gives it to containerd and the other pod pulls from Outpost
+//! through the mirror path, the parent still away; with Outpost down, containerd falls back to
+//! the plain-HTTP parent; and uninstall (its pre-delete hook) removes the node agent's files,
+//! the node label, the namespace and node credentials and the managed Secrets.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -538,6 +541,50 @@ fn scenario(
         "{images:?}"
     );
     eprintln!("offline restarts done after {:?}", started.elapsed());
+
+    // The nodes' allow list (trustDistribution.nodeScope): the webhook mints the nodes'
+    // credential, the node agent gives it to containerd, and the plain pod's image, inside the
+    // allow list, now comes from Outpost through the mirror path, with the parent still away.
+    let node_values = work.path().join("node-scope.json");
+    std::fs::write(
+        &node_values,
+        json!({"trustDistribution": {"nodeScope": ["team/**"]}}).to_string(),
+    )
+    .expect("values");
+    let mut upgrade = args.clone();
+    upgrade[0] = "upgrade".to_string();
+    upgrade.extend(["--values".to_string(), node_values.display().to_string()]);
+    let release = helm(cp, &upgrade);
+    assert_eq!(release["status"], "deployed", "{release}");
+    let node_pull = format!("/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-node-pull");
+    wait_until("the nodes' credential", Duration::from_secs(120), || {
+        api.get(&node_pull).0 == 200
+    });
+    let minted = api.get_ok(&node_pull);
+    assert_eq!(
+        minted["metadata"]["annotations"]["outpost.io/credential-scope"], "team/**",
+        "{}",
+        minted["metadata"]
+    );
+    wait_until(
+        "hosts.toml with the nodes' credential",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&mirror_hosts)
+                .is_ok_and(|t| t.contains("Authorization = \"Basic "))
+        },
+    );
+    api.delete("/api/v1/namespaces/plain/pods/plain");
+    wait_until("the plain pod gone", Duration::from_secs(60), || {
+        api.get("/api/v1/namespaces/plain/pods/plain").0 == 404
+    });
+    create(&api, "/api/v1/namespaces/plain/pods", plain_pod.clone());
+    wait_ready(&api, "plain", "app%3Dplain", 1, Duration::from_secs(120));
+    assert!(node.images().contains(&parent_image), "{:?}", node.images());
+    eprintln!(
+        "mirror path with the nodes' credential done after {:?}",
+        started.elapsed()
+    );
 
     // Outpost down, the parent back: containerd falls back from the mirror to the parent
     // itself, over plain HTTP as the connection string says (ParentEndpointProtocol=http).

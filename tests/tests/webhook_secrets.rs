@@ -26,10 +26,11 @@ use outpost_e2e::{Layout, Registry, TestPki, bin, require, run_ok, run_timeout};
 use outpost_webhook::config::ConfigSource;
 use outpost_webhook::metrics::Metrics;
 use outpost_webhook::nscred::{
-    Credentials, KeyFile, REPOSITORIES_ANNOTATION, Scope, parse_key_file,
+    Credentials, KeyFile, NodeCredential, REPOSITORIES_ANNOTATION, Scope, parse_key_file,
 };
 use outpost_webhook::secrets::{
-    self, COPIED_FROM, INJECT_ENABLED, INJECT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, reconcile,
+    self, COPIED_FROM, INJECT_ENABLED, INJECT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, MintReason,
+    reconcile, reconcile_node_credential,
 };
 use serde_json::{Value, json};
 
@@ -716,6 +717,83 @@ async fn set_repositories(c: &kube::Client, name: &str, value: Option<&str>) {
         .unwrap_or_else(|e| panic!("annotate namespace {name}: {e}"));
 }
 
+/// The nodes' credential (`trustDistribution.nodeScope`): a pass mints the Secret in the
+/// webhook's namespace for the node scope (username that namespace, verified with the
+/// registry's check); a pass with nothing to do writes nothing; a changed scope re-mints; an
+/// empty scope deletes it; a secret of that name that is not ours is left alone.
+#[test]
+fn the_node_credential_follows_the_node_scope() {
+    let n = Names::new();
+    let (sys, name) = (n.of("system"), n.of("node-pull"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_path = dir.path().join("signing-keys");
+    let key = outpost_core::keys::generate().expect("key");
+    std::fs::write(&key_path, format!("{key}\n")).expect("key file");
+    let keys = keys_of(&key);
+    let kid = keys.kids()[0].clone();
+    run(async {
+        let admin = cp().client(None).await;
+        namespace(&admin, &sys, false).await;
+        let creds = Credentials {
+            keys: KeyFile::new(key_path.clone(), parse_key_file),
+            lifetime: Duration::from_secs(3600),
+            default_scope: Scope::parse("**").expect("scope"),
+            node: None,
+        };
+        let node = |scope: &str| NodeCredential {
+            secret: name.clone(),
+            scope: if scope.is_empty() {
+                Scope::new(Vec::new())
+            } else {
+                Scope::parse(scope).expect("scope")
+            },
+        };
+        let pass = |scope: &'static str, now: u64| {
+            let (admin, sys, creds, node) = (admin.clone(), sys.clone(), &creds, node(scope));
+            async move {
+                reconcile_node_credential(&admin, &sys, &node, "r.local", creds, now)
+                    .await
+                    .expect("node credential pass")
+            }
+        };
+        let now = unix_now();
+        let r = pass("library/**, base/*", now).await;
+        assert_eq!(r.minted, Some(MintReason::New), "{r:?}");
+        assert_eq!(r.next_renewal, Some(now + 1800), "{r:?}");
+        verified(&admin, &keys, &sys, &name, &["base/*", "library/**"], &kid).await;
+        let version = |s: Option<Secret>| s.expect("the node secret").metadata.resource_version;
+        let before = version(copy_in(&admin, &sys, &name).await);
+        let r = pass("library/**, base/*", now + 1).await;
+        assert_eq!(
+            (r.minted, r.next_renewal),
+            (None, Some(now + 1800)),
+            "{r:?}"
+        );
+        assert_eq!(
+            version(copy_in(&admin, &sys, &name).await),
+            before,
+            "rewritten"
+        );
+        let r = pass("base/*", now + 2).await;
+        assert_eq!(r.minted, Some(MintReason::Scope), "{r:?}");
+        verified(&admin, &keys, &sys, &name, &["base/*"], &kid).await;
+        let r = pass("", now + 3).await;
+        assert!(r.deleted && r.minted.is_none(), "{r:?}");
+        assert!(copy_in(&admin, &sys, &name).await.is_none());
+        // Someone else's secret of that name: left alone, whatever the scope.
+        Api::<Secret>::namespaced(admin.clone(), &sys)
+            .create(&PostParams::default(), &secret(&name, "theirs", json!({})))
+            .await
+            .expect("create a foreign secret");
+        for scope in ["base/*", ""] {
+            let r = pass(scope, now + 4).await;
+            assert!(r.foreign && r.minted.is_none() && !r.deleted, "{r:?}");
+        }
+        let theirs = copy_in(&admin, &sys, &name).await.expect("theirs");
+        assert!(annotation_of(&theirs, COPIED_FROM).is_none(), "{theirs:?}");
+    });
+}
+
 /// Namespace credentials, minted by the running controller with the chart's ServiceAccount
 /// RBAC (rendered by Helm, bound to a token of its own): team-a, team-b and shared get each
 /// their own credential, verified with the registry's check to their namespace and patterns
@@ -799,6 +877,7 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
             keys: KeyFile::new(key_path.clone(), parse_key_file),
             lifetime: Duration::from_secs(24),
             default_scope: Scope::parse("**").expect("scope"),
+            node: None,
         });
         let metrics = Arc::new(Metrics::new());
         let hook = Arc::new(Hook::default());
@@ -1131,6 +1210,7 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
             keys: KeyFile::new(key_path.clone(), parse_key_file),
             lifetime: Duration::from_secs(3600),
             default_scope: Scope::parse("**").expect("scope"),
+            node: None,
         });
         let task = tokio::spawn(secrets::run(
             admin.clone(),

@@ -475,6 +475,7 @@ mod tests {
                 keys: crate::nscred::KeyFile::new(key_path.clone(), crate::nscred::parse_key_file),
                 lifetime: Duration::from_secs(3600),
                 default_scope: crate::nscred::Scope::parse("**").unwrap(),
+                node: None,
             }),
             namespace: "outpost".into(),
         };

@@ -15,7 +15,7 @@ use crate::certs::{self, Leaf, Role, Snapshot, Spec, Timings, pki::Sans};
 use crate::config::ConfigSource;
 use crate::duration::parse_duration;
 use crate::metrics::Metrics;
-use crate::nscred::{self, Credentials, KeyFile, Scope};
+use crate::nscred::{self, Credentials, KeyFile, NodeCredential, Scope};
 use crate::server::{self, AppState};
 use crate::{secrets, tls, uninstall};
 use outpost_core::RepositoryPattern;
@@ -261,6 +261,15 @@ pub struct ServeArgs {
         default_value = "**"
     )]
     pub namespace_default_scope: Vec<String>,
+    /// Keep a Secret of this name in the webhook's namespace holding a credential for the
+    /// nodes' mirror path (the node agent's --pull-credentials-file), pulling
+    /// --node-scope (with --namespace-credential-key-file).
+    #[arg(long, env = "OUTPOST_NODE_CREDENTIAL_SECRET")]
+    pub node_credential_secret: Option<String>,
+    /// Repository patterns of the node credential (repeatable; env and value: comma-separated;
+    /// empty, the default: no node credential, an existing one of ours is deleted).
+    #[arg(long = "node-scope", env = "OUTPOST_NODE_SCOPE", value_delimiter = ',')]
+    pub node_scope: Vec<String>,
     /// How often the config, certificate and key files are checked for changes.
     #[arg(long, env = "OUTPOST_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -530,24 +539,19 @@ fn namespace_credentials(args: &ServeArgs) -> Result<Option<Arc<Credentials>>, C
             "--namespace-credential-lifetime must be at least 2s".into(),
         ));
     }
-    let mut patterns = Vec::new();
-    for p in args
-        .namespace_default_scope
-        .iter()
-        .map(|p| p.trim())
-        .filter(|p| !p.is_empty())
-    {
-        patterns.push(
-            p.parse::<RepositoryPattern>()
-                .map_err(|e| CliError::Usage(format!("--namespace-default-scope: {e}")))?,
-        );
-    }
-    if patterns.len() > nscred::MAX_PATTERNS {
-        return Err(CliError::Usage(format!(
-            "--namespace-default-scope: at most {} patterns",
-            nscred::MAX_PATTERNS
-        )));
-    }
+    let patterns = scope_flag("--namespace-default-scope", &args.namespace_default_scope)?;
+    let node = match &args.node_credential_secret {
+        Some(secret) => Some(NodeCredential {
+            secret: secret.clone(),
+            scope: Scope::new(scope_flag("--node-scope", &args.node_scope)?),
+        }),
+        None if args.node_scope.iter().any(|p| !p.trim().is_empty()) => {
+            return Err(CliError::Usage(
+                "--node-scope needs --node-credential-secret".into(),
+            ));
+        }
+        None => None,
+    };
     let keys = KeyFile::new(path.clone(), nscred::parse_key_file);
     if let Err(e) = keys.reload() {
         tracing::error!(error = %e, "namespace credentials are not minted until the key file loads");
@@ -556,7 +560,26 @@ fn namespace_credentials(args: &ServeArgs) -> Result<Option<Arc<Credentials>>, C
         keys,
         lifetime: args.namespace_credential_lifetime,
         default_scope: Scope::new(patterns),
+        node,
     })))
+}
+
+/// Repository patterns of a comma-separated scope flag (blank entries ignored).
+fn scope_flag(flag: &str, values: &[String]) -> Result<Vec<RepositoryPattern>, CliError> {
+    let mut patterns = Vec::new();
+    for p in values.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        patterns.push(
+            p.parse::<RepositoryPattern>()
+                .map_err(|e| CliError::Usage(format!("{flag}: {e}")))?,
+        );
+    }
+    if patterns.len() > nscred::MAX_PATTERNS {
+        return Err(CliError::Usage(format!(
+            "{flag}: at most {} patterns",
+            nscred::MAX_PATTERNS
+        )));
+    }
+    Ok(patterns)
 }
 
 /// The copy controller needs the API server; without it the webhook still serves.
@@ -626,9 +649,32 @@ mod tests {
         let c = namespace_credentials(&a).unwrap().unwrap();
         assert_eq!(c.default_scope.to_string(), "base/*, team-a/**");
         assert_eq!(c.lifetime, Duration::from_secs(90 * 60));
+        assert!(c.node.is_none());
+        // The chart's rendering of trustDistribution.nodeScope: [] and of a list.
+        let a = serve_args(&[
+            "--namespace-credential-key-file=/k",
+            "--node-credential-secret=outpost-node-pull",
+            "--node-scope=",
+        ]);
+        let c = namespace_credentials(&a).unwrap().unwrap();
+        let node = c.node.as_ref().expect("node credential");
+        assert_eq!(node.secret, "outpost-node-pull");
+        assert!(node.scope.is_empty());
+        let a = serve_args(&[
+            "--namespace-credential-key-file=/k",
+            "--node-credential-secret=outpost-node-pull",
+            "--node-scope=base/*,library/**",
+        ]);
+        let c = namespace_credentials(&a).unwrap().unwrap();
+        assert_eq!(
+            c.node.as_ref().unwrap().scope.to_string(),
+            "base/*, library/**"
+        );
         for bad in [
             &["--namespace-default-scope=Team/**"][..],
             &["--namespace-credential-lifetime=1s"][..],
+            &["--node-scope=base/*"][..],
+            &["--node-credential-secret=n", "--node-scope=Base"][..],
         ] {
             let mut argv = vec!["--namespace-credential-key-file=/k"];
             argv.extend_from_slice(bad);

@@ -262,6 +262,17 @@ pub struct Credentials {
     pub lifetime: std::time::Duration,
     /// The scope of namespaces without the annotation (empty: they get no credential).
     pub default_scope: Scope,
+    /// The nodes' mirror-path credential, if the controller keeps one.
+    pub node: Option<NodeCredential>,
+}
+
+/// A Secret `secret` in the webhook's own namespace holding a credential (username that
+/// namespace) pulling `scope`, for the node agents (containerd's mirror path). An empty
+/// scope: no credential (the controller deletes its own secret of that name).
+#[derive(Debug, Clone)]
+pub struct NodeCredential {
+    pub secret: String,
+    pub scope: Scope,
 }
 
 #[cfg(test)]

@@ -663,6 +663,89 @@ pub async fn reconcile_credentials(
     Ok(report)
 }
 
+/// What one pass did to the node credential: minted (why), and when to look again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    pub minted: Option<MintReason>,
+    pub deleted: bool,
+    /// A secret of that name exists and is not ours: left alone.
+    pub foreign: bool,
+    pub next_renewal: Option<u64>,
+}
+
+/// One pass over the node credential at `now`: the Secret `node.secret` in `namespace` holds
+/// a current credential for `node.scope` (minted, renewed, re-minted on a scope, key or
+/// registry change like the namespaces'), or, with an empty scope, no secret of ours.
+pub async fn reconcile_node_credential(
+    client: &Client,
+    namespace: &str,
+    node: &crate::nscred::NodeCredential,
+    registry: &str,
+    creds: &Credentials,
+    now: u64,
+) -> Result<NodeReport, SyncError> {
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let from = format!("{namespace}/{}", node.secret);
+    let mut report = NodeReport::default();
+    let existing = api.get_opt(&node.secret).await?;
+    let ours = existing.as_ref().filter(|s| is_copy_of(s, &from));
+    if existing.is_some() && ours.is_none() {
+        tracing::warn!(secret = %node.secret, "a secret of the node credential's name exists and is not ours; left alone");
+        report.foreign = true;
+        return Ok(report);
+    }
+    if node.scope.is_empty() {
+        if ours.is_some() {
+            match api.delete(&node.secret, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(secret = %node.secret, "node credential removed (empty scope)");
+                    report.deleted = true;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(report);
+    }
+    let minter = creds.keys.minter()?;
+    let lifetime = creds.lifetime.as_secs().max(1);
+    let reason = match ours {
+        Some(s) => match stale(s, &node.scope, minter.as_ref(), registry, lifetime, now) {
+            Ok(due) => {
+                report.next_renewal = Some(due);
+                return Ok(report);
+            }
+            Err(reason) => reason,
+        },
+        None => MintReason::New,
+    };
+    let kid = minter.kid();
+    let m = Minting {
+        name: &node.secret,
+        from: &from,
+        registry,
+        scope: &node.scope,
+        kid: &kid,
+        issued: now,
+        expires: now.saturating_add(lifetime),
+    };
+    let fresh = minted_secret(namespace, &m, minter.as_ref())?;
+    let landed = match ours {
+        Some(s) => overwrite(&api, s, fresh).await?,
+        None => match api.create(&PostParams::default(), &fresh).await {
+            Ok(_) => true,
+            Err(kube::Error::Api(e)) if e.code == 409 => false,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if landed {
+        tracing::info!(secret = %node.secret, scope = %node.scope, kid = %kid, expires = m.expires, reason = reason.as_str(), "node credential minted");
+        report.minted = Some(reason);
+        report.next_renewal = Some(renew_at(m.issued, m.expires));
+    }
+    Ok(report)
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -812,6 +895,25 @@ pub async fn run(
             continue;
         };
         let now = now_secs();
+        // The node credential first: its renewal time joins the namespaces' below.
+        let mut node_due = None;
+        if let Some(node) = &creds.node {
+            match reconcile_node_credential(&client, &source_namespace, node, &registry, creds, now)
+                .await
+            {
+                Ok(r) => {
+                    if let Some(reason) = r.minted {
+                        metrics.credential_minted(reason.as_str());
+                    }
+                    node_due = r.next_renewal;
+                }
+                Err(e) => {
+                    metrics.secret_sync_errors.inc();
+                    tracing::warn!(error = %e, "node credential reconciliation failed; retrying");
+                    node_due = Some(now + 10);
+                }
+            }
+        }
         match reconcile_credentials(&client, &source_namespace, &name, &registry, creds, now).await
         {
             Ok(report) => {
@@ -820,7 +922,11 @@ pub async fn run(
                 }
                 metrics.namespace_credentials.set(report.current as i64);
                 scopes.report(&report.invalid, &metrics).await;
-                due = report.next_renewal.map(|at| {
+                let next = match (report.next_renewal, node_due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                due = next.map(|at| {
                     tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
                 });
             }

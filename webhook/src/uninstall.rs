@@ -42,6 +42,10 @@ pub struct UninstallArgs {
     /// in every namespace.
     #[arg(long, env = "OUTPOST_PULL_SECRET")]
     pub pull_secret: Option<String>,
+    /// The nodes' credential Secret of the release namespace (the webhook's
+    /// --node-credential-secret), deleted if the webhook made it.
+    #[arg(long, env = "OUTPOST_NODE_CREDENTIAL_SECRET")]
+    pub node_credential_secret: Option<String>,
     /// A managed certificate Secret of the release namespace to delete (repeatable; env:
     /// comma-separated); only if it carries the certificate manager's labels.
     #[arg(
@@ -220,6 +224,30 @@ pub async fn run(client: &Client, args: &UninstallArgs) -> Result<Report, Uninst
         }
     }
     let own = Api::<Secret>::namespaced(client.clone(), &namespace);
+    if let Some(name) = &args.node_credential_secret {
+        let from = format!("{namespace}/{name}");
+        match own.get_metadata_opt(name).await {
+            Ok(Some(s)) => {
+                let ours = s
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.get(MANAGED_BY_LABEL).is_some_and(|v| v == MANAGED_BY))
+                    && s.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(COPIED_FROM))
+                        .is_some_and(|v| *v == from);
+                if ours {
+                    doomed.push((namespace.clone(), name.clone(), true));
+                } else {
+                    tracing::warn!(secret = %name, "not the webhook's node credential; left alone");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => fail("read the node credential Secret", e),
+        }
+    }
     for name in &args.certificate_secrets {
         match own.get_metadata_opt(name).await {
             Ok(Some(s)) => {

@@ -207,6 +207,25 @@ non-secret settings. Only for storage.type s3 or azblob.
 {{- define "outpost.checks" -}}
 {{- include "outpost.tlsChecks" . -}}
 {{- include "outpost.registryChecks" . -}}
+{{- include "outpost.nodeChecks" . -}}
+{{- end -}}
+
+{{/* The Secret holding the nodes' mirror-path credential, kept by the webhook when the node
+     agent and the webhook both run, else "". */}}
+{{- define "outpost.nodeCredentialSecret" -}}
+{{- if and .Values.trustDistribution.enabled .Values.webhook.enabled -}}
+{{- printf "%s-node-pull" (include "outpost.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "outpost.nodeChecks" -}}
+{{- $t := .Values.trustDistribution -}}
+{{- if and $t.nodeScope $t.nodeCredentials -}}
+{{- fail "trustDistribution.nodeScope and trustDistribution.nodeCredentials exclude each other: the nodes pull with one credential" -}}
+{{- end -}}
+{{- if and $t.nodeScope (not .Values.webhook.enabled) -}}
+{{- fail "trustDistribution.nodeScope needs webhook.enabled: the webhook mints the node credential" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The registry's leader Lease (object storage, registry.leaderElection kubernetes), else "". */}}
