@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use outpost_e2e::k8s::{ControlPlane, random_hex};
+use outpost_e2e::k8s::{ControlPlane, Rest, random_hex};
 use outpost_e2e::metrics::sample;
 use outpost_e2e::{Layout, Registry, TestPki, bin, require, run_ok, run_timeout};
 use outpost_webhook::config::ConfigSource;
@@ -372,6 +372,51 @@ fn copies_follow_the_source_and_the_namespace_labels() {
     });
 }
 
+/// Creates the ServiceAccount `account` in `sys`, the ClusterRole `role` with `rules` and the
+/// binding between them (as the chart's RBAC does); the account's token.
+fn bind_cluster_role(
+    admin_rest: &Rest,
+    sys: &str,
+    account: &str,
+    role: &str,
+    rules: &Value,
+) -> String {
+    for (path, body) in [
+        (
+            format!("/api/v1/namespaces/{sys}/serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": role}, "rules": rules}),
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": role},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                               "name": role},
+                   "subjects": [{"kind": "ServiceAccount", "name": account,
+                                 "namespace": sys}]}),
+        ),
+    ] {
+        let (status, body) = admin_rest.post(&path, &body);
+        assert_eq!(status, 201, "POST {path}: {body}");
+    }
+    cp().service_account_token(sys, account)
+}
+
+/// Deletes the cluster-wide objects [`bind_cluster_role`] made.
+fn unbind_cluster_role(admin_rest: &Rest, role: &str) {
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{role}"
+    ));
+    let _ = admin_rest.delete(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
+    ));
+}
+
 /// A renamed pull secret gets its own copies; copies under the old name are no longer read
 /// (every read names the pull secret, so RBAC can grant that name only) and stay. The second
 /// pass runs with a ServiceAccount token whose RBAC grants Secrets by the new name alone, as
@@ -400,30 +445,7 @@ fn renamed_pull_secret_gets_new_copies_and_reads_only_its_name() {
         assert!(copy_in(&admin, &n.of("shop"), &old).await.is_some());
     });
     // The blocking REST client outside the runtime.
-    for (path, body) in [
-        (
-            format!("/api/v1/namespaces/{sys}/serviceaccounts"),
-            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "copier"}}),
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                   "metadata": {"name": role}, "rules": rules}),
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                   "metadata": {"name": role},
-                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                               "name": role},
-                   "subjects": [{"kind": "ServiceAccount", "name": "copier",
-                                 "namespace": sys}]}),
-        ),
-    ] {
-        let (status, body) = admin_rest.post(&path, &body);
-        assert_eq!(status, 201, "POST {path}: {body}");
-    }
-    let token = cp().service_account_token(&sys, "copier");
+    let token = bind_cluster_role(&admin_rest, &sys, "copier", &role, &rules);
     run(async {
         let admin = cp().client(None).await;
         let sa = cp().client(Some(&token)).await;
@@ -473,12 +495,7 @@ fn renamed_pull_secret_gets_new_copies_and_reads_only_its_name() {
             );
         }
     });
-    let _ = admin_rest.delete(&format!(
-        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{role}"
-    ));
-    let _ = admin_rest.delete(&format!(
-        "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
-    ));
+    unbind_cluster_role(&admin_rest, &role);
 }
 
 /// Two replicas race to create a namespace's copy: the one that loses reads what the winner
@@ -822,30 +839,7 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
         let admin = cp().client(None).await;
         namespace(&admin, &sys, false).await;
     });
-    for (path, body) in [
-        (
-            format!("/api/v1/namespaces/{sys}/serviceaccounts"),
-            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "webhook"}}),
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_owned(),
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                   "metadata": {"name": role}, "rules": rules}),
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_owned(),
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                   "metadata": {"name": role},
-                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                               "name": role},
-                   "subjects": [{"kind": "ServiceAccount", "name": "webhook",
-                                 "namespace": sys}]}),
-        ),
-    ] {
-        let (status, body) = admin_rest.post(&path, &body);
-        assert_eq!(status, 201, "POST {path}: {body}");
-    }
-    let token = cp().service_account_token(&sys, "webhook");
+    let token = bind_cluster_role(&admin_rest, &sys, "webhook", &role, &rules);
     run(async {
         let admin = cp().client(None).await;
         let sa = cp().client(Some(&token)).await;
@@ -1075,12 +1069,7 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
             );
         }
     });
-    let _ = admin_rest.delete(&format!(
-        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{role}"
-    ));
-    let _ = admin_rest.delete(&format!(
-        "/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}"
-    ));
+    unbind_cluster_role(&admin_rest, &role);
 }
 
 /// `outpost-registry` run over HTTPS with a tokens file (no anonymous pulls) and `keys` as its
