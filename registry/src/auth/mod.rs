@@ -514,9 +514,8 @@ impl Auth {
             let namespace_only = self.signing_key_file.is_some()
                 && match &creds {
                     Credentials::Basic { password, .. } => nscred::looks_like(password),
-                    Credentials::Bearer(tok) => {
-                        self.verify_bearer(tok).is_ok_and(|c| c.ns.is_some())
-                    }
+                    // Verified once, below, where a namespace's token is told from others.
+                    Credentials::Bearer(_) => true,
                     Credentials::None => false,
                 };
             if !namespace_only {
@@ -569,8 +568,14 @@ impl Auth {
                 }
             }
             Credentials::Bearer(tok) => {
+                let verified = self.verify_bearer(&tok);
+                // Without a tokens file only a namespace's bearer token counts; any other is
+                // ignored, as credentials are without one.
+                if self.tokens_file.is_none() && !verified.as_ref().is_ok_and(|c| c.ns.is_some()) {
+                    return Ok(Principal::Anonymous(self.anonymous.actions()));
+                }
                 self.limiter.check(ip).map_err(Denial::TooMany)?;
-                match self.verify_bearer(&tok) {
+                match verified {
                     Ok(claims) if claims.ns.is_some() => {
                         let namespace = self.bearer_namespace(&claims)?;
                         Ok(Principal::Bearer {
