@@ -1,9 +1,97 @@
-//! A small CRI client: `runtime.v1.ImageService/PullImage` over containerd's socket, which is
-//! what kubelet calls to pull a pod's image. gRPC by hand (one unary call: a 5-byte frame
-//! header and two protobuf fields), over HTTP/2 on the unix socket.
+//! A containerd with the CRI plugin, and a small CRI client for it:
+//! `runtime.v1.ImageService/PullImage` over containerd's socket, which is what kubelet calls to
+//! pull a pod's image. gRPC by hand (one unary call: a 5-byte frame header and a few protobuf
+//! fields), over HTTP/2 on the unix socket.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{require, run_timeout};
+
+/// containerd with the CRI plugin, its config at `<root>/etc/containerd/config.toml` (where
+/// the agent checks it) and its hosts directory in the agent's root; state elsewhere.
+pub struct CriContainerd {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl CriContainerd {
+    pub fn start(root: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config = root.join("etc/containerd/config.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\n[grpc]\n  address = \"{sock}\"\n\
+                 [ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_port = \"0\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n",
+                r = d.join("root").display(),
+                s = d.join("state").display(),
+                sock = socket.display(),
+                hosts = root.join("etc/containerd/certs.d").display(),
+            ),
+        )
+        .unwrap();
+        let log = d.join("containerd.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(require("containerd"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let c = CriContainerd {
+            child: Some(child),
+            _dir: dir,
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ctr_pull(&self, hosts_dir: &Path, image: &str) -> std::process::Output {
+        run_timeout(
+            Command::new(require("ctr"))
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["image", "pull", "--hosts-dir"])
+                .arg(hosts_dir)
+                .arg(image),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Drop for CriContainerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 
 fn varint(mut n: usize, out: &mut Vec<u8>) {
     loop {
@@ -17,14 +105,27 @@ fn varint(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
-/// `PullImageRequest { image: ImageSpec { image } }`.
-fn pull_request(image: &str) -> Vec<u8> {
-    let mut spec = vec![0x0a];
-    varint(image.len(), &mut spec);
-    spec.extend_from_slice(image.as_bytes());
-    let mut msg = vec![0x0a];
-    varint(spec.len(), &mut msg);
-    msg.extend(spec);
+/// A length-delimited protobuf field.
+fn field(number: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push(number << 3 | 2);
+    varint(bytes.len(), out);
+    out.extend_from_slice(bytes);
+}
+
+/// `PullImageRequest { image: ImageSpec { image }, auth: AuthConfig { username, password } }`.
+/// kubelet (1.26) fills only username and password from a pod's pull secret, no
+/// server_address, so containerd offers them to every host it tries, mirrors included.
+fn pull_request(image: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
+    let mut spec = Vec::new();
+    field(1, image.as_bytes(), &mut spec);
+    let mut msg = Vec::new();
+    field(1, &spec, &mut msg);
+    if let Some((user, password)) = auth {
+        let mut a = Vec::new();
+        field(1, user.as_bytes(), &mut a);
+        field(2, password.as_bytes(), &mut a);
+        field(2, &a, &mut msg);
+    }
     msg
 }
 
@@ -49,18 +150,28 @@ fn first_string(msg: &[u8]) -> Option<String> {
 /// Pulls `image` through the CRI of the containerd listening on `socket`; returns the image
 /// reference containerd reports (`sha256:...`), or the gRPC error.
 pub fn pull_image(socket: &Path, image: &str, timeout: Duration) -> Result<String, String> {
+    pull_image_as(socket, image, None, timeout)
+}
+
+/// [`pull_image`] with the pod's credentials (`username`, `password`), as kubelet sends them.
+pub fn pull_image_as(
+    socket: &Path,
+    image: &str,
+    auth: Option<(&str, &str)>,
+    timeout: Duration,
+) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        tokio::time::timeout(timeout, pull(socket, image))
+        tokio::time::timeout(timeout, pull(socket, image, auth))
             .await
             .map_err(|_| format!("CRI PullImage of {image} did not answer in {timeout:?}"))?
     })
 }
 
-async fn pull(socket: &Path, image: &str) -> Result<String, String> {
+async fn pull(socket: &Path, image: &str, auth: Option<(&str, &str)>) -> Result<String, String> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect {}: {e}", socket.display()))?;
@@ -77,7 +188,7 @@ async fn pull(socket: &Path, image: &str) -> Result<String, String> {
         .body(())
         .map_err(|e| e.to_string())?;
     let (resp, mut send) = client.send_request(req, false).map_err(|e| e.to_string())?;
-    let msg = pull_request(image);
+    let msg = pull_request(image, auth);
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     frame.extend(msg);

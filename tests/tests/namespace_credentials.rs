@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use outpost_e2e::cri::{self, CriContainerd};
 use outpost_e2e::metrics::samples;
 use outpost_e2e::tokens::client_token;
 use outpost_e2e::{
@@ -797,4 +798,150 @@ fn upstream_metrics(reg: &Registry) -> String {
         .unwrap()
         .text()
         .unwrap()
+}
+
+/// The two pods of one unchanged Deployment, as kubelet pulls their images through the CRI
+/// (the pod's pull secret sent as username and password, no server address). In `team-a` the
+/// webhook moved the image to Outpost and the pod's secret holds team-a's credential: Outpost
+/// serves it and the upstream is not asked. In `team-b` the webhook left the image on its
+/// upstream (outside team-b's scope; see the webhook's `only_images_within_the_namespace_scope_move`),
+/// whose only credential is team-b's own: containerd tries Outpost as the node's mirror
+/// (no node credential: the chart's default `nodeScope: []`), is refused, and pulls from the
+/// upstream with team-b's credential. team-b's Outpost credential on the moved name is refused.
+#[test]
+fn team_b_falls_back_to_an_upstream_requiring_its_own_credentials() {
+    let env = setup();
+    let host = format!("127.0.0.1:{}", env.reg.port);
+    let certs = env.certs_dir();
+    let certs_s = certs.to_str().unwrap();
+    // The upstream requires credentials: an anonymous pull there fails.
+    let up_tokens = env.dir.path().join("upstream-tokens.toml");
+    let pusher = client_token(
+        &up_tokens,
+        "pusher",
+        "**",
+        &[
+            "content/read",
+            "content/write",
+            "metadata/read",
+            "metadata/write",
+        ],
+    );
+    let team_b_upstream = client_token(
+        &up_tokens,
+        "team-b",
+        "team-a/**",
+        &["content/read", "metadata/read"],
+    );
+    let upstream = Registry::start_with_args(&["--tokens", up_tokens.to_str().unwrap()]);
+    let up = format!("127.0.0.1:{}", upstream.port);
+    let layout = Layout::new(env.dir.path());
+    layout.add_image("v1", "amd64", &[("etc/who", b"the app".to_vec())]);
+    let src = format!("oci:{}:v1", layout.path.display());
+    for (dest, flags) in [
+        (
+            format!("docker://{host}/team-a/app:v1"),
+            vec![
+                "--dest-cert-dir".to_owned(),
+                certs_s.to_owned(),
+                "--dest-creds".to_owned(),
+                format!("admin:{}", env.admin_pw),
+            ],
+        ),
+        (
+            format!("docker://{up}/team-a/app:v1"),
+            vec![
+                "--dest-tls-verify=false".to_owned(),
+                "--dest-creds".to_owned(),
+                format!("pusher:{pusher}"),
+            ],
+        ),
+    ] {
+        let mut args = vec!["copy".to_owned()];
+        args.extend(flags);
+        args.push(src.clone());
+        args.push(dest);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = env.skopeo(&argv);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let cred_a = mint(&env.keys, "team-a", "team-a/**", "1h");
+    let cred_b = mint(&env.keys, "team-b", "team-b/**", "1h");
+
+    // The node: containerd's CRI reads hosts.toml files, as the node agent writes them: Outpost
+    // trusted by its CA, and Outpost as the mirror of the upstream.
+    let root = tempfile::tempdir().unwrap();
+    let ctrd = CriContainerd::start(root.path());
+    let hosts = root.path().join("etc/containerd/certs.d");
+    let ca = env.pki.ca_cert.display();
+    for (dir, text) in [
+        (
+            host.clone(),
+            format!("server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{ca}\"\n"),
+        ),
+        (
+            up.clone(),
+            format!(
+                "server = \"http://{up}\"\n\
+                 [host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n"
+            ),
+        ),
+    ] {
+        std::fs::create_dir_all(hosts.join(&dir)).unwrap();
+        std::fs::write(hosts.join(&dir).join("hosts.toml"), text).unwrap();
+    }
+    let pull = |image: &str, auth: Option<(&str, &str)>| {
+        cri::pull_image_as(&ctrd.socket, image, auth, Duration::from_secs(60))
+    };
+    let upstream_gets = || manifest_gets(&upstream_metrics(&upstream), "200");
+    // Without a node credential the mirror request is anonymous: Outpost challenges (401);
+    // the token request containerd then makes with the pod's credential (kubelet's carry no
+    // server address) is refused, and containerd tries the next host.
+    let refused_as_mirror = || {
+        let m = env.metrics();
+        manifest_gets(&m, "401") + manifest_gets(&m, "404")
+    };
+
+    // team-a's pod: the moved image, with team-a's secret, from Outpost alone.
+    let up_before = upstream_gets();
+    let image_a = pull(&format!("{host}/team-a/app:v1"), Some(("team-a", &cred_a)))
+        .unwrap_or_else(|e| panic!("team-a's CRI pull: {e}\n{}", ctrd.log_text()));
+    assert!(image_a.starts_with("sha256:"), "{image_a}");
+    assert_eq!(
+        upstream_gets(),
+        up_before,
+        "team-a's pull reached the upstream"
+    );
+    assert!(env.ns_count("accepted", "team-a") >= 1.0);
+
+    // team-b's credential cannot take the moved name from Outpost.
+    let denied = pull(&format!("{host}/team-a/app:v1"), Some(("team-b", &cred_b)))
+        .expect_err("team-b pulled team-a's image from Outpost");
+    assert!(
+        denied.contains("403") || denied.contains("denied"),
+        "{denied}"
+    );
+
+    // Without credentials the upstream refuses: the fallback below works by team-b's own.
+    let image = format!("{up}/team-a/app:v1");
+    pull(&image, None).expect_err("the upstream served an anonymous pull");
+
+    // team-b's pod: the upstream name and team-b's upstream credential. Outpost, tried first
+    // as the mirror, refuses; the upstream serves it.
+    let (up_before, refused_before) = (upstream_gets(), refused_as_mirror());
+    let b_before = env.ns_count("accepted", "team-b");
+    let image_b = pull(&image, Some(("team-b", &team_b_upstream)))
+        .unwrap_or_else(|e| panic!("team-b's CRI pull: {e}\n{}", ctrd.log_text()));
+    assert_eq!(image_b, image_a, "the same image either way");
+    assert!(
+        refused_as_mirror() > refused_before,
+        "Outpost was not tried"
+    );
+    assert!(upstream_gets() > up_before, "the upstream did not serve it");
+    // Outpost took nothing from team-b's upstream credential.
+    assert_eq!(env.ns_count("accepted", "team-b"), b_before);
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outpost_e2e::cri::CriContainerd;
 use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::DockerRegistry;
@@ -31,90 +32,6 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
-}
-
-/// containerd with the CRI plugin, its config at `<root>/etc/containerd/config.toml` (where
-/// the agent checks it) and its hosts directory in the agent's root; state elsewhere.
-struct CriContainerd {
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl CriContainerd {
-    fn start(root: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let socket = d.join("containerd.sock");
-        let config = root.join("etc/containerd/config.toml");
-        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{r}\"\nstate = \"{s}\"\n[grpc]\n  address = \"{sock}\"\n\
-                 [ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_port = \"0\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n",
-                r = d.join("root").display(),
-                s = d.join("state").display(),
-                sock = socket.display(),
-                hosts = root.join("etc/containerd/certs.d").display(),
-            ),
-        )
-        .unwrap();
-        let log = d.join("containerd.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(require("containerd"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let c = CriContainerd {
-            child: Some(child),
-            _dir: dir,
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        c
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ctr_pull(&self, hosts_dir: &Path, image: &str) -> std::process::Output {
-        run_timeout(
-            Command::new(require("ctr"))
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["image", "pull", "--hosts-dir"])
-                .arg(hosts_dir)
-                .arg(image),
-            Duration::from_secs(60),
-        )
-    }
-}
-
-impl Drop for CriContainerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Agent {

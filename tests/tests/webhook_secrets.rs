@@ -751,12 +751,12 @@ fn the_node_credential_follows_the_node_scope() {
     run(async {
         let admin = cp().client(None).await;
         namespace(&admin, &sys, false).await;
-        let creds = Credentials {
-            keys: KeyFile::new(key_path.clone(), parse_key_file),
-            lifetime: Duration::from_secs(3600),
-            default_scope: Scope::parse("**").expect("scope"),
-            node: None,
-        };
+        let creds = Credentials::new(
+            KeyFile::new(key_path.clone(), parse_key_file),
+            Duration::from_secs(3600),
+            Scope::parse("**").expect("scope"),
+            None,
+        );
         let node = |scope: &str| NodeCredential {
             secret: name.clone(),
             scope: if scope.is_empty() {
@@ -867,12 +867,12 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
                 .parse()
                 .expect("config"),
         );
-        let creds = Arc::new(Credentials {
-            keys: KeyFile::new(key_path.clone(), parse_key_file),
-            lifetime: Duration::from_secs(24),
-            default_scope: Scope::parse("**").expect("scope"),
-            node: None,
-        });
+        let creds = Arc::new(Credentials::new(
+            KeyFile::new(key_path.clone(), parse_key_file),
+            Duration::from_secs(24),
+            Scope::parse("**").expect("scope"),
+            None,
+        ));
         let metrics = Arc::new(Metrics::new());
         let hook = Arc::new(Hook::default());
         let task = tokio::spawn(secrets::run(
@@ -1195,12 +1195,12 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
                 .parse()
                 .expect("config"),
         );
-        let creds = Arc::new(Credentials {
-            keys: KeyFile::new(key_path.clone(), parse_key_file),
-            lifetime: Duration::from_secs(3600),
-            default_scope: Scope::parse("**").expect("scope"),
-            node: None,
-        });
+        let creds = Arc::new(Credentials::new(
+            KeyFile::new(key_path.clone(), parse_key_file),
+            Duration::from_secs(3600),
+            Scope::parse("**").expect("scope"),
+            None,
+        ));
         let task = tokio::spawn(secrets::run(
             admin.clone(),
             sys.clone(),

@@ -15,6 +15,7 @@ use crate::availability::Checker;
 use crate::config::ConfigSource;
 use crate::metrics::{Metrics, Outcome};
 use crate::mutate::{self, Candidate, Scope};
+use crate::nscred::ScopeTable;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -24,6 +25,9 @@ pub struct Admission {
     pub checker: Option<Arc<Checker>>,
     /// The webhook's own (release) namespace: its pods are never touched.
     pub own_namespace: Option<String>,
+    /// Each namespace's credential scope (namespace-credential mode): images outside it keep
+    /// their upstream name. `None`: every covered image moves.
+    pub scopes: Option<Arc<ScopeTable>>,
     /// The most an admission may take, checks included.
     pub budget: Duration,
     pub metrics: Arc<Metrics>,
@@ -216,6 +220,13 @@ impl Admission {
             }
         }
         let mut unavailable = BTreeMap::new();
+        if let (Some(table), Some(ns)) = (&self.scopes, &req.namespace)
+            && !candidates.is_empty()
+        {
+            candidates = self
+                .within_scope(table, ns, candidates, &mut unavailable)
+                .await;
+        }
         if config.check_availability
             && let Some(checker) = &self.checker
             && !candidates.is_empty()
@@ -258,6 +269,38 @@ impl Admission {
         let body = encode_with_base64_patch(&resp.into_review())
             .map_err(|e| Failure(format!("cannot encode the response: {e}")))?;
         Ok(Answer { body, outcome })
+    }
+
+    /// Keeps the candidates the namespace's credential may pull; the others stay on their
+    /// upstream, where containerd's mirror path (answered 404 by Outpost outside the node
+    /// scope) falls back to the upstream with the pod's own pull secrets. Moving them would
+    /// only earn a 403 from Outpost and a pod that cannot start.
+    async fn within_scope(
+        &self,
+        table: &ScopeTable,
+        namespace: &str,
+        candidates: Vec<Candidate>,
+        unavailable: &mut BTreeMap<String, String>,
+    ) -> Vec<Candidate> {
+        let scope = table.lookup(namespace).await;
+        let mut keep = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let why = match &scope {
+                Ok(s) if s.allows(c.target.repository().as_str()) => {
+                    keep.push(c);
+                    continue;
+                }
+                Ok(s) => format!(
+                    "{} is outside the repositories this namespace may pull from Outpost ({s})",
+                    c.target.repository().as_str()
+                ),
+                Err(why) => format!("the namespace has no Outpost pull credential: {why}"),
+            };
+            self.metrics.outside_scope.inc();
+            tracing::info!(namespace, container = %c.name, image = %c.original, reason = %why, "image left on its upstream");
+            unavailable.insert(c.name, why);
+        }
+        keep
     }
 
     /// Runs the availability checks concurrently, stopping at a deadline short of the budget

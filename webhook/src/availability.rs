@@ -471,12 +471,12 @@ mod tests {
         let key_text = format!("{}\n", outpost_core::keys::generate().unwrap());
         std::fs::write(&key_path, &key_text).unwrap();
         let mint = || CheckMint {
-            credentials: Arc::new(crate::nscred::Credentials {
-                keys: crate::nscred::KeyFile::new(key_path.clone(), crate::nscred::parse_key_file),
-                lifetime: Duration::from_secs(3600),
-                default_scope: crate::nscred::Scope::parse("**").unwrap(),
-                node: None,
-            }),
+            credentials: Arc::new(crate::nscred::Credentials::new(
+                crate::nscred::KeyFile::new(key_path.clone(), crate::nscred::parse_key_file),
+                Duration::from_secs(3600),
+                crate::nscred::Scope::parse("**").unwrap(),
+                None,
+            )),
             namespace: "outpost".into(),
         };
         let checker = Checker::new(settings(None, Some(mint()))).unwrap();

@@ -399,6 +399,11 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let (Some(_), Some(rx)) = (&managed_registry, &snapshots) {
         follow_bundle(rx.clone(), Arc::clone(&checker));
     }
+    // Only the controller knows the namespaces' scopes: without it, images move as before.
+    let scopes = credentials
+        .as_ref()
+        .filter(|_| !args.no_secret_sync)
+        .map(|c| Arc::clone(&c.scopes));
     if !args.no_secret_sync {
         start_secret_sync(
             namespace.clone(),
@@ -412,6 +417,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         config: Arc::clone(&config),
         checker: Some(checker),
         own_namespace: namespace,
+        scopes,
         budget: args.admission_budget,
         metrics: Arc::clone(&metrics),
     });
@@ -556,12 +562,12 @@ fn namespace_credentials(args: &ServeArgs) -> Result<Option<Arc<Credentials>>, C
     if let Err(e) = keys.reload() {
         tracing::error!(error = %e, "namespace credentials are not minted until the key file loads");
     }
-    Ok(Some(Arc::new(Credentials {
+    Ok(Some(Arc::new(Credentials::new(
         keys,
-        lifetime: args.namespace_credential_lifetime,
-        default_scope: Scope::new(patterns),
+        args.namespace_credential_lifetime,
+        Scope::new(patterns),
         node,
-    })))
+    ))))
 }
 
 /// Repository patterns of a comma-separated scope flag (blank entries ignored).

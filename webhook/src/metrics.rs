@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Opted-in namespaces holding a current namespace credential after the last pass.
     pub namespace_credentials: Gauge,
     credentials_minted: Family<ReasonLabels, Counter>,
+    /// Images left on their upstream because the namespace's credential may not pull them.
+    pub outside_scope: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,8 +135,15 @@ impl Metrics {
             "Namespace pull credentials minted, by reason (new, format, scope, key, registry, lifetime, renewal)",
             credentials_minted.clone(),
         );
+        let outside_scope = Counter::default();
+        registry.register(
+            "images_outside_scope",
+            "Images left on their upstream because their namespace's credential may not pull them from Outpost",
+            outside_scope.clone(),
+        );
         Metrics {
             registry,
+            outside_scope,
             namespace_scope_errors,
             namespace_scopes_invalid,
             namespace_credentials,

@@ -7,8 +7,9 @@
 //! verifies with; [`KeyFile`] loads the key file, follows its changes and mints through it
 //! (behind the small [`Mint`] trait).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use outpost_core::RepositoryPattern;
 
@@ -74,6 +75,11 @@ impl Scope {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// True if a credential of this scope may pull `repository`.
+    pub fn allows(&self, repository: &str) -> bool {
+        self.0.iter().any(|p| p.matches(repository))
     }
 }
 
@@ -264,6 +270,26 @@ pub struct Credentials {
     pub default_scope: Scope,
     /// The nodes' mirror-path credential, if the controller keeps one.
     pub node: Option<NodeCredential>,
+    /// Each namespace's scope, kept by the controller for the admission.
+    pub scopes: Arc<ScopeTable>,
+}
+
+impl Credentials {
+    pub fn new(
+        keys: KeyFile,
+        lifetime: std::time::Duration,
+        default_scope: Scope,
+        node: Option<NodeCredential>,
+    ) -> Credentials {
+        let scopes = Arc::new(ScopeTable::new(default_scope.clone()));
+        Credentials {
+            keys,
+            lifetime,
+            default_scope,
+            node,
+            scopes,
+        }
+    }
 }
 
 /// A Secret `secret` in the webhook's own namespace holding a credential (username that
@@ -273,6 +299,81 @@ pub struct Credentials {
 pub struct NodeCredential {
     pub secret: String,
     pub scope: Scope,
+}
+
+/// What each opted-in namespace may pull, as the controller's last pass computed it, for the
+/// admission: a pod is moved to Outpost only for images its namespace's credential can pull,
+/// so anything else keeps its upstream name (and the pod's own pull secrets apply there)
+/// instead of failing against Outpost with a 403.
+pub struct ScopeTable {
+    default: Scope,
+    /// Namespace → its scope, or why it has none; `None` before the first pass.
+    known: RwLock<Option<BTreeMap<String, Result<Scope, String>>>>,
+    /// For namespaces the last pass did not see (opted in since): read at admission.
+    client: OnceLock<kube::Client>,
+}
+
+impl ScopeTable {
+    pub fn new(default: Scope) -> ScopeTable {
+        ScopeTable {
+            default,
+            known: RwLock::new(None),
+            client: OnceLock::new(),
+        }
+    }
+
+    pub fn set_client(&self, client: kube::Client) {
+        let _ = self.client.set(client);
+    }
+
+    /// Replaces what is known with one pass's outcome: `scopes` of the namespaces that hold
+    /// a credential and `invalid` (namespace → why) of those that hold none.
+    pub fn replace(
+        &self,
+        scopes: &BTreeMap<String, Scope>,
+        invalid: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let mut map: BTreeMap<String, Result<Scope, String>> = scopes
+            .iter()
+            .map(|(ns, s)| (ns.clone(), Ok(s.clone())))
+            .collect();
+        map.extend(invalid.into_iter().map(|(ns, why)| (ns, Err(why))));
+        if let Ok(mut known) = self.known.write() {
+            *known = Some(map);
+        }
+    }
+
+    fn cached(&self, namespace: &str) -> Option<Result<Scope, String>> {
+        self.known.read().ok()?.as_ref()?.get(namespace).cloned()
+    }
+
+    /// The scope of `namespace`'s credential, or why it has none. A namespace the last pass
+    /// did not see is read from the API server (the pod may come a moment after its
+    /// namespace was labelled, before the controller's pass).
+    pub async fn lookup(&self, namespace: &str) -> Result<Scope, String> {
+        if let Some(known) = self.cached(namespace) {
+            return known;
+        }
+        let client = self
+            .client
+            .get()
+            .ok_or("the namespace scopes are not loaded yet")?;
+        let api = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+        let ns = api
+            .get_opt(namespace)
+            .await
+            .map_err(|e| format!("cannot read the namespace: {e}"))?
+            .ok_or("the namespace does not exist")?;
+        let annotations = ns.metadata.annotations.unwrap_or_default();
+        match scope_of(
+            annotations.get(REPOSITORIES_ANNOTATION).map(String::as_str),
+            &self.default,
+        ) {
+            Ok(scope) if scope.is_empty() => Err("its scope is empty".into()),
+            Ok(scope) => Ok(scope),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +409,27 @@ mod tests {
             e.contains(REPOSITORIES_ANNOTATION) && e.contains("team a/**"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_table_answers_from_the_last_pass() {
+        let table = ScopeTable::new(Scope::parse("**").unwrap());
+        // Before any pass and without API access: nothing is known, and it says so.
+        assert!(
+            table
+                .lookup("team-a")
+                .await
+                .unwrap_err()
+                .contains("not loaded")
+        );
+        let scopes = BTreeMap::from([("team-a".to_owned(), Scope::parse("team-a/**").unwrap())]);
+        table.replace(&scopes, [("team-c".to_owned(), "bad pattern".to_owned())]);
+        let a = table.lookup("team-a").await.unwrap();
+        assert!(a.allows("team-a/app") && !a.allows("team-b/app"));
+        assert_eq!(table.lookup("team-c").await.unwrap_err(), "bad pattern");
+        // A pass replaces everything: team-a opted out.
+        table.replace(&BTreeMap::new(), []);
+        assert!(table.lookup("team-a").await.is_err());
     }
 
     #[test]

@@ -363,6 +363,8 @@ pub struct CredentialReport {
     pub invalid: Vec<Invalid>,
     /// Namespaces holding a current credential after the pass.
     pub current: usize,
+    /// Every opted-in namespace's scope (those with an empty one left out).
+    pub scopes: BTreeMap<String, Scope>,
     /// The earliest renewal due among the secrets kept or written (Unix seconds).
     pub next_renewal: Option<u64>,
 }
@@ -640,6 +642,7 @@ pub async fn reconcile_credentials(
     report.minted = minted;
     report.foreign = foreign;
     report.current = current;
+    report.scopes = wanted.clone();
 
     for (ns, secret) in &owned {
         if wanted.contains_key(ns) {
@@ -842,6 +845,9 @@ pub async fn run(
     let mut key_tick = tokio::time::interval(key_check);
     key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scopes = ScopeReporter::new(&client);
+    if let Some((creds, _)) = &credentials {
+        creds.scopes.set_client(client.clone());
+    }
     // When the earliest credential renewal is due (or a failed pass is retried).
     let mut due: Option<tokio::time::Instant> = None;
     loop {
@@ -921,6 +927,13 @@ pub async fn run(
                     metrics.credential_minted(reason.as_str());
                 }
                 metrics.namespace_credentials.set(report.current as i64);
+                creds.scopes.replace(
+                    &report.scopes,
+                    report
+                        .invalid
+                        .iter()
+                        .map(|i| (i.namespace.clone(), i.error.clone())),
+                );
                 scopes.report(&report.invalid, &metrics).await;
                 let next = match (report.next_renewal, node_due) {
                     (Some(a), Some(b)) => Some(a.min(b)),

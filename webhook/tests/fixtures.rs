@@ -38,6 +38,7 @@ fn admission(config: &str) -> Admission {
         config: ConfigSource::fixed(config.parse().unwrap()),
         checker: None,
         own_namespace: Some("outpost-system".into()),
+        scopes: None,
         budget: Duration::from_secs(5),
         metrics: Arc::new(Metrics::new()),
     }
@@ -181,6 +182,101 @@ async fn mixed_pod_rewrites_per_rule() {
     assert_eq!(
         aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         serde_json::json!([{"matchExpressions": [{"key": "outpost.io/trusted", "operator": "In", "values": ["true"]}]}])
+    );
+}
+
+/// Namespace-credential mode: only images the namespace's credential may pull move; the rest
+/// keep their upstream name (and say why), and a namespace without a credential is left alone.
+#[tokio::test]
+async fn only_images_within_the_namespace_scope_move() {
+    use outpost_webhook::nscred::{Scope, ScopeTable};
+    let table = Arc::new(ScopeTable::new(Scope::parse("**").unwrap()));
+    let scopes = std::collections::BTreeMap::from([(
+        "shop".to_owned(),
+        Scope::parse("library/*, tools/*").unwrap(),
+    )]);
+    table.replace(&scopes, []);
+    let mut a = admission(CONFIG);
+    a.scopes = Some(Arc::clone(&table));
+    let review: Value = serde_json::from_slice(
+        &std::fs::read(dir("fixtures/admission/pod-mixed-create.json")).unwrap(),
+    )
+    .unwrap();
+    let resp = send(&a, &review).await;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch_of(&resp).unwrap()).unwrap();
+    for (field, name, want) in [
+        (
+            "initContainers",
+            "init-short",
+            "outpost.local:5000/library/busybox:1.36",
+        ),
+        (
+            "initContainers",
+            "init-acr",
+            "outpost.local:5000/tools/migrate:2.1",
+        ),
+        ("containers", "web", "outpost.local:5000/library/nginx"),
+        (
+            "containers",
+            "cache",
+            "outpost.local:5000/library/redis:7.2",
+        ),
+        // Outside the scope: upstream names kept.
+        (
+            "containers",
+            "ported",
+            "myacr.azurecr.io:443/hello-world:v2",
+        ),
+        ("containers", "hub-user", "bitnami/kubectl:1.29"),
+    ] {
+        assert_eq!(pod_image(&pod, field, name), want, "{name}");
+    }
+    let kept: Value = serde_json::from_str(
+        pod["metadata"]["annotations"]["outpost.io/unavailable-images"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let kept = kept.as_object().unwrap();
+    assert_eq!(
+        kept.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["api", "hub-user", "ported"]
+    );
+    assert!(
+        kept["api"]
+            .as_str()
+            .unwrap()
+            .contains("team-a/api is outside"),
+        "{kept:?}"
+    );
+    assert_eq!(resp["warnings"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        serde_json::json!([{"name": "existing-secret"}, {"name": "outpost-pull"}])
+    );
+    let outside = outpost_webhook::metrics::Metrics::encode(&a.metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_webhook_images_outside_scope_total "))
+        .map(|v| v.parse::<f64>().unwrap());
+    assert_eq!(outside, Some(3.0));
+
+    // A namespace without a credential (the last pass did not see it; no API access here):
+    // nothing moves and the pod gets no pull secret of ours.
+    let mut other = review.clone();
+    other["request"]["namespace"] = "elsewhere".into();
+    let resp = send(&a, &other).await;
+    let mut pod = other["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch_of(&resp).unwrap()).unwrap();
+    assert_eq!(pod_image(&pod, "containers", "web"), "nginx");
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        serde_json::json!([{"name": "existing-secret"}])
+    );
+    assert!(
+        pod["metadata"]["annotations"]
+            .get("outpost.io/original-images")
+            .is_none()
     );
 }
 
