@@ -1135,11 +1135,15 @@ fn skopeo(args: &[String]) -> std::process::Output {
     )
 }
 
+/// Lifetime of the credentials minted in [`minted_secrets_pull_their_own_images_from_the_registry`].
+const LIFETIME: u64 = 20;
+
 /// The minted secrets against the real registry: over HTTPS with anonymous pulls off and the
 /// same signing key file as the controller, skopeo with each namespace's `.dockerconfigjson`
 /// (as kubelet gets it) pulls its own team's image, and the registry refuses it the other
 /// team's (403); after a key rotation (new key first, in the file both read) the re-minted
-/// secrets still pull; an opted-out namespace's secret is gone.
+/// secrets still pull; an opted-out namespace's secret is gone, and the credential it held
+/// fails once it expires.
 #[test]
 fn minted_secrets_pull_their_own_images_from_the_registry() {
     let n = Names::new();
@@ -1195,9 +1199,11 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
                 .parse()
                 .expect("config"),
         );
+        // A short lifetime, so the opted-out namespace's credential is seen to expire below
+        // (the chart's 8 h work the same way, renewed at half-life).
         let creds = Arc::new(Credentials::new(
             KeyFile::new(key_path.clone(), parse_key_file),
-            Duration::from_secs(3600),
+            Duration::from_secs(LIFETIME),
             Scope::parse("**").expect("scope"),
             None,
         ));
@@ -1306,13 +1312,48 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
         );
         assert_eq!(status(team_a.clone(), "team-b/app").await, Some(403));
 
-        // Opt-out: the secret goes.
+        // Opt-out: the secret goes, and the credential read before it works until it expires,
+        // at most the lifetime after it was minted, then no more (401).
+        let (user, pass) = credential_in(a, &team_b, name_r, host_r)
+            .await
+            .expect("team-b's credential");
+        let expires = copy_in(a, &team_b, name_r)
+            .await
+            .and_then(|s| annotation_of(&s, secrets::CREDENTIAL_EXPIRES))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("expiry annotation");
+        assert!(expires <= unix_now() + LIFETIME, "{expires}");
         set_inject(&admin, &team_b, false).await;
         let team_b_r = team_b.as_str();
         eventually("team-b's secret removed", || async move {
             copy_in(a, team_b_r, name_r).await.is_none()
         })
         .await;
+        let old = |user: String, pass: String| {
+            let http = http.clone();
+            async move {
+                http.get(format!("https://{host_r}/v2/team-b/app/manifests/v1"))
+                    .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+                    .basic_auth(user, Some(pass))
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+                    .as_u16()
+            }
+        };
+        // Checked only with a second to spare: under load the removal may take a while.
+        if unix_now() + 1 < expires {
+            assert_eq!(old(user.clone(), pass.clone()).await, 200);
+        }
+        let wait = Duration::from_secs(expires.saturating_sub(unix_now()) + 1);
+        assert!(wait <= Duration::from_secs(LIFETIME + 1));
+        tokio::time::sleep(wait).await;
+        assert_eq!(
+            old(user, pass).await,
+            401,
+            "the opted-out credential outlived its expiry"
+        );
         task.abort();
     });
     drop(reg);
