@@ -11,7 +11,9 @@
 //! the node agent writes hosts.toml into the node's containerd config and labels the node; an
 //! unchanged Deployment in an opted-in namespace runs with its image rewritten to Outpost and
 //! pulled from it with the namespace credential the webhook wrote into that namespace
-//! (anonymous pulls are off by default); a pod in another namespace gets the parent's image:
+//! (anonymous pulls are off by default); the same Deployment in an opted-in namespace whose
+//! `outpost.io/repositories` does not cover the image keeps the parent's name and pulls it from
+//! the parent after Outpost refuses it on the mirror path; a pod in another namespace gets the parent's image:
 //! the node has no credential (nothing private through the mirror path), so containerd falls
 //! back from Outpost to the parent; with the parent stopped and the images gone from the
 //! node, the rewritten pod starts again from Outpost while the other one cannot pull (Outpost
@@ -426,17 +428,18 @@ fn scenario(
 
     // An unchanged Deployment in an opted-in namespace: rewritten to Outpost, pulled from it.
     cp.create_namespace("apps", &[("outpost.io/inject", "enabled")]);
-    create(
-        &api,
-        "/apis/apps/v1/namespaces/apps/deployments",
-        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+    let app_deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
                "metadata": {"name": "app"},
                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "app"}},
                         "template": {"metadata": {"labels": {"app": "app"}},
                                      "spec": {"automountServiceAccountToken": false,
                                               "terminationGracePeriodSeconds": 1,
                                               "containers": [{"name": "app", "image": parent_image,
-                                                  "command": ["/bin/busybox", "sleep", "3600"]}]}}}}),
+                                                  "command": ["/bin/busybox", "sleep", "3600"]}]}}}});
+    create(
+        &api,
+        "/apis/apps/v1/namespaces/apps/deployments",
+        app_deployment.clone(),
     );
     let outpost_image = format!("{OUTPOST_IP}/{APP_REPO}:{APP_TAG}");
     let app = wait_ready(&api, "apps", "app%3Dapp", 1, Duration::from_secs(120));
@@ -490,6 +493,44 @@ fn scenario(
         .and_then(|r| r.json())
         .expect("Outpost's tag list through the ClusterIP");
     assert_eq!(tags["tags"], json!([APP_TAG]), "{tags}");
+
+    // The same Deployment in an opted-in namespace whose scope does not cover the image: the
+    // webhook leaves its upstream name (the namespace's credential could not pull it from
+    // Outpost), and containerd takes it from the parent after Outpost, tried first as the
+    // node's mirror, refuses it.
+    create(
+        &api,
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "team-b", "labels": {"outpost.io/inject": "enabled"},
+                            "annotations": {"outpost.io/repositories": "team-b/**"}}}),
+    );
+    let mut team_b_app = app_deployment.clone();
+    team_b_app["metadata"]["namespace"] = json!("team-b");
+    create(
+        &api,
+        "/apis/apps/v1/namespaces/team-b/deployments",
+        team_b_app,
+    );
+    let b = wait_ready(&api, "team-b", "app%3Dapp", 1, Duration::from_secs(120));
+    assert_eq!(
+        b[0]["spec"]["containers"][0]["image"],
+        parent_image.as_str()
+    );
+    assert!(b[0]["spec"].get("imagePullSecrets").is_none(), "{}", b[0]);
+    let kept = b[0]["metadata"]["annotations"]["outpost.io/unavailable-images"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        kept.contains("outside the repositories"),
+        "{}",
+        b[0]["metadata"]
+    );
+    let b_secret = api.get_ok("/api/v1/namespaces/team-b/secrets/outpost-pull");
+    assert_eq!(
+        b_secret["metadata"]["annotations"]["outpost.io/credential-scope"],
+        "team-b/**"
+    );
 
     // A pod in a namespace that is not opted in: its image as written. The node has no
     // credential for the mirror path (trustDistribution.nodeCredentials off), so Outpost serves
