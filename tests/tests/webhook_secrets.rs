@@ -1138,17 +1138,20 @@ fn skopeo(args: &[String]) -> std::process::Output {
 /// Lifetime of the credentials minted in [`minted_secrets_pull_their_own_images_from_the_registry`].
 const LIFETIME: u64 = 20;
 
-/// The minted secrets against the real registry: over HTTPS with anonymous pulls off and the
-/// same signing key file as the controller, skopeo with each namespace's `.dockerconfigjson`
-/// (as kubelet gets it) pulls its own team's image, and the registry refuses it the other
-/// team's (403); after a key rotation (new key first, in the file both read) the re-minted
+/// The minted secrets against the real registry: the controller runs with the chart's RBAC;
+/// over HTTPS with anonymous pulls off and the same signing key file as the controller, skopeo
+/// with each namespace's `.dockerconfigjson` (as kubelet gets it) pulls its own team's image,
+/// and the registry refuses it the other team's (403); `shared` (no annotation, the default
+/// scope) pulls both; after a key rotation (new key first, in the file both read) the re-minted
 /// secrets still pull; an opted-out namespace's secret is gone, and the credential it held
 /// fails once it expires.
 #[test]
 fn minted_secrets_pull_their_own_images_from_the_registry() {
     let n = Names::new();
     let (sys, name) = (n.of("system"), n.of("pull"));
-    let (team_a, team_b) = (n.of("team-a"), n.of("team-b"));
+    let (team_a, team_b, shared) = (n.of("team-a"), n.of("team-b"), n.of("shared"));
+    let role = n.of("webhook");
+    let admin_rest = cp().admin();
     let dir = tempfile::tempdir().expect("temp dir");
     let key_path = dir.path().join("signing-keys");
     let key_a = outpost_core::keys::generate().expect("key");
@@ -1190,9 +1193,35 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
     run(async {
         let admin = cp().client(None).await;
         namespace(&admin, &sys, false).await;
-        for (ns, scope) in [(&team_a, "team-a/**"), (&team_b, "team-b/**")] {
+    });
+    // The controller runs with the chart's RBAC for the webhook.
+    let token = bind_cluster_role(
+        &admin_rest,
+        &sys,
+        "webhook",
+        &role,
+        &chart_webhook_rules(&name),
+    );
+    run(async {
+        let admin = cp().client(None).await;
+        let sa = cp().client(Some(&token)).await;
+        let (sa_r, sys_r, name_r) = (&sa, sys.as_str(), name.as_str());
+        eventually("RBAC for the webhook's token", || async move {
+            Api::<Secret>::namespaced(sa_r.clone(), sys_r)
+                .get_opt(name_r)
+                .await
+                .is_ok()
+        })
+        .await;
+        for (ns, scope) in [
+            (&team_a, Some("team-a/**")),
+            (&team_b, Some("team-b/**")),
+            (&shared, None),
+        ] {
             namespace(&admin, ns, true).await;
-            set_repositories(&admin, ns, Some(scope)).await;
+            if scope.is_some() {
+                set_repositories(&admin, ns, scope).await;
+            }
         }
         let config = ConfigSource::fixed(
             format!("registry = \"{host}\"\npull_secret = \"{name}\"")
@@ -1208,7 +1237,7 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
             None,
         ));
         let task = tokio::spawn(secrets::run(
-            admin.clone(),
+            sa.clone(),
             sys.clone(),
             config,
             Arc::new(Metrics::new()),
@@ -1216,7 +1245,7 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
             Some((creds, Duration::from_millis(200))),
         ));
         let (a, name_r, host_r) = (&admin, name.as_str(), host.as_str());
-        let (ta, tb) = (team_a.as_str(), team_b.as_str());
+        let (ta, tb, sh) = (team_a.as_str(), team_b.as_str(), shared.as_str());
         // Each namespace's secret, as a file skopeo reads (kubelet hands containerd the same).
         let auth_file = |ns: String| {
             let path = dir.path().join(format!("{ns}.json"));
@@ -1261,10 +1290,22 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
                 Some(r.status().as_u16())
             }
         };
-        eventually("both secrets", || async move {
-            copy_in(a, ta, name_r).await.is_some() && copy_in(a, tb, name_r).await.is_some()
+        eventually("the three secrets", || async move {
+            copy_in(a, ta, name_r).await.is_some()
+                && copy_in(a, tb, name_r).await.is_some()
+                && copy_in(a, sh, name_r).await.is_some()
         })
         .await;
+        // `shared` has no annotation: the default scope (`**`) pulls both teams' images.
+        let file = auth_file(shared.clone()).await.expect("secret");
+        for repo in ["team-a/app", "team-b/app"] {
+            let out = pulls(file.clone(), repo).await;
+            assert!(
+                out.status.success(),
+                "shared pulling {repo}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for (ns, own, other) in [
             (&team_a, "team-a/app", "team-b/app"),
             (&team_b, "team-b/app", "team-a/app"),
@@ -1356,5 +1397,6 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
         );
         task.abort();
     });
+    unbind_cluster_role(&admin_rest, &role);
     drop(reg);
 }
