@@ -407,6 +407,18 @@ fn bind_cluster_role(
     cp().service_account_token(sys, account)
 }
 
+/// Waits until the API server's authorizer lets `sa` (the webhook's token) read the pull
+/// secret `name` in `sys`: a new binding takes a moment to apply.
+async fn rbac_in_force(sa: &kube::Client, sys: &str, name: &str) {
+    eventually("RBAC for the webhook's token", || async move {
+        Api::<Secret>::namespaced(sa.clone(), sys)
+            .get_opt(name)
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
 /// Deletes the cluster-wide objects [`bind_cluster_role`] made.
 fn unbind_cluster_role(admin_rest: &Rest, role: &str) {
     let _ = admin_rest.delete(&format!(
@@ -843,14 +855,7 @@ fn namespace_credentials_are_minted_scoped_renewed_and_rotated() {
     run(async {
         let admin = cp().client(None).await;
         let sa = cp().client(Some(&token)).await;
-        let (sa_r, sys_r, name_r) = (&sa, sys.as_str(), name.as_str());
-        eventually("RBAC for the webhook's token", || async move {
-            Api::<Secret>::namespaced(sa_r.clone(), sys_r)
-                .get_opt(name_r)
-                .await
-                .is_ok()
-        })
-        .await;
+        rbac_in_force(&sa, &sys, &name).await;
         for (ns, annotation) in [
             (&team_a, Some("team-a/**")),
             (&team_b, Some("team-b/**")),
@@ -1205,14 +1210,7 @@ fn minted_secrets_pull_their_own_images_from_the_registry() {
     run(async {
         let admin = cp().client(None).await;
         let sa = cp().client(Some(&token)).await;
-        let (sa_r, sys_r, name_r) = (&sa, sys.as_str(), name.as_str());
-        eventually("RBAC for the webhook's token", || async move {
-            Api::<Secret>::namespaced(sa_r.clone(), sys_r)
-                .get_opt(name_r)
-                .await
-                .is_ok()
-        })
-        .await;
+        rbac_in_force(&sa, &sys, &name).await;
         for (ns, scope) in [
             (&team_a, Some("team-a/**")),
             (&team_b, Some("team-b/**")),

@@ -56,6 +56,11 @@ async fn send(a: &Admission, review: &Value) -> Value {
     resp
 }
 
+/// A pod annotation holding JSON, parsed.
+fn annotation_json(pod: &Value, key: &str) -> Value {
+    serde_json::from_str(pod["metadata"]["annotations"][key].as_str().unwrap()).unwrap()
+}
+
 fn patch_of(resp: &Value) -> Option<json_patch::Patch> {
     let b64 = resp.get("patch")?.as_str()?;
     assert_eq!(resp["patchType"], "JSONPatch");
@@ -154,12 +159,7 @@ async fn mixed_pod_rewrites_per_rule() {
     ] {
         assert_eq!(pod_image(&pod, field, name), want, "{name}");
     }
-    let originals: Value = serde_json::from_str(
-        pod["metadata"]["annotations"]["outpost.io/original-images"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let originals: Value = annotation_json(&pod, "outpost.io/original-images");
     assert_eq!(originals["web"], "nginx");
     assert_eq!(originals["init-short"], "busybox:1.36");
     assert!(originals.get("tool").is_none());
@@ -232,12 +232,7 @@ async fn only_images_within_the_namespace_scope_move() {
     ] {
         assert_eq!(pod_image(&pod, field, name), want, "{name}");
     }
-    let kept: Value = serde_json::from_str(
-        pod["metadata"]["annotations"]["outpost.io/unavailable-images"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let kept: Value = annotation_json(&pod, "outpost.io/unavailable-images");
     let kept = kept.as_object().unwrap();
     assert_eq!(
         kept.keys().map(String::as_str).collect::<Vec<_>>(),
