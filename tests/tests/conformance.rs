@@ -136,6 +136,7 @@ on_every_backend!(
     indexes_need_their_children,
     tags_list_paginates,
     catalog_paginates,
+    catalog_pages_nested_names_in_lexical_order,
     deletes,
     referrers_and_subject,
     bad_names_and_paths,
@@ -877,6 +878,69 @@ fn catalog_paginates(t: T) {
         StatusCode::BAD_REQUEST,
         "PAGINATION_NUMBER_INVALID",
     );
+}
+
+/// Full names sort as strings: `a-b` and `a.b` come between `a` and `a/b` ('-' and '.' sort
+/// before '/'), which a walk of the nested folders would not give by itself. Paging by the
+/// Link header at every page size must give the same list, each name once.
+fn catalog_pages_nested_names_in_lexical_order(t: T) {
+    let pushed = [
+        "a/b/c", "ab", "a", "a-b", "a/b", "a.b", "a_b", "a0", "a-b/c", "b/a", "a/b-c",
+    ];
+    for (i, n) in pushed.iter().enumerate() {
+        let body = t.image(n, 60 + i as u64, OCI_MANIFEST);
+        assert_eq!(
+            t.put_manifest(n, "v1", OCI_MANIFEST, &body).status(),
+            StatusCode::CREATED
+        );
+    }
+    let mut sorted: Vec<&str> = pushed.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        [
+            "a", "a-b", "a-b/c", "a.b", "a/b", "a/b-c", "a/b/c", "a0", "a_b", "ab", "b/a"
+        ]
+    );
+    let v: Value = t.get("/v2/_catalog").json().unwrap();
+    assert_eq!(v["repositories"], json!(sorted));
+    for n in 1..=4 {
+        let mut got: Vec<String> = Vec::new();
+        let mut next = Some(format!("/v2/_catalog?n={n}"));
+        // Bounded: one page per name at most, and one more that ends it.
+        for _ in 0..=pushed.len() {
+            let Some(url) = next.take() else { break };
+            let r = t.get(&url);
+            assert_eq!(r.status(), StatusCode::OK);
+            next = r
+                .headers()
+                .get("link")
+                .map(|l| l.to_str().unwrap().to_owned())
+                .map(|l| {
+                    let (target, rel) = l.split_once("; ").unwrap();
+                    assert_eq!(rel, "rel=\"next\"");
+                    target
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_owned()
+                });
+            let v: Value = r.json().unwrap();
+            let page: Vec<String> = v["repositories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_owned())
+                .collect();
+            assert!(page.len() <= n);
+            got.extend(page);
+        }
+        assert!(next.is_none(), "paging at n={n} ended");
+        assert_eq!(got, sorted, "pages of {n}");
+    }
+    let v: Value = t.get("/v2/_catalog?n=3&last=a%2F").json().unwrap();
+    assert_eq!(v["repositories"], json!(["a/b", "a/b-c", "a/b/c"]));
+    let v: Value = t.get("/v2/_catalog?n=2&last=a-b").json().unwrap();
+    assert_eq!(v["repositories"], json!(["a-b/c", "a.b"]));
 }
 
 fn deletes(t: T) {

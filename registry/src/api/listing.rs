@@ -8,16 +8,23 @@ use serde_json::json;
 use super::{ApiError, Code, Shared, query};
 use crate::auth::Principal;
 
-/// One page of a sorted list after `last`, at most `n` long, and whether more follow.
-fn page(items: Vec<String>, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
-    let start = match last {
-        Some(l) => items.partition_point(|i| i.as_str() <= l),
-        None => 0,
-    };
-    let rest = &items[start..];
+/// How many repositories the catalog asks the store for at a time when the caller may not
+/// read all of them (its page is filled from several of these).
+const CATALOG_CHUNK: usize = 100;
+
+/// How many items to ask the store for: one more than the page, to know whether more follow.
+fn fetch_limit(n: Option<usize>) -> usize {
+    n.map_or(usize::MAX, |n| n.saturating_add(1))
+}
+
+/// Cuts what the store gave (up to `fetch_limit(n)` items) to the page, and whether more follow.
+fn cut(mut items: Vec<String>, n: Option<usize>) -> (Vec<String>, bool) {
     match n {
-        Some(n) if n < rest.len() => (rest[..n].to_vec(), true),
-        _ => (rest.to_vec(), false),
+        Some(n) if n < items.len() => {
+            items.truncate(n);
+            (items, true)
+        }
+        _ => (items, false),
     }
 }
 
@@ -61,8 +68,12 @@ fn encode_query_value(v: &str) -> String {
 
 pub async fn tags(app: &Shared, repo: &RepositoryName, uri: &Uri) -> Result<Response, ApiError> {
     let (n, last) = pagination(uri)?;
-    let all = app.store.tags(repo).await?;
-    let (tags, more) = page(all, n, last.as_deref());
+    // The store reads from `last` on, so a page costs its size, not the repository's.
+    let fetched = app
+        .store
+        .tags_page(repo, last.as_deref(), fetch_limit(n))
+        .await?;
+    let (tags, more) = cut(fetched, n);
     let next = match (more, tags.last(), n) {
         (true, Some(l), Some(n)) => Some(format!(
             "</v2/{repo}/tags/list?n={n}&last={}>; rel=\"next\"",
@@ -78,16 +89,31 @@ pub async fn tags(app: &Shared, repo: &RepositoryName, uri: &Uri) -> Result<Resp
 
 pub async fn catalog(app: &Shared, uri: &Uri, principal: &Principal) -> Result<Response, ApiError> {
     let (n, last) = pagination(uri)?;
-    let all: Vec<String> = app
-        .store
-        .repositories()
-        .await?
-        .into_iter()
-        .map(|r| r.as_str().to_owned())
-        .collect();
-    // Only what the caller may read; paging happens over that list, so pages stay full.
-    let all = super::access::visible(principal, all);
-    let (repos, more) = page(all, n, last.as_deref());
+    let want = fetch_limit(n);
+    // Only what the caller may read, and pages stay full: the store is read from `last` on
+    // in chunks until the page is filled (one chunk when the caller may read everything).
+    let mut visible = Vec::new();
+    let mut cursor = last;
+    loop {
+        let chunk = want.saturating_sub(visible.len()).max(CATALOG_CHUNK);
+        let got = app
+            .store
+            .repositories_page(cursor.as_deref(), chunk)
+            .await?;
+        let exhausted = got.len() < chunk;
+        // Ends: every round moves the cursor past what it read, or the store is exhausted.
+        match got.last() {
+            Some(l) => cursor = Some(l.as_str().to_owned()),
+            None => break,
+        }
+        let names = got.into_iter().map(|r| r.as_str().to_owned()).collect();
+        visible.extend(super::access::visible(principal, names));
+        if exhausted || visible.len() >= want {
+            break;
+        }
+    }
+    visible.truncate(want);
+    let (repos, more) = cut(visible, n);
     let next = match (more, repos.last(), n) {
         (true, Some(l), Some(n)) => Some(format!(
             "</v2/_catalog?n={n}&last={}>; rel=\"next\"",
@@ -100,7 +126,7 @@ pub async fn catalog(app: &Shared, uri: &Uri, principal: &Principal) -> Result<R
 
 #[cfg(test)]
 mod tests {
-    use super::page;
+    use super::{cut, fetch_limit};
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
@@ -108,15 +134,13 @@ mod tests {
 
     #[test]
     fn pages() {
-        let all = v(&["a", "b", "c", "d"]);
-        assert_eq!(page(all.clone(), Some(2), None), (v(&["a", "b"]), true));
-        assert_eq!(
-            page(all.clone(), Some(2), Some("b")),
-            (v(&["c", "d"]), false)
-        );
-        assert_eq!(page(all.clone(), Some(0), None), (v(&[]), true));
-        assert_eq!(page(all.clone(), None, Some("bb")), (v(&["c", "d"]), false));
-        assert_eq!(page(all.clone(), Some(9), Some("z")), (v(&[]), false));
-        assert_eq!(page(all, Some(4), None), (v(&["a", "b", "c", "d"]), false));
+        assert_eq!(fetch_limit(Some(2)), 3);
+        assert_eq!(fetch_limit(Some(usize::MAX)), usize::MAX);
+        assert_eq!(fetch_limit(None), usize::MAX);
+        assert_eq!(cut(v(&["a", "b", "c"]), Some(2)), (v(&["a", "b"]), true));
+        assert_eq!(cut(v(&["c", "d"]), Some(2)), (v(&["c", "d"]), false));
+        assert_eq!(cut(v(&["a"]), Some(0)), (v(&[]), true));
+        assert_eq!(cut(v(&[]), Some(0)), (v(&[]), false));
+        assert_eq!(cut(v(&["c", "d"]), None), (v(&["c", "d"]), false));
     }
 }

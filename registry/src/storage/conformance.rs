@@ -48,6 +48,7 @@ pub async fn check(store: &dyn Store) {
     blobs(store).await;
     uploads(store).await;
     manifests(store).await;
+    paging(store).await;
     maintenance(store).await;
     documents(store).await;
     conditional_documents(store).await;
@@ -380,6 +381,163 @@ async fn manifests(store: &dyn Store) {
         store.manifest_delete(&r, &d).await,
         Err(StorageError::ManifestUnknown)
     ));
+}
+
+/// Every page of `size` from the start, each asked after the last name of the one before.
+async fn all_pages<F, Fut>(size: usize, mut page: F) -> Vec<String>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let mut got: Vec<String> = Vec::new();
+    // Bounded: the store holds far fewer than this many names.
+    for _ in 0..1000 {
+        let p = page(got.last().cloned()).await;
+        assert!(p.len() <= size, "a page of {size} held {}", p.len());
+        if p.is_empty() {
+            return got;
+        }
+        got.extend(p);
+    }
+    panic!("paging did not end");
+}
+
+/// Paged repositories and tags: the lexical order of full names, which is not the order of a
+/// walk of the nested folders (`a-b` and `a.b` sort between `a` and `a/b`).
+async fn paging(store: &dyn Store) {
+    let nested = [
+        "page/ab",
+        "page/a/b/c",
+        "page/a",
+        "page/a-b",
+        "page/a/b",
+        "page/a.b",
+        "page/a_b",
+        "page/a0",
+        "page/b/a",
+        "page/a-b/c",
+    ];
+    for n in nested {
+        put_blob(store, &repo(n), b"paging").await;
+    }
+    let page_of = |after: Option<String>, size: usize| async move {
+        store
+            .repositories_page(after.as_deref(), size)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect::<Vec<String>>()
+    };
+    // One page of everything: sorted, every repository in it. A repository whose content
+    // was all deleted may stay in it (its folder on disk, its index entry on object storage).
+    let all = page_of(None, usize::MAX).await;
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(all, sorted, "sorted, each name once");
+    for r in store.repositories().await.unwrap() {
+        assert!(all.iter().any(|a| a == r.as_str()), "{r} listed");
+    }
+    for n in nested {
+        assert!(all.iter().any(|a| a == n), "{n} listed");
+    }
+    for size in [1, 2, 3, 7, 1000] {
+        assert_eq!(
+            all_pages(size, |after| page_of(after, size)).await,
+            all,
+            "pages of {size}"
+        );
+    }
+    let expect = |after: &str, n: usize| -> Vec<String> {
+        all.iter()
+            .filter(|a| a.as_str() > after)
+            .take(n)
+            .cloned()
+            .collect()
+    };
+    // `last` need not be a repository, nor even a valid name.
+    for after in [
+        "page/a",
+        "page/a-",
+        "page/a/",
+        "page/a/b/c/d",
+        "page/a.",
+        "Z",
+        "page/a~",
+        "",
+    ] {
+        assert_eq!(
+            page_of(Some(after.to_owned()), 3).await,
+            expect(after, 3),
+            "after {after:?}"
+        );
+    }
+    assert_eq!(
+        page_of(Some("page/a".to_owned()), 4).await,
+        ["page/a-b", "page/a-b/c", "page/a.b", "page/a/b"]
+    );
+    assert!(page_of(None, 0).await.is_empty());
+
+    // Tags: flat names, sorted as bytes (upper case before lower, `-` and `.` before digits).
+    let r = repo("page/tags");
+    let config = put_blob(store, &r, b"{}").await;
+    let content = Bytes::from_static(b"{\"schemaVersion\":2,\"pretend\":\"paged\"}");
+    let d = digest_of(Algorithm::Sha256, &content);
+    let names = [
+        "v1", "v1-rc", "v1.0", "v10", "V2", "a_b", "_x", "latest", "v1.0.1",
+    ];
+    for t in names {
+        let t = tag(t);
+        store
+            .manifest_put(
+                &r,
+                image(&d, &content, std::slice::from_ref(&config), Some(&t), None),
+            )
+            .await
+            .unwrap();
+    }
+    let mut sorted: Vec<String> = names.iter().map(|t| t.to_string()).collect();
+    sorted.sort_unstable();
+    assert_eq!(store.tags(&r).await.unwrap(), sorted);
+    for size in [1, 2, 4, 100] {
+        let got = all_pages(size, |after| {
+            let r = r.clone();
+            async move { store.tags_page(&r, after.as_deref(), size).await.unwrap() }
+        })
+        .await;
+        assert_eq!(got, sorted, "tag pages of {size}");
+    }
+    // `last` need not be a tag (only `v1.` is one).
+    for after in ["v1.", "v1/x", "~", "v1-rc~"] {
+        let want: Vec<String> = sorted
+            .iter()
+            .filter(|t| t.as_str() > after)
+            .take(2)
+            .cloned()
+            .collect();
+        assert_eq!(
+            store.tags_page(&r, Some(after), 2).await.unwrap(),
+            want,
+            "tags after {after:?}"
+        );
+    }
+    assert!(matches!(
+        store.tags_page(&repo("page/none"), None, 10).await,
+        Err(StorageError::RepositoryUnknown)
+    ));
+    assert!(matches!(
+        store.tags_page(&repo("page/none"), Some("v1"), 10).await,
+        Err(StorageError::RepositoryUnknown)
+    ));
+    // A repository with blobs but no tags is known, with an empty page.
+    assert!(
+        store
+            .tags_page(&repo("page/a"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 fn image<'a>(

@@ -261,6 +261,23 @@ pub trait Store: Send + Sync + 'static {
     async fn repo_blob_links(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError>;
     /// Every repository holding at least one manifest or blob, sorted.
     async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError>;
+    /// At most `limit` repositories whose names sort after `after` (byte order of the full
+    /// names, as the catalog pages them), sorted. A backend reads in proportion to `limit`,
+    /// not to the number of repositories, so paging through all of them stays linear; this
+    /// default (the full list) is for stores where that does not matter.
+    async fn repositories_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RepositoryName>, StorageError> {
+        Ok(self
+            .repositories()
+            .await?
+            .into_iter()
+            .filter(|r| after.is_none_or(|a| r.as_str() > a))
+            .take(limit)
+            .collect())
+    }
 
     // --- manifests, tags, referrers ---
 
@@ -292,6 +309,23 @@ pub trait Store: Send + Sync + 'static {
     async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError>;
     /// Tags of `repo`, sorted; `RepositoryUnknown` if the repository does not exist.
     async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError>;
+    /// At most `limit` tags of `repo` that sort after `after`, sorted; `RepositoryUnknown`
+    /// as for [`Store::tags`]. Like [`Store::repositories_page`], a backend reads in
+    /// proportion to `limit`; the default filters the full list.
+    async fn tags_page(
+        &self,
+        repo: &RepositoryName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .tags(repo)
+            .await?
+            .into_iter()
+            .filter(|t| after.is_none_or(|a| t.as_str() > a))
+            .take(limit)
+            .collect())
+    }
     /// Descriptors of the manifests in `repo` whose subject is `subject`.
     async fn referrers(
         &self,

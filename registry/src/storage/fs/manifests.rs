@@ -207,19 +207,25 @@ pub(super) async fn tag_delete(
     .await
 }
 
-pub(super) async fn tags(
+pub(super) async fn tags_page(
     store: &FsStore,
     repo: &RepositoryName,
+    after: Option<&str>,
+    limit: usize,
 ) -> Result<Vec<String>, StorageError> {
     let (dir, tags) = (store.repo_dir(repo), store.tags_dir(repo));
+    let cache = store.dirs.clone();
+    let after = after.map(str::to_owned);
     blocking(move || {
         if !dir.is_dir() {
             return Err(StorageError::RepositoryUnknown);
         }
-        let mut names = list_names(&tags)?;
-        names.retain(|n| n.parse::<Tag>().is_ok());
-        names.sort();
-        Ok(names)
+        Ok(super::listing::tags_page(
+            &cache,
+            &tags,
+            after.as_deref(),
+            limit,
+        )?)
     })
     .await
 }

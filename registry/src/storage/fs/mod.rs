@@ -37,6 +37,7 @@ use super::{
 mod blobs;
 mod docs;
 mod files;
+mod listing;
 mod locks;
 mod manifests;
 mod referrers;
@@ -53,6 +54,8 @@ pub struct FsStore {
     root: Arc<Path>,
     /// One lock per upload session, so concurrent PATCHes to one session serialise.
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<UploadProgress>>>>>,
+    /// Sorted listings of large directories of the repository tree, for paged listings.
+    dirs: Arc<listing::DirCache>,
 }
 
 impl FsStore {
@@ -65,6 +68,7 @@ impl FsStore {
         Ok(FsStore {
             root: root.into(),
             uploads: Arc::default(),
+            dirs: Arc::default(),
         })
     }
 
@@ -237,7 +241,15 @@ impl Store for FsStore {
     }
 
     async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError> {
-        repos::repositories(self).await
+        repos::repositories_page(self, None, usize::MAX).await
+    }
+
+    async fn repositories_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RepositoryName>, StorageError> {
+        repos::repositories_page(self, after, limit).await
     }
 
     async fn manifest_put(
@@ -281,7 +293,16 @@ impl Store for FsStore {
     }
 
     async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError> {
-        manifests::tags(self, repo).await
+        manifests::tags_page(self, repo, None, usize::MAX).await
+    }
+
+    async fn tags_page(
+        &self,
+        repo: &RepositoryName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        manifests::tags_page(self, repo, after, limit).await
     }
 
     async fn referrers(

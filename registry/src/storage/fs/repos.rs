@@ -10,33 +10,6 @@ use super::files::*;
 use crate::storage::StorageError;
 
 impl FsStore {
-    pub(super) fn repositories_under(
-        dir: &Path,
-        prefix: &str,
-        out: &mut Vec<String>,
-    ) -> io::Result<()> {
-        let mut is_repo = false;
-        for name in list_names(dir)? {
-            if name.starts_with('_') {
-                is_repo |= name == "_manifests" || name == "_layers";
-                continue;
-            }
-            let child = dir.join(&name);
-            if child.is_dir() {
-                let full = if prefix.is_empty() {
-                    name
-                } else {
-                    format!("{prefix}/{name}")
-                };
-                Self::repositories_under(&child, &full, out)?;
-            }
-        }
-        if is_repo && !prefix.is_empty() {
-            out.push(prefix.to_owned());
-        }
-        Ok(())
-    }
-
     pub(super) fn digests_in(dir: &Path) -> io::Result<Vec<Digest>> {
         let mut out = Vec::new();
         for alg in Algorithm::ALL {
@@ -97,14 +70,18 @@ pub(super) async fn repo_blob_links(
     blocking(move || Ok(FsStore::digests_in(&dir)?)).await
 }
 
-pub(super) async fn repositories(store: &FsStore) -> Result<Vec<RepositoryName>, StorageError> {
+pub(super) async fn repositories_page(
+    store: &FsStore,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<RepositoryName>, StorageError> {
     let dir = store.root.join("repositories");
+    let cache = store.dirs.clone();
+    let after = after.map(str::to_owned);
     blocking(move || {
-        let mut names = Vec::new();
-        FsStore::repositories_under(&dir, "", &mut names)?;
-        let mut repos: Vec<RepositoryName> = names.iter().filter_map(|n| n.parse().ok()).collect();
-        repos.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        Ok(repos)
+        let names = super::listing::repositories_page(&cache, &dir, after.as_deref(), limit)?;
+        // The walk returns only names that parse.
+        Ok(names.iter().filter_map(|n| n.parse().ok()).collect())
     })
     .await
 }

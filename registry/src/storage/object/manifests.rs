@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use outpost_core::{Algorithm, Digest, RepositoryName, Tag};
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,7 @@ pub(super) async fn repo_blob_link(
     if store.head(&store.blob_key(digest)).await?.is_none() {
         return Err(StorageError::BlobUnknown(digest.clone()));
     }
+    store.catalog_note(repo).await?;
     // Writing the empty link again costs one PUT, checking first one HEAD: just write.
     store
         .put(&store.layer_key(repo, digest), Bytes::new())
@@ -134,6 +136,7 @@ pub(super) async fn manifest_put(
             )));
         }
     };
+    store.catalog_note(repo).await?;
     store
         .put(&store.layer_key(repo, m.digest), Bytes::new())
         .await?;
@@ -329,18 +332,22 @@ pub(super) async fn manifest_delete(
     store.delete(&store.revision_key(repo, d)).await
 }
 
+/// Whether `repo` holds anything (one LIST with a delimiter).
+async fn repo_exists(store: &BucketStore, repo: &RepositoryName) -> Result<bool, StorageError> {
+    let top = store
+        .store
+        .list_with_delimiter(Some(&store.key(&BucketStore::repo_rel(repo))))
+        .await
+        .map_err(os_err)?;
+    Ok(!(top.common_prefixes.is_empty() && top.objects.is_empty()))
+}
+
 pub(super) async fn tags(
     store: &BucketStore,
     repo: &RepositoryName,
 ) -> Result<Vec<String>, StorageError> {
     let repo_rel = BucketStore::repo_rel(repo);
-    // One LIST with a delimiter tells whether the repository exists at all.
-    let top = store
-        .store
-        .list_with_delimiter(Some(&store.key(&repo_rel)))
-        .await
-        .map_err(os_err)?;
-    if top.common_prefixes.is_empty() && top.objects.is_empty() {
+    if !repo_exists(store, repo).await? {
         return Err(StorageError::RepositoryUnknown);
     }
     let listed = store
@@ -356,6 +363,47 @@ pub(super) async fn tags(
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// Up to `limit` tags after `after`: a listing that starts after `after`'s key and stops
+/// once the page is full (tag objects are flat and their keys sort as the tags do).
+pub(super) async fn tags_page(
+    store: &BucketStore,
+    repo: &RepositoryName,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StorageError> {
+    let rel = format!("{}/_manifests/tags", BucketStore::repo_rel(repo));
+    let prefix = store.key(&rel);
+    let mut listing = match after {
+        Some(a) if a.parse::<Tag>().is_ok() => store
+            .store
+            .list_with_offset(Some(&prefix), &store.key(&format!("{rel}/{a}"))),
+        // Not a tag, so not a key to start after: the whole listing, filtered below.
+        _ => store.store.list(Some(&prefix)),
+    };
+    let mut out = Vec::new();
+    while out.len() < limit
+        && let Some(meta) = listing.next().await
+    {
+        let meta = meta.map_err(os_err)?;
+        let Some(name) = store
+            .rel(&meta.location)
+            .and_then(|r| r.strip_prefix(rel.as_str()))
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            continue;
+        };
+        if name.contains('/') || name.parse::<Tag>().is_err() || after.is_some_and(|a| name <= a) {
+            continue;
+        }
+        out.push(name.to_owned());
+    }
+    // Only an empty page needs to tell an empty repository from an unknown one.
+    if out.is_empty() && !repo_exists(store, repo).await? {
+        return Err(StorageError::RepositoryUnknown);
+    }
+    Ok(out)
 }
 
 pub(super) async fn referrers(

@@ -9,6 +9,7 @@
 //! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
 //! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
 //! uploads/<id>/state.json, uploads/<id>/parts/<start>   upload sessions
+//! catalog/<hex of a repository name>, catalog.json      the repositories' index (see `catalog`)
 //! locks/maintenance.json                                the gc lease (see `lock`)
 //! sync/                                                 documents: sync state, the readwrite
 //!                                                       outbox, staging requests, pull times
@@ -38,6 +39,7 @@ use super::{
 
 mod blobs;
 mod cache;
+mod catalog;
 mod docs;
 mod instrument;
 mod lock;
@@ -72,6 +74,8 @@ pub struct BucketStore {
     health: Arc<instrument::Health>,
     /// Requests sent, by operation.
     requests: Arc<RequestCounts>,
+    /// The repositories' index entries written, for the paged catalog (see `catalog`).
+    catalog: Arc<catalog::Catalog>,
     /// Signs URLs to objects (S3 presigned, Azure SAS), without a request.
     signer: Option<Arc<dyn object_store::signer::Signer>>,
     /// With `signer`: blob GETs are redirected with URLs valid this long.
@@ -129,6 +133,7 @@ impl BucketStore {
             maintenance: Arc::default(),
             lock: Arc::new(lock::Shared::new(LockTiming::default())),
             manifests: Arc::default(),
+            catalog: Arc::default(),
             health,
         }
     }
@@ -348,6 +353,14 @@ impl Store for BucketStore {
         manifests::repositories(self).await
     }
 
+    async fn repositories_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RepositoryName>, StorageError> {
+        self.catalog_page(after, limit).await
+    }
+
     async fn manifest_put(
         &self,
         repo: &RepositoryName,
@@ -398,6 +411,15 @@ impl Store for BucketStore {
 
     async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError> {
         manifests::tags(self, repo).await
+    }
+
+    async fn tags_page(
+        &self,
+        repo: &RepositoryName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        manifests::tags_page(self, repo, after, limit).await
     }
 
     async fn referrers(

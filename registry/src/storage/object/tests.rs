@@ -13,9 +13,9 @@ use aws_lc_rs::hmac;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
+use object_store::{ObjectStore, ObjectStoreExt};
 use outpost_core::{Algorithm, RepositoryName};
 
 use super::{BucketStore, LockTiming};
@@ -779,4 +779,76 @@ async fn slow_push_is_withdrawn_if_gc_swept_its_blob() {
             );
         }
     }
+}
+
+fn count_of(store: &BucketStore, op: &str) -> u64 {
+    store
+        .requests
+        .snapshot()
+        .into_iter()
+        .find(|(o, _)| *o == op)
+        .map_or(0, |(_, n)| n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_index_is_built_once_for_an_older_store_and_pages_read_one_page() {
+    let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let (a, _) = two_handles(|| mem.clone(), "p");
+    let names = ["x/a", "x/a-b", "x/a/b", "y", "x/ab"];
+    let d = digest_of(Algorithm::Sha256, b"indexed");
+    a.blob_put(
+        &d,
+        Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
+            b"indexed",
+        ))])),
+        None,
+    )
+    .await
+    .unwrap();
+    for n in names {
+        a.repo_blob_link(&n.parse().unwrap(), &d).await.unwrap();
+    }
+    // As a store written before the index existed: no entries, no completion mark.
+    let entries: Vec<_> = mem
+        .list(Some(&"p/catalog".into()))
+        .map(|m| m.unwrap().location)
+        .collect()
+        .await;
+    assert_eq!(entries.len(), names.len());
+    for k in entries.iter().chain([&"p/catalog.json".into()]) {
+        mem.delete(k).await.unwrap();
+    }
+    let b = BucketStore::new(mem.clone(), "p");
+    let page = |s: &BucketStore, after: Option<&'static str>, n: usize| {
+        let s = s.clone();
+        async move {
+            s.repositories_page(after, n)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.as_str().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(&b, None, 2).await, ["x/a", "x/a-b"]);
+    assert!(mem.head(&"p/catalog.json".into()).await.is_ok());
+    // Built: a page is one LIST request, however many repositories there are.
+    let lists = count_of(&b, "list");
+    assert_eq!(page(&b, Some("x/a-b"), 2).await, ["x/a/b", "x/ab"]);
+    assert_eq!(count_of(&b, "list"), lists + 1);
+    // A repository another process creates later is in the index at once.
+    a.repo_blob_link(&"x/a.b".parse().unwrap(), &d)
+        .await
+        .unwrap();
+    assert_eq!(page(&b, Some("x/a-b"), 2).await, ["x/a.b", "x/a/b"]);
+    assert_eq!(
+        page(&b, None, 100).await,
+        ["x/a", "x/a-b", "x/a.b", "x/a/b", "x/ab", "y"]
+    );
+    // Writing to a repository already noted costs no further request for the index.
+    let puts = count_of(&a, "put");
+    a.repo_blob_link(&"x/a.b".parse().unwrap(), &d)
+        .await
+        .unwrap();
+    assert_eq!(count_of(&a, "put"), puts + 1, "the link alone");
 }

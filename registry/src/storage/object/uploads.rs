@@ -351,6 +351,7 @@ pub(super) async fn upload_finish(
             None => {}
         }
     }
+    store.catalog_note(repo).await?;
     store
         .put(&store.layer_key(repo, digest), Bytes::new())
         .await?;
