@@ -61,6 +61,10 @@ pub struct Metrics {
     pub staging_images: Family<StateLabels, Gauge>,
     pub evictions: Counter,
     pub evicted_bytes: Counter,
+    /// Connected registries below this one, by state (online, offline).
+    pub children: Family<StateLabels, Gauge>,
+    /// Reports of this registry's state to its parent, by result.
+    pub parent_reports: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,7 +159,23 @@ impl Metrics {
             "Blob bytes removed by eviction",
             evicted_bytes.clone(),
         );
+        let children = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "children",
+            "Connected registries below this one (nested ones included) by state: online, or \
+             offline when not heard from for two of their sync intervals (10 minutes without one)",
+            children.clone(),
+        );
+        let parent_reports = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "parent_reports",
+            "Reports of this registry's state to an Outpost parent, by result (sent; denied: \
+             the sync token lacks message/write on gateway/<name>; failed: any other error)",
+            parent_reports.clone(),
+        );
         Metrics {
+            children,
+            parent_reports,
             pull_through,
             staging_images,
             evictions,

@@ -444,7 +444,17 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
         None => None,
     };
+    // This registry's own children: it is their parent whether or not it has a parent itself.
+    let children = crate::sync::children::Children::new(
+        store.clone(),
+        metrics.clone(),
+        syncer.as_ref().map(|s| s.status(0).name),
+    );
+    if let Some(s) = &syncer {
+        s.set_children(children.clone());
+    }
     let app = Arc::new(AppState {
+        children: children.clone(),
         staging: staging.clone(),
         retention: retention.clone(),
         store: store.clone(),
@@ -470,6 +480,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     };
 
     spawn_upkeep(store, metrics, opts.upload_expiry, !leadership.is_sole());
+    children.spawn();
     if let Some(s) = &syncer {
         s.spawn();
     }

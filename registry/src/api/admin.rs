@@ -174,6 +174,8 @@ pub fn router() -> Router<Shared> {
             "/outpost/v1/namespace-credentials",
             get(namespace_credentials),
         )
+        .route("/outpost/v1/children", get(super::children::list))
+        .route("/outpost/v1/children/{name}", get(super::children::show))
         .route("/outpost/v1/sync", post(sync_now))
         .route("/outpost/v1/staging", post(stage).get(staging_list))
         .route(

@@ -23,6 +23,7 @@ use crate::storage::{ByteStream, Store};
 pub mod access;
 pub mod admin;
 pub mod blobs;
+pub mod children;
 pub mod error;
 pub mod health;
 pub mod listing;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub retention: Option<Arc<crate::service::retention::Retention>>,
     /// Staging requests; `None` when standalone.
     pub staging: Option<Arc<crate::service::staging::Staging>>,
+    /// Connected registries that report to this one.
+    pub children: Arc<crate::sync::children::Children>,
     /// Set on SIGTERM/SIGINT: /readyz answers 503 from then on, so load balancers stop
     /// sending new connections while the listeners still serve (`--shutdown-delay`).
     pub shutting_down: std::sync::atomic::AtomicBool,
@@ -294,6 +297,12 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
             "docker-distribution-api-version",
             HeaderValue::from_static("registry/2.0"),
         );
+        // Tells a child syncing from here that it may report its state (other parents lack
+        // the header, and a child sends them nothing).
+        resp.headers_mut().insert(
+            crate::sync::report::OUTPOST_API_HEADER,
+            HeaderValue::from_static(crate::sync::report::OUTPOST_API_VERSION),
+        );
     }
     let elapsed = start.elapsed();
     app.metrics
@@ -314,6 +323,10 @@ pub fn router(app: Shared, with_metrics: bool) -> Router {
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
         .route(access::TOKEN_PATH, any(access::token_endpoint))
+        .route(
+            "/outpost/v1/children/{name}",
+            axum::routing::put(children::report),
+        )
         .merge(health::router());
     if with_metrics {
         r = r.merge(health::metrics_router());

@@ -23,7 +23,7 @@ use bearer::{AccessEntry, BearerError, Claims, NamespaceGrant, Signer};
 use keys::KeyFileError;
 use limiter::FailureLimiter;
 use namespace::NamespaceAuth;
-pub use tokens::{Action, Actions};
+pub use tokens::{Action, Actions, gateway_repository};
 use tokens::{Token, TokenSet, TokensError, TokensFile};
 
 /// The `service` of our bearer challenge; tokens for any other service are refused.
@@ -243,6 +243,7 @@ pub fn scope_for(repo: &str, action: Action) -> String {
         Action::ContentDelete => "delete",
         Action::MetadataRead => "metadata_read",
         Action::MetadataWrite => "metadata_write",
+        Action::MessageWrite => "message_write",
     };
     format!("repository:{repo}:{actions}")
 }
@@ -263,6 +264,7 @@ fn requested_actions(list: &str) -> Actions {
             "content_read" => &[Action::ContentRead],
             "content_write" => &[Action::ContentWrite],
             "content_delete" => &[Action::ContentDelete],
+            "message_write" => &[Action::MessageWrite],
             "*" => &Action::ALL,
             _ => &[],
         };

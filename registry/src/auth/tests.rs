@@ -16,6 +16,7 @@ name = "team"
 rules = [
   {{ repository = "team/**", actions = ["content/read", "content/write", "metadata/read"] }},
   {{ repository = "shared", actions = ["content/read"] }},
+  {{ repository = "gateway/edge-a", actions = ["message/write"] }},
 ]
 [[token]]
 name = "ci"
@@ -154,6 +155,36 @@ async fn readonly_refuses_every_write() {
         );
     } else {
         panic!("bearer principal");
+    }
+}
+
+/// A child reports with `message/write` on its own gateway pseudo-repository only, also to a
+/// readonly registry (a report changes no content); anonymous pull does not include it.
+#[tokio::test]
+async fn reporting_needs_message_write_on_the_own_gateway() {
+    for readonly in [false, true] {
+        let (auth, _f, pw) = auth_with(Anonymous::Pull, readonly);
+        let p = auth.authenticate(IP, basic("ci", &pw)).await.unwrap();
+        let own = gateway_repository("Edge-A");
+        assert_eq!(own, "gateway/edge-a");
+        assert!(
+            auth.authorize(&p, &[need(&own, Action::MessageWrite)])
+                .is_ok()
+        );
+        assert!(matches!(
+            auth.authorize(&p, &[need("gateway/edge-b", Action::MessageWrite)]),
+            Err(Denial::Denied(_))
+        ));
+        // Content actions on team/** do not include it.
+        assert!(matches!(
+            auth.authorize(&p, &[need("team/gateway", Action::MessageWrite)]),
+            Err(Denial::Denied(_))
+        ));
+        let anon = auth.authenticate(IP, Credentials::None).await.unwrap();
+        assert!(
+            auth.authorize(&anon, &[need(&own, Action::MessageWrite)])
+                .is_err()
+        );
     }
 }
 

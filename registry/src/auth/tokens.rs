@@ -18,15 +18,27 @@ pub enum Action {
     ContentDelete,
     MetadataRead,
     MetadataWrite,
+    /// A connected registry reporting its state to this one, its parent (ACR's
+    /// `gateway/<name>/message/write`): granted on the gateway pseudo-repository
+    /// `gateway/<name>` (see [`gateway_repository`]), meaningless on any other.
+    MessageWrite,
+}
+
+/// The pseudo-repository a scope map names to let the connected registry `name` report to this
+/// one with `message/write`, as ACR's `gateway/<name>/message/write`. Repository names are
+/// lowercase, connected registry names need not be.
+pub fn gateway_repository(name: &str) -> String {
+    format!("gateway/{}", name.to_ascii_lowercase())
 }
 
 impl Action {
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 6] = [
         Action::ContentRead,
         Action::ContentWrite,
         Action::ContentDelete,
         Action::MetadataRead,
         Action::MetadataWrite,
+        Action::MessageWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +48,7 @@ impl Action {
             Action::ContentDelete => "content/delete",
             Action::MetadataRead => "metadata/read",
             Action::MetadataWrite => "metadata/write",
+            Action::MessageWrite => "message/write",
         }
     }
 
@@ -47,7 +60,8 @@ impl Action {
         1 << (self as u8)
     }
 
-    /// Whether the action changes content (refused in readonly mode).
+    /// Whether the action changes content (refused in readonly mode). A report changes no
+    /// content: a readonly registry in the middle of a chain still hears its children.
     pub fn is_write(self) -> bool {
         matches!(
             self,
@@ -243,7 +257,7 @@ fn parse_rules(map: &str, rules: &[RuleEntry]) -> Result<Vec<Rule>, TokensError>
                 actions.insert(Action::parse(a).ok_or_else(|| {
                     TokensError::Invalid(format!(
                         "scope map {map:?}: unknown action {a:?} (use content/read, content/write, \
-                         content/delete, metadata/read or metadata/write)"
+                         content/delete, metadata/read, metadata/write or message/write)"
                     ))
                 })?);
             }

@@ -10,6 +10,7 @@ use super::CliError;
 use crate::config::parse_duration;
 use crate::service::staging::{ImageState, StagingRequest};
 use crate::sync::Status;
+use crate::sync::children::ChildView;
 
 #[derive(clap::Args, Debug)]
 pub struct AdminArgs {
@@ -67,6 +68,41 @@ pub struct StageArgs {
     /// Follow an existing request instead of starting one.
     #[arg(long, env = "OUTPOST_STAGE_ID", conflicts_with_all = ["images", "file"])]
     pub id: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ConnectedRegistryCommand {
+    /// Every connected registry heard from: NAME | MODE | CONNECTION STATE | PARENT | LOGIN
+    /// SERVER | LAST SYNC(UTC). One not heard from for two of its sync intervals (10 minutes
+    /// when it reports none) is Offline.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Output format: a table, or the admin API's JSON (GET /outpost/v1/children).
+        #[arg(
+            short = 'o',
+            long,
+            env = "OUTPOST_OUTPUT",
+            value_enum,
+            default_value = "table"
+        )]
+        output: Output,
+    },
+    /// One connected registry in detail: version, storage, staging, when it was last heard.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Its name (ConnectedRegistryName).
+        name: String,
+        #[arg(
+            short = 'o',
+            long,
+            env = "OUTPOST_OUTPUT",
+            value_enum,
+            default_value = "table"
+        )]
+        output: Output,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -269,6 +305,138 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode, CliError> {
             serde_json::to_string_pretty(&s).map_err(|e| CliError::Admin(e.to_string()))?
         ),
         Output::Table => print!("{}", render_status(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn render_children(children: &[ChildView]) -> String {
+    let mut rows = vec![
+        [
+            "NAME",
+            "MODE",
+            "CONNECTION STATE",
+            "PARENT",
+            "LOGIN SERVER",
+            "LAST SYNC(UTC)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in children {
+        rows.push(vec![
+            c.name.clone(),
+            c.mode.clone(),
+            c.connection_state.clone(),
+            c.parent.clone(),
+            if c.login_server.is_empty() {
+                "-".into()
+            } else {
+                c.login_server.clone()
+            },
+            dash(&c.last_sync_utc),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn render_child(c: &ChildView) -> String {
+    let staging = if c.staging.values().all(|n| *n == 0) {
+        "-".to_owned()
+    } else {
+        c.staging
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rows: Vec<Vec<String>> = [
+        ("Name", c.name.clone()),
+        ("Mode", c.mode.clone()),
+        ("Connection state", c.connection_state.clone()),
+        ("Parent", c.parent.clone()),
+        ("Login server", c.login_server.clone()),
+        ("Last sync (UTC)", dash(&c.last_sync_utc)),
+        (
+            "Last heard (UTC)",
+            format!("{} ({} s ago)", c.last_heard_utc, c.seconds_since_heard),
+        ),
+        (
+            "Offline after",
+            format!("{} s unheard", c.offline_after_seconds),
+        ),
+        (
+            "Sync interval",
+            c.sync_interval_seconds
+                .map_or("-".into(), |s| format!("{s} s")),
+        ),
+        ("Reported state", c.reported_connection_state.clone()),
+        ("Version", c.version.clone()),
+        ("Storage used", mib(c.storage_bytes)),
+        ("Staging images", staging),
+        ("Last error", dash(&c.last_error)),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![format!("{k}:"), v])
+    .collect();
+    table(&rows)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| CliError::Admin(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+pub async fn connected_registry(cmd: ConnectedRegistryCommand) -> Result<ExitCode, CliError> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Answer {
+        children: Vec<ChildView>,
+    }
+    match cmd {
+        ConnectedRegistryCommand::List { admin, output } => {
+            let c = client(&admin)?;
+            let a: Answer = get_json(&c, &admin, "/outpost/v1/children").await?;
+            match output {
+                Output::Json => print_json(&a)?,
+                Output::Table => print!("{}", render_children(&a.children)),
+            }
+        }
+        ConnectedRegistryCommand::Show {
+            admin,
+            name,
+            output,
+        } => {
+            // A name no child can have is not put in a URL.
+            if !crate::sync::children::valid_name(&name) {
+                return Err(CliError::Admin(format!(
+                    "{name:?} is not a connected registry name (1-50 of A-Z a-z 0-9 - _)"
+                )));
+            }
+            let c = client(&admin)?;
+            let path = format!("/outpost/v1/children/{name}");
+            let u = url(&admin, &path);
+            let resp =
+                c.get(&u).send().await.map_err(|e| {
+                    CliError::Admin(format!("cannot reach the admin API at {u}: {e}"))
+                })?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Err(CliError::Admin(format!(
+                    "no connected registry {name} has reported to this registry"
+                )));
+            }
+            if !resp.status().is_success() {
+                return Err(CliError::Admin(format!("{u}: HTTP {}", resp.status())));
+            }
+            let child: ChildView = resp
+                .json()
+                .await
+                .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))?;
+            match output {
+                Output::Json => print_json(&child)?,
+                Output::Table => print!("{}", render_child(&child)),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -608,5 +776,66 @@ mod tests {
         let row = lines.next().unwrap();
         assert!(row.starts_with("edge-1"));
         assert!(row.contains("myacr.azurecr.io") && row.contains("2026-11-22T10:00:00Z"));
+    }
+
+    #[test]
+    fn children_table_has_the_contract_columns() {
+        let child = |name: &str, parent: &str, state: &str| ChildView {
+            name: name.into(),
+            mode: "readonly".into(),
+            connection_state: state.into(),
+            parent: parent.into(),
+            login_server: "127.0.0.1:5000".into(),
+            last_sync_utc: Some("2026-11-22T10:00:00Z".into()),
+            last_heard_utc: "2026-11-22T10:00:01Z".into(),
+            seconds_since_heard: 3,
+            offline_after_seconds: 120,
+            reported_connection_state: "online".into(),
+            version: "0.1.0".into(),
+            storage_bytes: 3 << 20,
+            staging: [("staged".to_owned(), 2u64)].into_iter().collect(),
+            sync_interval_seconds: Some(60),
+            last_error: None,
+        };
+        let t = render_children(&[
+            child("edge-a", "-", "Online"),
+            child("edge-b", "edge-a", "Offline"),
+        ]);
+        let lines: Vec<Vec<&str>> = t
+            .lines()
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            lines[0],
+            [
+                "NAME",
+                "MODE",
+                "CONNECTION STATE",
+                "PARENT",
+                "LOGIN SERVER",
+                "LAST SYNC(UTC)"
+            ]
+        );
+        assert_eq!(
+            lines[2],
+            [
+                "edge-b",
+                "readonly",
+                "Offline",
+                "edge-a",
+                "127.0.0.1:5000",
+                "2026-11-22T10:00:00Z"
+            ]
+        );
+        let d = render_child(&child("edge-b", "edge-a", "Offline"));
+        assert!(
+            d.contains("2 staged") && d.contains("3.0 MiB") && d.contains("120 s unheard"),
+            "{d}"
+        );
     }
 }

@@ -67,6 +67,10 @@ pub enum Command {
     Status(admin::StatusArgs),
     /// Start a sync with the parent now, outside the schedule; --wait follows it to the end.
     Sync(admin::SyncArgs),
+    /// The connected registries that report to this one (nested ones included), from the
+    /// admin API: `list` as a table, `show NAME` one in detail.
+    #[command(subcommand)]
+    ConnectedRegistry(admin::ConnectedRegistryCommand),
     /// Download images now, ahead of a maintenance window, and pin them; --wait shows a
     /// progress bar per image and exits 1 if any image failed.
     Stage(admin::StageArgs),
@@ -449,6 +453,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Status(a) => admin::status(a).await,
         Command::Sync(a) => admin::sync(a).await,
+        Command::ConnectedRegistry(c) => admin::connected_registry(c).await,
         Command::Stage(a) => admin::stage(a).await,
         Command::ScopeMap(c) => {
             tokens::run_scope_map(c)?;

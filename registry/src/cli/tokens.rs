@@ -48,9 +48,15 @@ pub enum ScopeMapCommand {
         name: String,
         /// A repository pattern and its actions; repeat for more (`*` within a segment,
         /// `**` across). Actions: content/read content/write content/delete metadata/read
-        /// metadata/write.
+        /// metadata/write, and message/write on `gateway/<connected registry name>` (see
+        /// --gateway).
         #[arg(long = "repository", num_args = 2.., value_names = ["REPO", "ACTION"], required = true, action = clap::ArgAction::Append)]
         repository: Vec<String>,
+        /// A connected registry (its ConnectedRegistryName) whose sync token this scope map
+        /// is for: adds `gateway/<NAME> message/write`, so that child may report its state
+        /// to this registry (`connected-registry list`). Repeatable.
+        #[arg(long = "gateway", value_name = "NAME", action = clap::ArgAction::Append)]
+        gateway: Vec<String>,
         /// Free text shown by `list`.
         #[arg(long)]
         description: Option<String>,
@@ -234,6 +240,7 @@ pub fn run_scope_map(cmd: ScopeMapCommand) -> Result<(), TokensError> {
             file,
             name,
             repository,
+            gateway,
             description,
         } => {
             if !valid_name(&name) {
@@ -241,7 +248,14 @@ pub fn run_scope_map(cmd: ScopeMapCommand) -> Result<(), TokensError> {
                     "scope map name {name:?} must be 1-50 of A-Z a-z 0-9 - _"
                 )));
             }
-            let rules = rules_from_args(&groups(&repository))?;
+            let mut rule_groups = groups(&repository);
+            for g in &gateway {
+                rule_groups.push(vec![
+                    crate::auth::gateway_repository(g),
+                    Action::MessageWrite.as_str().to_owned(),
+                ]);
+            }
+            let rules = rules_from_args(&rule_groups)?;
             edit(&file.tokens, |f| {
                 if f.scope_map_mut(&name).is_some() {
                     return Err(invalid(format!("scope map {name:?} already exists")));

@@ -116,9 +116,12 @@ impl Run {
     }
 
     pub async fn execute(mut self) -> Report {
-        if let Err(e) = self.parent.ping().await {
-            self.contact_failed(&e);
-            return self.report;
+        match self.parent.ping().await {
+            Ok(outpost) => self.syncer.note_parent_kind(outpost),
+            Err(e) => {
+                self.contact_failed(&e);
+                return self.report;
+            }
         }
         self.syncer.contact(true);
         if let Err(e) = self.flush_outbox().await {

@@ -4,12 +4,14 @@
 //! [`Syncer`] owns all of it; the scheduler task starts runs at schedule firings (or when asked
 //! through the admin API) and [`engine`] carries a run out.
 
+pub mod children;
 pub mod connection;
 mod engine;
 pub mod flight;
 pub mod image;
 pub mod outbox;
 pub mod parent;
+pub mod report;
 pub mod schedule;
 pub mod state;
 pub mod transfer;
@@ -181,6 +183,13 @@ pub struct Syncer {
     takeover: tokio::sync::Mutex<()>,
     running: AtomicBool,
     live: Mutex<Option<Arc<LiveRun>>>,
+    /// The registries below this one, named in its reports to the parent.
+    children: std::sync::OnceLock<Arc<children::Children>>,
+    /// What the last `/v2/` answer said: the parent is an Outpost (reports go to it).
+    parent_is_outpost: AtomicBool,
+    parent_kind_known: AtomicBool,
+    /// The last report's failure (`denied`, `failed`), so each kind is logged once in a row.
+    last_report_failure: Mutex<Option<&'static str>>,
 }
 
 /// A row of the status table, and the JSON of `GET /outpost/v1/status`.
@@ -286,6 +295,10 @@ impl Syncer {
             takeover: tokio::sync::Mutex::new(()),
             running: AtomicBool::new(false),
             live: Mutex::new(None),
+            children: std::sync::OnceLock::new(),
+            parent_is_outpost: AtomicBool::new(false),
+            parent_kind_known: AtomicBool::new(false),
+            last_report_failure: Mutex::new(None),
         }))
     }
 
@@ -300,6 +313,12 @@ impl Syncer {
 
     pub fn set_pins(&self, pins: Arc<dyn PinnedTags>) {
         let _ = self.pins.set(pins);
+    }
+
+    /// The registries below this one, reported with its own state; set before
+    /// [`Syncer::spawn`].
+    pub fn set_children(&self, children: Arc<children::Children>) {
+        let _ = self.children.set(children);
     }
 
     /// Work polled with the sync state (staging); set before [`Syncer::spawn`].
@@ -661,10 +680,15 @@ impl Syncer {
             }
         }
         tracing::info!(run = number, deadline = ?deadline.map(schedule::rfc3339), "sync started");
-        let report = engine::Run::new(self.clone(), self.parent(), deadline, live.clone())
+        let parent = self.parent();
+        let report = engine::Run::new(self.clone(), parent.clone(), deadline, live.clone())
             .execute()
             .await;
         self.finish(number, started, &report, &live);
+        // After the run, so the parent hears its outcome; not when the parent was unreachable.
+        if report.contact_error.is_none() {
+            self.report_to_parent(&parent).await;
+        }
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.running.store(false, Ordering::SeqCst);
     }

@@ -332,19 +332,49 @@ impl Parent {
         }
     }
 
-    /// Checks the parent answers at all (`GET /v2/`), following its auth challenge.
-    pub async fn ping(&self) -> Result<(), ParentError> {
+    /// Checks the parent answers at all (`GET /v2/`), following its auth challenge. True when
+    /// the parent is an Outpost, which says so in a header of that answer: only then does a
+    /// child report its state, so other parents never see a request they do not know.
+    pub async fn ping(&self) -> Result<bool, ParentError> {
         self.retry("ping", || async {
             let url = format!("{}://{}/v2/", self.scheme, self.registry);
             let resp = self.http.get(&url).send().await.map_err(from_reqwest)?;
             let s = resp.status().as_u16();
             if s == 200 || s == 401 {
-                Ok(())
+                Ok(resp
+                    .headers()
+                    .get(super::report::OUTPOST_API_HEADER)
+                    .is_some_and(|v| v.as_bytes() == super::report::OUTPOST_API_VERSION.as_bytes()))
             } else {
                 Err(from_status(s, url))
             }
         })
         .await
+    }
+
+    /// Sends this registry's state to an Outpost parent (`PUT /outpost/v1/children/<name>`),
+    /// as the sync token (Basic, which an Outpost always accepts). One attempt: the next run
+    /// reports again.
+    pub async fn report(&self, name: &str, body: Vec<u8>) -> Result<(), ParentError> {
+        let url = format!(
+            "{}://{}{}{name}",
+            self.scheme,
+            self.registry,
+            super::report::REPORT_PATH
+        );
+        let resp = self
+            .http
+            .put(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(from_reqwest)?;
+        match resp.status().as_u16() {
+            200 | 204 => Ok(()),
+            s => Err(from_status(s, url)),
+        }
     }
 
     /// Every repository the sync token may list, following pagination.
