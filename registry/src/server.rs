@@ -480,7 +480,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     };
 
     spawn_upkeep(store, metrics, opts.upload_expiry, !leadership.is_sole());
-    children.spawn();
+    children.spawn(!leadership.is_sole());
     if let Some(s) = &syncer {
         s.spawn();
     }

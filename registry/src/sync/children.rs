@@ -25,7 +25,8 @@ pub const MAX_REPORT_BYTES: usize = 1024 * 1024;
 const MAX_DESCENDANTS: usize = 2000;
 /// Longest text kept of any reported field (an error message, a login server).
 const MAX_FIELD: usize = 1024;
-/// How often the documents are re-read, for what other replicas stored.
+/// How often the documents are re-read, for what other replicas stored (a process alone on
+/// its store reads them once: it wrote every later one itself).
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// How often `outpost_children{state}` is recomputed (children turn `Offline` by time alone).
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
@@ -367,15 +368,16 @@ impl Children {
             .set(offline);
     }
 
-    /// Re-reads the documents now and then (other replicas' reports) and keeps the gauge
-    /// current, since a child turns `Offline` by the clock alone.
-    pub fn spawn(self: &Arc<Self>) {
+    /// Reads the documents at start, and every [`RELOAD_EVERY`] when other processes share
+    /// the store (`shared`: their reports), and keeps the gauge current, since a child turns
+    /// `Offline` by the clock alone.
+    pub fn spawn(self: &Arc<Self>, shared: bool) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut last_reload: Option<tokio::time::Instant> = None;
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                if last_reload.is_none_or(|t| t.elapsed() >= RELOAD_EVERY) {
+                if last_reload.is_none_or(|t| shared && t.elapsed() >= RELOAD_EVERY) {
                     if let Err(e) = me.reload().await {
                         tracing::warn!(error = %e, "cannot read the children's records");
                     }
