@@ -224,6 +224,7 @@ def check_shutdown(reg, delay):
 
 def check_default(o):
     reg = o.one("Deployment", "-registry")
+    assert not any(a.startswith("--platform") for a in registry_args(o)), "default: all platforms"
     assert reg["spec"]["replicas"] == 1 and reg["spec"]["strategy"]["type"] == "Recreate"
     check_single_registry(o)
     args = registry_args(o)
@@ -761,6 +762,13 @@ def check_ha_two_strict(o):
     assert pod["terminationGracePeriodSeconds"] == 55, pod
 
 
+def check_sync_platforms(o):
+    args = registry_args(o)
+    assert [a for a in args if a.startswith("--platform")] == [
+        "--platform=linux/amd64", "--platform=linux/arm/v7"], args
+    # The default (every platform) passes no flag.
+
+
 # Values the schema refuses, refused by the templates too when an install skips the schema
 # (--skip-schema-validation): name -> (values, what the failure must say).
 REFUSALS = {
@@ -773,6 +781,9 @@ REFUSALS = {
     "node-scope-without-webhook": (
         {"trustDistribution": {"nodeScope": ["base/*"]}, "webhook": {"enabled": False}},
         "trustDistribution.nodeScope needs webhook.enabled"),
+    "sync-platform-without-schema": (
+        {"connectionString": CONN, "sync": {"platforms": ["linux/amd64", "linux/arm/v7/x"]}},
+        'sync.platforms: "linux/arm/v7/x" is not OS/ARCH[/VARIANT]'),
     "replicas-on-pvc-without-schema": (
         {"registry": {"replicas": 2}},
         "registry.replicas > 1 needs object storage (storage.type s3 or azblob)"),
@@ -847,6 +858,8 @@ SCENARIOS = {
                              "registry": {"replicas": 2, "shutdownDelaySeconds": 15, "leaderElection": "store",
                                           "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}},
                             check_ha_two_strict),
+    "sync-platforms": ({"connectionString": CONN, "sync": {"platforms": ["linux/amd64", "linux/arm/v7"]}},
+                       check_sync_platforms),
     "parent-rules-by-default": ({"connectionString": CONN, "repositories": ["hello-world", "team-a/**"]},
                                 check_parent_rules),
     "parent-over-http": ({"connectionString": CONN.replace(

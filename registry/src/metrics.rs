@@ -57,6 +57,9 @@ pub struct Metrics {
     pub sync_runs: Family<ResultLabels, Counter>,
     pub sync_last_success: Gauge<f64, AtomicU64>,
     pub sync_bytes_downloaded: Counter,
+    /// Bytes the platform filter left at the parent (see the README: the sizes of the skipped
+    /// manifests as their indexes give them).
+    pub sync_skipped_bytes: Counter,
     pub pull_through: Family<PullLabels, Counter>,
     pub staging_images: Family<StateLabels, Gauge>,
     pub evictions: Counter,
@@ -134,6 +137,14 @@ impl Metrics {
             "Blob bytes downloaded from the parent registry",
             sync_bytes_downloaded.clone(),
         );
+        let sync_skipped_bytes = Counter::default();
+        registry.register(
+            "sync_skipped_bytes",
+            "Bytes not fetched from the parent because of the platform filter: the sizes of the \
+             index children of unlisted platforms that were left out (their manifests, as the \
+             index descriptors give them; their layers are not known without fetching them)",
+            sync_skipped_bytes.clone(),
+        );
         let pull_through = Family::<PullLabels, Counter>::default();
         registry.register(
             "pull_through",
@@ -186,6 +197,7 @@ impl Metrics {
             sync_runs,
             sync_last_success,
             sync_bytes_downloaded,
+            sync_skipped_bytes,
             http_requests,
             http_duration,
             blob_bytes_served,

@@ -84,6 +84,8 @@ pub struct SyncSettings {
     pub connection: ConnectionSource,
     pub ca_file: Option<PathBuf>,
     pub repositories: Vec<outpost_core::RepositoryPattern>,
+    /// `--platform`: which children of an index are fetched.
+    pub platforms: crate::content::platform::PlatformFilter,
     pub schedule: Schedule,
     pub concurrency: usize,
     pub chunk_size: u64,
@@ -397,6 +399,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                     chunk_size: s.chunk_size,
                     bandwidth_limit: s.bandwidth_limit,
                     mode,
+                    platforms: s.platforms.clone(),
                 },
                 store.clone(),
                 metrics.clone(),
@@ -406,7 +409,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             let st = syncer.status(0);
             tracing::info!(
                 name = %st.name, parent = %st.login_server, mode = %st.mode,
-                schedule = %st.sync_schedule, window = %st.sync_window, "syncing from parent"
+                schedule = %st.sync_schedule, window = %st.sync_window,
+                platforms = %if st.platforms.is_empty() { "all".to_owned() } else { st.platforms.join(",") },
+                "syncing from parent"
             );
             Some(syncer)
         }

@@ -32,7 +32,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 54 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 57 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn rendered_objects_match_the_chart_promises_in_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("render checks: 35 passed, 0 failed"),
+        text.contains("render checks: 37 passed, 0 failed"),
         "{text}"
     );
 }

@@ -243,4 +243,9 @@ non-secret settings. Only for storage.type s3 or azblob.
 {{- if not (has .Values.registry.leaderElection (list "kubernetes" "store")) -}}
 {{- fail "registry.leaderElection must be kubernetes (a Lease) or store (a lease in the bucket)" -}}
 {{- end -}}
+{{- range .Values.sync.platforms -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?$" (toString .)) -}}
+{{- fail (printf "sync.platforms: %q is not OS/ARCH[/VARIANT] (e.g. linux/amd64, linux/arm/v7)" (toString .)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}

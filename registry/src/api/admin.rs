@@ -32,6 +32,7 @@ fn standalone_status(app: &Shared) -> Status {
         last_run: None,
         outbox_pending: 0,
         requests: Vec::new(),
+        platforms: Vec::new(),
     }
 }
 

@@ -23,7 +23,8 @@ pub fn pull_error(e: PullError, unknown: Code) -> ApiError {
         PullError::NotFound(_)
         | PullError::Refused(_)
         | PullError::Invalid(_)
-        | PullError::Offline(_) => ApiError::not_found(unknown, e.to_string()),
+        | PullError::Offline(_)
+        | PullError::PlatformNotSynced { .. } => ApiError::not_found(unknown, e.to_string()),
         PullError::Storage(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             Code::Unknown,

@@ -281,6 +281,13 @@ pub fn render_status(s: &Status) -> String {
         out.push('\n');
         out.push_str(&table(&rows));
     }
+    if !s.platforms.is_empty() {
+        out.push_str(&format!(
+            "\nplatforms: {} (platform filter: other platforms of an index are fetched only \
+             when pulled)\n",
+            s.platforms.join(", ")
+        ));
+    }
     if let Some(n) = &s.scope_note {
         out.push_str(&format!("\nnote: {n}\n"));
     }
@@ -751,6 +758,7 @@ mod tests {
             last_run: None,
             outbox_pending: 0,
             requests: vec![],
+            platforms: vec!["linux/amd64".into(), "linux/arm/v7".into()],
         };
         let t = render_status(&s);
         let mut lines = t.lines();
@@ -776,6 +784,10 @@ mod tests {
         let row = lines.next().unwrap();
         assert!(row.starts_with("edge-1"));
         assert!(row.contains("myacr.azurecr.io") && row.contains("2026-11-22T10:00:00Z"));
+        let filter = lines
+            .find_map(|l| l.strip_prefix("platforms: "))
+            .expect("the platform filter is shown");
+        assert!(filter.starts_with("linux/amd64, linux/arm/v7 "), "{filter}");
     }
 
     #[test]

@@ -212,6 +212,17 @@ pub struct ServeArgs {
     /// catalog; without any, every repository the sync token can list.
     #[arg(long = "repository", env = "OUTPOST_REPOSITORY", value_delimiter = ',')]
     pub repositories: Vec<outpost_core::RepositoryPattern>,
+    /// Platforms this site runs, OS/ARCH[/VARIANT] (repeatable; comma-separated in the
+    /// environment variable), e.g. linux/amd64 or linux/arm/v7. Indexes are stored byte for
+    /// byte, but sync, staging and pull-through fetch only these platforms' manifests, blobs
+    /// and referrers; other platforms are fetched when pulled (online). Default: all.
+    #[arg(
+        long = "platform",
+        env = "OUTPOST_PLATFORM",
+        value_delimiter = ',',
+        value_name = "OS/ARCH[/VARIANT]"
+    )]
+    pub platforms: Vec<crate::content::platform::PlatformSpec>,
     /// When a sync may start: 5-field cron in UTC (a leading seconds field is also accepted).
     #[arg(long, env = "OUTPOST_SYNC_SCHEDULE", default_value = "* * * * *")]
     pub sync_schedule: String,
@@ -381,6 +392,7 @@ fn sync_settings(a: &ServeArgs) -> Result<Option<SyncSettings>, CliError> {
         connection,
         ca_file: a.parent_ca_file.clone(),
         repositories: a.repositories.clone(),
+        platforms: crate::content::platform::PlatformFilter::new(a.platforms.clone()),
         schedule: Schedule::new(&a.sync_schedule, a.sync_window.as_deref())?,
         concurrency: a.sync_concurrency as usize,
         chunk_size: a.chunk_size_mb * 1024 * 1024,
@@ -395,9 +407,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Serve(a) => {
             let sync = sync_settings(&a)?;
-            if sync.is_none() && (!a.repositories.is_empty() || a.sync_window.is_some()) {
+            if sync.is_none()
+                && (!a.repositories.is_empty()
+                    || a.sync_window.is_some()
+                    || !a.platforms.is_empty())
+            {
                 tracing::warn!(
-                    "--repository and --sync-window have no effect without a connection string"
+                    "--repository, --platform and --sync-window have no effect without a \
+                     connection string"
                 );
             }
             server::run(ServeOptions {
@@ -515,6 +532,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 r.manifests_checked,
                 r.problems.len()
             );
+            if r.partial_indexes > 0 {
+                // Not a problem: what a platform filter leaves out is pulled on demand.
+                println!(
+                    "fsck: {} indexes lack platforms that were not synced (platform filter)",
+                    r.partial_indexes
+                );
+            }
             if let Some(line) = requests_line(store.as_ref()) {
                 println!("{line}");
             }

@@ -5,6 +5,7 @@ use outpost_core::Digest;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::platform::{self, Child, Platform};
 use crate::storage::Descriptor;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -46,6 +47,25 @@ struct RawDescriptor {
     size: i64,
     #[serde(default)]
     urls: Option<Vec<String>>,
+    /// Read leniently (a `Value`): an odd platform or annotation must not make a manifest that
+    /// was valid before the platform filter existed invalid now.
+    #[serde(default)]
+    platform: Option<Value>,
+    #[serde(default)]
+    annotations: Option<Value>,
+}
+
+impl RawDescriptor {
+    /// `platform.os` and `platform.architecture` (with `variant`), when both are strings.
+    fn platform(&self) -> Option<Platform> {
+        let p = self.platform.as_ref()?.as_object()?;
+        let field = |k: &str| p.get(k).and_then(Value::as_str);
+        Some(Platform::new(
+            field("os")?,
+            field("architecture")?,
+            field("variant"),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -73,6 +93,8 @@ pub struct ParsedManifest {
     pub blob_sizes: Vec<(Digest, u64)>,
     /// Child manifests of an index.
     pub manifests: Vec<Digest>,
+    /// The same children with what their descriptors say (platform, size), in index order.
+    pub children: Vec<Child>,
     pub subject: Option<Digest>,
     pub artifact_type: Option<String>,
     pub annotations: Option<Map<String, Value>>,
@@ -145,6 +167,7 @@ pub fn parse(content: &[u8], content_type: Option<&str>) -> Result<ParsedManifes
         all_blobs: Vec::new(),
         blob_sizes: Vec::new(),
         manifests: Vec::new(),
+        children: Vec::new(),
         subject: None,
         artifact_type: raw.artifact_type.clone(),
         annotations: raw.annotations.clone(),
@@ -192,9 +215,17 @@ pub fn parse(content: &[u8], content_type: Option<&str>) -> Result<ParsedManifes
                 ));
             }
             for (i, m) in children.iter().enumerate() {
-                parsed
-                    .manifests
-                    .push(descriptor_digest(m, &format!("manifest {i}"))?);
+                let digest = descriptor_digest(m, &format!("manifest {i}"))?;
+                parsed.children.push(Child {
+                    digest: digest.clone(),
+                    media_type: m.media_type.clone().unwrap_or_default(),
+                    size: m.size as u64,
+                    platform: m.platform(),
+                    attests: platform::attestation_subject(
+                        m.annotations.as_ref().and_then(Value::as_object),
+                    ),
+                });
+                parsed.manifests.push(digest);
             }
         }
         other => return Err(ManifestError::UnknownMediaType(other.to_owned())),
@@ -249,6 +280,34 @@ mod tests {
         assert_eq!(
             m.artifact_type.as_deref(),
             Some("application/vnd.example.sig")
+        );
+    }
+
+    #[test]
+    fn index_children_carry_platforms() {
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{a}","size":10,"platform":{{"os":"linux","architecture":"arm","variant":"v7"}}}},
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{b}","size":20,"platform":{{"os":"unknown","architecture":"unknown"}},
+                "annotations":{{"vnd.docker.reference.type":"attestation-manifest","vnd.docker.reference.digest":"{a}"}}}},
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{c}","size":30,"platform":"odd"}}]}}"#,
+            a = d('a'),
+            b = d('b'),
+            c = d('c')
+        );
+        let m = parse(index.as_bytes(), None).unwrap();
+        assert_eq!(m.children.len(), 3);
+        assert_eq!(
+            m.children[0].platform.as_ref().map(ToString::to_string),
+            Some("linux/arm/v7".into())
+        );
+        assert_eq!(
+            m.children[1].attests.as_ref().map(ToString::to_string),
+            Some(d('a'))
+        );
+        assert_eq!(
+            (m.children[2].size, m.children[2].platform.clone()),
+            (30, None)
         );
     }
 

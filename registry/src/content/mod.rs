@@ -3,6 +3,7 @@
 //! pull-through. Below both `service` and `sync`, so neither imports the other for it.
 
 pub mod manifest;
+pub mod platform;
 
 use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName};
@@ -26,6 +27,16 @@ pub struct Pushed {
     pub subject: Option<Digest>,
 }
 
+/// Which children of an index must be in the repository before the index is linked.
+#[derive(Debug, Clone, Copy)]
+pub enum Children<'a> {
+    /// Every child (client pushes: an index arrives after all it names).
+    All,
+    /// Only these: an index synced under a platform filter names children the site never
+    /// fetches, and a tag pointed at a stored index needs nothing checked again.
+    Only(&'a [Digest]),
+}
+
 /// Validates a manifest and links it into `repo` under `reference`.
 pub async fn push_manifest(
     store: &dyn Store,
@@ -34,7 +45,23 @@ pub async fn push_manifest(
     content_type: Option<&str>,
     content: Bytes,
 ) -> Result<Pushed, PushError> {
+    push_manifest_with(store, repo, reference, content_type, content, Children::All).await
+}
+
+/// [`push_manifest`], requiring only `children` of an index to be stored.
+pub async fn push_manifest_with(
+    store: &dyn Store,
+    repo: &RepositoryName,
+    reference: &Reference,
+    content_type: Option<&str>,
+    content: Bytes,
+    children: Children<'_>,
+) -> Result<Pushed, PushError> {
     let parsed: ParsedManifest = manifest::parse(&content, content_type)?;
+    let required: &[Digest] = match children {
+        Children::All => &parsed.manifests,
+        Children::Only(c) => c,
+    };
     let (digest, tag) = match reference {
         Reference::Digest(d) => {
             let actual = crate::storage::hash::digest_of(d.algorithm(), &content);
@@ -60,7 +87,7 @@ pub async fn push_manifest(
                 media_type: &parsed.media_type,
                 content,
                 blobs: &parsed.blobs,
-                manifests: &parsed.manifests,
+                manifests: required,
                 tag,
                 subject,
             },

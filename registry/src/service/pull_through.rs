@@ -1,9 +1,10 @@
 //! Pull-through on demand: a client pull of an in-scope image that is not stored yet is served
 //! from the parent while it is stored. The manifest is answered as soon as the parent sends
-//! it; the whole image (every platform, its referrers) is then fetched in the background
-//! exactly as a sync would, and the manifests and the tag are written once every blob is in,
-//! so readers never see an incomplete image. Blob requests join the download of that blob
-//! (one upstream GET, however many clients) and stream it as it arrives.
+//! it; the whole image (the platforms `--platform` keeps, its referrers) is then fetched in
+//! the background exactly as a sync would, and the manifests and the tag are written once
+//! every blob is in, so readers never see an incomplete image. Blob requests join the
+//! download of that blob (one upstream GET, however many clients) and stream it as it
+//! arrives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use outpost_core::{Digest, Reference, RepositoryName};
 use tokio::sync::OnceCell;
 
 use crate::content::manifest;
+use crate::content::platform::PlatformFilter;
 use crate::metrics::PullLabels;
 use crate::storage::{ByteStream, StorageError};
 use crate::sync::Syncer;
@@ -28,6 +30,9 @@ const OFFLINE_HOLD: Duration = Duration::from_secs(10);
 const CLIENT_ATTEMPTS: u32 = 1;
 /// Blob downloads a waiting client starts: one resume, then the client is told.
 const CLIENT_BLOB_ATTEMPTS: u32 = 2;
+/// Manifests of a repository read to tell whether a digest missing while offline is a child
+/// a platform filter left out (only then, to say so): bounds the cost of that answer.
+const FILTERED_LOOKUP_LIMIT: usize = 1000;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PullError {
@@ -37,6 +42,18 @@ pub enum PullError {
     NotFound(String),
     #[error("not stored here, and the parent registry is unreachable: {0}")]
     Offline(String),
+    /// A child of a stored index that the platform filter left out, asked for while offline.
+    #[error(
+        "not stored here: {digest} is the {platform} manifest of a stored index, which was not \
+         synced because of the platform filter ({filter}), and the parent registry is \
+         unreachable to fetch it on demand: {why}"
+    )]
+    PlatformNotSynced {
+        digest: Digest,
+        platform: String,
+        filter: String,
+        why: String,
+    },
     #[error("not stored here, and the parent refused it: {0}")]
     Refused(String),
     #[error("the parent sent an invalid manifest: {0}")]
@@ -141,6 +158,53 @@ impl PullThrough {
 
     /// A manifest that is not stored: from the images being completed, or from the parent.
     pub async fn manifest(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        reference: &Reference,
+    ) -> Result<PulledManifest, PullError> {
+        match self.manifest_inner(repo, reference).await {
+            Err(PullError::Offline(why)) => Err(match reference {
+                Reference::Digest(d) => match self.filtered_child(repo, d).await {
+                    Some(platform) => PullError::PlatformNotSynced {
+                        digest: d.clone(),
+                        platform,
+                        filter: filter_text(&self.syncer.options().platforms),
+                        why,
+                    },
+                    None => PullError::Offline(why),
+                },
+                Reference::Tag(_) => PullError::Offline(why),
+            }),
+            other => other,
+        }
+    }
+
+    /// The platform of `digest` when a stored index of `repo` names it as a child (absent, so
+    /// left out by a platform filter); looked for only on the offline path.
+    async fn filtered_child(&self, repo: &RepositoryName, digest: &Digest) -> Option<String> {
+        let store = self.syncer.store();
+        let list = store.manifest_list(repo).await.ok()?;
+        for d in list.into_iter().take(FILTERED_LOOKUP_LIMIT) {
+            let Ok(m) = store.manifest_by_digest(repo, &d).await else {
+                continue;
+            };
+            if !matches!(
+                m.media_type.as_str(),
+                manifest::OCI_INDEX | manifest::DOCKER_LIST
+            ) {
+                continue;
+            }
+            let Ok(parsed) = manifest::parse(&m.content, Some(&m.media_type)) else {
+                continue;
+            };
+            if let Some(c) = parsed.children.iter().find(|c| &c.digest == digest) {
+                return Some(c.platform_text());
+            }
+        }
+        None
+    }
+
+    async fn manifest_inner(
         self: &Arc<Self>,
         repo: &RepositoryName,
         reference: &Reference,
@@ -308,6 +372,7 @@ impl PullThrough {
             parent: &parent,
             attempts: 2,
             on_fetch: Some(&on_fetch),
+            platforms: &self.syncer.options().platforms,
         };
         let tree = planner
             .plan(repo, digest, Some(content))
@@ -335,6 +400,8 @@ impl PullThrough {
         image::write_manifests(&*store, repo, &tree)
             .await
             .map_err(|(d, e)| format!("manifest {d}: {e}"))?;
+        self.syncer
+            .count_skipped(&tree, &mut std::collections::HashSet::new());
         if let Some(t) = tag {
             image::point_tag(&*store, repo, t, digest)
                 .await
@@ -461,6 +528,15 @@ impl PullThrough {
             Ok(None) => Err(PullError::Storage("blob vanished after download".into())),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The filter as a message names it.
+fn filter_text(f: &PlatformFilter) -> String {
+    if f.is_all() {
+        "none is set now; an earlier one left it out".into()
+    } else {
+        format!("--platform {}", f.names().join(", "))
     }
 }
 

@@ -638,6 +638,7 @@ impl Staging {
             parent: &parent,
             attempts: parent::ATTEMPTS,
             on_fetch: None,
+            platforms: &self.syncer.options().platforms,
         };
         let tree = planner
             .plan(&repo, &digest, None)
@@ -709,6 +710,8 @@ impl Staging {
         image::write_manifests(&*store, &repo, &tree)
             .await
             .map_err(|(d, e)| fail(format!("manifest {d}: {e}")))?;
+        self.syncer
+            .count_skipped(&tree, &mut std::collections::HashSet::new());
         if let Some(Ok(tag)) = img.reference.as_deref().map(str::parse::<Tag>) {
             image::point_tag(&*store, &repo, &tag, &digest)
                 .await

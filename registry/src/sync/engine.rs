@@ -1,7 +1,7 @@
 //! One sync run: push the outbox up (readwrite), resolve the scope, list tags, fetch the
-//! manifests that changed (indexes with every platform manifest, and referrers), download each
-//! missing blob once, then write manifests children first and tags last, and follow tags the
-//! parent deleted.
+//! manifests that changed (indexes with the platform manifests `--platform` keeps, and
+//! referrers), download each missing blob once, then write manifests children first and tags
+//! last, and follow tags the parent deleted.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -290,6 +290,7 @@ impl Run {
             parent: &self.parent,
             attempts: parent::ATTEMPTS,
             on_fetch: None,
+            platforms: &self.syncer.opts.platforms,
         };
         let tree = planner.plan(repo, &digest, None).await?;
         Ok(TagPlan {
@@ -435,12 +436,16 @@ impl Run {
     /// all stored. Tags with a local push still waiting for the parent are left alone.
     async fn commit(&mut self, plans: &[TagPlan], pending: &HashSet<(String, String)>) {
         let store = self.syncer.store.clone();
+        let mut skipped = HashSet::new();
         for p in plans {
             if !image::blobs_stored(&*store, &p.tree).await.unwrap_or(false) {
                 continue;
             }
             match image::write_manifests(&*store, &p.repo, &p.tree).await {
-                Ok(n) => self.report.manifests_written += n,
+                Ok(n) => {
+                    self.report.manifests_written += n;
+                    self.syncer.count_skipped(&p.tree, &mut skipped);
+                }
                 Err((digest, e)) => {
                     tracing::warn!(repository = %p.repo, %digest, error = %e, "cannot store manifest");
                     self.report.repo_error(&p.repo, format!("{digest}: {e}"));

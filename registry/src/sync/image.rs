@@ -1,6 +1,10 @@
 //! One image from the parent, as a sync run, a staging request and a pull-through all need it:
 //! plan what is missing (the manifest, an index's platform manifests, referrers), then write
 //! manifests children first once every blob is stored, and point the tag last.
+//!
+//! Under a platform filter (`--platform`) an index is stored byte for byte as the parent sends
+//! it, but only the children the filter keeps are fetched; the others stay absent (a pull asks
+//! the parent for them on demand) and are listed in [`Tree::skipped`].
 
 use std::collections::HashSet;
 
@@ -8,7 +12,8 @@ use bytes::Bytes;
 use outpost_core::{Digest, Reference, RepositoryName, Tag};
 
 use super::parent::{Parent, ParentError};
-use crate::content::{self, manifest};
+use crate::content::platform::{Child, PlatformFilter};
+use crate::content::{self, Children, manifest};
 use crate::storage::{StorageError, Store};
 
 /// How deep referrers of referrers are followed (a signature of an SBOM of an image).
@@ -20,6 +25,8 @@ pub const MAX_DEPTH: usize = 8;
 pub struct Fetched {
     pub digest: Digest,
     pub content: Bytes,
+    /// The children (of an index) fetched with it, which must be stored before it.
+    pub children: Vec<Digest>,
 }
 
 /// What one image needs: manifests in the order they can be written, and their blobs.
@@ -28,6 +35,9 @@ pub struct Tree {
     pub manifests: Vec<Fetched>,
     pub blobs: Vec<(Digest, u64)>,
     pub seen: HashSet<Digest>,
+    /// Children of the indexes fetched here that the platform filter left out and that are not
+    /// stored (what the filter saved; counted once the indexes are written).
+    pub skipped: Vec<Child>,
 }
 
 impl Tree {
@@ -64,6 +74,8 @@ pub struct Planner<'a> {
     /// Attempts per manifest request.
     pub attempts: u32,
     pub on_fetch: Option<OnFetch<'a>>,
+    /// Which children of an index are fetched.
+    pub platforms: &'a PlatformFilter,
 }
 
 impl Planner<'_> {
@@ -95,8 +107,13 @@ impl Planner<'_> {
         }
         tree.seen.insert(digest.clone());
         match self.store.manifest_by_digest(repo, digest).await {
-            // Stored manifests had all they reference when they were written.
-            Ok(_) => return Ok(()),
+            // Stored manifests had all they reference when they were written, except the
+            // children of an index a platform filter left out.
+            Ok(m) => {
+                self.stored_index(repo, &m.content, &m.media_type, tree, depth)
+                    .await;
+                return Ok(());
+            }
             Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown) => {}
             Err(e) => return Err(e.into()),
         }
@@ -128,15 +145,66 @@ impl Planner<'_> {
         if let Some(f) = self.on_fetch {
             f(digest, &content);
         }
-        for child in &parsed.manifests {
-            Box::pin(self.collect(repo, child, None, tree, depth + 1)).await?;
+        let (kept, skipped) = self.platforms.split(&parsed.children);
+        for child in &kept {
+            Box::pin(self.collect(repo, &child.digest, None, tree, depth + 1)).await?;
+        }
+        for child in skipped {
+            // One stored already (pulled on demand, or kept by an earlier filter) saved nothing.
+            match self.store.manifest_by_digest(repo, &child.digest).await {
+                Ok(_) => {}
+                Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown) => {
+                    tree.skipped.push(child)
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         tree.blobs.extend(parsed.blob_sizes.iter().cloned());
         tree.manifests.push(Fetched {
             digest: digest.clone(),
             content,
+            children: kept.into_iter().map(|c| c.digest).collect(),
         });
         Ok(())
+    }
+
+    /// Adds to `tree` the children of a stored index that the filter keeps and the store
+    /// lacks: left out by an earlier, narrower filter. A child that cannot be had now is left
+    /// for the next run (or a pull) and does not fail the image, which is stored and whole for
+    /// the platforms it had.
+    async fn stored_index(
+        &self,
+        repo: &RepositoryName,
+        content: &Bytes,
+        media_type: &str,
+        tree: &mut Tree,
+        depth: usize,
+    ) {
+        if !matches!(media_type, manifest::OCI_INDEX | manifest::DOCKER_LIST) || depth >= MAX_DEPTH
+        {
+            return;
+        }
+        let Ok(parsed) = manifest::parse(content, Some(media_type)) else {
+            return;
+        };
+        let (kept, _) = self.platforms.split(&parsed.children);
+        for child in kept {
+            let mut sub = Tree {
+                seen: tree.seen.clone(),
+                ..Default::default()
+            };
+            match Box::pin(self.collect(repo, &child.digest, None, &mut sub, depth + 1)).await {
+                Ok(()) => {
+                    tree.seen.extend(sub.seen);
+                    tree.blobs.extend(sub.blobs);
+                    tree.manifests.extend(sub.manifests);
+                    tree.skipped.extend(sub.skipped);
+                }
+                Err(e) => {
+                    tracing::warn!(repository = %repo, child = %child.digest, error = %e, "platform manifest of a stored index not fetched");
+                }
+            }
+        }
     }
 
     /// Adds the referrers of `subject` (signatures, SBOMs, attestations) to `tree`. A parent
@@ -165,6 +233,7 @@ impl Planner<'_> {
                     tree.seen.extend(sub.seen);
                     tree.blobs.extend(sub.blobs);
                     tree.manifests.extend(sub.manifests);
+                    tree.skipped.extend(sub.skipped);
                     if depth < REFERRER_DEPTH {
                         Box::pin(self.collect_referrers(repo, &r, tree, depth + 1)).await;
                     }
@@ -193,6 +262,16 @@ pub async fn split_stored(
     Ok((present, missing))
 }
 
+/// The children `tree` left out that are not in `counted` yet (added to it), with the sizes
+/// their index descriptors give.
+pub fn skipped_bytes(tree: &Tree, counted: &mut HashSet<Digest>) -> u64 {
+    tree.skipped
+        .iter()
+        .filter(|c| counted.insert(c.digest.clone()))
+        .map(|c| c.size)
+        .sum()
+}
+
 /// True when every blob `tree` needs is stored.
 pub async fn blobs_stored(store: &dyn Store, tree: &Tree) -> Result<bool, StorageError> {
     for (d, _) in &tree.blobs {
@@ -217,12 +296,13 @@ pub async fn write_manifests(
             .map_err(|e| (d.clone(), e.into()))?;
     }
     for m in &tree.manifests {
-        content::push_manifest(
+        content::push_manifest_with(
             store,
             repo,
             &Reference::Digest(m.digest.clone()),
             None,
             m.content.clone(),
+            Children::Only(&m.children),
         )
         .await
         .map_err(|e| (m.digest.clone(), e))?;
@@ -239,7 +319,17 @@ pub async fn point_tag(
     digest: &Digest,
 ) -> Result<(), content::PushError> {
     let content = store.manifest_by_digest(repo, digest).await?.content;
-    content::push_manifest(store, repo, &Reference::Tag(tag.clone()), None, content).await?;
+    // Stored, so what it needs was checked when it was written (and children a platform filter
+    // left out are absent on purpose).
+    content::push_manifest_with(
+        store,
+        repo,
+        &Reference::Tag(tag.clone()),
+        None,
+        content,
+        Children::Only(&[]),
+    )
+    .await?;
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use outpost_core::{Digest, RepositoryPattern};
 use serde::Serialize;
 
 use crate::config::Mode;
+use crate::content::platform::PlatformFilter;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -94,6 +95,8 @@ pub struct SyncOptions {
     pub chunk_size: u64,
     pub bandwidth_limit: Option<u64>,
     pub mode: Mode,
+    /// Platforms whose manifests of an index are fetched (`--platform`); empty: all.
+    pub platforms: PlatformFilter,
 }
 
 /// Progress of the run under way, read by the status endpoint.
@@ -219,6 +222,10 @@ pub struct Status {
     /// Manual syncs asked of processes that did not lead, and the runs that served them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requests: Vec<state::ServedRequest>,
+    /// The platform filter (`--platform`): the platforms whose manifests of an index are
+    /// synced; empty: every platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -847,6 +854,20 @@ impl Syncer {
             last_run: s.last_run.clone(),
             outbox_pending: self.outbox.as_ref().map_or(0, |o| o.len()),
             requests: s.requests.clone(),
+            platforms: self.opts.platforms.names(),
+        }
+    }
+
+    /// Counts what the platform filter saved in `tree`, once its manifests are written;
+    /// `counted` holds the children already counted (two tags of one index in a run).
+    pub fn count_skipped(
+        &self,
+        tree: &image::Tree,
+        counted: &mut std::collections::HashSet<Digest>,
+    ) {
+        let n = image::skipped_bytes(tree, counted);
+        if n > 0 {
+            self.metrics.sync_skipped_bytes.inc_by(n);
         }
     }
 }
