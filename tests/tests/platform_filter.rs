@@ -13,7 +13,7 @@ use outpost_e2e::emulators::Backend;
 use outpost_e2e::metrics::sample;
 use outpost_e2e::oci::*;
 use outpost_e2e::parent::{DockerRegistry, FaultProxy};
-use outpost_e2e::scenarios::{fsck_clean, outpost_on};
+use outpost_e2e::scenarios::{NO_SYNC, fsck_clean, outpost_on};
 use outpost_e2e::*;
 use serde_json::{Value, json};
 
@@ -196,7 +196,7 @@ fn a_three_platform_index_synced_for_amd64_fetches_only_amd64_and_pulls_the_rest
     assert_eq!(up.push_manifest(REPO, "list", DOCKER_LIST, &list), 201);
 
     let proxy = FaultProxy::start(&parent.host());
-    let outpost = outpost_on(
+    let mut outpost = outpost_on(
         Backend::Fs,
         &proxy.host(),
         &["--repository", "demo/**", "--platform", "linux/amd64"],
@@ -353,6 +353,41 @@ fn a_three_platform_index_synced_for_amd64_fetches_only_amd64_and_pulls_the_rest
     assert_eq!(
         sample(&metrics_text(&outpost), "outpost_sync_skipped_bytes_total"),
         Some(skipped)
+    );
+    fsck_clean(&outpost);
+
+    // Widened to arm/v7 (same store): the next run fetches what the stored index now keeps,
+    // each blob once, and leaves the rest (arm64's attestation attests an unlisted platform).
+    let c = conn("edge", "u", "p", &proxy.host(), "http");
+    let mut args = vec!["--connection-string", c.as_str()];
+    args.extend_from_slice(&NO_SYNC);
+    args.extend_from_slice(&[
+        "--repository",
+        "demo/**",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm/v7",
+    ]);
+    outpost.restart_with_args(&args);
+    sync_now(&outpost);
+    assert!(revision_path(&outpost, &v7.digest).exists());
+    assert!(!revision_path(&outpost, &att_arm.digest).exists());
+    let gets = blob_gets(&proxy);
+    for b in &v7.blobs {
+        assert_eq!(gets.get(b), Some(&1), "arm/v7 blob {b} fetched once");
+    }
+    for b in &att_arm.blobs {
+        assert_eq!(gets.get(b), None, "{b} never fetched");
+    }
+    // Nothing newly left out: the index was stored before this process started.
+    assert_eq!(
+        sample(&metrics_text(&outpost), "outpost_sync_skipped_bytes_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        admin_status(&outpost)["platforms"],
+        json!(["linux/amd64", "linux/arm/v7"])
     );
     fsck_clean(&outpost);
 }
