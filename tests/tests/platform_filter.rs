@@ -295,7 +295,7 @@ fn a_three_platform_index_synced_for_amd64_fetches_only_amd64_and_pulls_the_rest
     // The parent back: arm64 is pulled on demand by a client asking for that platform (once
     // the offline hold of 10 s has passed) and stored whole.
     parent.start_again();
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let pulled = tempfile::tempdir().unwrap();
     let dst = format!("oci:{}:arm", pulled.path().join("out").display());
     loop {
