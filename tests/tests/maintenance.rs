@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
 use outpost_e2e::emulators::{Backend, ObjectStorage};
+use outpost_e2e::oci::{admin_status, stage, staging_get, sync_now};
+use outpost_e2e::scenarios::{fsck_clean, outpost_on};
 use outpost_e2e::{Registry, bin, http, pseudo_random, run_timeout, sha256};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -178,6 +182,7 @@ macro_rules! on_every_backend {
 
 on_every_backend!(
     gc_removes_only_unreferenced_blobs,
+    gc_delete_untagged_removes_exactly_the_unreachable_manifests,
     gc_while_pushing_keeps_every_pushed_image,
     fsck_reports_corruption_and_missing_blobs,
 );
@@ -582,4 +587,337 @@ fn gc_and_fsck_refuse_bad_credentials() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("d3Jvbmcta2V5"), "no secret in errors: {err}");
     }
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// PUTs `body` as `repo`'s manifest `reference` (a tag, or its digest for a push by digest
+/// only); its digest.
+fn put_manifest(
+    reg: &Registry,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
+    let r = http()
+        .put(format!("{}/v2/{repo}/manifests/{reference}", reg.url()))
+        .header("content-type", media_type)
+        .body(body.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{repo}:{reference}");
+    sha256(body)
+}
+
+fn put_blob(reg: &Registry, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = http()
+        .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", reg.url()))
+        .body(data.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    d
+}
+
+/// An image (config and one layer of its own) pushed by digest only; its manifest's bytes.
+fn image_by_digest(reg: &Registry, repo: &str, seed: u64) -> Vec<u8> {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = pseudo_random(seed, 20_000);
+    let (c, l) = (put_blob(reg, repo, &config), put_blob(reg, repo, &layer));
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_IMAGE,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l, "size": layer.len()}],
+    }))
+    .unwrap();
+    put_manifest(reg, repo, &sha256(&m), OCI_IMAGE, &m);
+    m
+}
+
+/// A cosign-style signature of `subject` (an image manifest of `size` bytes), pushed by
+/// digest; its digest and the digest of its payload blob.
+fn sign(reg: &Registry, repo: &str, subject: &str, size: usize, seed: u64) -> (String, String) {
+    let empty = put_blob(reg, repo, b"{}");
+    let payload = format!("{{\"signed\":\"{subject}\",\"seed\":{seed}}}").into_bytes();
+    let p = put_blob(reg, repo, &payload);
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_IMAGE,
+        "artifactType": "application/vnd.dev.cosign.simplesigning.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": p, "size": payload.len()}],
+        "subject": {"mediaType": OCI_IMAGE, "digest": subject, "size": size},
+    }))
+    .unwrap();
+    (put_manifest(reg, repo, &sha256(&m), OCI_IMAGE, &m), p)
+}
+
+/// Every manifest revision in the store as `repository@digest` (files on disk, objects in the
+/// bucket: the same relative names).
+fn stored_manifests(reg: &Registry) -> BTreeSet<String> {
+    let keys: Vec<String> = match &reg.object {
+        Some(o) => o.keys(),
+        None => {
+            let root = reg.storage.join("repositories");
+            let mut out = Vec::new();
+            let mut dirs = vec![root.clone()];
+            // Bounded by the tree the test made.
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        dirs.push(p);
+                    } else {
+                        let rel = p.strip_prefix(&reg.storage).unwrap();
+                        out.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+            out
+        }
+    };
+    keys.iter()
+        .filter_map(|k| {
+            let rest = k.strip_prefix("repositories/")?;
+            let (repo, digest) = rest.split_once("/_manifests/revisions/")?;
+            let (alg, hex) = digest.split_once('/')?;
+            Some(format!("{repo}@{alg}:{hex}"))
+        })
+        .collect()
+}
+
+/// The `repository@digest` lines gc printed.
+fn listed_manifests(out: &str) -> BTreeSet<String> {
+    out.lines()
+        .filter(|l| l.contains("@sha256:") && !l.contains(' '))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `gc --delete-untagged` on a readwrite child of an Outpost parent holding: a tag moved to a
+/// new manifest (the old one, and its signature, untagged), a manifest pushed by digest only, a
+/// signed image (the signature's subject tagged), a multi-arch index whose children are pushed
+/// by digest, an image staged by digest from the parent (untagged, pinned) and a push by
+/// digest still in the outbox (the parent stopped). Exactly the first three go.
+fn gc_delete_untagged_removes_exactly_the_unreachable_manifests(backend: Backend) {
+    let mut parent = Registry::start();
+    // Staged by digest: untagged at the parent too, so no sync brings a tag for it.
+    let staged = image_by_digest(&parent, "stg/app", 41);
+    let child = outpost_on(backend, &parent.host(), &["--mode", "readwrite"]);
+
+    // A tag moved: the first manifest (and the signature made for it) lose their root.
+    let old = push(&child, "keep/app", "v1", 31);
+    let (old_sig, old_sig_payload) = sign(
+        &child,
+        "keep/app",
+        &old.manifest,
+        old.manifest_bytes.len(),
+        32,
+    );
+    let new = push(&child, "keep/app", "v1", 33);
+    // Pushed by digest, never tagged.
+    let loose = image_by_digest(&child, "keep/app", 34);
+    let loose_json: serde_json::Value = serde_json::from_slice(&loose).unwrap();
+    // A signed image: the signature is reached through its tagged subject.
+    let signed = push(&child, "signed/app", "v1", 35);
+    let (signed_sig, _) = sign(
+        &child,
+        "signed/app",
+        &signed.manifest,
+        signed.manifest_bytes.len(),
+        36,
+    );
+    // A multi-arch index: the children are pushed by digest, reached through the tagged index.
+    let amd = image_by_digest(&child, "multi/app", 37);
+    let arm = image_by_digest(&child, "multi/app", 38);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_IMAGE, "digest": sha256(&amd), "size": amd.len(), "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_IMAGE, "digest": sha256(&arm), "size": arm.len(), "platform": {"os": "linux", "architecture": "arm64"}},
+        ],
+    }))
+    .unwrap();
+    let index_digest = put_manifest(&child, "multi/app", "v1", OCI_INDEX, &index);
+
+    // The parent takes every push so far: none of them is held by the outbox any more.
+    sync_now(&child);
+    assert_eq!(admin_status(&child)["outboxPending"], 0, "outbox delivered");
+
+    let id = stage(
+        &child,
+        &json!({"images": [format!("stg/app@{}", sha256(&staged))]}).to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = staging_get(&child, &id);
+        if s["images"][0]["state"] == "staged" {
+            break;
+        }
+        assert_ne!(s["images"][0]["state"], "failed", "{s}");
+        assert!(Instant::now() < deadline, "not staged in 60 s: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The parent goes away: this push stays queued for it.
+    parent.kill9();
+    let queued = image_by_digest(&child, "rw/app", 39);
+    assert_eq!(
+        admin_status(&child)["outboxPending"],
+        1,
+        "queued for the parent"
+    );
+
+    let m = |repo: &str, d: &str| format!("{repo}@{d}");
+    let expected: BTreeSet<String> = [
+        m("keep/app", &old.manifest),
+        m("keep/app", &old_sig),
+        m("keep/app", &sha256(&loose)),
+    ]
+    .into();
+    let kept: BTreeSet<String> = [
+        m("keep/app", &new.manifest),
+        m("signed/app", &signed.manifest),
+        m("signed/app", &signed_sig),
+        m("multi/app", &index_digest),
+        m("multi/app", &sha256(&amd)),
+        m("multi/app", &sha256(&arm)),
+        m("stg/app", &sha256(&staged)),
+        m("rw/app", &sha256(&queued)),
+    ]
+    .into();
+    let before = stored_manifests(&child);
+    assert_eq!(
+        before,
+        expected.union(&kept).cloned().collect(),
+        "the store holds what the test pushed"
+    );
+    // Blobs only the doomed manifests name: their contents, the old image's config and layer,
+    // the old signature's payload, the loose image's config and layer.
+    let loose_blobs = [
+        loose_json["config"]["digest"].as_str().unwrap().to_owned(),
+        loose_json["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    ];
+    let doomed_blobs: Vec<String> = [
+        old.manifest.clone(),
+        old.config.clone(),
+        old.layer.clone(),
+        old_sig.clone(),
+        old_sig_payload.clone(),
+        sha256(&loose),
+    ]
+    .into_iter()
+    .chain(loose_blobs)
+    .collect();
+
+    // Everything was pushed moments ago: the default grace period (1h) keeps it all, as it
+    // keeps a manifest pushed by digest that a tag will name in a moment.
+    let out = cli_ok(&child, &["gc", "--delete-untagged"]);
+    assert!(out.contains("removed 0 untagged manifests"), "{out}");
+    assert_eq!(listed_manifests(&out), BTreeSet::new(), "{out}");
+    assert_eq!(stored_manifests(&child), before);
+
+    // A dry run lists exactly the set and removes nothing.
+    let out = cli_ok(
+        &child,
+        &["gc", "--delete-untagged", "--grace", "0s", "--dry-run"],
+    );
+    assert_eq!(listed_manifests(&out), expected, "{out}");
+    assert!(out.contains("would remove 3 untagged manifests"), "{out}");
+    assert_eq!(
+        stored_manifests(&child),
+        before,
+        "a dry run removes nothing"
+    );
+    for d in &doomed_blobs {
+        assert!(blob_stored(&child, d), "{d} still stored after a dry run");
+    }
+
+    let out = cli_ok(&child, &["gc", "--delete-untagged", "--grace", "0s"]);
+    assert_eq!(listed_manifests(&out), expected, "{out}");
+    let after = stored_manifests(&child);
+    assert_eq!(
+        before.difference(&after).cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "exactly the unreachable manifests removed"
+    );
+    assert_eq!(after, kept);
+    for d in &doomed_blobs {
+        assert!(
+            !blob_stored(&child, d),
+            "{d}: only the removed manifests named it"
+        );
+    }
+    // What stays is whole: every kept manifest reads back byte for byte with its blobs.
+    let c = http();
+    for (repo, bytes) in [
+        ("keep/app", new.manifest_bytes.clone()),
+        ("signed/app", signed.manifest_bytes.clone()),
+        ("multi/app", index.clone()),
+        ("multi/app", amd.clone()),
+        ("multi/app", arm.clone()),
+        ("stg/app", staged.clone()),
+        ("rw/app", queued.clone()),
+    ] {
+        let r = c
+            .get(format!(
+                "{}/v2/{repo}/manifests/{}",
+                child.url(),
+                sha256(&bytes)
+            ))
+            .header("accept", format!("{OCI_IMAGE}, {OCI_INDEX}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{repo}");
+        assert_eq!(r.bytes().unwrap().as_ref(), bytes.as_slice(), "{repo}");
+    }
+    for (repo, d, data) in [
+        ("keep/app", &new.layer, &new.layer_bytes),
+        ("signed/app", &signed.layer, &signed.layer_bytes),
+    ] {
+        let r = c
+            .get(format!("{}/v2/{repo}/blobs/{d}", child.url()))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{repo}: {d}");
+        assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice(), "{repo}: {d}");
+    }
+    // The signature of the tagged image is still listed by the referrers API; the old one's
+    // subject is gone with it.
+    let r: serde_json::Value = c
+        .get(format!(
+            "{}/v2/signed/app/referrers/{}",
+            child.url(),
+            signed.manifest
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(r["manifests"][0]["digest"], signed_sig.as_str(), "{r}");
+    let r: serde_json::Value = c
+        .get(format!(
+            "{}/v2/keep/app/referrers/{}",
+            child.url(),
+            old.manifest
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(r["manifests"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(
+        admin_status(&child)["outboxPending"],
+        1,
+        "the queued push is still queued"
+    );
+    fsck_clean(&child);
 }

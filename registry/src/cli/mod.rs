@@ -44,9 +44,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry API, the admin API and metrics.
     Serve(Box<ServeArgs>),
-    /// Remove blobs that no manifest references. Safe while the registry is serving: manifest
-    /// pushes wait while gc holds the maintenance lock (an flock on a directory, a lease
-    /// object on object storage), and --grace keeps recent uploads.
+    /// Remove blobs that no manifest references (with --delete-untagged, first the manifests
+    /// no tag reaches). Safe while the registry is serving: manifest pushes wait while gc
+    /// holds the maintenance lock (an flock on a directory, a lease object on object
+    /// storage), and --grace keeps recent uploads and pushes.
     Gc(GcArgs),
     /// Re-hash every blob and check every manifest's references; exits 1 on any problem.
     Fsck(FsckArgs),
@@ -301,12 +302,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub struct GcArgs {
     #[command(flatten)]
     pub store: StorageArgs,
-    /// Blobs written more recently than this are kept, so pushes in progress are safe.
+    /// Blobs (and with --delete-untagged manifests) written or pushed more recently than this
+    /// are kept, so pushes in progress are safe.
     #[arg(long, env = "OUTPOST_GC_GRACE", default_value = "1h", value_parser = parse_duration)]
     pub grace: Duration,
-    /// Report what would be removed without removing it.
+    /// Report what would be removed without removing it (with --delete-untagged, each
+    /// manifest as repository@digest).
     #[arg(long, env = "OUTPOST_GC_DRY_RUN")]
     pub dry_run: bool,
+    /// First remove manifests that no tag reaches (directly, through an index, or as a
+    /// referrer of a reached manifest) and that were pushed longer than --grace ago, then
+    /// their blobs. Never removed: images a staging request names, pushes the readwrite
+    /// outbox has not delivered to the parent, referrers of kept manifests.
+    #[arg(long, env = "OUTPOST_GC_DELETE_UNTAGGED")]
+    pub delete_untagged: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -457,8 +466,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Gc(a) => {
             let store = open_store(&a.store).await?;
-            let r = gc::run(store.as_ref(), a.grace, a.dry_run).await?;
+            let r = gc::run(
+                store.as_ref(),
+                gc::GcOptions {
+                    grace: a.grace,
+                    dry_run: a.dry_run,
+                    delete_untagged: a.delete_untagged,
+                },
+            )
+            .await?;
             let verb = if a.dry_run { "would remove" } else { "removed" };
+            if a.delete_untagged {
+                for m in &r.manifests_removed {
+                    println!("{m}");
+                }
+                println!(
+                    "gc: {verb} {} untagged manifests",
+                    r.manifests_removed.len()
+                );
+            }
             println!(
                 "gc: {verb} {} blobs ({} bytes), kept {}, removed {} stale repository links",
                 r.blobs_removed, r.bytes_removed, r.blobs_kept, r.links_removed

@@ -738,6 +738,33 @@ impl SharedWork for Staging {
     }
 }
 
+/// (repository, digest) of every image a staging request kept in the store names, whatever
+/// its state (a download in progress writes its manifests before its tag; a digest reference
+/// has no tag at all), read from the store so that `gc` beside a running server sees them. A
+/// request that does not parse is an error: what it pins is unknown.
+pub async fn pinned_in_store(store: &dyn Store) -> Result<HashSet<(String, Digest)>, StorageError> {
+    let mut out = HashSet::new();
+    for k in store.doc_list(DIR).await? {
+        if id_of(&k).is_none() {
+            continue;
+        }
+        // Forgotten (DELETE) since the listing.
+        let Some(raw) = store.doc_get(&k).await? else {
+            continue;
+        };
+        let req: StagingRequest = serde_json::from_slice(&raw).map_err(|e| {
+            StorageError::Io(std::io::Error::other(format!(
+                "unreadable staging request {k}: {e}"
+            )))
+        })?;
+        out.extend(req.images.into_iter().filter_map(|i| {
+            let digest = i.digest?.parse().ok()?;
+            Some((i.repository?, digest))
+        }));
+    }
+    Ok(out)
+}
+
 /// Tags staged images hold: sync does not delete these when the parent does.
 impl crate::sync::PinnedTags for Staging {
     fn pinned_tags(&self) -> HashSet<(String, String)> {

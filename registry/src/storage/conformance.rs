@@ -299,6 +299,11 @@ async fn manifests(store: &dyn Store) {
     );
     assert_eq!(store.tags(&r).await.unwrap(), vec!["v1".to_owned()]);
     assert_eq!(store.manifest_list(&r).await.unwrap(), vec![d.clone()]);
+    // Just pushed: young (gc's grace period for untagged manifests counts from here).
+    let ages = store.manifest_ages(&r).await.unwrap();
+    assert_eq!(ages.len(), 1);
+    assert_eq!(ages[0].0, d);
+    assert!(ages[0].1 < Duration::from_secs(60), "{:?}", ages[0].1);
     assert!(matches!(
         store.tags(&repo("conf/nothing")).await,
         Err(StorageError::RepositoryUnknown)

@@ -306,6 +306,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
     /// Digests of every manifest linked into `repo`.
     async fn manifest_list(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError>;
+    /// As [`Store::manifest_list`], each with the time since it was last pushed into `repo`
+    /// (every push, by digest or by tag, writes its revision link again): gc's grace period
+    /// for untagged manifests.
+    async fn manifest_ages(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, Duration)>, StorageError>;
     async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError>;
     /// Tags of `repo`, sorted; `RepositoryUnknown` if the repository does not exist.
     async fn tags(&self, repo: &RepositoryName) -> Result<Vec<String>, StorageError>;

@@ -58,6 +58,35 @@ async fn keys(store: &dyn Store) -> Result<Vec<(u64, String)>, StorageError> {
     Ok(out)
 }
 
+/// (repository, digest) of every push still queued for the parent, and of those set aside
+/// under `failed/` (kept for the operator to resolve), read without changing anything: gc
+/// keeps these manifests. An entry that does not parse is an error, since what it holds back
+/// is unknown.
+pub async fn held_digests(store: &dyn Store) -> Result<HashSet<(String, String)>, StorageError> {
+    let mut keys: Vec<String> = keys(store).await?.into_iter().map(|(_, k)| k).collect();
+    keys.extend(
+        store
+            .doc_list(FAILED)
+            .await?
+            .into_iter()
+            .filter(|k| k.ends_with(".json")),
+    );
+    let mut out = HashSet::new();
+    for key in keys {
+        // Uploaded (and removed) since the listing.
+        let Some(raw) = store.doc_get(&key).await? else {
+            continue;
+        };
+        let e: Entry = serde_json::from_slice(&raw).map_err(|e| {
+            StorageError::Io(io::Error::other(format!(
+                "unreadable outbox entry {key}: {e}"
+            )))
+        })?;
+        out.insert((e.repo, e.digest));
+    }
+    Ok(out)
+}
+
 impl Outbox {
     pub async fn open(store: Arc<dyn Store>) -> Result<Self, StorageError> {
         let queued = keys(store.as_ref()).await?;

@@ -191,6 +191,29 @@ pub(super) async fn manifest_list(
     blocking(move || Ok(FsStore::digests_in(&dir)?)).await
 }
 
+/// Every revision link with its age: a push writes the link again, so this is the time since
+/// the manifest was last pushed into the repository (by digest or by tag).
+pub(super) async fn manifest_ages(
+    store: &FsStore,
+    repo: &RepositoryName,
+) -> Result<Vec<(Digest, std::time::Duration)>, StorageError> {
+    let dir = store.repo_dir(repo).join("_manifests/revisions");
+    blocking(move || {
+        let mut out = Vec::new();
+        for d in FsStore::digests_in(&dir)? {
+            let path = dir.join(d.algorithm().as_str()).join(d.hex());
+            match fs::metadata(&path) {
+                Ok(meta) => out.push((d, age_of(&meta))),
+                // Deleted since the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
 pub(super) async fn tag_delete(
     store: &FsStore,
     repo: &RepositoryName,

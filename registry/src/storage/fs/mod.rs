@@ -288,6 +288,13 @@ impl Store for FsStore {
         manifests::manifest_list(self, repo).await
     }
 
+    async fn manifest_ages(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, Duration)>, StorageError> {
+        manifests::manifest_ages(self, repo).await
+    }
+
     async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError> {
         manifests::tag_delete(self, repo, tag).await
     }

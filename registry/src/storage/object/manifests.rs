@@ -59,6 +59,19 @@ pub(super) async fn digests_under(
     store: &BucketStore,
     rel: &str,
 ) -> Result<Vec<Digest>, StorageError> {
+    Ok(digests_aged_under(store, rel)
+        .await?
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect())
+}
+
+/// As [`digests_under`], each with the time since its object was last written (from the
+/// same LIST: no request per object).
+pub(super) async fn digests_aged_under(
+    store: &BucketStore,
+    rel: &str,
+) -> Result<Vec<(Digest, std::time::Duration)>, StorageError> {
     let mut out = Vec::new();
     for meta in store.list(rel).await? {
         let Some(tail) = store
@@ -75,7 +88,7 @@ pub(super) async fn digests_under(
             continue;
         };
         if let Ok(d) = Digest::new(alg, hex) {
-            out.push(d);
+            out.push((d, super::age_of(&meta)));
         }
     }
     out.sort();
@@ -155,10 +168,18 @@ pub(super) async fn manifest_put(
         let confirmed = async {
             store.wait_lock_free(Some(written)).await?;
             check_references(store, repo, &m).await?;
-            match store.head(&store.blob_key(m.digest)).await? {
-                Some(_) => Ok(()),
-                None => Err(StorageError::ReferencedBlobUnknown(m.digest.clone())),
+            if store.head(&store.blob_key(m.digest)).await?.is_none() {
+                return Err(StorageError::ReferencedBlobUnknown(m.digest.clone()));
             }
+            // `gc --delete-untagged` may have marked before this push re-wrote the revision
+            // and removed it as untagged; the tag below must not point at nothing. The client
+            // retries after a 503.
+            if store.head(&revision).await?.is_none() {
+                return Err(StorageError::Unavailable(io::Error::other(
+                    "a concurrent gc removed this manifest while it was pushed; push it again",
+                )));
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = confirmed {

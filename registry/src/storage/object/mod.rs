@@ -401,6 +401,17 @@ impl Store for BucketStore {
         .await
     }
 
+    async fn manifest_ages(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, Duration)>, StorageError> {
+        manifests::digests_aged_under(
+            self,
+            &format!("{}/_manifests/revisions", Self::repo_rel(repo)),
+        )
+        .await
+    }
+
     async fn tag_delete(&self, repo: &RepositoryName, tag: &Tag) -> Result<(), StorageError> {
         if self.delete_existing(&self.tag_key(repo, tag)).await? {
             Ok(())
