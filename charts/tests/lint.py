@@ -171,6 +171,8 @@ SCENARIOS = {
                               "at '/registry/topologySpread/whenUnsatisfiable': value must be one of"),
     "shutdown-delay-with-unit": ({"registry": {"shutdownDelaySeconds": "5s"}}, False,
                                  "at '/registry/shutdownDelaySeconds': got string, want integer"),
+    "webhook-shutdown-delay-negative": ({"webhook": {"shutdownDelaySeconds": -1}}, False,
+                                        "at '/webhook/shutdownDelaySeconds': minimum: got -1, want 0"),
     "pod-label-not-a-string": ({"registry": {"podLabels": {"azure.workload.identity/use": True}}}, False,
                                "at '/registry/podLabels/azure.workload.identity~1use': got boolean, want string"),
     "pod-label-overrides-selector": ({"registry": {"podLabels": {"app.kubernetes.io/name": "x"}}}, False,

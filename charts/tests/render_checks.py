@@ -293,6 +293,21 @@ def check_default(o):
     assert "--sync-bandwidth-limit=12500000" in registry_args(o), registry_args(o)
     assert "--pull-through=false" in registry_args(o), registry_args(o)
     assert o.of("ServiceMonitor") and o.of("PodMonitor")
+    check_webhook_metrics(o)
+
+
+def check_webhook_metrics(o):
+    """The webhook's plain-HTTP --metrics-listen: a container port and a Service port named
+    metrics, scraped by its ServiceMonitor without TLS settings; the shutdown delay."""
+    wh = o.one("Deployment", "-webhook")
+    c = containers(wh)[0]
+    assert "--metrics-listen=0.0.0.0:9103" in c["args"], c["args"]
+    assert {"name": "metrics", "containerPort": 9103, "protocol": "TCP"} in c["ports"], c["ports"]
+    svc = o.one("Service", "-webhook")
+    assert {"name": "metrics", "port": 9103, "targetPort": "metrics", "protocol": "TCP"} in svc["spec"]["ports"], svc
+    sm = o.one("ServiceMonitor", "-webhook")
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}], sm["spec"]
+    check_shutdown(wh, 5)
 
 
 MANAGED = ["outpost-ca", "outpost-registry-tls", "outpost-webhook-tls"]
@@ -302,6 +317,7 @@ def check_managed(o):
     """No cert-manager, no given Secret: the webhook manages the certificates through the API."""
     assert not o.of("Certificate") and not o.of("Issuer"), "no cert-manager objects"
     wh = o.one("Deployment", "-webhook")
+    check_shutdown(wh, 12)
     pod = wh["spec"]["template"]["spec"]
     mounted = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
     assert not set(mounted) & set(MANAGED), f"a pod must not wait for the Secrets it makes: {mounted}"
@@ -802,7 +818,7 @@ SCENARIOS = {
                         "webhook": {"tlsSecret": "outpost-webhook-tls", "caBundle": "Q0EgYnVuZGxl"}},
                        check_own_tls),
     "managed-certs": ({"connectionString": CONN, "service": {"clusterIP": "10.96.100.100"},
-                       "webhook": {"rules": RULES}}, check_managed),
+                       "webhook": {"rules": RULES, "shutdownDelaySeconds": 12}}, check_managed),
     "own-registry-tls-managed-webhook": ({"connectionString": CONN, "tls": {"secret": "outpost-tls"}},
                                          check_mixed),
     "http": ({"connectionString": CONN, "httpsEnabled": False,

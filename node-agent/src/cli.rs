@@ -146,9 +146,18 @@ pub struct RunArgs {
     /// Do not use the Kubernetes API (no label, no events).
     #[arg(long, env = "OUTPOST_NO_LABEL")]
     pub no_label: bool,
-    /// Address for /healthz, /readyz and /metrics.
+    /// Address for /healthz, /readyz and /metrics (plain HTTP).
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:9102")]
     pub listen: SocketAddr,
+    /// Also serve /metrics (and /healthz, /readyz) on this address, plain HTTP, e.g. to
+    /// expose metrics to Prometheus on another interface than the probes.
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// After SIGTERM or SIGINT, answer /readyz with 503 at once and keep running (files in
+    /// place, endpoints answering) this long before cleaning up and stopping; a second
+    /// signal cuts it short.
+    #[arg(long, env = "OUTPOST_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// How often the inputs are re-read for changes.
     #[arg(long, env = "OUTPOST_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -201,24 +210,54 @@ fn options(i: &InputArgs, run: Option<&RunArgs>) -> AgentOptions {
     }
 }
 
-/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is called (not when
-/// the future is first polled), so a signal during start-up still leads to a clean exit.
-fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+/// SIGTERM and SIGINT, installed when made (not when first awaited), so a signal during
+/// start-up still leads to a clean exit; a second signal is told apart from the first.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    })
+    }
+}
+
+/// Resolves once the agent should stop: at the first signal readiness turns off at once
+/// (the listeners still answer), then after `delay` or a second signal.
+async fn drain_after_signal(mut signals: Signals, draining: Arc<AtomicBool>, delay: Duration) {
+    signals.next().await;
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    if delay.is_zero() {
+        return;
+    }
+    tracing::info!(
+        delay_seconds = delay.as_secs_f64(),
+        "shutting down: not ready, running on for the shutdown delay"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = signals.next() => tracing::info!("second signal: shutdown delay cut short"),
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(r) => {
-            let shutdown = terminated()?;
+            let signals = Signals::new()?;
+            let draining = Arc::new(AtomicBool::new(false));
+            let shutdown = drain_after_signal(signals, draining.clone(), r.shutdown_delay);
             let metrics = Arc::new(Metrics::new());
             let ready = Arc::new(AtomicBool::new(false));
             let opts = options(&r.inputs, Some(&r));
@@ -226,9 +265,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::warn!("no --node-name (OUTPOST_NODE_NAME): the node is not labelled");
             }
             let listener = tokio::net::TcpListener::bind(r.listen).await?;
-            tracing::info!(address = %r.listen, root = %opts.root.display(), runtime = ?opts.runtime, "node agent started");
+            let metrics_listener = match r.metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?,
+                ),
+                None => None,
+            };
+            tracing::info!(address = %r.listen, metrics_address = ?r.metrics_listen, root = %opts.root.display(), runtime = ?opts.runtime, "node agent started");
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let server = crate::server::serve(listener, metrics.clone(), ready.clone(), stop_rx);
+            let server = crate::server::serve(
+                listener,
+                metrics_listener,
+                crate::server::Health {
+                    metrics: metrics.clone(),
+                    ready: ready.clone(),
+                    draining,
+                },
+                stop_rx,
+            );
             let server = tokio::spawn(server);
             let agent = Agent::new(opts, metrics, ready).await;
             agent.run(shutdown).await;

@@ -32,7 +32,7 @@ fn chart_lints_clean_for_every_scenario_and_fails_for_typos() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("chart lint: 57 passed, 0 failed"), "{text}");
+    assert!(text.contains("chart lint: 58 passed, 0 failed"), "{text}");
 }
 
 #[test]
@@ -458,6 +458,21 @@ fn the_binaries_start_with_the_rendered_arguments_and_files() {
     webhook.wait_ready(
         &client,
         &format!("https://127.0.0.1:{}/readyz", port(&ports, "--listen")),
+    );
+    // What the ServiceMonitor scrapes: the rendered --metrics-listen, plain HTTP.
+    let text = http()
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            port(&ports, "--metrics-listen")
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        outpost_e2e::metrics::sample(&text, "outpost_webhook_admission_duration_seconds_count"),
+        Some(0.0),
+        "webhook metrics over plain HTTP:\n{text}"
     );
     drop(webhook);
 

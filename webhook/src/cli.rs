@@ -188,6 +188,10 @@ pub struct CertsArgs {
     /// Plain-HTTP listener for /healthz and /readyz (ready once a pass has succeeded).
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// After SIGTERM or SIGINT, answer /readyz with 503 at once and serve on this long
+    /// before stopping (s suffix; a second signal cuts it short).
+    #[arg(long, env = "OUTPOST_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -206,6 +210,15 @@ pub struct ServeArgs {
     /// Address of the HTTPS listener.
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// Also serve /metrics (and /healthz, /readyz) on this address over plain HTTP, so
+    /// Prometheus scrapes without TLS settings. No admissions there.
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// After SIGTERM or SIGINT, answer /readyz with 503 at once (on both listeners) and keep
+    /// serving admissions this long, so endpoints drop the pod first; then stop accepting and
+    /// let in-flight admissions finish (up to 30 s). A second signal cuts the delay short.
+    #[arg(long, env = "OUTPOST_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// The webhook's own (release) namespace: the source of the pull secret, and pods there
     /// are never mutated. Default: the POD_NAMESPACE environment variable (downward API).
     #[arg(long, env = "OUTPOST_NAMESPACE")]
@@ -291,7 +304,7 @@ pub enum CliError {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Uninstall(#[from] uninstall::UninstallError),
-    #[error("health listener on {addr}: {source}")]
+    #[error("health or metrics listener on {addr}: {source}")]
     Health {
         addr: SocketAddr,
         #[source]
@@ -427,15 +440,34 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         config,
         tls_loaded,
         max_body: args.max_body_bytes,
+        draining: Arc::new(AtomicBool::new(false)),
     };
-    server::serve(args.listen, tls, state)
-        .await
-        .map_err(|source| CliError::Serve {
-            addr: args.listen,
-            source,
-        })?;
+    // Bound now, so a taken port stops the start with its address.
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(bind_plain(addr).map_err(|source| CliError::Health { addr, source })?),
+        None => None,
+    };
+    server::serve(
+        args.listen,
+        tls,
+        state,
+        metrics_listener,
+        args.shutdown_delay,
+    )
+    .await
+    .map_err(|source| CliError::Serve {
+        addr: args.listen,
+        source,
+    })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A plain-HTTP listener, non-blocking as tokio needs it.
+fn bind_plain(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// Availability checks trust the managed bundle, as it is now and after every rotation.
@@ -483,7 +515,9 @@ async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
         spec,
         Arc::clone(&metrics),
     );
-    let ready = move || rx.borrow().is_some();
+    let draining = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&draining);
+    let ready = move || rx.borrow().is_some() && !flag.load(std::sync::atomic::Ordering::SeqCst);
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route(
@@ -511,7 +545,7 @@ async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
                     } else {
                         (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: no certificate pass has succeeded yet\n",
+                            "not ready: shutting down, or no certificate pass has succeeded yet\n",
                         )
                     }
                 }
@@ -524,8 +558,12 @@ async fn certs_only(args: CertsArgs) -> Result<(), CliError> {
             source,
         })?;
     tracing::info!(addr = %args.listen, "certificate manager running; health on plain HTTP");
+    let signals = server::Signals::new();
+    let delay = args.shutdown_delay;
     axum::serve(listener, app)
-        .with_graceful_shutdown(server::shutdown_signal())
+        .with_graceful_shutdown(async move {
+            server::drain_after_signal(signals, &draining, delay).await;
+        })
         .await
         .map_err(|source| CliError::Health {
             addr: args.listen,

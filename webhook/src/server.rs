@@ -1,4 +1,7 @@
-//! The HTTPS listener: `POST /mutate`, `/healthz`, `/readyz`, `/metrics`; SIGTERM drains.
+//! The HTTPS listener: `POST /mutate`, `/healthz`, `/readyz`, `/metrics`, and optionally a
+//! plain-HTTP one for `/metrics` (and the health endpoints) that Prometheus scrapes without TLS
+//! settings. SIGTERM turns `/readyz` to 503 at once on both, serves on for the shutdown delay
+//! (so endpoints drop the pod before it stops answering), then drains.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +33,8 @@ pub struct AppState {
     pub tls_loaded: Arc<AtomicBool>,
     /// Larger request bodies are not read; the pod passes unchanged.
     pub max_body: usize,
+    /// Set at the first SIGTERM or SIGINT: not ready from then on.
+    pub draining: Arc<AtomicBool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,7 +43,38 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            close_when_draining,
+        ))
         .with_state(state)
+}
+
+/// The plain-HTTP metrics listener's routes: no admissions there.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// While draining, HTTP/1 answers carry `Connection: close`, so a kept-alive client (the API
+/// server's connection pool) reconnects, through the Service, to a replica that stays.
+async fn close_when_draining(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let http1 = req.version() < axum::http::Version::HTTP_2;
+    let mut r = next.run(req).await;
+    if http1 && s.draining.load(Ordering::SeqCst) {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
 }
 
 fn json(body: Vec<u8>) -> Response {
@@ -66,6 +102,9 @@ async fn mutate(State(s): State<AppState>, body: Body) -> Response {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
+    if s.draining.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
     let tls = s.tls_loaded.load(Ordering::Acquire);
     let config = s.config.get().is_some();
     if tls && config {
@@ -87,14 +126,26 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Serves HTTPS on `addr` until SIGTERM or SIGINT, then drains for up to [`DRAIN`].
-pub async fn serve(addr: SocketAddr, tls: RustlsConfig, state: AppState) -> std::io::Result<()> {
+/// Serves HTTPS on `addr` (and plain HTTP on `metrics`) until SIGTERM or SIGINT; then, not
+/// ready, for `shutdown_delay`; then drains for up to [`DRAIN`].
+pub async fn serve(
+    addr: SocketAddr,
+    tls: RustlsConfig,
+    state: AppState,
+    metrics: Option<std::net::TcpListener>,
+    shutdown_delay: Duration,
+) -> std::io::Result<()> {
     let handle = axum_server::Handle::new();
-    let h = handle.clone();
+    let metrics_handle = axum_server::Handle::new();
+    let (h, mh) = (handle.clone(), metrics_handle.clone());
+    // Watched from here: a signal while the listeners start still stops the process.
+    let signals = Signals::new();
+    let draining = Arc::clone(&state.draining);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        drain_after_signal(signals, &draining, shutdown_delay).await;
         tracing::info!("shutting down: draining admissions");
         h.graceful_shutdown(Some(DRAIN));
+        mh.graceful_shutdown(Some(DRAIN));
     });
     // Admission reviews are small and latency-bound: no Nagle delay waiting on an ACK.
     let acceptor = RustlsAcceptor::new(tls)
@@ -102,25 +153,83 @@ pub async fn serve(addr: SocketAddr, tls: RustlsConfig, state: AppState) -> std:
         .acceptor(NoDelayAcceptor::new());
     let mut server = axum_server::bind(addr).acceptor(acceptor).handle(handle);
     server.http_builder().http1().keep_alive(true);
-    let app = router(state);
+    let app = router(state.clone());
     tracing::info!(%addr, "serving admission reviews over HTTPS");
-    server.serve(app.into_make_service()).await
+    let https = server.serve(app.into_make_service());
+    let Some(listener) = metrics else {
+        return https.await;
+    };
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(addr = %a, "serving /metrics over plain HTTP");
+    }
+    let plain = axum_server::from_tcp(listener)?
+        .handle(metrics_handle)
+        .serve(metrics_router(state).into_make_service());
+    let (a, b) = tokio::join!(https, plain);
+    a.and(b)
 }
 
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+/// SIGTERM and SIGINT, installed when made (not when first awaited), so a signal during
+/// start-up is not lost; a second signal is told apart from the first.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        Signals {
+            term: watch(SignalKind::terminate(), "SIGTERM"),
+            int: watch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-    };
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
+        }
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Waits for the first signal and turns readiness off at once, listeners still open (as the
+/// registry does); then serves on for `delay`, cut short by a second signal. The caller
+/// closes its listeners and drains when this returns.
+pub async fn drain_after_signal(mut signals: Signals, draining: &AtomicBool, delay: Duration) {
+    signals.next().await;
+    draining.store(true, Ordering::SeqCst);
+    if delay.is_zero() {
+        return;
+    }
+    tracing::info!(
+        delay_seconds = delay.as_secs_f64(),
+        "shutting down: not ready, serving on for the shutdown delay"
+    );
     tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = tokio::time::sleep(delay) => {}
+        _ = signals.next() => tracing::info!("second signal: shutdown delay cut short"),
     }
 }
