@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::storage::RequestCounts;
+use crate::storage::{Listings, RequestCounts};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -221,28 +221,21 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// A blob of `bytes` was stored: the running total `outpost_storage_bytes` grows at once
-    /// instead of waiting for the next listing of the store (hourly; one LIST per 1000 blobs
-    /// on object storage).
-    pub fn storage_added(&self, bytes: u64) {
-        self.storage_bytes.inc_by(bytes);
-    }
-
-    /// Blobs of `bytes` in all were removed.
-    pub fn storage_removed(&self, bytes: u64) {
-        let _ = self.storage_bytes.inner().fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |n| Some(n.saturating_sub(bytes)),
-        );
-    }
-
     /// Also exposes `storage_requests_total{backend,operation}`, read from `counts` (the
     /// object store's) on each scrape.
     pub fn with_storage_requests(mut self, counts: Option<Arc<RequestCounts>>) -> Self {
         if let Some(counts) = counts {
             self.registry
                 .register_collector(Box::new(StorageRequests(counts)));
+        }
+        self
+    }
+
+    /// Also exposes `storage_listings_total{what}`, read from `listings` on each scrape.
+    pub fn with_storage_listings(mut self, listings: Option<Arc<Listings>>) -> Self {
+        if let Some(listings) = listings {
+            self.registry
+                .register_collector(Box::new(StorageListings(listings)));
         }
         self
     }
@@ -287,6 +280,26 @@ impl Collector for StorageRequests {
         for (operation, n) in self.0.snapshot() {
             let labels = [("backend", backend), ("operation", operation)];
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `outpost_storage_listings_total{what}`: whole-store listings (see [`Listings`]).
+#[derive(Debug)]
+struct StorageListings(Arc<Listings>);
+
+impl Collector for StorageListings {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "storage_listings",
+            "Listings of the whole store (every blob, or every repository), whose cost grows \
+             with the store: at start, by gc, fsck and eviction passes, never while idle",
+            None,
+            MetricType::Counter,
+        )?;
+        for (what, n) in self.0.snapshot() {
+            ConstCounter::new(n).encode(family.encode_family(&[("what", what)])?)?;
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ use crate::leader::kubernetes::KubeLease;
 use crate::leader::store::StoreLease;
 use crate::leader::{Leadership, Lease};
 use crate::metrics::Metrics;
+use crate::service::usage::{PUBLISH_INTERVAL, Usage};
 use crate::storage::Store;
 use crate::storage::fs::FsStore;
 use crate::sync::schedule::Schedule;
@@ -27,15 +28,6 @@ use crate::tls;
 
 /// In-flight requests get this long to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(30);
-/// How often the store is listed to correct the running total of its size (pushes,
-/// downloads and evictions keep it current in between; on object storage a listing costs one
-/// LIST per 1000 blobs).
-const STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
-/// The same when several processes share the store (leader election on): a process's running
-/// total misses what the others write, so the leader's retention and every replica's figure
-/// would lag by up to an hour of the others' pushes.
-const SHARED_STORAGE_SCAN_INTERVAL: Duration = Duration::from_secs(60);
-
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
@@ -237,27 +229,28 @@ impl Signals {
 /// Keeps `outpost_storage_bytes` current and expires idle upload sessions.
 fn spawn_upkeep(
     store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    usage: Arc<Usage>,
+    leadership: Arc<Leadership>,
     upload_expiry: Duration,
-    shared: bool,
 ) {
-    let scan_every = if shared {
-        SHARED_STORAGE_SCAN_INTERVAL
-    } else {
-        STORAGE_SCAN_INTERVAL
-    };
-    let s = store.clone();
     tokio::spawn(async move {
+        // The one listing: when this process first leads (at start without leader
+        // election). Afterwards the writes' own counts keep the figure (see `usage`).
+        let mut measured = false;
         loop {
-            match s.blob_list().await {
-                Ok(blobs) => {
-                    metrics
-                        .storage_bytes
-                        .set(blobs.iter().map(|b| b.size).sum());
+            if !measured && leadership.is_leader() {
+                match usage.measure().await {
+                    Ok(bytes) => {
+                        measured = true;
+                        tracing::info!(bytes, "measured the store's size");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot measure storage"),
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot measure storage"),
             }
-            tokio::time::sleep(scan_every).await;
+            if let Err(e) = usage.fold().await {
+                tracing::warn!(error = %e, "cannot update the store's size");
+            }
+            tokio::time::sleep(PUBLISH_INTERVAL).await;
         }
     });
     let every = (upload_expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -354,6 +347,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let metrics = Arc::new(
         Metrics::new()
             .with_storage_requests(store.request_counts())
+            .with_storage_listings(store.listings())
             .with_namespace_credentials(auth.namespaces().authentications.clone()),
     );
     let leadership = match &opts.leader {
@@ -417,9 +411,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let usage = Arc::new(Usage::new(store.clone(), metrics.storage_bytes.clone()));
     let retention = match (opts.max_storage, &syncer) {
         (Some(max), Some(s)) => Some(
-            crate::service::retention::Retention::new(s.clone(), max)
+            crate::service::retention::Retention::new(s.clone(), max, usage.clone())
                 .await
                 .map_err(|e| ServeError::Config(format!("cannot read pull times: {e}")))?,
         ),
@@ -484,7 +479,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         _ => None,
     };
 
-    spawn_upkeep(store, metrics, opts.upload_expiry, !leadership.is_sole());
+    spawn_upkeep(store, usage.clone(), leadership.clone(), opts.upload_expiry);
     children.spawn(!leadership.is_sole());
     if let Some(s) = &syncer {
         s.spawn();
@@ -584,6 +579,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     leadership.resign().await;
     if let Some(r) = &retention {
         r.save_access().await;
+    }
+    // What this process wrote since its last fold, for the others and the next start.
+    if let Err(e) = usage.fold().await {
+        tracing::warn!(error = %e, "cannot update the store's size at shutdown");
     }
     tracing::info!("stopped");
     Ok(())

@@ -292,6 +292,12 @@ fn retention_and_staging_on_azurite() {
     );
     let m = metrics_text(&outpost);
     assert!(metric(&m, "outpost_evicted_bytes_total") >= 2 * S, "{m}");
+    // Measured by one listing at start; the checks every 10 s and the eviction list no blobs.
+    assert_eq!(
+        metric(&m, "outpost_storage_listings_total{what=\"blobs\"}"),
+        1,
+        "{m}"
+    );
     for repo in ["lru/b", "lru/c"] {
         assert!(ep.tags(repo).is_empty(), "{repo} evicted");
     }

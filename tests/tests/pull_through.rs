@@ -297,6 +297,12 @@ fn staging_reports_each_image_pins_what_it_staged_and_survives_gc_and_eviction()
         let m = metrics_text(&outpost);
         if metric(&m, "outpost_evictions_total") >= 1 {
             assert!(metric(&m, "outpost_evicted_bytes_total") > 0, "{m}");
+            // The size came from the one listing at start; the eviction listed no blobs.
+            assert_eq!(
+                metric(&m, "outpost_storage_listings_total{what=\"blobs\"}"),
+                1,
+                "{m}"
+            );
             break;
         }
         assert!(

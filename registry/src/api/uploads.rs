@@ -59,11 +59,10 @@ pub async fn start(
         // Not mountable: the spec says to fall back to a new upload session.
     } else if let Some(d) = q.get("digest") {
         let digest = parse_digest(d)?;
-        let size = app
-            .store
+        // The store counts the bytes of a new blob (`outpost_storage_bytes`).
+        app.store
             .blob_put(&digest, body_stream(body), content_length(headers))
             .await?;
-        app.metrics.storage_added(size);
         app.store.repo_blob_link(repo, &digest).await?;
         return Ok(created(repo, &digest));
     }
@@ -179,8 +178,7 @@ pub async fn finish(
     } else {
         app.store.upload_status(repo, id).await?;
     }
-    let size = app.store.upload_finish(repo, id, &digest).await?;
-    app.metrics.storage_added(size);
+    app.store.upload_finish(repo, id, &digest).await?;
     Ok(created(repo, &digest))
 }
 

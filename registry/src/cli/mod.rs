@@ -466,6 +466,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Gc(a) => {
             let store = open_store(&a.store).await?;
+            // Made before the run, so what the run removes is this process's to fold in.
+            let usage = crate::service::usage::Usage::new(store.clone(), Default::default());
             let r = gc::run(
                 store.as_ref(),
                 gc::GcOptions {
@@ -475,6 +477,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 },
             )
             .await?;
+            // The running server's figure drops at its next fold, without listing the store.
+            if r.bytes_removed > 0
+                && !a.dry_run
+                && let Err(e) = usage.fold().await
+            {
+                eprintln!("gc: cannot update the store's recorded size: {e}");
+            }
             let verb = if a.dry_run { "would remove" } else { "removed" };
             if a.delete_untagged {
                 for m in &r.manifests_removed {

@@ -5,3 +5,4 @@ pub mod gc;
 pub mod pull_through;
 pub mod retention;
 pub mod staging;
+pub mod usage;

@@ -12,12 +12,13 @@ use std::time::{Duration, SystemTime};
 use outpost_core::{Digest, RepositoryName};
 
 use crate::content::manifest;
+use crate::service::usage::Usage;
 use crate::storage::{StorageError, Store};
 use crate::sync::Syncer;
 
 /// How often the store's size is checked against the limit. The check reads the running
-/// total (`outpost_storage_bytes`, kept up to date by pushes, downloads and evictions); only
-/// a total over the limit makes it list the store, to measure exactly before evicting.
+/// total (see `usage`: kept by the store's own counts of what it writes and removes, never by
+/// listing the store), so it costs one small document read.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// The pull times among the store's documents (`<storage>/sync/access.json` on disk).
 const ACCESS_KEY: &str = "access.json";
@@ -33,6 +34,7 @@ pub trait PinSource: Send + Sync {
 pub struct Retention {
     syncer: Arc<Syncer>,
     max_bytes: u64,
+    usage: Arc<Usage>,
     pins: OnceLock<Arc<dyn PinSource>>,
     /// (repository, manifest digest) -> unix seconds of the last pull.
     access: Mutex<HashMap<(String, String), u64>>,
@@ -74,10 +76,15 @@ fn unix_now() -> u64 {
 impl Retention {
     /// Loads the pull times kept in the store (unreadable ones start afresh: the cost is
     /// evicting in a less useful order once).
-    pub async fn new(syncer: Arc<Syncer>, max_bytes: u64) -> Result<Arc<Self>, StorageError> {
+    pub async fn new(
+        syncer: Arc<Syncer>,
+        max_bytes: u64,
+        usage: Arc<Usage>,
+    ) -> Result<Arc<Self>, StorageError> {
         let me = Arc::new(Retention {
             syncer,
             max_bytes,
+            usage,
             pins: OnceLock::new(),
             access: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
@@ -162,39 +169,33 @@ impl Retention {
     /// Evicts until the store is back under the low-water mark, if it is over the limit.
     pub async fn enforce(&self) -> Result<EvictionReport, StorageError> {
         let _one = self.running.lock().await;
-        let metrics = self.syncer.metrics();
-        if metrics.storage_bytes.get() <= self.max_bytes {
-            return Ok(EvictionReport::default());
-        }
-        // Over by the running total: measure exactly (it may have counted a blob twice).
-        let store = self.syncer.store().clone();
-        let sizes: HashMap<Digest, u64> = store
-            .blob_list()
-            .await?
-            .into_iter()
-            .map(|b| (b.digest, b.size))
-            .collect();
-        let size: u64 = sizes.values().sum();
-        metrics.storage_bytes.set(size);
+        let size = self.usage.fold().await?;
         if size <= self.max_bytes {
             return Ok(EvictionReport::default());
         }
         let target = self.max_bytes / 100 * LOW_WATER_PERCENT;
         let excess = size - target;
-        let report = self.evict(&*store, excess, &sizes).await?;
-        metrics.storage_removed(report.bytes);
+        let store = self.syncer.store().clone();
+        let started = std::time::Instant::now();
+        let report = self.evict(&*store, excess).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        // The store counted what it removed: folded in now, the gauge and the other
+        // processes see it before the next check.
+        let after = self.usage.fold().await?;
         tracing::info!(
             limit = self.max_bytes,
             before = size,
+            after,
             images = report.images,
             blobs = report.blobs,
             bytes = report.bytes,
+            seconds,
             "evicted least recently pulled images to stay under --max-storage"
         );
-        if size - report.bytes > self.max_bytes {
+        if after > self.max_bytes {
             tracing::warn!(
                 limit = self.max_bytes,
-                size = size - report.bytes,
+                size = after,
                 "store is still over --max-storage: what remains is pinned, waiting for the \
                  parent, or in use"
             );
@@ -202,12 +203,12 @@ impl Retention {
         Ok(report)
     }
 
-    async fn evict(
-        &self,
-        store: &dyn Store,
-        excess: u64,
-        sizes: &HashMap<Digest, u64>,
-    ) -> Result<EvictionReport, StorageError> {
+    /// One pass, under the maintenance lock from the first read to the last removal (no
+    /// manifest changes meanwhile): every manifest is read once, to find the images and, for
+    /// the blobs of those evicted, whether a remaining manifest still names them. No blob is
+    /// listed: sizes are asked of the evicted images' blobs only, links removed in the
+    /// evicted images' repositories only (`gc` clears any other stale link).
+    async fn evict(&self, store: &dyn Store, excess: u64) -> Result<EvictionReport, StorageError> {
         self.merge_stored().await?;
         let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
         let waiting: HashSet<(String, String)> = match self.syncer.outbox() {
@@ -219,10 +220,13 @@ impl Retention {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // Dropped on return; on object storage its lease is then deleted in the background.
+        let lock = store.maintenance_lock().await?;
 
         // Every image: a manifest that is neither an index child nor a referrer, with the
         // manifests under it and the blobs they name.
         let mut candidates: Vec<Candidate> = Vec::new();
+        let mut scanned: Vec<(RepositoryName, HashMap<Digest, Vec<Digest>>)> = Vec::new();
         for repo in store.repositories().await? {
             let mut parsed: HashMap<Digest, manifest::ParsedManifest> = HashMap::new();
             for d in store.manifest_list(&repo).await? {
@@ -268,19 +272,16 @@ impl Retention {
                     .filter_map(|m| parsed.get(m))
                     .flat_map(|p| p.all_blobs.iter().cloned())
                     .collect();
-                let bytes = blobs
-                    .iter()
-                    .map(|b| sizes.get(b).copied().unwrap_or(0))
-                    .sum();
                 candidates.push(Candidate {
                     repo: repo.clone(),
                     last_pull: access.get(&key).copied().unwrap_or(0),
                     digest: d.clone(),
                     members,
                     blobs,
-                    bytes,
                 });
             }
+            let blobs_of = parsed.into_iter().map(|(d, p)| (d, p.all_blobs)).collect();
+            scanned.push((repo, blobs_of));
         }
         candidates.sort_by(|a, b| {
             a.last_pull
@@ -291,14 +292,27 @@ impl Retention {
 
         let mut report = EvictionReport::default();
         let mut planned = 0u64;
-        let mut doomed_blobs: HashSet<Digest> = HashSet::new();
-        // Dropped on return; on object storage its lease is then deleted in the background.
-        let lock = store.maintenance_lock().await?;
+        // Sizes of the evicted images' blobs, asked once each.
+        let mut sizes: HashMap<Digest, u64> = HashMap::new();
+        // Each doomed blob with the repositories whose evicted images named it.
+        let mut doomed: HashMap<Digest, HashSet<RepositoryName>> = HashMap::new();
+        let mut evicted: HashSet<(RepositoryName, Digest)> = HashSet::new();
         for c in candidates {
             if planned >= excess {
                 break;
             }
-            planned += c.bytes;
+            for b in &c.blobs {
+                if !sizes.contains_key(b) {
+                    let size = store.blob_size(b).await?.unwrap_or(0);
+                    sizes.insert(b.clone(), size);
+                }
+            }
+            let bytes: u64 = c
+                .blobs
+                .iter()
+                .map(|b| sizes.get(b).copied().unwrap_or(0))
+                .sum();
+            planned += bytes;
             let tags = store.tags(&c.repo).await.unwrap_or_default();
             let mut evicted_tags = Vec::new();
             for t in tags {
@@ -314,8 +328,9 @@ impl Retention {
                     Ok(()) | Err(StorageError::ManifestUnknown) => report.manifests += 1,
                     Err(e) => return Err(e),
                 }
+                evicted.insert((c.repo.clone(), m.clone()));
             }
-            tracing::info!(repository = %c.repo, digest = %c.digest, tags = ?evicted_tags, bytes = c.bytes, "evicting image");
+            tracing::info!(repository = %c.repo, digest = %c.digest, tags = ?evicted_tags, bytes, "evicting image");
             let digest = c.digest.to_string();
             self.syncer.state().update(|s| {
                 for t in &evicted_tags {
@@ -331,35 +346,32 @@ impl Retention {
                 .remove(&(c.repo.as_str().to_owned(), digest));
             self.dirty.store(true, Ordering::Relaxed);
             report.images += 1;
-            doomed_blobs.extend(c.blobs);
+            for b in c.blobs {
+                doomed.entry(b).or_default().insert(c.repo.clone());
+            }
         }
-        if doomed_blobs.is_empty() {
+        if doomed.is_empty() {
             return Ok(report);
         }
-        // Mark: whatever a remaining manifest names stays.
-        let mut live: HashSet<Digest> = HashSet::new();
-        for repo in store.repositories().await? {
-            for d in store.manifest_list(&repo).await? {
-                if let Ok(m) = store.manifest_by_digest(&repo, &d).await
-                    && let Ok(p) = manifest::parse(&m.content, Some(&m.media_type))
-                {
-                    live.extend(p.all_blobs);
+        // Mark, from what was read above: whatever a remaining manifest names stays.
+        for (repo, blobs_of) in &scanned {
+            for (d, blobs) in blobs_of {
+                if evicted.contains(&(repo.clone(), d.clone())) {
+                    continue;
+                }
+                for b in blobs {
+                    doomed.remove(b);
                 }
             }
         }
-        for b in doomed_blobs.difference(&live) {
-            let size = sizes.get(b).copied().unwrap_or(0);
+        for (b, repos) in &doomed {
             lock.check()?;
             if store.blob_remove(b, Duration::ZERO).await? {
                 report.blobs += 1;
-                report.bytes += size;
+                report.bytes += sizes.get(b).copied().unwrap_or(0);
             }
-        }
-        for repo in store.repositories().await? {
-            for d in store.repo_blob_links(&repo).await? {
-                if store.blob_size(&d).await?.is_none() {
-                    store.repo_blob_unlink(&repo, &d).await?;
-                }
+            for repo in repos {
+                store.repo_blob_unlink(repo, b).await?;
             }
         }
         let m = self.syncer.metrics();
@@ -375,5 +387,4 @@ struct Candidate {
     last_pull: u64,
     members: Vec<Digest>,
     blobs: HashSet<Digest>,
-    bytes: u64,
 }

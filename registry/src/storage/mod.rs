@@ -7,6 +7,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -190,6 +191,60 @@ pub struct BlobInfo {
     pub size: u64,
     /// Seconds since the blob was written or last re-linked.
     pub age: Duration,
+}
+
+/// Bytes of the blobs a store handle created and removed since it was opened, as the backend
+/// saw them (storing a blob that is already there adds nothing), so a running total of the
+/// store's size can follow writes and deletes without listing the store.
+#[derive(Debug, Default)]
+pub struct BlobBytes {
+    added: AtomicU64,
+    removed: AtomicU64,
+}
+
+impl BlobBytes {
+    pub fn added(&self) -> u64 {
+        self.added.load(Ordering::Relaxed)
+    }
+
+    pub fn removed(&self) -> u64 {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.added.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove(&self, n: u64) {
+        self.removed.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Whole-store listings a store handle made, by what they listed (`blobs`: every blob with
+/// its size; `repositories`: every repository). Each costs in proportion to the store, so
+/// the steady state makes none (`outpost_storage_listings_total{what}`).
+#[derive(Debug, Default)]
+pub struct Listings {
+    blobs: AtomicU64,
+    repositories: AtomicU64,
+}
+
+impl Listings {
+    /// `(what, count)` for each kind, in a fixed order.
+    pub fn snapshot(&self) -> [(&'static str, u64); 2] {
+        [
+            ("blobs", self.blobs.load(Ordering::Relaxed)),
+            ("repositories", self.repositories.load(Ordering::Relaxed)),
+        ]
+    }
+
+    pub(crate) fn blobs_listed(&self) {
+        self.blobs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn repositories_listed(&self) {
+        self.repositories.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The maintenance lock held exclusively: manifest links do not change while it is held (by
@@ -416,6 +471,17 @@ pub trait Store: Send + Sync + 'static {
     /// URL), when the store is set to redirect blob downloads; `None` otherwise.
     async fn blob_redirect(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
         Ok(None)
+    }
+
+    /// The bytes of blobs this handle created and removed; `None` if the backend does not
+    /// count them.
+    fn blob_bytes(&self) -> Option<std::sync::Arc<BlobBytes>> {
+        None
+    }
+
+    /// The whole-store listings this handle made; `None` if the backend does not count them.
+    fn listings(&self) -> Option<std::sync::Arc<Listings>> {
+        None
     }
 
     /// Requests sent to the backend by operation, where each is billed (object stores).

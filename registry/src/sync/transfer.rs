@@ -360,8 +360,7 @@ pub async fn fetch_blob(
         }
     }
     match ctx.store.upload_finish(&session_repo, &id, digest).await {
-        Ok(size) => {
-            ctx.metrics.storage_added(size);
+        Ok(_) => {
             forget_partial(&ctx, digest);
             Ok((session_repo, Outcome::Done))
         }

@@ -22,17 +22,28 @@ pub(super) const READ_CHUNK: usize = 2 * 1024 * 1024;
 
 impl FsStore {
     /// Puts a complete temp file in place as blob `d`, or drops it if the blob exists already.
-    pub(super) fn commit_blob(&self, tmp: &Path, d: &Digest) -> io::Result<()> {
+    /// Moves a verified blob of `size` bytes into place unless it is there already (then it
+    /// is touched instead, for gc's grace period); counts it if it is new.
+    pub(super) fn commit_blob(&self, tmp: &Path, d: &Digest, size: u64) -> io::Result<()> {
         let dest = self.blob_path(d);
-        if exists(&dest)? {
-            match Self::touch(&dest) {
-                Ok(()) => return fs::remove_file(tmp),
-                // Swept by a gc between the check and the touch: ours takes its place.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        {
+            let _one = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+            if exists(&dest)? {
+                match Self::touch(&dest) {
+                    Ok(()) => return fs::remove_file(tmp),
+                    // Swept by a gc between the check and the touch: ours takes its place.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
+            fs::create_dir_all(dir)?;
+            fs::rename(tmp, &dest)?;
         }
-        self.commit_file(tmp, &dest)
+        self.bytes.add(size);
+        sync_dir(dir)
     }
 }
 
@@ -208,7 +219,7 @@ pub(super) async fn blob_put(
         return Err(e);
     }
     let (store, d) = (store.handle(), digest.clone());
-    blocking(move || Ok(store.commit_blob(&tmp, &d)?)).await?;
+    blocking(move || Ok(store.commit_blob(&tmp, &d, written)?)).await?;
     Ok(written)
 }
 
@@ -249,6 +260,7 @@ pub(super) async fn blob_remove(
     min_age: Duration,
 ) -> Result<bool, StorageError> {
     let path = store.blob_path(digest);
+    let bytes = store.bytes.clone();
     blocking(move || {
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
@@ -258,7 +270,11 @@ pub(super) async fn blob_remove(
         if age_of(&meta) < min_age {
             return Ok(false);
         }
-        Ok(remove_file_if_exists(&path)?)
+        let removed = remove_file_if_exists(&path)?;
+        if removed {
+            bytes.remove(meta.len());
+        }
+        Ok(removed)
     })
     .await
 }

@@ -30,8 +30,8 @@ use bytes::Bytes;
 use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
-    BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, MaintenanceGuard,
-    NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+    BlobBytes, BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, Listings,
+    MaintenanceGuard, NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
 };
 
 mod blobs;
@@ -56,6 +56,14 @@ pub struct FsStore {
     uploads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<UploadProgress>>>>>,
     /// Sorted listings of large directories of the repository tree, for paged listings.
     dirs: Arc<listing::DirCache>,
+    /// Bytes of blobs created and removed through this handle (its clones share them).
+    bytes: Arc<BlobBytes>,
+    /// Whole-store listings made through this handle.
+    listings: Arc<Listings>,
+    /// Held while a blob is moved into place: with one server per store on disk, the check
+    /// for a blob already there and the rename are one step, so a blob stored twice at once
+    /// is counted once.
+    commits: Arc<Mutex<()>>,
 }
 
 impl FsStore {
@@ -69,6 +77,9 @@ impl FsStore {
             root: root.into(),
             uploads: Arc::default(),
             dirs: Arc::default(),
+            bytes: Arc::default(),
+            listings: Arc::default(),
+            commits: Arc::default(),
         })
     }
 
@@ -201,11 +212,20 @@ impl Store for FsStore {
     }
 
     async fn blob_list(&self) -> Result<Vec<BlobInfo>, StorageError> {
+        self.listings.blobs_listed();
         blobs::blob_list(self).await
     }
 
     async fn blob_remove(&self, digest: &Digest, min_age: Duration) -> Result<bool, StorageError> {
         blobs::blob_remove(self, digest, min_age).await
+    }
+
+    fn blob_bytes(&self) -> Option<Arc<BlobBytes>> {
+        Some(self.bytes.clone())
+    }
+
+    fn listings(&self) -> Option<Arc<Listings>> {
+        Some(self.listings.clone())
     }
 
     async fn blob_verify(&self, digest: &Digest) -> Result<bool, StorageError> {
@@ -241,6 +261,7 @@ impl Store for FsStore {
     }
 
     async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError> {
+        self.listings.repositories_listed();
         repos::repositories_page(self, None, usize::MAX).await
     }
 

@@ -229,7 +229,7 @@ pub(super) async fn upload_finish(
         if actual != d {
             return Err(StorageError::DigestMismatch { expected: d });
         }
-        handle.commit_blob(&data, &d)?;
+        handle.commit_blob(&data, &d, st.offset)?;
         handle.write_atomic(&handle.layer_link(&repo, &d), b"")?;
         fs::remove_dir_all(handle.upload_dir(&id2))?;
         Ok(st.offset)

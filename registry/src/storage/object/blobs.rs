@@ -29,6 +29,8 @@ pub(super) struct BlobWriter {
     key: Key,
     hasher: Option<Hasher>,
     written: u64,
+    /// The store handle's count of blob bytes created.
+    bytes: std::sync::Arc<crate::storage::BlobBytes>,
 }
 
 impl BlobWriter {
@@ -43,6 +45,7 @@ impl BlobWriter {
             key,
             hasher: Some(Hasher::new(algorithm)),
             written: 0,
+            bytes: store.bytes.clone(),
         }
     }
 
@@ -85,6 +88,8 @@ impl BlobWriter {
             // multipart upload left open is for the bucket's lifecycle rule (README).
             return Err(os_io_err(e));
         }
+        // Counted only here: an upload that found the blob there wrote nothing new.
+        self.bytes.add(self.written);
         Ok(self.written)
     }
 
@@ -258,6 +263,7 @@ pub(super) async fn blob_remove(
         return Ok(false);
     }
     store.delete(&key).await?;
+    store.bytes.remove(meta.size);
     Ok(true)
 }
 

@@ -33,8 +33,8 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
-    BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, MaintenanceGuard,
-    NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+    BlobBytes, BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, Listings,
+    MaintenanceGuard, NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
 };
 
 mod blobs;
@@ -76,6 +76,10 @@ pub struct BucketStore {
     requests: Arc<RequestCounts>,
     /// The repositories' index entries written, for the paged catalog (see `catalog`).
     catalog: Arc<catalog::Catalog>,
+    /// Bytes of blobs this handle uploaded and deleted (its clones share them).
+    bytes: Arc<BlobBytes>,
+    /// Whole-store listings made through this handle.
+    listings: Arc<Listings>,
     /// Signs URLs to objects (S3 presigned, Azure SAS), without a request.
     signer: Option<Arc<dyn object_store::signer::Signer>>,
     /// With `signer`: blob GETs are redirected with URLs valid this long.
@@ -134,6 +138,8 @@ impl BucketStore {
             lock: Arc::new(lock::Shared::new(LockTiming::default())),
             manifests: Arc::default(),
             catalog: Arc::default(),
+            bytes: Arc::default(),
+            listings: Arc::default(),
             health,
         }
     }
@@ -310,6 +316,7 @@ impl Store for BucketStore {
     }
 
     async fn blob_list(&self) -> Result<Vec<BlobInfo>, StorageError> {
+        self.listings.blobs_listed();
         blobs::blob_list(self).await
     }
 
@@ -350,6 +357,7 @@ impl Store for BucketStore {
     }
 
     async fn repositories(&self) -> Result<Vec<RepositoryName>, StorageError> {
+        self.listings.repositories_listed();
         manifests::repositories(self).await
     }
 
@@ -539,6 +547,14 @@ impl Store for BucketStore {
 
     fn request_counts(&self) -> Option<Arc<RequestCounts>> {
         Some(self.requests.clone())
+    }
+
+    fn blob_bytes(&self) -> Option<Arc<BlobBytes>> {
+        Some(self.bytes.clone())
+    }
+
+    fn listings(&self) -> Option<Arc<Listings>> {
+        Some(self.listings.clone())
     }
 
     /// Ready while requests are answered. Recent traffic decides without a request; otherwise
