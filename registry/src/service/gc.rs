@@ -304,3 +304,99 @@ async fn mark_and_sweep(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::hash::digest_of;
+    use outpost_core::Algorithm;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn d(name: &str) -> Digest {
+        digest_of(Algorithm::Sha256, name.as_bytes())
+    }
+
+    /// A parsed manifest naming `children` (an index) and `subject` (a referrer).
+    fn m(children: &[&str], subject: Option<&str>) -> Parsed {
+        Some(manifest::ParsedManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: Vec::new(),
+            all_blobs: Vec::new(),
+            blob_sizes: Vec::new(),
+            manifests: children.iter().map(|c| d(c)).collect(),
+            children: Vec::new(),
+            subject: subject.map(d),
+            artifact_type: None,
+            annotations: None,
+        })
+    }
+
+    fn names(set: HashSet<Digest>, all: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = all
+            .iter()
+            .filter(|n| set.contains(&d(n)))
+            .map(|n| n.to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn only_what_no_root_reaches_goes() {
+        let old = 2 * HOUR;
+        let all = [
+            "index",
+            "amd",
+            "arm",
+            "tagged",
+            "sig",
+            "sig-of-sig",
+            "moved",
+            "moved-sig",
+            "loose",
+            "young",
+            "young-sig",
+            "old-subject",
+            "held",
+            "held-child",
+            "gone",
+        ];
+        let manifests: HashMap<Digest, (Duration, Parsed)> = [
+            // A tagged index whose arm64 child was never fetched (a platform filter).
+            ("index", old, m(&["amd", "arm64-not-stored"], None)),
+            ("amd", old, m(&[], None)),
+            ("arm", old, m(&[], None)),
+            ("tagged", old, m(&[], None)),
+            ("sig", old, m(&[], Some("tagged"))),
+            ("sig-of-sig", old, m(&[], Some("sig"))),
+            ("moved", old, m(&[], None)),
+            ("moved-sig", old, m(&[], Some("moved"))),
+            ("loose", old, m(&[], None)),
+            // Pushed a moment ago by digest: kept, with what it reaches, but not its subject.
+            ("young", Duration::from_secs(5), m(&[], None)),
+            (
+                "young-sig",
+                Duration::from_secs(5),
+                m(&[], Some("old-subject")),
+            ),
+            ("old-subject", old, m(&[], None)),
+            ("held", old, m(&["held-child"], None)),
+            ("held-child", old, m(&[], None)),
+            // Content gone: nothing to follow, untagged and old.
+            ("gone", old, None),
+        ]
+        .into_iter()
+        .map(|(n, age, p)| (d(n), (age, p)))
+        .collect();
+        let tagged: HashSet<Digest> = [d("index"), d("tagged")].into();
+        let held: HashSet<Digest> = [d("held")].into();
+        let doomed = unreachable(&manifests, &tagged, &held, HOUR);
+        assert_eq!(
+            names(doomed, &all),
+            ["arm", "gone", "loose", "moved", "moved-sig", "old-subject"]
+        );
+        // A grace period longer than every age keeps everything.
+        assert!(unreachable(&manifests, &tagged, &held, 3 * HOUR).is_empty());
+    }
+}
