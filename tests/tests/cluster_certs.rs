@@ -169,6 +169,9 @@ fn start_container(
                 format!("--config={}", config_path.display())
             } else if a.starts_with("--listen=") {
                 format!("--listen=127.0.0.1:{port}")
+            } else if a.starts_with("--metrics-listen=") {
+                // Loopback, and a port of its own: replicas run side by side here.
+                format!("--metrics-listen=127.0.0.1:{}", free_port())
             } else if let Some(path) = a.strip_prefix("--namespace-credential-key-file=") {
                 // The signing key Secret's file, as its volume would hold it.
                 let file = Path::new(path)
