@@ -204,10 +204,12 @@ impl Retention {
     }
 
     /// One pass, under the maintenance lock from the first read to the last removal (no
-    /// manifest changes meanwhile): every manifest is read once, to find the images and, for
-    /// the blobs of those evicted, whether a remaining manifest still names them. No blob is
-    /// listed: sizes are asked of the evicted images' blobs only, links removed in the
-    /// evicted images' repositories only (`gc` clears any other stale link).
+    /// manifest changes meanwhile): every manifest is read once, to find the images and to
+    /// count how many manifests name each blob. Evicting counts down; a blob at zero is
+    /// freed, so the pass stops once what it actually frees covers the excess (a blob shared
+    /// with a remaining image does not count). No blob is listed: sizes are asked of the
+    /// freed blobs only, links removed in the evicted images' repositories only (`gc` clears
+    /// any other stale link).
     async fn evict(&self, store: &dyn Store, excess: u64) -> Result<EvictionReport, StorageError> {
         self.merge_stored().await?;
         let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
@@ -226,7 +228,10 @@ impl Retention {
         // Every image: a manifest that is neither an index child nor a referrer, with the
         // manifests under it and the blobs they name.
         let mut candidates: Vec<Candidate> = Vec::new();
-        let mut scanned: Vec<(RepositoryName, HashMap<Digest, Vec<Digest>>)> = Vec::new();
+        // The blobs each manifest names, and how many manifests name each blob: evicting
+        // counts down, and a blob at zero is what an eviction frees.
+        let mut blobs_of: HashMap<(RepositoryName, Digest), Vec<Digest>> = HashMap::new();
+        let mut refs: HashMap<Digest, usize> = HashMap::new();
         for repo in store.repositories().await? {
             let mut parsed: HashMap<Digest, manifest::ParsedManifest> = HashMap::new();
             for d in store.manifest_list(&repo).await? {
@@ -267,21 +272,22 @@ impl Retention {
                         break;
                     }
                 }
-                let blobs: HashSet<Digest> = members
-                    .iter()
-                    .filter_map(|m| parsed.get(m))
-                    .flat_map(|p| p.all_blobs.iter().cloned())
-                    .collect();
                 candidates.push(Candidate {
                     repo: repo.clone(),
                     last_pull: access.get(&key).copied().unwrap_or(0),
                     digest: d.clone(),
                     members,
-                    blobs,
                 });
             }
-            let blobs_of = parsed.into_iter().map(|(d, p)| (d, p.all_blobs)).collect();
-            scanned.push((repo, blobs_of));
+            for (d, p) in parsed {
+                let mut blobs = p.all_blobs;
+                blobs.sort();
+                blobs.dedup();
+                for b in &blobs {
+                    *refs.entry(b.clone()).or_default() += 1;
+                }
+                blobs_of.insert((repo.clone(), d), blobs);
+            }
         }
         candidates.sort_by(|a, b| {
             a.last_pull
@@ -292,26 +298,33 @@ impl Retention {
 
         let mut report = EvictionReport::default();
         let mut planned = 0u64;
-        // Sizes of the evicted images' blobs, asked once each.
+        // Sizes of the blobs evictions free, asked once each.
         let mut sizes: HashMap<Digest, u64> = HashMap::new();
-        // Each doomed blob with the repositories whose evicted images named it.
+        // Each blob no remaining manifest names, with the repositories that named it.
         let mut doomed: HashMap<Digest, HashSet<RepositoryName>> = HashMap::new();
         let mut evicted: HashSet<(RepositoryName, Digest)> = HashSet::new();
         for c in candidates {
             if planned >= excess {
                 break;
             }
-            for b in &c.blobs {
-                if !sizes.contains_key(b) {
-                    let size = store.blob_size(b).await?.unwrap_or(0);
-                    sizes.insert(b.clone(), size);
+            // What this image frees: the blobs only it (and images evicted before) named.
+            let mut bytes = 0u64;
+            for m in &c.members {
+                let key = (c.repo.clone(), m.clone());
+                if !evicted.insert(key.clone()) {
+                    continue;
+                }
+                for b in blobs_of.get(&key).map(Vec::as_slice).unwrap_or_default() {
+                    let Some(n) = refs.get_mut(b) else { continue };
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        let size = store.blob_size(b).await?.unwrap_or(0);
+                        sizes.insert(b.clone(), size);
+                        bytes += size;
+                        doomed.entry(b.clone()).or_default().insert(c.repo.clone());
+                    }
                 }
             }
-            let bytes: u64 = c
-                .blobs
-                .iter()
-                .map(|b| sizes.get(b).copied().unwrap_or(0))
-                .sum();
             planned += bytes;
             let tags = store.tags(&c.repo).await.unwrap_or_default();
             let mut evicted_tags = Vec::new();
@@ -328,7 +341,6 @@ impl Retention {
                     Ok(()) | Err(StorageError::ManifestUnknown) => report.manifests += 1,
                     Err(e) => return Err(e),
                 }
-                evicted.insert((c.repo.clone(), m.clone()));
             }
             tracing::info!(repository = %c.repo, digest = %c.digest, tags = ?evicted_tags, bytes, "evicting image");
             let digest = c.digest.to_string();
@@ -346,23 +358,6 @@ impl Retention {
                 .remove(&(c.repo.as_str().to_owned(), digest));
             self.dirty.store(true, Ordering::Relaxed);
             report.images += 1;
-            for b in c.blobs {
-                doomed.entry(b).or_default().insert(c.repo.clone());
-            }
-        }
-        if doomed.is_empty() {
-            return Ok(report);
-        }
-        // Mark, from what was read above: whatever a remaining manifest names stays.
-        for (repo, blobs_of) in &scanned {
-            for (d, blobs) in blobs_of {
-                if evicted.contains(&(repo.clone(), d.clone())) {
-                    continue;
-                }
-                for b in blobs {
-                    doomed.remove(b);
-                }
-            }
         }
         for (b, repos) in &doomed {
             lock.check()?;
@@ -386,5 +381,4 @@ struct Candidate {
     digest: Digest,
     last_pull: u64,
     members: Vec<Digest>,
-    blobs: HashSet<Digest>,
 }
