@@ -26,8 +26,6 @@ use std::time::{Duration, SystemTime};
 
 use outpost_core::{RepositoryName, Tag};
 
-use super::files::exists;
-
 /// Directories with fewer entries are read every time: that is cheap, and the cache holds at
 /// most one listing per this many entries in the store.
 const CACHE_MIN_ENTRIES: usize = 64;
@@ -105,44 +103,52 @@ fn read_entries(dir: &Path) -> io::Result<Vec<(String, bool)>> {
 
 impl DirCache {
     /// The entries of `dir` made into sorted items by `build`; empty if `dir` does not exist.
-    /// From the cache while the directory is as it was when cached.
+    /// From the cache while the directory is as it was when cached. A small directory not in
+    /// the cache costs one read and no `stat` (most directories of the tree are a
+    /// repository's own, with two or three entries).
     fn sorted(
         &self,
         dir: &Path,
         build: impl FnOnce(Vec<(String, bool)>) -> Vec<String>,
     ) -> io::Result<Arc<Vec<String>>> {
-        let before = match fs::metadata(dir) {
-            Ok(m) => Stamp::of(&m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Arc::default()),
-            Err(e) => return Err(e),
+        let stamp = || match fs::metadata(dir) {
+            Ok(m) => Ok(Some(Stamp::of(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         };
-        if let Some(c) = self.lock().get(dir)
-            && c.stamp == before
+        let read = || match read_entries(dir) {
+            Ok(e) => Ok(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        let cached = self.lock().get(dir).map(|c| (c.stamp, c.items.clone()));
+        if let Some((was, items)) = cached
+            && stamp()? == Some(was)
         {
-            return Ok(c.items.clone());
+            return Ok(items);
         }
-        let entries = match read_entries(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Arc::default()),
-            Err(e) => return Err(e),
+        let entries = read()?;
+        if entries.len() < CACHE_MIN_ENTRIES {
+            return Ok(Arc::new(build(entries)));
+        }
+        // Large: read again between two `stat`s, so the listing is known to be the one of
+        // that state; kept only if the directory did not change meanwhile, nor shortly before.
+        let Some(before) = stamp()? else {
+            return Ok(Arc::default());
         };
-        let large = entries.len() >= CACHE_MIN_ENTRIES;
-        let items = Arc::new(build(entries));
-        if large {
-            // Kept only if the directory did not change while it was read, nor shortly before.
-            let after = fs::metadata(dir).map(|m| Stamp::of(&m)).ok();
-            let mut map = self.lock();
-            if after == Some(before) && before.settled(self.settle) {
-                map.insert(
-                    dir.to_owned(),
-                    Cached {
-                        stamp: before,
-                        items: items.clone(),
-                    },
-                );
-            } else {
-                map.remove(dir);
-            }
+        let items = Arc::new(build(read()?));
+        let after = stamp()?;
+        let mut map = self.lock();
+        if after == Some(before) && before.settled(self.settle) {
+            map.insert(
+                dir.to_owned(),
+                Cached {
+                    stamp: before,
+                    items: items.clone(),
+                },
+            );
+        } else {
+            map.remove(dir);
         }
         Ok(items)
     }
@@ -152,15 +158,26 @@ impl DirCache {
     }
 }
 
-/// A directory of the repository tree as items: `c` and `c/` for every child directory `c`
-/// (names starting with `_` are the repository's own data, not children), sorted.
+/// Sorts first among a directory's items when the directory is a repository (holds manifests
+/// or blob links); no name contains NUL.
+const REPO_MARK: &str = "\0";
+
+/// A directory of the repository tree as items: [`REPO_MARK`] if it is a repository, then
+/// `c` and `c/` for every child directory `c` (names starting with `_` are the repository's
+/// own data, not children), sorted.
 fn tree_items(entries: Vec<(String, bool)>) -> Vec<String> {
     let mut items = Vec::with_capacity(entries.len() * 2);
+    let mut repo = false;
     for (name, is_dir) in entries {
-        if is_dir && !name.starts_with('_') {
+        if name.starts_with('_') {
+            repo |= name == "_manifests" || name == "_layers";
+        } else if is_dir {
             items.push(format!("{name}/"));
             items.push(name);
         }
+    }
+    if repo {
+        items.push(REPO_MARK.to_owned());
     }
     items.sort_unstable();
     items
@@ -174,11 +191,6 @@ fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-/// A directory of the tree is a repository once it holds manifests or blob links.
-fn is_repo(dir: &Path) -> io::Result<bool> {
-    Ok(exists(&dir.join("_manifests"))? || exists(&dir.join("_layers"))?)
-}
-
 /// Up to `limit` repository names under `root` (the `repositories` folder) that sort after
 /// `after`, in lexical order.
 pub(super) fn repositories_page(
@@ -188,61 +200,84 @@ pub(super) fn repositories_page(
     limit: usize,
 ) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
-    walk(cache, root, "", after, limit, &mut out)?;
+    let mut walk = Walk {
+        cache,
+        limit,
+        read: HashMap::new(),
+    };
+    walk.dir(root, "", after, &mut out)?;
     Ok(out)
 }
 
-/// Appends to `out` the names under `dir` (whose names start with `prefix`) after `after`
-/// (relative to `dir`), until `out` has `limit`. Recursion depth is bounded by the length of
-/// a repository name (one level per segment).
-fn walk(
-    cache: &DirCache,
-    dir: &Path,
-    prefix: &str,
-    after: Option<&str>,
+/// One page's walk.
+struct Walk<'a> {
+    cache: &'a DirCache,
     limit: usize,
-    out: &mut Vec<String>,
-) -> io::Result<()> {
-    if out.len() >= limit {
-        return Ok(());
+    /// Listings of children read to tell whether they are repositories, kept until their
+    /// subtree item comes (the same page, a few items later): each directory read once.
+    read: HashMap<PathBuf, Arc<Vec<String>>>,
+}
+
+impl Walk<'_> {
+    fn listing(&mut self, dir: &Path) -> io::Result<Arc<Vec<String>>> {
+        match self.read.remove(dir) {
+            Some(items) => Ok(items),
+            None => self.cache.sorted(dir, tree_items),
+        }
     }
-    let items = cache.sorted(dir, tree_items)?;
-    let start = match after {
-        None => 0,
-        Some(a) => {
-            let i = items.partition_point(|k| k.as_str() <= a);
-            // `a` may lie inside the subtree just before: its names after `a` come first.
-            if let Some(sub_key) = i.checked_sub(1).map(|j| &items[j])
-                && let Some(sub) = sub_key.strip_suffix('/')
-                && let Some(rest) = a.strip_prefix(sub_key.as_str())
-            {
-                walk(
-                    cache,
-                    &dir.join(sub),
-                    &join(prefix, sub),
-                    Some(rest),
-                    limit,
-                    out,
-                )?;
+
+    /// Appends to `out` the names under `dir` (whose names start with `prefix`) after `after`
+    /// (relative to `dir`), until `out` has `limit`. Recursion depth is bounded by the length
+    /// of a repository name (one level per segment).
+    fn dir(
+        &mut self,
+        dir: &Path,
+        prefix: &str,
+        after: Option<&str>,
+        out: &mut Vec<String>,
+    ) -> io::Result<()> {
+        if out.len() >= self.limit {
+            return Ok(());
+        }
+        let items = self.listing(dir)?;
+        let start = match after {
+            None => 0,
+            Some(a) => {
+                let i = items.partition_point(|k| k.as_str() <= a);
+                // `a` may lie inside the subtree just before: its names after `a` come first.
+                if let Some(sub_key) = i.checked_sub(1).map(|j| &items[j])
+                    && let Some(sub) = sub_key.strip_suffix('/')
+                    && let Some(rest) = a.strip_prefix(sub_key.as_str())
+                {
+                    self.dir(&dir.join(sub), &join(prefix, sub), Some(rest), out)?;
+                }
+                i
             }
-            i
-        }
-    };
-    for key in &items[start..] {
-        if out.len() >= limit {
-            break;
-        }
-        match key.strip_suffix('/') {
-            Some(sub) => walk(cache, &dir.join(sub), &join(prefix, sub), None, limit, out)?,
-            None => {
-                let full = join(prefix, key);
-                if is_repo(&dir.join(key))? && full.parse::<RepositoryName>().is_ok() {
-                    out.push(full);
+        };
+        for key in &items[start..] {
+            if out.len() >= self.limit {
+                break;
+            }
+            if key == REPO_MARK {
+                continue;
+            }
+            match key.strip_suffix('/') {
+                Some(sub) => self.dir(&dir.join(sub), &join(prefix, sub), None, out)?,
+                None => {
+                    let child = dir.join(key);
+                    let child_items = self.cache.sorted(&child, tree_items)?;
+                    let full = join(prefix, key);
+                    if child_items.first().is_some_and(|k| k == REPO_MARK)
+                        && full.parse::<RepositoryName>().is_ok()
+                    {
+                        out.push(full);
+                    }
+                    self.read.insert(child, child_items);
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Up to `limit` tags in `tags_dir` that sort after `after`, sorted.
@@ -278,7 +313,9 @@ mod tests {
             .collect();
         assert_eq!(
             tree_items(entries),
-            ["a", "a-b", "a-b/", "a.c", "a.c/", "a/", "ab", "ab/"]
+            [
+                REPO_MARK, "a", "a-b", "a-b/", "a.c", "a.c/", "a/", "ab", "ab/"
+            ]
         );
     }
 
