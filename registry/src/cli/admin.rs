@@ -26,6 +26,13 @@ pub struct AdminArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
+    #[command(flatten)]
+    pub format: Format,
+}
+
+/// `-o table|json`, shared by the commands that print what the admin API answers.
+#[derive(clap::Args, Debug)]
+pub struct Format {
     /// Output format: a table, or the admin API's JSON.
     #[arg(
         short = 'o',
@@ -78,15 +85,9 @@ pub enum ConnectedRegistryCommand {
     List {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Output format: a table, or the admin API's JSON (GET /outpost/v1/children).
-        #[arg(
-            short = 'o',
-            long,
-            env = "OUTPOST_OUTPUT",
-            value_enum,
-            default_value = "table"
-        )]
-        output: Output,
+        /// `-o json`: the admin API's JSON (GET /outpost/v1/children).
+        #[command(flatten)]
+        format: Format,
     },
     /// One connected registry in detail: version, storage, staging, when it was last heard.
     Show {
@@ -94,14 +95,8 @@ pub enum ConnectedRegistryCommand {
         admin: AdminArgs,
         /// Its name (ConnectedRegistryName).
         name: String,
-        #[arg(
-            short = 'o',
-            long,
-            env = "OUTPOST_OUTPUT",
-            value_enum,
-            default_value = "table"
-        )]
-        output: Output,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -306,7 +301,7 @@ pub fn render_status(s: &Status) -> String {
 pub async fn status(a: StatusArgs) -> Result<ExitCode, CliError> {
     let c = client(&a.admin)?;
     let s = fetch_status(&c, &a.admin).await?;
-    match a.output {
+    match a.format.output {
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&s).map_err(|e| CliError::Admin(e.to_string()))?
@@ -401,10 +396,10 @@ pub async fn connected_registry(cmd: ConnectedRegistryCommand) -> Result<ExitCod
         children: Vec<ChildView>,
     }
     match cmd {
-        ConnectedRegistryCommand::List { admin, output } => {
+        ConnectedRegistryCommand::List { admin, format } => {
             let c = client(&admin)?;
             let a: Answer = get_json(&c, &admin, "/outpost/v1/children").await?;
-            match output {
+            match format.output {
                 Output::Json => print_json(&a)?,
                 Output::Table => print!("{}", render_children(&a.children)),
             }
@@ -412,7 +407,7 @@ pub async fn connected_registry(cmd: ConnectedRegistryCommand) -> Result<ExitCod
         ConnectedRegistryCommand::Show {
             admin,
             name,
-            output,
+            format,
         } => {
             // A name no child can have is not put in a URL.
             if !crate::sync::children::valid_name(&name) {
@@ -439,7 +434,7 @@ pub async fn connected_registry(cmd: ConnectedRegistryCommand) -> Result<ExitCod
                 .json()
                 .await
                 .map_err(|e| CliError::Admin(format!("{u}: unexpected answer: {e}")))?;
-            match output {
+            match format.output {
                 Output::Json => print_json(&child)?,
                 Output::Table => print!("{}", render_child(&child)),
             }
