@@ -272,9 +272,9 @@ impl Admission {
     }
 
     /// Keeps the candidates the namespace's credential may pull; the others stay on their
-    /// upstream, where containerd's mirror path (answered 404 by Outpost outside the node
-    /// scope) falls back to the upstream with the pod's own pull secrets. Moving them would
-    /// only earn a 403 from Outpost and a pod that cannot start.
+    /// upstream: containerd tries Outpost as the node's mirror, is refused what the node may
+    /// not pull, and falls back to the upstream with the pod's own pull secrets. Moving them
+    /// would only earn a 403 from Outpost and a pod that cannot start.
     async fn within_scope(
         &self,
         table: &ScopeTable,
