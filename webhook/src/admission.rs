@@ -285,14 +285,14 @@ impl Admission {
         let scope = table.lookup(namespace).await;
         let mut keep = Vec::with_capacity(candidates.len());
         for c in candidates {
+            let repository = c.target.repository().as_str();
             let why = match &scope {
-                Ok(s) if s.allows(c.target.repository().as_str()) => {
+                Ok(s) if s.allows(repository) => {
                     keep.push(c);
                     continue;
                 }
                 Ok(s) => format!(
-                    "{} is outside the repositories this namespace may pull from Outpost ({s})",
-                    c.target.repository().as_str()
+                    "{repository} is outside the repositories this namespace may pull from Outpost ({s})"
                 ),
                 Err(why) => format!("the namespace has no Outpost pull credential: {why}"),
             };

@@ -642,7 +642,6 @@ pub async fn reconcile_credentials(
     report.minted = minted;
     report.foreign = foreign;
     report.current = current;
-    report.scopes = wanted.clone();
 
     for (ns, secret) in &owned {
         if wanted.contains_key(ns) {
@@ -663,6 +662,7 @@ pub async fn reconcile_credentials(
             Err(e) => return Err(e.into()),
         }
     }
+    report.scopes = wanted;
     Ok(report)
 }
 
