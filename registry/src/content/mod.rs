@@ -79,6 +79,12 @@ pub async fn push_manifest_with(
         .subject
         .as_ref()
         .map(|s| (s, parsed.referrer_descriptor(&digest, content.len() as u64)));
+    let names: Vec<Digest> = parsed
+        .all_blobs
+        .iter()
+        .chain(&parsed.manifests)
+        .cloned()
+        .collect();
     store
         .manifest_put(
             repo,
@@ -88,6 +94,7 @@ pub async fn push_manifest_with(
                 content,
                 blobs: &parsed.blobs,
                 manifests: required,
+                names: &names,
                 tag,
                 subject,
             },

@@ -48,6 +48,7 @@ pub async fn check(store: &dyn Store) {
     blobs(store).await;
     uploads(store).await;
     manifests(store).await;
+    references(store).await;
     paging(store).await;
     maintenance(store).await;
     documents(store).await;
@@ -329,6 +330,7 @@ async fn manifests(store: &dyn Store) {
                         content: idx_content,
                         blobs: &[],
                         manifests: &children,
+                        names: &children,
                         tag: None,
                         subject: None,
                     },
@@ -386,6 +388,107 @@ async fn manifests(store: &dyn Store) {
         store.manifest_delete(&r, &d).await,
         Err(StorageError::ManifestUnknown)
     ));
+}
+
+/// The reference index: who names a blob or a child, kept by puts and deletes, per
+/// repository and across them; a manifest from before the index is recorded on request.
+async fn references(store: &dyn Store) {
+    let (a, b) = (repo("conf/refs/a"), repo("conf/refs/b"));
+    let shared = put_blob(store, &a, b"shared layer").await;
+    store.repo_blob_link(&b, &shared).await.unwrap();
+    let own = put_blob(store, &a, b"a's own layer").await;
+    // Never stored: an index under a platform filter names children the site does not hold.
+    let absent = digest_of(Algorithm::Sha256, b"absent child");
+    for d in [&shared, &own, &absent] {
+        assert!(!store.referenced(d, None).await.unwrap());
+    }
+
+    let one = Bytes::from_static(b"{\"schemaVersion\":2,\"refs\":1}");
+    let one_d = digest_of(Algorithm::Sha256, &one);
+    let both = [shared.clone(), own.clone()];
+    store
+        .manifest_put(&a, image(&one_d, &one, &both, None, None))
+        .await
+        .unwrap();
+    let two = Bytes::from_static(b"{\"schemaVersion\":2,\"refs\":2}");
+    let two_d = digest_of(Algorithm::Sha256, &two);
+    let only_shared = [shared.clone()];
+    store
+        .manifest_put(&b, image(&two_d, &two, &only_shared, None, None))
+        .await
+        .unwrap();
+    assert!(store.referenced(&shared, None).await.unwrap());
+    assert!(store.referenced(&shared, Some(&a)).await.unwrap());
+    assert!(store.referenced(&shared, Some(&b)).await.unwrap());
+    assert!(store.referenced(&own, Some(&a)).await.unwrap());
+    assert!(!store.referenced(&own, Some(&b)).await.unwrap());
+    // Another repository whose name `a`'s extends is not `a`.
+    assert!(
+        !store
+            .referenced(&own, Some(&repo("conf/refs")))
+            .await
+            .unwrap()
+    );
+
+    // An index names its children, stored or not; pushing it again adds nothing.
+    let idx = Bytes::from_static(b"{\"schemaVersion\":2,\"refs\":\"index\"}");
+    let idx_d = digest_of(Algorithm::Sha256, &idx);
+    let required = [one_d.clone()];
+    let names = [one_d.clone(), absent.clone()];
+    for _ in 0..2 {
+        store
+            .manifest_put(
+                &a,
+                NewManifest {
+                    digest: &idx_d,
+                    media_type: "application/vnd.oci.image.index.v1+json",
+                    content: idx.clone(),
+                    blobs: &[],
+                    manifests: &required,
+                    names: &names,
+                    tag: Some(&tag("multi")),
+                    subject: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert!(store.referenced(&one_d, Some(&a)).await.unwrap());
+    assert!(store.referenced(&absent, Some(&a)).await.unwrap());
+    assert!(!store.referenced(&one_d, Some(&b)).await.unwrap());
+
+    // Deletes count down: a blob stays named while any manifest names it.
+    store.manifest_delete(&a, &idx_d).await.unwrap();
+    assert!(!store.referenced(&one_d, None).await.unwrap());
+    assert!(!store.referenced(&absent, None).await.unwrap());
+    store.manifest_delete(&a, &one_d).await.unwrap();
+    assert!(!store.referenced(&own, None).await.unwrap());
+    assert!(!store.referenced(&shared, Some(&a)).await.unwrap());
+    assert!(store.referenced(&shared, None).await.unwrap());
+    store.manifest_delete(&b, &two_d).await.unwrap();
+    assert!(!store.referenced(&shared, None).await.unwrap());
+
+    // Recording on request: only a manifest that is there, and a delete undoes it.
+    assert!(
+        !store
+            .references_record(&b, &two_d, &only_shared)
+            .await
+            .unwrap()
+    );
+    assert!(!store.referenced(&shared, None).await.unwrap());
+    store
+        .manifest_put(&b, image(&two_d, &two, &only_shared, None, None))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .references_record(&b, &two_d, &only_shared)
+            .await
+            .unwrap()
+    );
+    assert!(store.referenced(&shared, Some(&b)).await.unwrap());
+    store.manifest_delete(&b, &two_d).await.unwrap();
+    assert!(!store.referenced(&shared, None).await.unwrap());
 }
 
 /// Every page of `size` from the start, each asked after the last name of the one before.
@@ -558,6 +661,7 @@ fn image<'a>(
         content: content.clone(),
         blobs,
         manifests: &[],
+        names: blobs,
         tag,
         subject,
     }

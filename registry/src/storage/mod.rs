@@ -164,6 +164,10 @@ pub struct NewManifest<'a> {
     pub blobs: &'a [Digest],
     /// Manifests (index children) that must already be in the repository.
     pub manifests: &'a [Digest],
+    /// Everything the manifest names, present or not: every blob (non-distributable ones
+    /// too) and child manifest. The reference index records these (see
+    /// [`Store::referenced`]).
+    pub names: &'a [Digest],
     pub tag: Option<&'a Tag>,
     /// The `subject` this manifest refers to, with the descriptor listed by the referrers API.
     pub subject: Option<(&'a Digest, Descriptor)>,
@@ -394,6 +398,28 @@ pub trait Store: Send + Sync + 'static {
         repo: &RepositoryName,
         subject: &Digest,
     ) -> Result<Vec<Descriptor>, StorageError>;
+
+    // --- the reference index ---
+
+    /// Whether a stored manifest names `target` (as a blob, or as an index's child): one in
+    /// `repo`, or in any repository when `repo` is `None`. Answered from the index that
+    /// `manifest_put` and `manifest_delete` keep, with one small listing, so it costs the same
+    /// however large the store is. A manifest stored before the store kept the index is in it
+    /// once [`Store::references_record`] has recorded it.
+    async fn referenced(
+        &self,
+        target: &Digest,
+        repo: Option<&RepositoryName>,
+    ) -> Result<bool, StorageError>;
+    /// Records in the index what manifest `digest` of `repo` names (as
+    /// [`NewManifest::names`]), for a manifest stored before the index was kept; false,
+    /// recording nothing, if the manifest is not in `repo`.
+    async fn references_record(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+        names: &[Digest],
+    ) -> Result<bool, StorageError>;
 
     // --- upload sessions ---
 

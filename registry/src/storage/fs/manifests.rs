@@ -76,6 +76,7 @@ pub(super) async fn manifest_put(
     let digest = m.digest.clone();
     let blobs = m.blobs.to_vec();
     let manifests = m.manifests.to_vec();
+    let names = m.names.to_vec();
     let tag = m.tag.cloned();
     let content = m.content.clone();
     let link = RevisionLink {
@@ -114,6 +115,7 @@ pub(super) async fn manifest_put(
         if !exists(&layer)? {
             store.write_atomic(&layer, b"")?;
         }
+        store.references_write(&repo, &digest, &names)?;
         let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
         store.write_atomic(&store.revision_link(&repo, &digest), &raw)?;
         if let Some((subject, desc)) = referrer {
@@ -178,6 +180,7 @@ pub(super) async fn manifest_delete(
             remove_file_if_exists(&store.referrers_dir(&repo, &subject).join(name))?;
         }
         remove_file_if_exists(&store.revision_link(&repo, &d))?;
+        store.references_remove(&repo, &d)?;
         Ok(())
     })
     .await

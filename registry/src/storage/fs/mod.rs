@@ -7,6 +7,8 @@
 //! repositories/<name>/_manifests/revisions/<alg>/<hex>  JSON: media type and subject of a manifest
 //! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
 //! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
+//! repositories/<name>/_manifests/references/<alg>/<hex> what the manifest names (see `references`)
+//! references/<alg>/<hex[..2]>/<hex>/<name, / as +>/<alg>-<hex>  empty: that manifest names it
 //! uploads/<id>/data, uploads/<id>/state.json            upload sessions
 //! tmp/                                                  files being written; never read
 //! maintenance.lock                                      shared by manifest writes, exclusive for gc
@@ -40,6 +42,7 @@ mod files;
 mod listing;
 mod locks;
 mod manifests;
+mod references;
 mod referrers;
 mod repos;
 mod uploads;
@@ -339,6 +342,23 @@ impl Store for FsStore {
         subject: &Digest,
     ) -> Result<Vec<Descriptor>, StorageError> {
         referrers::referrers(self, repo, subject).await
+    }
+
+    async fn referenced(
+        &self,
+        target: &Digest,
+        repo: Option<&RepositoryName>,
+    ) -> Result<bool, StorageError> {
+        references::referenced(self, target, repo).await
+    }
+
+    async fn references_record(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+        names: &[Digest],
+    ) -> Result<bool, StorageError> {
+        references::references_record(self, repo, digest, names).await
     }
 
     async fn upload_start(&self, repo: &RepositoryName) -> Result<String, StorageError> {

@@ -157,6 +157,7 @@ pub(super) async fn manifest_put(
         media_type: m.media_type.to_owned(),
         subject: m.subject.as_ref().map(|(d, _)| (*d).clone()),
     };
+    store.references_write(repo, m.digest, m.names).await?;
     let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
     let revision = store.revision_key(repo, m.digest);
     store.put(&revision, raw.into()).await?;
@@ -185,6 +186,7 @@ pub(super) async fn manifest_put(
         if let Err(e) = confirmed {
             tracing::warn!(repository = %repo, digest = %m.digest, error = %e, "withdrawing a manifest whose blobs a concurrent gc may have removed");
             store.delete(&revision).await?;
+            store.references_remove(repo, m.digest).await?;
             return Err(e);
         }
     }
@@ -350,7 +352,8 @@ pub(super) async fn manifest_delete(
     if let Some(subject) = link.subject {
         store.delete(&store.referrer_key(repo, &subject, d)).await?;
     }
-    store.delete(&store.revision_key(repo, d)).await
+    store.delete(&store.revision_key(repo, d)).await?;
+    store.references_remove(repo, d).await
 }
 
 /// Whether `repo` holds anything (one LIST with a delimiter).
@@ -481,6 +484,7 @@ mod tests {
             content,
             blobs: &[],
             manifests: &[],
+            names: &[],
             tag: Some(tag),
             subject: None,
         };

@@ -8,6 +8,8 @@
 //! repositories/<name>/_manifests/revisions/<alg>/<hex>  JSON: media type and subject of a manifest
 //! repositories/<name>/_manifests/tags/<tag>             the digest the tag points at
 //! repositories/<name>/_referrers/<alg>/<subject>/<alg>-<hex>  JSON descriptor of a referrer
+//! repositories/<name>/_manifests/references/<alg>/<hex> what the manifest names (see `references`)
+//! references/<alg>/<hex[..2]>/<hex>/<name, / as +>/<alg>-<hex>  empty: that manifest names it
 //! uploads/<id>/state.json, uploads/<id>/parts/<start>   upload sessions
 //! catalog/<hex of a repository name>, catalog.json      the repositories' index (see `catalog`)
 //! locks/maintenance.json                                the gc lease (see `lock`)
@@ -45,6 +47,7 @@ mod instrument;
 mod lock;
 mod manifests;
 mod open;
+mod references;
 mod uploads;
 
 pub use instrument::RequestCounts;
@@ -447,6 +450,23 @@ impl Store for BucketStore {
         subject: &Digest,
     ) -> Result<Vec<Descriptor>, StorageError> {
         manifests::referrers(self, repo, subject).await
+    }
+
+    async fn referenced(
+        &self,
+        target: &Digest,
+        repo: Option<&RepositoryName>,
+    ) -> Result<bool, StorageError> {
+        references::referenced(self, target, repo).await
+    }
+
+    async fn references_record(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+        names: &[Digest],
+    ) -> Result<bool, StorageError> {
+        references::references_record(self, repo, digest, names).await
     }
 
     async fn upload_start(&self, repo: &RepositoryName) -> Result<String, StorageError> {

@@ -308,6 +308,7 @@ async fn leases(a: BucketStore, b: BucketStore) {
         content: content.clone(),
         blobs: &[],
         manifests: &[],
+        names: &[],
         tag: None,
         subject: None,
     };
@@ -342,6 +343,7 @@ async fn leases(a: BucketStore, b: BucketStore) {
         content,
         blobs: &[],
         manifests: &[],
+        names: &[],
         tag: None,
         subject: None,
     };
@@ -738,6 +740,7 @@ async fn slow_push_is_withdrawn_if_gc_swept_its_blob() {
                 content,
                 blobs: &blobs,
                 manifests: &[],
+                names: &[],
                 tag: None,
                 subject: None,
             };

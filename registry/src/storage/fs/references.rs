@@ -1,0 +1,151 @@
+//! The reference index: which manifests name each blob and child manifest, so retention can
+//! tell what an eviction frees by asking about those digests only, never reading the store.
+//!
+//! ```text
+//! references/<alg>/<hex[..2]>/<hex>/<repository, / as +>/<alg>-<manifest hex>   empty
+//! repositories/<name>/_manifests/references/<alg>/<hex>    what the manifest names, a line each
+//! ```
+//! A manifest's entries, then its record, are written before its revision link, and removed
+//! after it: a stored manifest is always in the index, and a crash part way leaves at worst an
+//! entry for a manifest that is gone, which keeps a blob from eviction (gc removes the blob).
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use outpost_core::{Digest, RepositoryName};
+
+use super::FsStore;
+use super::files::*;
+use crate::storage::StorageError;
+
+impl FsStore {
+    /// The folder of `target`'s entries (one sub-folder per repository).
+    fn references_dir(&self, target: &Digest) -> PathBuf {
+        self.root
+            .join("references")
+            .join(target.algorithm().as_str())
+            .join(&target.hex()[..2])
+            .join(target.hex())
+    }
+
+    /// `repo` as one path segment: `/` never occurs in a component, `+` never in a name, so
+    /// the mapping is one to one (and a name of at most 255 bytes stays one segment).
+    fn repo_segment(repo: &RepositoryName) -> String {
+        repo.as_str().replace('/', "+")
+    }
+
+    fn reference_entry(&self, target: &Digest, repo: &RepositoryName, m: &Digest) -> PathBuf {
+        self.references_dir(target)
+            .join(Self::repo_segment(repo))
+            .join(format!("{}-{}", m.algorithm(), m.hex()))
+    }
+
+    fn reference_record(&self, repo: &RepositoryName, d: &Digest) -> PathBuf {
+        self.repo_dir(repo)
+            .join("_manifests/references")
+            .join(d.algorithm().as_str())
+            .join(d.hex())
+    }
+
+    /// Writes manifest `m`'s record and its entries, durably, before its revision link.
+    pub(super) fn references_write(
+        &self,
+        repo: &RepositoryName,
+        m: &Digest,
+        targets: &[Digest],
+    ) -> io::Result<()> {
+        let record_path = self.reference_record(repo, m);
+        // The record is written last, so one that exists has all its entries (what a manifest
+        // names follows from its content: a second push of it has nothing to add).
+        if exists(&record_path)? {
+            return Ok(());
+        }
+        for t in targets {
+            let entry = self.reference_entry(t, repo, m);
+            if exists(&entry)? {
+                continue;
+            }
+            let dir = entry
+                .parent()
+                .ok_or_else(|| io::Error::other("reference entry has no parent"))?;
+            fs::create_dir_all(dir)?;
+            // Empty: the name is the content, so the directory's fsync makes it durable.
+            File::create(&entry)?;
+            sync_dir(dir)?;
+        }
+        let record: String = targets.iter().map(|t| format!("{t}\n")).collect();
+        self.write_atomic(&record_path, record.as_bytes())
+    }
+
+    /// Removes manifest `m`'s entries, then its record, once its revision link is gone. A
+    /// manifest stored before the index was kept has no record: nothing to remove.
+    pub(super) fn references_remove(&self, repo: &RepositoryName, m: &Digest) -> io::Result<()> {
+        let path = self.reference_record(repo, m);
+        let raw = match fs::read_to_string(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for t in raw.lines().filter_map(|l| l.trim().parse::<Digest>().ok()) {
+            remove_file_if_exists(&self.reference_entry(&t, repo, m))?;
+        }
+        remove_file_if_exists(&path)?;
+        Ok(())
+    }
+}
+
+/// Whether `dir` holds any entry (a folder left empty by removals holds none).
+fn has_entry(dir: &Path) -> io::Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut rd) => Ok(rd.next().transpose()?.is_some()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) async fn referenced(
+    store: &FsStore,
+    target: &Digest,
+    repo: Option<&RepositoryName>,
+) -> Result<bool, StorageError> {
+    let dir = store.references_dir(target);
+    let only = repo.map(FsStore::repo_segment);
+    blocking(move || {
+        if let Some(seg) = only {
+            return Ok(has_entry(&dir.join(seg))?);
+        }
+        for seg in list_names(&dir)? {
+            if has_entry(&dir.join(seg))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+}
+
+pub(super) async fn references_record(
+    store: &FsStore,
+    repo: &RepositoryName,
+    digest: &Digest,
+    targets: &[Digest],
+) -> Result<bool, StorageError> {
+    let store = store.handle();
+    let (repo, digest, targets) = (repo.clone(), digest.clone(), targets.to_vec());
+    blocking(move || {
+        // As a manifest write: gc does not sweep meanwhile.
+        let _lock = store.lock_file(false)?;
+        if !exists(&store.revision_link(&repo, &digest))? {
+            return Ok(false);
+        }
+        store.references_write(&repo, &digest, &targets)?;
+        // Deleted meanwhile (deletes take no lock): undo, so no entry outlives it.
+        if !exists(&store.revision_link(&repo, &digest))? {
+            store.references_remove(&repo, &digest)?;
+            return Ok(false);
+        }
+        Ok(true)
+    })
+    .await
+}
