@@ -425,7 +425,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                     .into(),
             ));
         }
-        (None, _) => None,
+        (None, _) => {
+            crate::service::retention::Retention::serving_without(store.as_ref()).await;
+            None
+        }
     };
     let staging = match &syncer {
         Some(s) => {

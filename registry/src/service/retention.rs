@@ -1,5 +1,5 @@
 //! Retention under `--max-storage`: when the store grows past the limit, the least recently
-//! pulled images are evicted until it is back under 90 % of it. Never evicted: images a
+//! used (pulled, or else stored) images are evicted until it is back under 90 % of it. Never evicted: images a
 //! staging request pinned, local pushes still waiting for the parent, and any blob a remaining
 //! manifest references. Eviction only runs with a parent, which can serve an evicted image
 //! again (pull-through); a standalone registry would lose data.
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use outpost_core::{Digest, RepositoryName};
 
 use crate::content::manifest;
@@ -20,8 +21,14 @@ use crate::sync::Syncer;
 /// total (see `usage`: kept by the store's own counts of what it writes and removes, never by
 /// listing the store), so it costs one small document read.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
-/// The pull times among the store's documents (`<storage>/sync/access.json` on disk).
+/// When each image was last used (pulled, or stored), among the store's documents
+/// (`<storage>/sync/access.json` on disk): every image retention may evict is in it.
 const ACCESS_KEY: &str = "access.json";
+/// Written once retention took stock of the store (see [`Retention::take_stock`]); removed by
+/// a process that serves without retention, so the next one with it takes stock again.
+const INDEX_KEY: &str = "retention-index.json";
+/// Manifests one image may have (an index, its children, their referrers).
+const MAX_IMAGE_MANIFESTS: usize = 10_000;
 /// Eviction stops once the store is under this share of the limit, so it does not run again
 /// at the next write.
 const LOW_WATER_PERCENT: u64 = 90;
@@ -39,6 +46,8 @@ pub struct Retention {
     /// (repository, manifest digest) -> unix seconds of the last pull.
     access: Mutex<HashMap<(String, String), u64>>,
     dirty: AtomicBool,
+    /// Whether this process saw that retention took stock of the store.
+    stocked: AtomicBool,
     /// One eviction at a time.
     running: tokio::sync::Mutex<()>,
 }
@@ -66,11 +75,14 @@ fn parse_access(raw: &[u8]) -> HashMap<(String, String), u64> {
         .unwrap_or_default()
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+fn unix_now() -> u64 {
+    unix_secs(SystemTime::now())
 }
 
 impl Retention {
@@ -88,10 +100,21 @@ impl Retention {
             pins: OnceLock::new(),
             access: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
+            stocked: AtomicBool::new(false),
             running: tokio::sync::Mutex::new(()),
         });
+        // Every image this process stores from now on is noted (see `note_writes`).
+        me.syncer.store().manifest_writes().watch();
         me.merge_stored().await?;
         Ok(me)
+    }
+
+    /// For a process serving without retention: the images it stores go unnoted, so the next
+    /// process with retention must take stock again.
+    pub async fn serving_without(store: &dyn Store) {
+        if let Err(e) = store.doc_delete(INDEX_KEY).await {
+            tracing::warn!(error = %e, "cannot mark the store for retention to take stock again");
+        }
     }
 
     pub fn set_pins(&self, pins: Arc<dyn PinSource>) {
@@ -123,6 +146,7 @@ impl Retention {
     /// Stores the pull times if they changed (every check, and at shutdown), merged with what
     /// other processes on the same store saved.
     pub async fn save_access(&self) {
+        self.note_writes();
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
@@ -156,10 +180,14 @@ impl Retention {
             loop {
                 tick.tick().await;
                 // One process evicts: the leader (the others' pull times are not merged yet).
-                if me.syncer.leadership().is_leader()
-                    && let Err(e) = me.enforce().await
-                {
-                    tracing::warn!(error = %e, "eviction failed");
+                // It takes stock first, once, so no pass pays for it.
+                if me.syncer.leadership().is_leader() {
+                    let store = me.syncer.store().clone();
+                    if let Err(e) = me.take_stock(&*store).await {
+                        tracing::warn!(error = %e, "cannot take stock of the store for retention");
+                    } else if let Err(e) = me.enforce().await {
+                        tracing::warn!(error = %e, "eviction failed");
+                    }
                 }
                 me.save_access().await;
             }
@@ -203,171 +231,183 @@ impl Retention {
         Ok(report)
     }
 
-    /// One pass, under the maintenance lock from the first read to the last removal (no
-    /// manifest changes meanwhile): every manifest is read once, to find the images and to
-    /// count how many manifests name each blob. Evicting counts down; a blob at zero is
-    /// freed, so the pass stops once what it actually frees covers the excess (a blob shared
-    /// with a remaining image does not count). No blob is listed: sizes are asked of the
-    /// freed blobs only, links removed in the evicted images' repositories only (`gc` clears
-    /// any other stale link).
+    /// Takes stock once per store (and again after a process ran without retention, which
+    /// stores images it does not note): records in the reference index what each manifest
+    /// stored before the index existed names, and notes every image not yet among the pull
+    /// times, as used when it was last pushed. Afterwards eviction reads only what it evicts:
+    /// `manifest_writes` tells of every image stored later.
+    async fn take_stock(&self, store: &dyn Store) -> Result<(), StorageError> {
+        if self.stocked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if store.doc_get(INDEX_KEY).await?.is_some() {
+            self.stocked.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let now = unix_now();
+        let (mut manifests, mut roots) = (0usize, Vec::new());
+        for repo in store.repositories().await? {
+            let mut children: HashSet<Digest> = HashSet::new();
+            let mut tops = Vec::new();
+            for (d, age) in store.manifest_ages(&repo).await? {
+                let Ok(m) = store.manifest_by_digest(&repo, &d).await else {
+                    continue;
+                };
+                let Ok(p) = manifest::parse(&m.content, Some(&m.media_type)) else {
+                    continue;
+                };
+                store
+                    .references_record(&repo, &d, &manifest_names(&p))
+                    .await?;
+                manifests += 1;
+                children.extend(p.manifests.iter().cloned());
+                if p.subject.is_none() {
+                    tops.push((d, now.saturating_sub(age.as_secs())));
+                }
+            }
+            roots.extend(
+                tops.into_iter()
+                    .filter(|(d, _)| !children.contains(d))
+                    .map(|(d, t)| ((repo.as_str().to_owned(), d.to_string()), t)),
+            );
+        }
+        let images = roots.len();
+        {
+            let mut access = self.access.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, t) in roots {
+                access.entry(k).or_insert(t);
+            }
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+        self.save_access().await;
+        store
+            .doc_put(INDEX_KEY, Bytes::from_static(b"{\"version\":1}\n"))
+            .await?;
+        self.stocked.store(true, Ordering::Relaxed);
+        tracing::info!(
+            manifests,
+            images,
+            seconds = started.elapsed().as_secs_f64(),
+            "took stock of the store for retention (once: from now on eviction reads only what it evicts)"
+        );
+        Ok(())
+    }
+
+    /// Notes the images this process stored since the last call as used when stored (a pull
+    /// noted since is later, and stays).
+    fn note_writes(&self) {
+        let written = self.syncer.store().manifest_writes().take();
+        if written.is_empty() {
+            return;
+        }
+        let mut access = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        for (r, d, at) in written {
+            let t = unix_secs(at);
+            let e = access
+                .entry((r.as_str().to_owned(), d.to_string()))
+                .or_insert(t);
+            *e = (*e).max(t);
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Forgets a noted manifest (gone, or not an image of its own).
+    fn forget(&self, key: &(String, String)) {
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// One pass, under the maintenance lock (no manifest changes meanwhile). The noted
+    /// images are ordered in memory, least recently used first; each is read only when its
+    /// turn comes, evicted with its children and referrers, and then each blob they named is
+    /// asked of the reference index: one no manifest names any more is freed. The pass stops
+    /// once what it freed covers the excess. Nothing is listed, so a pass costs in proportion
+    /// to what it evicts (and to the images it passes over as pinned, waiting or not images
+    /// of their own), not to the store.
     async fn evict(&self, store: &dyn Store, excess: u64) -> Result<EvictionReport, StorageError> {
         self.merge_stored().await?;
+        self.take_stock(store).await?;
+        self.note_writes();
         let pinned = self.pins.get().map(|p| p.pinned()).unwrap_or_default();
         let waiting: HashSet<(String, String)> = match self.syncer.outbox() {
             Some(o) => o.pending_digests().await,
             None => HashSet::new(),
         };
-        let access = self
+        let mut order: Vec<((String, String), u64)> = self
             .access
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .iter()
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        order.sort_by(|(a, ta), (b, tb)| ta.cmp(tb).then_with(|| a.cmp(b)));
         // Dropped on return; on object storage its lease is then deleted in the background.
         let lock = store.maintenance_lock().await?;
 
-        // Every image: a manifest that is neither an index child nor a referrer, with the
-        // manifests under it and the blobs they name.
-        let mut candidates: Vec<Candidate> = Vec::new();
-        // The blobs each manifest names, and how many manifests name each blob: evicting
-        // counts down, and a blob at zero is what an eviction frees.
-        let mut blobs_of: HashMap<(RepositoryName, Digest), Vec<Digest>> = HashMap::new();
-        let mut refs: HashMap<Digest, usize> = HashMap::new();
-        for repo in store.repositories().await? {
-            let mut parsed: HashMap<Digest, manifest::ParsedManifest> = HashMap::new();
-            for d in store.manifest_list(&repo).await? {
-                let Ok(m) = store.manifest_by_digest(&repo, &d).await else {
-                    continue;
-                };
-                if let Ok(p) = manifest::parse(&m.content, Some(&m.media_type)) {
-                    parsed.insert(d, p);
-                }
-            }
-            let children: HashSet<&Digest> =
-                parsed.values().flat_map(|p| p.manifests.iter()).collect();
-            for (d, p) in &parsed {
-                if children.contains(d) || p.subject.is_some() {
-                    continue;
-                }
-                let key = (repo.as_str().to_owned(), d.to_string());
-                if pinned.contains(&(repo.as_str().to_owned(), d.clone())) || waiting.contains(&key)
-                {
-                    continue;
-                }
-                let mut members = vec![d.clone()];
-                let mut i = 0;
-                while i < members.len() {
-                    let cur = members[i].clone();
-                    if let Some(p) = parsed.get(&cur) {
-                        members.extend(p.manifests.iter().cloned());
-                    }
-                    // Referrers (signatures, SBOMs) go with their subject.
-                    members.extend(
-                        parsed
-                            .iter()
-                            .filter(|(_, q)| q.subject.as_ref() == Some(&cur))
-                            .map(|(k, _)| k.clone()),
-                    );
-                    i += 1;
-                    if members.len() > 10_000 {
-                        break;
-                    }
-                }
-                candidates.push(Candidate {
-                    repo: repo.clone(),
-                    last_pull: access.get(&key).copied().unwrap_or(0),
-                    digest: d.clone(),
-                    members,
-                });
-            }
-            for (d, p) in parsed {
-                let mut blobs = p.all_blobs;
-                blobs.sort();
-                blobs.dedup();
-                for b in &blobs {
-                    *refs.entry(b.clone()).or_default() += 1;
-                }
-                blobs_of.insert((repo.clone(), d), blobs);
-            }
-        }
-        candidates.sort_by(|a, b| {
-            a.last_pull
-                .cmp(&b.last_pull)
-                .then_with(|| a.repo.cmp(&b.repo))
-                .then_with(|| a.digest.to_string().cmp(&b.digest.to_string()))
-        });
-
         let mut report = EvictionReport::default();
-        let mut planned = 0u64;
-        // Sizes of the blobs evictions free, asked once each.
-        let mut sizes: HashMap<Digest, u64> = HashMap::new();
-        // Each blob no remaining manifest names, with the repositories that named it.
-        let mut doomed: HashMap<Digest, HashSet<RepositoryName>> = HashMap::new();
-        let mut evicted: HashSet<(RepositoryName, Digest)> = HashSet::new();
-        for c in candidates {
-            if planned >= excess {
+        for (key, _) in order {
+            if report.bytes >= excess {
                 break;
             }
-            // What this image frees: the blobs only it (and images evicted before) named.
-            let mut bytes = 0u64;
-            for m in &c.members {
-                let key = (c.repo.clone(), m.clone());
-                if !evicted.insert(key.clone()) {
+            let (Ok(repo), Ok(digest)) = (key.0.parse::<RepositoryName>(), key.1.parse::<Digest>())
+            else {
+                self.forget(&key);
+                continue;
+            };
+            if waiting.contains(&key) || pinned.contains(&(key.0.clone(), digest.clone())) {
+                continue;
+            }
+            let root = match store.manifest_by_digest(&repo, &digest).await {
+                Ok(m) => m,
+                Err(StorageError::ManifestUnknown | StorageError::RepositoryUnknown) => {
+                    self.forget(&key);
                     continue;
                 }
-                for b in blobs_of.get(&key).map(Vec::as_slice).unwrap_or_default() {
-                    let Some(n) = refs.get_mut(b) else { continue };
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        let size = store.blob_size(b).await?.unwrap_or(0);
-                        sizes.insert(b.clone(), size);
-                        bytes += size;
-                        doomed.entry(b.clone()).or_default().insert(c.repo.clone());
-                    }
-                }
+                Err(e) => return Err(e),
+            };
+            let Ok(parsed) = manifest::parse(&root.content, Some(&root.media_type)) else {
+                continue;
+            };
+            // A referrer goes with its subject, an index's child with the index.
+            if parsed.subject.is_some() || store.referenced(&digest, Some(&repo)).await? {
+                self.forget(&key);
+                continue;
             }
-            planned += bytes;
-            let tags = store.tags(&c.repo).await.unwrap_or_default();
-            let mut evicted_tags = Vec::new();
-            for t in tags {
-                let Ok(tag) = t.parse() else { continue };
-                if let Ok(m) = store.manifest_by_tag(&c.repo, &tag).await
-                    && m.digest == c.digest
-                {
-                    evicted_tags.push(t);
+            let evicted_tags = tags_of(store, &repo, &digest).await;
+            let (manifests, blobs) = evict_image(store, &repo, digest.clone(), parsed).await?;
+            report.manifests += manifests;
+            let mut bytes = 0u64;
+            for b in blobs {
+                if store.referenced(&b, None).await? {
+                    continue;
                 }
-            }
-            for m in &c.members {
-                match store.manifest_delete(&c.repo, m).await {
-                    Ok(()) | Err(StorageError::ManifestUnknown) => report.manifests += 1,
-                    Err(e) => return Err(e),
+                let Some(size) = store.blob_size(&b).await? else {
+                    continue;
+                };
+                lock.check()?;
+                if store.blob_remove(&b, Duration::ZERO).await? {
+                    report.blobs += 1;
+                    bytes += size;
                 }
+                store.repo_blob_unlink(&repo, &b).await?;
             }
-            tracing::info!(repository = %c.repo, digest = %c.digest, tags = ?evicted_tags, bytes, "evicting image");
-            let digest = c.digest.to_string();
+            report.bytes += bytes;
+            tracing::info!(repository = %repo, digest = %digest, tags = ?evicted_tags, bytes, "evicting image");
+            let d = digest.to_string();
             self.syncer.state().update(|s| {
                 for t in &evicted_tags {
                     s.evicted
-                        .entry(c.repo.as_str().to_owned())
+                        .entry(repo.as_str().to_owned())
                         .or_default()
-                        .insert(t.clone(), digest.clone());
+                        .insert(t.clone(), d.clone());
                 }
             });
-            self.access
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(c.repo.as_str().to_owned(), digest));
-            self.dirty.store(true, Ordering::Relaxed);
+            self.forget(&key);
             report.images += 1;
-        }
-        for (b, repos) in &doomed {
-            lock.check()?;
-            if store.blob_remove(b, Duration::ZERO).await? {
-                report.blobs += 1;
-                report.bytes += sizes.get(b).copied().unwrap_or(0);
-            }
-            for repo in repos {
-                store.repo_blob_unlink(repo, b).await?;
-            }
         }
         let m = self.syncer.metrics();
         m.evictions.inc_by(report.images as u64);
@@ -376,9 +416,65 @@ impl Retention {
     }
 }
 
-struct Candidate {
-    repo: RepositoryName,
-    digest: Digest,
-    last_pull: u64,
-    members: Vec<Digest>,
+/// What a manifest names, as the reference index records it (see `content`).
+fn manifest_names(p: &manifest::ParsedManifest) -> Vec<Digest> {
+    p.all_blobs.iter().chain(&p.manifests).cloned().collect()
+}
+
+/// The tags of `repo` pointing at `digest` (read before they go with it).
+async fn tags_of(store: &dyn Store, repo: &RepositoryName, digest: &Digest) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in store.tags(repo).await.unwrap_or_default() {
+        let Ok(tag) = t.parse() else { continue };
+        if let Ok(m) = store.manifest_by_tag(repo, &tag).await
+            && m.digest == *digest
+        {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// Deletes an image: `root`, then its referrers and the children no manifest staying names,
+/// theirs in turn. Returns how many manifests went and the blobs they named, each once.
+async fn evict_image(
+    store: &dyn Store,
+    repo: &RepositoryName,
+    root: Digest,
+    parsed: manifest::ParsedManifest,
+) -> Result<(usize, Vec<Digest>), StorageError> {
+    let mut queue = std::collections::VecDeque::from([(root.clone(), parsed)]);
+    let mut seen: HashSet<Digest> = HashSet::from([root]);
+    let (mut manifests, mut blobs) = (0usize, Vec::new());
+    let mut named: HashSet<Digest> = HashSet::new();
+    // Bounded: an image of more manifests than this leaves the rest to gc.
+    while manifests < MAX_IMAGE_MANIFESTS
+        && let Some((cur, p)) = queue.pop_front()
+    {
+        let referrers = store.referrers(repo, &cur).await?;
+        match store.manifest_delete(repo, &cur).await {
+            Ok(()) | Err(StorageError::ManifestUnknown) => manifests += 1,
+            Err(e) => return Err(e),
+        }
+        blobs.extend(p.all_blobs.into_iter().filter(|b| named.insert(b.clone())));
+        let mut next: Vec<Digest> = referrers.into_iter().map(|r| r.digest).collect();
+        for child in p.manifests {
+            // Only once its last parent here is gone (two indexes can share a child).
+            if !store.referenced(&child, Some(repo)).await? {
+                next.push(child);
+            }
+        }
+        for d in next {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            let Ok(m) = store.manifest_by_digest(repo, &d).await else {
+                continue;
+            };
+            if let Ok(p) = manifest::parse(&m.content, Some(&m.media_type)) {
+                queue.push_back((d, p));
+            }
+        }
+    }
+    Ok((manifests, blobs))
 }

@@ -224,6 +224,36 @@ impl BlobBytes {
     }
 }
 
+/// Manifests a store handle linked, as (repository, digest), from the moment someone
+/// watches: retention learns of every image stored (pushed, synced, pulled through) without
+/// listing the store, taking what was recorded at each check.
+#[derive(Debug, Default)]
+pub struct ManifestWrites {
+    watched: std::sync::atomic::AtomicBool,
+    written: std::sync::Mutex<Vec<(RepositoryName, Digest, std::time::SystemTime)>>,
+}
+
+impl ManifestWrites {
+    /// Starts recording (nothing is kept before, so an unwatched store keeps nothing).
+    pub fn watch(&self) {
+        self.watched.store(true, Ordering::Relaxed);
+    }
+
+    /// What was recorded since the last call, each with when it was linked.
+    pub fn take(&self) -> Vec<(RepositoryName, Digest, std::time::SystemTime)> {
+        std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn record(&self, repo: &RepositoryName, digest: &Digest) {
+        if self.watched.load(Ordering::Relaxed) {
+            self.written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((repo.clone(), digest.clone(), std::time::SystemTime::now()));
+        }
+    }
+}
+
 /// Whole-store listings a store handle made, by what they listed (`blobs`: every blob with
 /// its size; `repositories`: every repository). Each costs in proportion to the store, so
 /// the steady state makes none (`outpost_storage_listings_total{what}`).
@@ -504,6 +534,9 @@ pub trait Store: Send + Sync + 'static {
     fn blob_bytes(&self) -> Option<std::sync::Arc<BlobBytes>> {
         None
     }
+
+    /// The manifests this handle linked (its clones share the record).
+    fn manifest_writes(&self) -> std::sync::Arc<ManifestWrites>;
 
     /// The whole-store listings this handle made; `None` if the backend does not count them.
     fn listings(&self) -> Option<std::sync::Arc<Listings>> {

@@ -127,6 +127,7 @@ pub(super) async fn manifest_put(
             let path = store.tags_dir(&repo).join(tag.as_str());
             store.write_atomic(&path, digest.to_string().as_bytes())?;
         }
+        store.writes.record(&repo, &digest);
         Ok(())
     })
     .await

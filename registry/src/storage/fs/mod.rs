@@ -33,7 +33,8 @@ use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
     BlobBytes, BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, Listings,
-    MaintenanceGuard, NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+    MaintenanceGuard, ManifestWrites, NewManifest, RangeRequest, StorageError, Store,
+    StoredManifest, UploadStatus,
 };
 
 mod blobs;
@@ -61,6 +62,8 @@ pub struct FsStore {
     dirs: Arc<listing::DirCache>,
     /// Bytes of blobs created and removed through this handle (its clones share them).
     bytes: Arc<BlobBytes>,
+    /// Manifests linked through this handle, for retention (its clones share them).
+    writes: Arc<ManifestWrites>,
     /// Whole-store listings made through this handle.
     listings: Arc<Listings>,
     /// Held while a blob is moved into place: with one server per store on disk, the check
@@ -81,6 +84,7 @@ impl FsStore {
             uploads: Arc::default(),
             dirs: Arc::default(),
             bytes: Arc::default(),
+            writes: Arc::default(),
             listings: Arc::default(),
             commits: Arc::default(),
         })
@@ -221,6 +225,10 @@ impl Store for FsStore {
 
     async fn blob_remove(&self, digest: &Digest, min_age: Duration) -> Result<bool, StorageError> {
         blobs::blob_remove(self, digest, min_age).await
+    }
+
+    fn manifest_writes(&self) -> Arc<ManifestWrites> {
+        self.writes.clone()
     }
 
     fn blob_bytes(&self) -> Option<Arc<BlobBytes>> {

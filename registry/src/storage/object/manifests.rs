@@ -206,6 +206,7 @@ pub(super) async fn manifest_put(
             .await?;
     }
     store.manifests.insert(m.digest, &m.content);
+    store.writes.record(repo, m.digest);
     Ok(())
 }
 

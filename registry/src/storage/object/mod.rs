@@ -36,7 +36,8 @@ use outpost_core::{Digest, RepositoryName, Tag};
 
 use super::{
     BlobBytes, BlobInfo, BlobReader, ByteRange, ByteStream, Descriptor, DocVersion, Listings,
-    MaintenanceGuard, NewManifest, RangeRequest, StorageError, Store, StoredManifest, UploadStatus,
+    MaintenanceGuard, ManifestWrites, NewManifest, RangeRequest, StorageError, Store,
+    StoredManifest, UploadStatus,
 };
 
 mod blobs;
@@ -81,6 +82,8 @@ pub struct BucketStore {
     catalog: Arc<catalog::Catalog>,
     /// Bytes of blobs this handle uploaded and deleted (its clones share them).
     bytes: Arc<BlobBytes>,
+    /// Manifests linked through this handle, for retention (its clones share them).
+    writes: Arc<ManifestWrites>,
     /// Whole-store listings made through this handle.
     listings: Arc<Listings>,
     /// Signs URLs to objects (S3 presigned, Azure SAS), without a request.
@@ -142,6 +145,7 @@ impl BucketStore {
             manifests: Arc::default(),
             catalog: Arc::default(),
             bytes: Arc::default(),
+            writes: Arc::default(),
             listings: Arc::default(),
             health,
         }
@@ -567,6 +571,10 @@ impl Store for BucketStore {
 
     fn request_counts(&self) -> Option<Arc<RequestCounts>> {
         Some(self.requests.clone())
+    }
+
+    fn manifest_writes(&self) -> Arc<ManifestWrites> {
+        self.writes.clone()
     }
 
     fn blob_bytes(&self) -> Option<Arc<BlobBytes>> {
