@@ -478,3 +478,238 @@ async fn evict_image(
     }
     Ok((manifests, blobs))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use object_store::memory::InMemory;
+    use outpost_core::{Algorithm, Reference};
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::Mode;
+    use crate::content::push_manifest;
+    use crate::leader::Leadership;
+    use crate::metrics::Metrics;
+    use crate::storage::hash::digest_of;
+    use crate::storage::object::BucketStore;
+    use crate::sync::schedule::Schedule;
+    use crate::sync::{ConnectionSource, SyncOptions};
+
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    async fn retention(store: Arc<dyn Store>) -> Arc<Retention> {
+        let conn = "ConnectedRegistryName=edge;SyncTokenName=t;SyncTokenPassword=p;\
+                    ParentGatewayEndpoint=127.0.0.1:9;ParentEndpointProtocol=http"
+            .parse()
+            .expect("connection string");
+        let opts = SyncOptions {
+            connection: ConnectionSource::Given(conn),
+            ca_file: None,
+            repositories: Vec::new(),
+            schedule: Schedule::new("0 0 1 1 *", None).expect("schedule"),
+            concurrency: 1,
+            chunk_size: 1 << 20,
+            bandwidth_limit: None,
+            mode: Mode::Readonly,
+            platforms: Default::default(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let syncer = Syncer::new(opts, store.clone(), metrics, Leadership::sole("t".into()))
+            .await
+            .expect("syncer");
+        let usage = Arc::new(Usage::new(store, Default::default()));
+        Retention::new(syncer, u64::MAX, usage)
+            .await
+            .expect("retention")
+    }
+
+    async fn blob(store: &dyn Store, repo: &RepositoryName, data: Vec<u8>) -> (Digest, u64) {
+        let d = digest_of(Algorithm::Sha256, &data);
+        let n = data.len() as u64;
+        let body = Box::pin(futures_util::stream::once(async move {
+            Ok::<_, std::io::Error>(Bytes::from(data))
+        }));
+        store.blob_put(&d, body, Some(n)).await.expect("blob");
+        store.repo_blob_link(repo, &d).await.expect("link");
+        (d, n)
+    }
+
+    fn desc(media_type: &str, d: &Digest, size: u64) -> serde_json::Value {
+        json!({"mediaType": media_type, "digest": d.to_string(), "size": size})
+    }
+
+    /// Pushes a manifest of a unique config and layer plus `shared` (and `subject`); its
+    /// digest and content size, and the bytes only it names.
+    async fn image(
+        store: &dyn Store,
+        repo: &RepositoryName,
+        seed: u64,
+        shared: &(Digest, u64),
+        subject: Option<(&Digest, u64)>,
+        tag: Option<&str>,
+    ) -> (Digest, u64, u64) {
+        let config = blob(store, repo, format!("{{\"seed\":{seed:06}}}").into_bytes()).await;
+        let layer = blob(
+            store,
+            repo,
+            (0..4096u64)
+                .map(|i| (i.wrapping_mul(seed + 7) >> 3) as u8 ^ seed as u8)
+                .collect(),
+        )
+        .await;
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": desc("application/vnd.oci.image.config.v1+json", &config.0, config.1),
+            "layers": [
+                desc("application/vnd.oci.image.layer.v1.tar", &layer.0, layer.1),
+                desc("application/vnd.oci.image.layer.v1.tar", &shared.0, shared.1),
+            ],
+        });
+        if let Some((s, n)) = subject {
+            m["subject"] = desc(MANIFEST, s, n);
+            m["artifactType"] = json!("application/vnd.example.sig");
+        }
+        let (d, n) = push(store, repo, m, tag).await;
+        (d, n, config.1 + layer.1)
+    }
+
+    /// Pushes `m` by `tag`, or by digest; its digest and size.
+    async fn push(
+        store: &dyn Store,
+        repo: &RepositoryName,
+        m: serde_json::Value,
+        tag: Option<&str>,
+    ) -> (Digest, u64) {
+        let content = Bytes::from(serde_json::to_vec(&m).expect("json"));
+        let (d, n) = (digest_of(Algorithm::Sha256, &content), content.len() as u64);
+        let reference = match tag {
+            Some(t) => Reference::Tag(t.parse().expect("tag")),
+            None => Reference::Digest(d.clone()),
+        };
+        push_manifest(store, repo, &reference, m["mediaType"].as_str(), content)
+            .await
+            .expect("push");
+        (d, n)
+    }
+
+    fn repo(i: usize) -> RepositoryName {
+        format!("scale/r{i:03}").parse().expect("name")
+    }
+
+    /// A store of `images` repositories, one image each, sharing a layer; then a pass that
+    /// must free three images' bytes. Returns the requests the pass sent, by operation.
+    async fn pass_requests(images: usize) -> Vec<(&'static str, u64)> {
+        let bucket = BucketStore::new(Arc::new(InMemory::new()), "")
+            .with_lock_timing(crate::storage::object::LockTiming::quick());
+        let counts = bucket.request_counts().expect("counted");
+        let store: Arc<dyn Store> = Arc::new(bucket);
+        let shared = blob(&*store, &repo(0), b"shared base layer".repeat(100)).await;
+        let mut own = 0;
+        for i in 0..images {
+            store
+                .repo_blob_link(&repo(i), &shared.0)
+                .await
+                .expect("link");
+            own = image(&*store, &repo(i), i as u64, &shared, None, Some("v1"))
+                .await
+                .2;
+        }
+        let r = retention(store.clone()).await;
+        r.take_stock(&*store).await.expect("stock");
+        let listings = store.listings().expect("counted").snapshot();
+        let before = counts.snapshot();
+        let report = r.evict(&*store, 3 * own - 1).await.expect("evict");
+        let after = counts.snapshot();
+        assert_eq!(store.listings().expect("counted").snapshot(), listings);
+        assert_eq!(
+            (report.images, report.manifests, report.blobs, report.bytes),
+            (3, 3, 6, 3 * own)
+        );
+        // The least recently used (all stored in one second: by name) went, blobs and tags;
+        // the shared layer stays for the others.
+        for i in 0..images {
+            let tags = store.tags(&repo(i)).await.unwrap_or_default();
+            assert_eq!(tags.is_empty(), i < 3, "r{i:03}: {tags:?}");
+        }
+        assert!(store.blob_size(&shared.0).await.expect("size").is_some());
+        before
+            .iter()
+            .zip(&after)
+            .map(|((op, b), (_, a))| (*op, a - b))
+            .collect()
+    }
+
+    /// The pass costs the same on a store four times larger: it reads only what it evicts.
+    #[tokio::test]
+    async fn an_eviction_pass_costs_the_same_however_large_the_store() {
+        let small = pass_requests(12).await;
+        let large = pass_requests(48).await;
+        assert_eq!(small, large);
+        assert!(small.iter().any(|(_, n)| *n > 0), "{small:?}");
+    }
+
+    /// An index goes with the children only it names (another index keeps a shared one), a
+    /// signature with its image; manifests that are not images of their own are not
+    /// candidates.
+    #[tokio::test]
+    async fn an_image_goes_with_its_own_children_and_referrers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::storage::fs::FsStore::open(dir.path()).expect("store"));
+        let r = repo(0);
+        let shared = blob(&*store, &r, b"base".repeat(64)).await;
+        let (amd, amd_n, amd_own) = image(&*store, &r, 1, &shared, None, None).await;
+        let (arm, arm_n, arm_own) = image(&*store, &r, 2, &shared, None, None).await;
+        let (sig, _, sig_own) = image(&*store, &r, 3, &shared, Some((&amd, amd_n)), None).await;
+        let child = |d: &Digest, n: u64, arch: &str| {
+            let mut c = desc(MANIFEST, d, n);
+            c["platform"] = json!({"os": "linux", "architecture": arch});
+            c
+        };
+        let old = json!({"schemaVersion": 2, "mediaType": INDEX,
+            "manifests": [child(&amd, amd_n, "amd64")]});
+        let new = json!({"schemaVersion": 2, "mediaType": INDEX,
+            "manifests": [child(&amd, amd_n, "amd64"), child(&arm, arm_n, "arm64")]});
+        let (old, _) = push(&*store, &r, old, Some("old")).await;
+        let (new, _) = push(&*store, &r, new, Some("new")).await;
+        let ret = retention(store.clone()).await;
+        ret.take_stock(&*store).await.expect("stock");
+        // Only the two indexes are images: the children and the signature are not noted.
+        // The newer index was used least recently (the saved times, later, are dropped: a
+        // pass merges them in taking the latest).
+        store.doc_delete(ACCESS_KEY).await.expect("delete");
+        {
+            let mut noted = ret.access.lock().expect("lock");
+            assert_eq!(noted.len(), 2);
+            noted.insert((r.as_str().to_owned(), new.to_string()), 1);
+            noted.insert((r.as_str().to_owned(), old.to_string()), 2);
+        }
+
+        // It goes with arm64, which only it names, and frees enough; amd64, which the other
+        // index names too, stays whole, with its signature.
+        let first = ret.evict(&*store, 1).await.expect("evict");
+        assert_eq!((first.images, first.manifests), (1, 2));
+        assert_eq!(store.tags(&r).await.expect("tags"), ["old"]);
+        assert!(store.manifest_by_digest(&r, &arm).await.is_err());
+        assert!(store.manifest_by_digest(&r, &amd).await.is_ok());
+        assert!(store.manifest_by_digest(&r, &sig).await.is_ok());
+        assert_eq!(store.referrers(&r, &amd).await.expect("referrers").len(), 1);
+
+        let second = ret.evict(&*store, 1).await.expect("evict");
+        assert_eq!((second.images, second.manifests), (1, 3));
+        assert!(store.tags(&r).await.expect("tags").is_empty());
+        for d in [&amd, &arm, &sig] {
+            assert!(store.manifest_by_digest(&r, d).await.is_err());
+        }
+        // Each image's own blobs are freed, and the shared layer once nothing names it.
+        assert_eq!(first.bytes, arm_own);
+        assert_eq!(second.bytes, amd_own + sig_own + shared.1);
+        assert!(store.blob_size(&shared.0).await.expect("size").is_none());
+        assert!(!store.referenced(&shared.0, None).await.expect("index"));
+    }
+}

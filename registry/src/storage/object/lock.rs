@@ -61,6 +61,20 @@ pub struct LockTiming {
     pub push_wait: Duration,
 }
 
+#[cfg(test)]
+impl LockTiming {
+    /// Short waits, for tests with every process on one machine.
+    pub(crate) fn quick() -> Self {
+        LockTiming {
+            lease: Duration::from_secs(20),
+            cache_ttl: Duration::from_millis(100),
+            write_bound: Duration::from_millis(200),
+            acquire_wait: Duration::from_secs(30),
+            push_wait: Duration::from_secs(20),
+        }
+    }
+}
+
 impl Default for LockTiming {
     fn default() -> Self {
         // Two minutes: long against clock skew and a stalled request, short enough that a

@@ -202,24 +202,14 @@ impl Emulator {
 }
 
 /// Short lock timings, so that waiting for a lease costs the tests little.
-fn quick_lock() -> LockTiming {
-    LockTiming {
-        lease: Duration::from_secs(20),
-        cache_ttl: Duration::from_millis(100),
-        write_bound: Duration::from_millis(200),
-        acquire_wait: Duration::from_secs(30),
-        push_wait: Duration::from_secs(20),
-    }
-}
-
 /// Two handles on the same container or bucket and prefix, sharing nothing in memory.
 fn two_handles(
     make: impl Fn() -> Arc<dyn ObjectStore>,
     prefix: &str,
 ) -> (BucketStore, BucketStore) {
     (
-        BucketStore::new(make(), prefix).with_lock_timing(quick_lock()),
-        BucketStore::new(make(), prefix).with_lock_timing(quick_lock()),
+        BucketStore::new(make(), prefix).with_lock_timing(LockTiming::quick()),
+        BucketStore::new(make(), prefix).with_lock_timing(LockTiming::quick()),
     )
 }
 
@@ -323,7 +313,7 @@ async fn leases(a: BucketStore, b: BucketStore) {
     let short = LockTiming {
         acquire_wait: Duration::from_millis(500),
         push_wait: Duration::from_millis(500),
-        ..quick_lock()
+        ..LockTiming::quick()
     };
     let c = BucketStore::new(a.store.clone(), &a.prefix).with_lock_timing(short);
     match tokio::time::timeout(bound, c.maintenance_lock()).await {
@@ -365,7 +355,7 @@ async fn leases(a: BucketStore, b: BucketStore) {
     // noticed at the next renewal: the holder must stop.
     let fast = LockTiming {
         lease: Duration::from_secs(2),
-        ..quick_lock()
+        ..LockTiming::quick()
     };
     let h = BucketStore::new(a.store.clone(), &a.prefix).with_lock_timing(fast);
     let g = h.maintenance_lock().await.expect("lock");
