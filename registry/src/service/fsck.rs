@@ -1,5 +1,6 @@
 //! Consistency check: re-hashes every blob and checks that every manifest's content and
-//! references are present. Read-only, so safe on a running store.
+//! references are present, and recorded in the reference index once retention relies on it.
+//! Read-only, so safe on a running store.
 //!
 //! An index may lack children: a platform filter (`--platform`) stores indexes whole but
 //! fetches only the platforms a site runs, and a pull asks the parent for the others. Such an
@@ -8,6 +9,7 @@
 use outpost_core::Digest;
 
 use crate::content::manifest;
+use crate::service::retention;
 use crate::storage::{StorageError, Store};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,13 @@ pub enum Problem {
         repo: String,
         manifest: Digest,
         missing: Digest,
+    },
+    /// Something a manifest names that the reference index does not record (once retention
+    /// took stock of the store): an eviction could free it while the manifest needs it.
+    Unindexed {
+        repo: String,
+        manifest: Digest,
+        name: Digest,
     },
 }
 
@@ -51,6 +60,18 @@ impl std::fmt::Display for Problem {
             } => {
                 write!(f, "{repo}@{manifest}: references missing blob {missing}")
             }
+            Problem::Unindexed {
+                repo,
+                manifest,
+                name,
+            } => {
+                write!(
+                    f,
+                    "{repo}@{manifest}: {name} is missing from the reference index (delete the \
+                     document {} for retention to index the store again at the next start)",
+                    retention::INDEX_KEY
+                )
+            }
         }
     }
 }
@@ -71,6 +92,8 @@ pub async fn run(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<FsckReport, StorageError> {
     let mut report = FsckReport::default();
+    // Before retention took stock, manifests stored earlier are not in the index yet.
+    let indexed = store.doc_get(retention::INDEX_KEY).await?.is_some();
     let blobs = store.blob_list().await?;
     for (i, blob) in blobs.iter().enumerate() {
         progress(i + 1, blobs.len());
@@ -123,6 +146,17 @@ pub async fn run(
                         manifest: digest.clone(),
                         missing: missing_candidate.clone(),
                     });
+                }
+            }
+            if indexed {
+                for name in parsed.all_blobs.iter().chain(&parsed.manifests) {
+                    if !store.referenced(name, Some(&repo)).await? {
+                        report.problems.push(Problem::Unindexed {
+                            repo: repo.to_string(),
+                            manifest: digest.clone(),
+                            name: name.clone(),
+                        });
+                    }
                 }
             }
             // A child stored in the repository is checked as a manifest of its own; one that

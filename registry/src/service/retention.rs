@@ -26,7 +26,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const ACCESS_KEY: &str = "access.json";
 /// Written once retention took stock of the store (see [`Retention::take_stock`]); removed by
 /// a process that serves without retention, so the next one with it takes stock again.
-const INDEX_KEY: &str = "retention-index.json";
+pub(crate) const INDEX_KEY: &str = "retention-index.json";
 /// Manifests one image may have (an index, its children, their referrers).
 const MAX_IMAGE_MANIFESTS: usize = 10_000;
 /// Eviction stops once the store is under this share of the limit, so it does not run again
@@ -651,6 +651,53 @@ mod tests {
         let large = pass_requests(48).await;
         assert_eq!(small, large);
         assert!(small.iter().any(|(_, n)| *n > 0), "{small:?}");
+    }
+
+    /// fsck finds a manifest's name missing from the index once retention relies on it.
+    #[tokio::test]
+    async fn fsck_reports_what_the_reference_index_misses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::storage::fs::FsStore::open(dir.path()).expect("store"));
+        let r = repo(0);
+        let shared = blob(&*store, &r, b"base".repeat(64)).await;
+        let (d, _, _) = image(&*store, &r, 1, &shared, None, Some("v1")).await;
+        // A lost entry (as a store written by a version without the index lacks them all).
+        let hex = &shared.0.hex();
+        let entry = dir
+            .path()
+            .join(format!("references/sha256/{}/{hex}/scale+r000", &hex[..2]))
+            .join(format!("sha256-{}", d.hex()));
+        std::fs::remove_file(&entry).expect("entry");
+        let problems = || async {
+            crate::service::fsck::run(&*store, |_, _| {})
+                .await
+                .expect("fsck")
+                .problems
+        };
+        // Not relied on yet: nothing to report. Taking stock records every manifest again.
+        assert!(problems().await.is_empty());
+        let ret = retention(store.clone()).await;
+        ret.take_stock(&*store).await.expect("stock");
+        assert!(problems().await.is_empty());
+        assert!(entry.exists());
+        // Lost once relied on: it shows.
+        std::fs::remove_file(&entry).expect("entry");
+        let found = problems().await;
+        assert_eq!(
+            found,
+            [crate::service::fsck::Problem::Unindexed {
+                repo: r.to_string(),
+                manifest: d.clone(),
+                name: shared.0.clone(),
+            }]
+        );
+        assert!(found[0].to_string().contains(INDEX_KEY), "{}", found[0]);
+        // The remedy it names: the next stock-taking indexes the manifest again.
+        store.doc_delete(INDEX_KEY).await.expect("delete");
+        let ret = retention(store.clone()).await;
+        ret.take_stock(&*store).await.expect("stock");
+        assert_eq!(problems().await, []);
     }
 
     /// An index goes with the children only it names (another index keeps a shared one), a

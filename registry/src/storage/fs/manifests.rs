@@ -115,7 +115,7 @@ pub(super) async fn manifest_put(
         if !exists(&layer)? {
             store.write_atomic(&layer, b"")?;
         }
-        store.references_write(&repo, &digest, &names)?;
+        store.references_write(&repo, &digest, &names, false)?;
         let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
         store.write_atomic(&store.revision_link(&repo, &digest), &raw)?;
         if let Some((subject, desc)) = referrer {

@@ -48,17 +48,20 @@ impl FsStore {
             .join(d.hex())
     }
 
-    /// Writes manifest `m`'s record and its entries, durably, before its revision link.
+    /// Writes manifest `m`'s entries, then its record, durably, before its revision link.
+    /// `again`: each entry even if the record exists (recording on request repairs lost
+    /// entries; a push, whose record says its entries are there, writes nothing more).
     pub(super) fn references_write(
         &self,
         repo: &RepositoryName,
         m: &Digest,
         targets: &[Digest],
+        again: bool,
     ) -> io::Result<()> {
         let record_path = self.reference_record(repo, m);
         // The record is written last, so one that exists has all its entries (what a manifest
         // names follows from its content: a second push of it has nothing to add).
-        if exists(&record_path)? {
+        if !again && exists(&record_path)? {
             return Ok(());
         }
         for t in targets {
@@ -139,7 +142,7 @@ pub(super) async fn references_record(
         if !exists(&store.revision_link(&repo, &digest))? {
             return Ok(false);
         }
-        store.references_write(&repo, &digest, &targets)?;
+        store.references_write(&repo, &digest, &targets, true)?;
         // Deleted meanwhile (deletes take no lock): undo, so no entry outlives it.
         if !exists(&store.revision_link(&repo, &digest))? {
             store.references_remove(&repo, &digest)?;

@@ -157,7 +157,9 @@ pub(super) async fn manifest_put(
         media_type: m.media_type.to_owned(),
         subject: m.subject.as_ref().map(|(d, _)| (*d).clone()),
     };
-    store.references_write(repo, m.digest, m.names).await?;
+    store
+        .references_write(repo, m.digest, m.names, false)
+        .await?;
     let raw = serde_json::to_vec(&link).map_err(io::Error::other)?;
     let revision = store.revision_key(repo, m.digest);
     store.put(&revision, raw.into()).await?;

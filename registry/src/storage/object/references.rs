@@ -57,14 +57,16 @@ impl BucketStore {
 
     /// Writes manifest `m`'s entries, then its record (so a record that exists has all its
     /// entries, and a second push of the same manifest, which names the same, writes none).
+    /// `again`: every entry even if the record exists (recording on request repairs).
     pub(super) async fn references_write(
         &self,
         repo: &RepositoryName,
         m: &Digest,
         targets: &[Digest],
+        again: bool,
     ) -> Result<(), StorageError> {
         let record = self.reference_record(repo, m);
-        if self.head(&record).await?.is_some() {
+        if !again && self.head(&record).await?.is_some() {
             return Ok(());
         }
         let keys: Vec<Key> = targets
@@ -135,7 +137,7 @@ pub(super) async fn references_record(
     if store.head(&revision).await?.is_none() {
         return Ok(false);
     }
-    store.references_write(repo, digest, targets).await?;
+    store.references_write(repo, digest, targets, true).await?;
     // Deleted meanwhile: undo, so no entry outlives it (a delete after this check removes
     // them itself, from the record just written).
     if store.head(&revision).await?.is_none() {
