@@ -1,7 +1,7 @@
 //! Retention under `--max-storage`: when the store grows past the limit, the least recently
-//! used (pulled, or else stored) images are evicted until it is back under 90 % of it. Never evicted: images a
-//! staging request pinned, local pushes still waiting for the parent, and any blob a remaining
-//! manifest references. Eviction only runs with a parent, which can serve an evicted image
+//! used (pulled, or else stored) images are evicted until it is back under 90 % of it. Never
+//! evicted: images a staging request pinned, local pushes still waiting for the parent, and
+//! any blob a remaining manifest names (the store's reference index says which). Eviction only runs with a parent, which can serve an evicted image
 //! again (pull-through); a standalone registry would lose data.
 
 use std::collections::{HashMap, HashSet};
@@ -43,7 +43,7 @@ pub struct Retention {
     max_bytes: u64,
     usage: Arc<Usage>,
     pins: OnceLock<Arc<dyn PinSource>>,
-    /// (repository, manifest digest) -> unix seconds of the last pull.
+    /// (repository, manifest digest) -> unix seconds of the last pull or store.
     access: Mutex<HashMap<(String, String), u64>>,
     dirty: AtomicBool,
     /// Whether this process saw that retention took stock of the store.
@@ -597,6 +597,13 @@ mod tests {
         (d, n)
     }
 
+    /// A store on disk, in a folder removed when the first value drops.
+    fn fs_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::storage::fs::FsStore::open(dir.path()).expect("store");
+        (dir, Arc::new(store))
+    }
+
     fn repo(i: usize) -> RepositoryName {
         format!("scale/r{i:03}").parse().expect("name")
     }
@@ -656,9 +663,7 @@ mod tests {
     /// fsck finds a manifest's name missing from the index once retention relies on it.
     #[tokio::test]
     async fn fsck_reports_what_the_reference_index_misses() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
-            Arc::new(crate::storage::fs::FsStore::open(dir.path()).expect("store"));
+        let (dir, store) = fs_store();
         let r = repo(0);
         let shared = blob(&*store, &r, b"base".repeat(64)).await;
         let (d, _, _) = image(&*store, &r, 1, &shared, None, Some("v1")).await;
@@ -705,9 +710,7 @@ mod tests {
     /// candidates.
     #[tokio::test]
     async fn an_image_goes_with_its_own_children_and_referrers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
-            Arc::new(crate::storage::fs::FsStore::open(dir.path()).expect("store"));
+        let (_dir, store) = fs_store();
         let r = repo(0);
         let shared = blob(&*store, &r, b"base".repeat(64)).await;
         let (amd, amd_n, amd_own) = image(&*store, &r, 1, &shared, None, None).await;

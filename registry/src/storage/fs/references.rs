@@ -118,8 +118,15 @@ pub(super) async fn referenced(
         if let Some(seg) = only {
             return Ok(has_entry(&dir.join(seg))?);
         }
-        for seg in list_names(&dir)? {
-            if has_entry(&dir.join(seg))? {
+        // Read lazily: a base layer has a folder for every repository naming it, and the
+        // first that is not empty answers.
+        let segments = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        for seg in segments {
+            if has_entry(&seg?.path())? {
                 return Ok(true);
             }
         }
