@@ -5,9 +5,10 @@
 //! references/<alg>/<hex[..2]>/<hex>/<repository, / as +>/<alg>-<manifest hex>   empty
 //! repositories/<name>/_manifests/references/<alg>/<hex>    what the manifest names, a line each
 //! ```
-//! A manifest's entries, then its record, are written before its revision link, and removed
-//! after it: a stored manifest is always in the index, and a crash part way leaves at worst an
-//! entry for a manifest that is gone, which keeps a blob from eviction (gc removes the blob).
+//! A manifest's entries, then its record, are written before its revision link; its record,
+//! then its entries, are removed after it. So a stored manifest is always in the index, and a
+//! crash part way leaves at worst an entry for a manifest that is gone, which keeps a blob
+//! from eviction (gc still removes the blob).
 
 use std::fs::{self, File};
 use std::io;
@@ -81,7 +82,7 @@ impl FsStore {
         self.write_atomic(&record_path, record.as_bytes())
     }
 
-    /// Removes manifest `m`'s entries, then its record, once its revision link is gone. A
+    /// Removes manifest `m`'s record, then its entries, once its revision link is gone. A
     /// manifest stored before the index was kept has no record: nothing to remove.
     pub(super) fn references_remove(&self, repo: &RepositoryName, m: &Digest) -> io::Result<()> {
         let path = self.reference_record(repo, m);
@@ -90,10 +91,12 @@ impl FsStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        // The record first: a crash part way leaves entries without one, which keep blobs
+        // (never a record whose entries are gone, which a push of the manifest would trust).
+        remove_file_if_exists(&path)?;
         for t in raw.lines().filter_map(|l| l.trim().parse::<Digest>().ok()) {
             remove_file_if_exists(&self.reference_entry(&t, repo, m))?;
         }
-        remove_file_if_exists(&path)?;
         Ok(())
     }
 }

@@ -5,8 +5,9 @@
 //! references/<alg>/<hex[..2]>/<hex>/<repository, / as +>/<alg>-<manifest hex>   empty
 //! repositories/<name>/_manifests/references/<alg>/<hex>    what the manifest names, a line each
 //! ```
-//! Entries, then the record, are written before the revision; removed after it. An object
-//! store has no empty folders, so any key under a target's prefix is a manifest naming it.
+//! Entries, then the record, are written before the revision; the record, then the entries,
+//! removed after it. An object store has no empty folders, so any key under a target's
+//! prefix is a manifest naming it.
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -82,7 +83,7 @@ impl BucketStore {
         self.put(&record, Bytes::from(lines)).await
     }
 
-    /// Removes manifest `m`'s entries, then its record, once its revision is gone (nothing for
+    /// Removes manifest `m`'s record, then its entries, once its revision is gone (nothing for
     /// a manifest stored before the index was kept: it has no record).
     pub(super) async fn references_remove(
         &self,
@@ -99,12 +100,14 @@ impl BucketStore {
             .filter_map(|l| l.trim().parse::<Digest>().ok())
             .map(|t| self.reference_entry(&t, repo, m))
             .collect();
+        // The record first, as on disk: never a record whose entries are gone.
+        self.delete(&record).await?;
         futures_util::stream::iter(keys)
             .map(|k| async move { self.delete(&k).await })
             .buffer_unordered(WRITE_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
-        self.delete(&record).await
+        Ok(())
     }
 }
 
