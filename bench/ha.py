@@ -439,16 +439,9 @@ def main():
                     help="--leader-lease-duration of the replicas (default 15, serve's default)")
     ap.add_argument("--failovers", type=int, default=3,
                     help="kill -9 rounds, SIGTERM rounds and cold starts (each)")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binaries")
     ap.add_argument("--exe", help="this outpost-registry binary instead of building one")
     ap.add_argument("--balancer", help="this outpost-balancer binary instead of building one")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    b = HaBench(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+    base.run_bench(ap, HaBench, binaries="binaries")
 
 
 if __name__ == "__main__":

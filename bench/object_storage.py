@@ -334,15 +334,8 @@ def main():
     ap.add_argument("--shared-kib", type=int, default=4096, help="base layer shared by the set")
     ap.add_argument("--own-kib", type=int, default=1024, help="each image's own layer")
     ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
     ap.add_argument("--exe", help="this outpost-registry binary instead of building one")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    b = ObjectBench(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+    base.run_bench(ap, ObjectBench)
 
 
 if __name__ == "__main__":

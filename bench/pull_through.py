@@ -35,7 +35,7 @@ import urllib.request
 
 sys.dont_write_bytecode = True  # no __pycache__ left in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, Server, free_port, run  # noqa: E402  (bench/run.py: same helpers)
+from run import ROOT, Server, free_port, run, run_bench  # noqa: E402  (bench/run.py: same helpers)
 from sync import ACCESS, log_since, settle_log  # noqa: E402  (docker-registry's access log)
 
 MIB = 1 << 20
@@ -259,14 +259,7 @@ def main():
     ap.add_argument("--link-mbit", type=int, default=800,
                     help="site link rate in Mbit/s each way; 0 = plain loopback (default 800)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; medians reported (default 3)")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    b = PullThroughBench(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+    run_bench(ap, PullThroughBench)
 
 
 if __name__ == "__main__":

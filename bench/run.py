@@ -396,6 +396,18 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def run_bench(ap, make, binaries="binary"):
+    """The end of every bench's main: the options they share (--no-build, --json), then the
+    bench built from the parsed options by `make`, run, and cleaned up whatever happens."""
+    ap.add_argument("--no-build", action="store_true", help=f"use the existing release {binaries}")
+    ap.add_argument("--json", help="also write the figures to this file")
+    b = make(ap.parse_args())
+    try:
+        b.run()
+    finally:
+        b.cleanup()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blob-mib", type=int, default=1024, help="blob size in MiB (default 1024)")
@@ -403,14 +415,7 @@ def main():
     ap.add_argument("--gib-per-sample", type=int, default=4,
                     help="blob downloads per CPU sample (several GiB: one is noisy)")
     ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    b = Bench(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+    run_bench(ap, Bench)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ left in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, Server, cpu_seconds, free_port  # noqa: E402  (bench/run.py: same helpers)
+from run import ROOT, Server, cpu_seconds, free_port, run_bench  # noqa: E402  (bench/run.py: same helpers)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -238,35 +238,23 @@ class Scale:
         finally:
             c.close()
 
-    def push_repos(self, s, first, last):
-        """Pushes repositories [first, last) with `concurrency` connections; images per second."""
+    def in_parallel(self, port, items, each):
+        """Calls each(client, item) for every item over `concurrency` keep-alive connections,
+        stopping at the first error (raised here); the wall time in seconds."""
         work = queue.Queue()
-        for r in range(first, last):
-            work.put(r)
+        for i in items:
+            work.put(i)
         errors = []
 
         def worker():
-            c = Client(s.port)
+            c = Client(port)
             try:
                 while not errors:
                     try:
-                        r = work.get_nowait()
+                        item = work.get_nowait()
                     except queue.Empty:
                         return
-                    repo = repo_name(r)
-                    mounted = set()
-                    for t in range(self.args.tags):
-                        config, layer, manifest = self.content.image(r, t)
-                        pool = self.content.pool_digests[self.content.pool_of(r, t)]
-                        if pool not in mounted:
-                            mount(c, repo, pool)
-                            mounted.add(pool)
-                        upload(c, repo, config, sha(config))
-                        upload(c, repo, layer, sha(layer))
-                        st, _, _, body = c.req("PUT", f"/v2/{repo}/manifests/v{t}", manifest,
-                                               {"Content-Type": OCI_MANIFEST})
-                        if st != 201:
-                            raise RuntimeError(f"manifest {repo}:v{t}: {st} {body[:200]!r}")
+                    each(c, item)
             except Exception as e:  # reported by the main thread
                 errors.append(e)
             finally:
@@ -281,6 +269,28 @@ class Scale:
         wall = time.perf_counter() - t0
         if errors:
             raise errors[0]
+        return wall
+
+    def push_repos(self, s, first, last):
+        """Pushes repositories [first, last) with `concurrency` connections; images per second."""
+
+        def push(c, r):
+            repo = repo_name(r)
+            mounted = set()
+            for t in range(self.args.tags):
+                config, layer, manifest = self.content.image(r, t)
+                pool = self.content.pool_digests[self.content.pool_of(r, t)]
+                if pool not in mounted:
+                    mount(c, repo, pool)
+                    mounted.add(pool)
+                upload(c, repo, config, sha(config))
+                upload(c, repo, layer, sha(layer))
+                st, _, _, body = c.req("PUT", f"/v2/{repo}/manifests/v{t}", manifest,
+                                       {"Content-Type": OCI_MANIFEST})
+                if st != 201:
+                    raise RuntimeError(f"manifest {repo}:v{t}: {st} {body[:200]!r}")
+
+        wall = self.in_parallel(s.port, range(first, last), push)
         return (last - first) * self.args.tags / wall, wall
 
     def push_big_tags(self, s, first, last):
@@ -295,35 +305,14 @@ class Scale:
         finally:
             c.close()
         manifest = self.content.image(-1, 0)[2]
-        work = queue.Queue()
-        for t in range(first, last):
-            work.put(t)
-        errors = []
 
-        def worker():
-            c = Client(s.port)
-            try:
-                while not errors:
-                    try:
-                        t = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    st, _, _, body = c.req("PUT", f"/v2/{BIG_REPO}/manifests/t{t:06d}", manifest,
-                                           {"Content-Type": OCI_MANIFEST})
-                    if st != 201:
-                        raise RuntimeError(f"tag t{t:06d}: {st} {body[:200]!r}")
-            except Exception as e:  # reported by the main thread
-                errors.append(e)
-            finally:
-                c.close()
+        def tag(c, t):
+            st, _, _, body = c.req("PUT", f"/v2/{BIG_REPO}/manifests/t{t:06d}", manifest,
+                                   {"Content-Type": OCI_MANIFEST})
+            if st != 201:
+                raise RuntimeError(f"tag t{t:06d}: {st} {body[:200]!r}")
 
-        threads = [threading.Thread(target=worker) for _ in range(self.args.concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        self.in_parallel(s.port, range(first, last), tag)
 
     # ---- reads ----
 
@@ -664,14 +653,7 @@ def main():
     ap.add_argument("--no-evict", action="store_true", help="skip the eviction passes")
     ap.add_argument("--evict-only", action="store_true",
                     help="Outpost alone: pushes and an eviction pass at each size, nothing else")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    b = Scale(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+    run_bench(ap, Scale)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import urllib.request
 
 sys.dont_write_bytecode = True  # no __pycache__ left in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, Server, free_port, run  # noqa: E402  (bench/run.py: same helpers)
+from run import ROOT, Server, free_port, run, run_bench  # noqa: E402  (bench/run.py: same helpers)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MIB = 1 << 20
@@ -450,15 +450,12 @@ def main():
     ap.add_argument("--log-level", default="warn", help="Outpost's --log-level (default warn)")
     ap.add_argument("--outpost-logs", help="keep each Outpost run's log in this directory")
     ap.add_argument("--timeout", type=int, default=600, help="longest wait for one sync (s)")
-    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
-    b = SyncBench(args)
-    try:
-        b.run()
-    finally:
-        b.cleanup()
+
+    def make(a):
+        a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+        return SyncBench(a)
+
+    run_bench(ap, make)
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ pub async fn delete(
     reference: &str,
 ) -> Result<Response, ApiError> {
     match parse_reference(reference)? {
-        Reference::Digest(d) => app.store.manifest_delete(repo, &d).await?,
+        Reference::Digest(d) => drop(app.store.manifest_delete(repo, &d).await?),
         Reference::Tag(t) => app.store.tag_delete(repo, &t).await?,
     }
     Ok(StatusCode::ACCEPTED.into_response())

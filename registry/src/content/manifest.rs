@@ -101,6 +101,16 @@ pub struct ParsedManifest {
 }
 
 impl ParsedManifest {
+    /// Everything the manifest names (every blob, non-distributable ones too, and every
+    /// child), as the store's reference index records it.
+    pub fn names(&self) -> Vec<Digest> {
+        self.all_blobs
+            .iter()
+            .chain(&self.manifests)
+            .cloned()
+            .collect()
+    }
+
     /// The descriptor the referrers API lists for this manifest.
     pub fn referrer_descriptor(&self, digest: &Digest, size: u64) -> Descriptor {
         Descriptor {

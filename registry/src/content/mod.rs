@@ -79,12 +79,7 @@ pub async fn push_manifest_with(
         .subject
         .as_ref()
         .map(|s| (s, parsed.referrer_descriptor(&digest, content.len() as u64)));
-    let names: Vec<Digest> = parsed
-        .all_blobs
-        .iter()
-        .chain(&parsed.manifests)
-        .cloned()
-        .collect();
+    let names = parsed.names();
     store
         .manifest_put(
             repo,

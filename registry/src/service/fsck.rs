@@ -149,12 +149,12 @@ pub async fn run(
                 }
             }
             if indexed {
-                for name in parsed.all_blobs.iter().chain(&parsed.manifests) {
-                    if !store.referenced(name, Some(&repo)).await? {
+                for name in parsed.names() {
+                    if !store.referenced(&name, Some(&repo)).await? {
                         report.problems.push(Problem::Unindexed {
                             repo: repo.to_string(),
                             manifest: digest.clone(),
-                            name: name.clone(),
+                            name,
                         });
                     }
                 }

@@ -243,7 +243,7 @@ async fn mark_and_sweep(
                 lock.check()?;
                 match store.manifest_delete(repo, d).await {
                     // Deleted by a client meanwhile: gone all the same.
-                    Ok(()) | Err(StorageError::ManifestUnknown) => {}
+                    Ok(_) | Err(StorageError::ManifestUnknown) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

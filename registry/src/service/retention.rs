@@ -257,9 +257,7 @@ impl Retention {
                 let Ok(p) = manifest::parse(&m.content, Some(&m.media_type)) else {
                     continue;
                 };
-                store
-                    .references_record(&repo, &d, &manifest_names(&p))
-                    .await?;
+                store.references_record(&repo, &d, &p.names()).await?;
                 manifests += 1;
                 children.extend(p.manifests.iter().cloned());
                 if p.subject.is_none() {
@@ -377,11 +375,11 @@ impl Retention {
                 self.forget(&key);
                 continue;
             }
-            let evicted_tags = tags_of(store, &repo, &digest).await;
-            let (manifests, blobs) = evict_image(store, &repo, digest.clone(), parsed).await?;
-            report.manifests += manifests;
+            let evicted = evict_image(store, &repo, digest.clone(), parsed).await?;
+            report.manifests += evicted.manifests;
+            let evicted_tags = evicted.tags;
             let mut bytes = 0u64;
-            for b in blobs {
+            for b in evicted.blobs {
                 if store.referenced(&b, None).await? {
                     continue;
                 }
@@ -416,36 +414,26 @@ impl Retention {
     }
 }
 
-/// What a manifest names, as the reference index records it (see `content`).
-fn manifest_names(p: &manifest::ParsedManifest) -> Vec<Digest> {
-    p.all_blobs.iter().chain(&p.manifests).cloned().collect()
-}
-
-/// The tags of `repo` pointing at `digest` (read before they go with it).
-async fn tags_of(store: &dyn Store, repo: &RepositoryName, digest: &Digest) -> Vec<String> {
-    let mut out = Vec::new();
-    for t in store.tags(repo).await.unwrap_or_default() {
-        let Ok(tag) = t.parse() else { continue };
-        if let Ok(m) = store.manifest_by_tag(repo, &tag).await
-            && m.digest == *digest
-        {
-            out.push(t);
-        }
-    }
-    out
+/// What [`evict_image`] removed.
+struct Evicted {
+    manifests: usize,
+    /// The root's tags.
+    tags: Vec<String>,
+    /// The blobs the removed manifests named, each once.
+    blobs: Vec<Digest>,
 }
 
 /// Deletes an image: `root`, then its referrers and the children no manifest staying names,
-/// theirs in turn. Returns how many manifests went and the blobs they named, each once.
+/// theirs in turn.
 async fn evict_image(
     store: &dyn Store,
     repo: &RepositoryName,
     root: Digest,
     parsed: manifest::ParsedManifest,
-) -> Result<(usize, Vec<Digest>), StorageError> {
+) -> Result<Evicted, StorageError> {
     let mut queue = std::collections::VecDeque::from([(root.clone(), parsed)]);
-    let mut seen: HashSet<Digest> = HashSet::from([root]);
-    let (mut manifests, mut blobs) = (0usize, Vec::new());
+    let mut seen: HashSet<Digest> = HashSet::from([root.clone()]);
+    let (mut manifests, mut blobs, mut tags) = (0usize, Vec::new(), Vec::new());
     let mut named: HashSet<Digest> = HashSet::new();
     // Bounded: an image of more manifests than this leaves the rest to gc.
     while manifests < MAX_IMAGE_MANIFESTS
@@ -453,7 +441,13 @@ async fn evict_image(
     {
         let referrers = store.referrers(repo, &cur).await?;
         match store.manifest_delete(repo, &cur).await {
-            Ok(()) | Err(StorageError::ManifestUnknown) => manifests += 1,
+            Ok(removed) => {
+                if cur == root {
+                    tags = removed;
+                }
+                manifests += 1;
+            }
+            Err(StorageError::ManifestUnknown) => manifests += 1,
             Err(e) => return Err(e),
         }
         blobs.extend(p.all_blobs.into_iter().filter(|b| named.insert(b.clone())));
@@ -476,7 +470,11 @@ async fn evict_image(
             }
         }
     }
-    Ok((manifests, blobs))
+    Ok(Evicted {
+        manifests,
+        tags,
+        blobs,
+    })
 }
 
 #[cfg(test)]

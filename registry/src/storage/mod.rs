@@ -224,6 +224,13 @@ impl BlobBytes {
     }
 }
 
+/// A repository name as one segment of the reference index's paths, in every backend: `/`
+/// never occurs in a name's components and `+` never in a name, so the mapping is one to one,
+/// a name of at most 255 bytes stays one file name, and a listing can stop at it.
+pub(crate) fn repo_segment(repo: &RepositoryName) -> String {
+    repo.as_str().replace('/', "+")
+}
+
 /// Manifests a store handle linked, as (repository, digest), from the moment someone
 /// watches: retention learns of every image stored (pushed, synced, pulled through) without
 /// listing the store, taking what was recorded at each check.
@@ -387,12 +394,13 @@ pub trait Store: Send + Sync + 'static {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<StoredManifest, StorageError>;
-    /// Unlinks a manifest, every tag pointing at it and its referrer entry.
+    /// Unlinks a manifest, every tag pointing at it and its referrer entry; returns the tags
+    /// it removed (read anyway to find them), sorted.
     async fn manifest_delete(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<(), StorageError>;
+    ) -> Result<Vec<String>, StorageError>;
     /// Digests of every manifest linked into `repo`.
     async fn manifest_list(&self, repo: &RepositoryName) -> Result<Vec<Digest>, StorageError>;
     /// As [`Store::manifest_list`], each with the time since it was last pushed into `repo`

@@ -161,28 +161,31 @@ pub(super) async fn manifest_delete(
     store: &FsStore,
     repo: &RepositoryName,
     digest: &Digest,
-) -> Result<(), StorageError> {
+) -> Result<Vec<String>, StorageError> {
     let store = store.handle();
     let (repo, d) = (repo.clone(), digest.clone());
     blocking(move || {
         let link = store.read_revision(&repo, &d)?;
         // Tags first: a crash part way leaves a manifest without tags, never a dangling tag.
         let tags = store.tags_dir(&repo);
+        let mut removed = Vec::new();
         for name in list_names(&tags)? {
             let path = tags.join(&name);
             if let Ok(raw) = fs::read_to_string(&path)
                 && raw.trim() == d.to_string()
+                && remove_file_if_exists(&path)?
             {
-                remove_file_if_exists(&path)?;
+                removed.push(name);
             }
         }
+        removed.sort();
         if let Some(subject) = link.subject {
             let name = format!("{}-{}", d.algorithm(), d.hex());
             remove_file_if_exists(&store.referrers_dir(&repo, &subject).join(name))?;
         }
         remove_file_if_exists(&store.revision_link(&repo, &d))?;
         store.references_remove(&repo, &d)?;
-        Ok(())
+        Ok(removed)
     })
     .await
 }

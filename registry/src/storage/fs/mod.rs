@@ -312,7 +312,7 @@ impl Store for FsStore {
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<String>, StorageError> {
         manifests::manifest_delete(self, repo, digest).await
     }
 

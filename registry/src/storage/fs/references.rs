@@ -18,7 +18,7 @@ use outpost_core::{Digest, RepositoryName};
 
 use super::FsStore;
 use super::files::*;
-use crate::storage::StorageError;
+use crate::storage::{StorageError, repo_segment};
 
 impl FsStore {
     /// The folder of `target`'s entries (one sub-folder per repository).
@@ -30,15 +30,9 @@ impl FsStore {
             .join(target.hex())
     }
 
-    /// `repo` as one path segment: `/` never occurs in a component, `+` never in a name, so
-    /// the mapping is one to one (and a name of at most 255 bytes stays one segment).
-    fn repo_segment(repo: &RepositoryName) -> String {
-        repo.as_str().replace('/', "+")
-    }
-
     fn reference_entry(&self, target: &Digest, repo: &RepositoryName, m: &Digest) -> PathBuf {
         self.references_dir(target)
-            .join(Self::repo_segment(repo))
+            .join(repo_segment(repo))
             .join(format!("{}-{}", m.algorithm(), m.hex()))
     }
 
@@ -116,7 +110,7 @@ pub(super) async fn referenced(
     repo: Option<&RepositoryName>,
 ) -> Result<bool, StorageError> {
     let dir = store.references_dir(target);
-    let only = repo.map(FsStore::repo_segment);
+    let only = repo.map(repo_segment);
     blocking(move || {
         if let Some(seg) = only {
             return Ok(has_entry(&dir.join(seg))?);

@@ -341,22 +341,26 @@ pub(super) async fn manifest_delete(
     store: &BucketStore,
     repo: &RepositoryName,
     d: &Digest,
-) -> Result<(), StorageError> {
+) -> Result<Vec<String>, StorageError> {
     let link = read_revision(store, repo, d).await?;
     // Tags first: a crash part way leaves a manifest without tags, never a dangling tag.
     let tags_rel = format!("{}/_manifests/tags", BucketStore::repo_rel(repo));
+    let mut removed = Vec::new();
     for meta in store.list(&tags_rel).await? {
         if let Some(raw) = store.get_small(&meta.location, MAX_LINK_READ).await?
             && parse_tag_link(&raw).is_ok_and(|(t, _)| t == *d)
         {
             store.delete(&meta.location).await?;
+            removed.extend(meta.location.filename().map(str::to_owned));
         }
     }
+    removed.sort();
     if let Some(subject) = link.subject {
         store.delete(&store.referrer_key(repo, &subject, d)).await?;
     }
     store.delete(&store.revision_key(repo, d)).await?;
-    store.references_remove(repo, d).await
+    store.references_remove(repo, d).await?;
+    Ok(removed)
 }
 
 /// Whether `repo` holds anything (one LIST with a delimiter).

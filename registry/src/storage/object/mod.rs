@@ -404,7 +404,7 @@ impl Store for BucketStore {
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<String>, StorageError> {
         manifests::manifest_delete(self, repo, digest).await
     }
 

@@ -15,7 +15,7 @@ use object_store::path::Path as Key;
 use outpost_core::{Digest, RepositoryName};
 
 use super::{BucketStore, os_err};
-use crate::storage::StorageError;
+use crate::storage::{StorageError, repo_segment};
 
 /// A record lists a manifest's blobs and children: far below this.
 const MAX_RECORD_READ: u64 = 4 * 1024 * 1024;
@@ -32,16 +32,11 @@ impl BucketStore {
         )
     }
 
-    /// `repo` as one key segment (`+` never occurs in a name), so a listing can stop at it.
-    fn repo_segment(repo: &RepositoryName) -> String {
-        repo.as_str().replace('/', "+")
-    }
-
     fn reference_entry(&self, target: &Digest, repo: &RepositoryName, m: &Digest) -> Key {
         self.key(&format!(
             "{}/{}/{}-{}",
             Self::references_rel(target),
-            Self::repo_segment(repo),
+            repo_segment(repo),
             m.algorithm().as_str(),
             m.hex()
         ))
@@ -119,7 +114,7 @@ pub(super) async fn referenced(
 ) -> Result<bool, StorageError> {
     let mut rel = BucketStore::references_rel(target);
     if let Some(r) = repo {
-        rel = format!("{rel}/{}", BucketStore::repo_segment(r));
+        rel = format!("{rel}/{}", repo_segment(r));
     }
     let prefix = store.key(&rel);
     let mut listing = store.store.list(Some(&prefix));
